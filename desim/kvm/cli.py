@@ -1,0 +1,126 @@
+"""``desim kvm probe`` and ``desim kvm measure``: the real-KVM harness on the command line.
+
+:func:`register` adds the ``kvm`` subcommand to the parser of ``desim``
+(``desim/cli.py``); every leaf sets ``func``, which takes the parsed args and
+returns an exit code. Problems the user can fix (no ``/dev/kvm``, not
+permitted, a bad scenario field, too little memory) raise
+:class:`desim.errors.DesimInputError`, which ``desim`` prints on one line
+before exiting with status 2. ``python -m desim.kvm.cli ...`` runs the same
+commands standalone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from desim.errors import DesimInputError
+from desim.kvm.scenario import GUEST_PAGES, OPS, POSITIONS, SCENARIOS, named
+from desim.kvm.vm import KVM_DEV, KvmError
+
+DEFAULT_SCENARIO = "outside"
+
+# option dest -> scenario field
+_OVERRIDES = ("ram_mib", "vcpus", "extra_slots", "extra_slot_mib", "op", "target", "position",
+              "guest_page", "accessed", "passes", "host_thp")
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    """Add ``kvm {probe,measure}`` to ``desim``'s subparsers."""
+    kvm = subparsers.add_parser("kvm", help="ground truth from this host's real KVM (/dev/kvm)",
+                                description="Measure the zap policies on this host's real KVM.")
+    kvm.set_defaults(func=lambda a: (kvm.print_help(), 2)[1])
+    sub = kvm.add_subparsers(dest="kvm_command", metavar="{probe,measure}")
+
+    p = sub.add_parser("probe", help="what this host's KVM offers (MMU, capabilities, quirks, stats)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--device", default=KVM_DEV, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_probe)
+
+    m = sub.add_parser("measure", help="run a scenario under both zap policies and compare",
+                       description="Run a scenario on real KVM VMs under the fast (global) and the "
+                                   "targeted zap policy; print median [min-max] per metric.")
+    m.add_argument("--scenario", default=DEFAULT_SCENARIO,
+                   help=f"named scenario to start from ({', '.join(SCENARIOS)}; default {DEFAULT_SCENARIO})")
+    m.add_argument("--list", action="store_true", help="list the named scenarios and exit")
+    m.add_argument("--vms", type=int, default=1, help="VMs run at once (phases in step); default 1")
+    m.add_argument("--repeats", type=int, default=3, help="rounds per policy; default 3")
+    m.add_argument("--out", type=Path, help="write all runs and the summary as JSON to this file")
+    m.add_argument("--quiet", action="store_true", help="no progress lines")
+    g = m.add_argument_group("scenario fields (override the named scenario)")
+    g.add_argument("--ram-mib", type=int, dest="ram_mib")
+    g.add_argument("--vcpus", type=int)
+    g.add_argument("--extra-slots", type=int, dest="extra_slots")
+    g.add_argument("--extra-slot-mib", type=int, dest="extra_slot_mib")
+    g.add_argument("--op", choices=OPS)
+    g.add_argument("--target", type=int, help="index of the extra slot operated on")
+    g.add_argument("--position", choices=POSITIONS, help="target slot inside or outside the touched range")
+    g.add_argument("--guest-page", choices=tuple(GUEST_PAGES), dest="guest_page")
+    g.add_argument("--accessed", action=argparse.BooleanOptionalAction,
+                   help="pre-set Accessed/Dirty bits in guest PTEs")
+    g.add_argument("--passes", type=int, help="touch passes in populate and in retouch")
+    g.add_argument("--thp", action=argparse.BooleanOptionalAction, dest="host_thp",
+                   help="back guest RAM with madvise(MADV_HUGEPAGE)")
+    m.add_argument("--device", default=KVM_DEV, help=argparse.SUPPRESS)
+    m.set_defaults(func=cmd_measure)
+    return kvm
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from desim.kvm.probe import format_probe, probe
+
+    info = probe(args.device)
+    print(json.dumps(info, indent=2) if args.json else format_probe(info))
+    return 0
+
+
+def scenario_from_args(args: argparse.Namespace) -> Any:
+    sc = named(args.scenario)
+    over = {k: getattr(args, k) for k in _OVERRIDES if getattr(args, k, None) is not None}
+    if over:
+        sc = replace(sc, name=f"{sc.name}+custom", **over)
+    return sc
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    from desim.kvm.measure import format_summary, measure
+
+    if args.list:
+        for name, sc in SCENARIOS.items():
+            d = {k: v for k, v in sc.to_dict().items() if k not in ("name", "policy")}
+            print(f"{name:12s} " + " ".join(f"{k}={v}" for k, v in d.items()))
+        return 0
+    sc = scenario_from_args(args)
+    if args.out is not None and not args.out.parent.is_dir():
+        raise DesimInputError(f"--out {args.out}: directory {args.out.parent} does not exist")
+    progress = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    try:
+        m = measure(sc, vms=args.vms, repeats=args.repeats, progress=progress, kvm_path=args.device)
+    except KvmError as e:
+        print(f"desim kvm measure: KVM failed: {e}", file=sys.stderr)
+        return 1
+    print(format_summary(m))
+    if args.out is not None:
+        args.out.write_text(json.dumps(m.to_dict(), indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry: ``python -m desim.kvm.cli {probe,measure} ...``."""
+    parser = argparse.ArgumentParser(prog="desim")
+    sub = parser.add_subparsers(dest="command")
+    register(sub)
+    args = parser.parse_args(["kvm", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return int(args.func(args))
+    except DesimInputError as e:
+        print(f"desim: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

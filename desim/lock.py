@@ -1,0 +1,190 @@
+"""``kvm->mmu_lock``: an exclusive spinlock or a queued rwlock, FIFO.
+
+Think of a single-lane bridge with a queue at its entrance. With the
+*spinlock* (every kernel before 5.12, and the legacy/shadow MMU's faults
+since), one holder crosses at a time. With the *qrwlock* (``rwlock_t`` on x86,
+``kernel/locking/qrwlock.c``), any number of readers cross together, a writer
+crosses alone, and once a writer is waiting no new reader may start
+(``_QW_WAITING`` makes the reader fast path fail), so a stream of TDP MMU
+faults cannot starve a zap. The wait queue is FIFO (the qspinlock underneath
+``qrwlock``'s ``wait_lock``); consecutive readers at its head are admitted
+together.
+
+The model differs from ``simpy.Resource`` on purpose: ``acquire`` returns
+``None`` when the lock is granted at once (no event scheduled, no process
+switch), and ``release`` hands the lock directly to the next waiter(s) by
+succeeding their events, after ``handoff_ns`` for the cache-line transfer.
+
+``needbreak`` models ``rwlock_needbreak`` / ``spin_needbreak``
+(include/linux/sched.h): true only with ``CONFIG_PREEMPTION`` and waiters
+queued. Statistics of wait and hold time are kept per *role* (``fault``,
+``zap``, ``teardown``, ...), as plain floats, not per-event objects.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+import simpy
+
+READ = "read"
+WRITE = "write"
+Mode = Literal["read", "write"]
+
+
+@dataclass
+class RoleStats:
+    """Accumulated lock statistics of one role."""
+
+    acquisitions: int = 0
+    contended: int = 0
+    wait_ns: float = 0.0
+    hold_ns: float = 0.0
+    max_wait_ns: float = 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "acquisitions": self.acquisitions,
+            "contended": self.contended,
+            "wait_ns": self.wait_ns,
+            "hold_ns": self.hold_ns,
+            "max_wait_ns": self.max_wait_ns,
+        }
+
+
+@dataclass
+class _Waiter:
+    mode: str
+    role: str
+    since: float
+    event: simpy.Event
+
+
+@dataclass
+class MmuLock:
+    """FIFO spinlock (``kind='spinlock'``) or qrwlock (``kind='rwlock'``).
+
+    With ``kind='spinlock'`` every acquisition is exclusive whatever mode is
+    asked for, as ``spin_lock(&kvm->mmu_lock)`` was before 5.12.
+    """
+
+    env: simpy.Environment
+    kind: Literal["spinlock", "rwlock"] = "rwlock"
+    preemption: bool = True
+    handoff_ns: float = 0.0
+    readers: int = 0
+    writer: bool = False
+    waiters: deque = field(default_factory=deque)
+    stats: dict[str, RoleStats] = field(default_factory=dict)
+    # time-weighted counters for the operational laws: integral of holders and of waiters
+    _last_t: float = 0.0
+    _area_holders: float = 0.0
+    _area_waiters: float = 0.0
+    _hold_since: dict = field(default_factory=dict)
+
+    # -- bookkeeping -------------------------------------------------------
+    def _role(self, role: str) -> RoleStats:
+        st = self.stats.get(role)
+        if st is None:
+            st = self.stats[role] = RoleStats()
+        return st
+
+    def _advance(self) -> None:
+        now = self.env.now
+        dt = now - self._last_t
+        if dt:
+            self._area_holders += dt * (self.readers + (1 if self.writer else 0))
+            self._area_waiters += dt * len(self.waiters)
+            self._last_t = now
+
+    def _mode(self, mode: str) -> str:
+        return WRITE if self.kind == "spinlock" else mode
+
+    def _can_grant(self, mode: str) -> bool:
+        if self.writer:
+            return False
+        if mode == WRITE:
+            return self.readers == 0
+        # qrwlock: a queued writer (or anyone queued, FIFO) blocks new readers
+        return not self.waiters
+
+    def _grant(self, mode: str, role: str, token: object) -> None:
+        if mode == WRITE:
+            self.writer = True
+        else:
+            self.readers += 1
+        self._hold_since[token] = (self.env.now, role)
+        self._role(role).acquisitions += 1
+
+    # -- API ---------------------------------------------------------------
+    def acquire(self, mode: Mode, role: str, token: object) -> simpy.Event | None:
+        """Take the lock for ``token`` (the holder's identity).
+
+        Returns ``None`` if granted now; otherwise an event that succeeds when
+        the lock has been handed over (the caller yields on it).
+        """
+        mode = self._mode(mode)
+        self._advance()
+        if self._can_grant(mode) and not self.waiters:
+            self._grant(mode, role, token)
+            return None
+        ev = self.env.event()
+        self.waiters.append(_Waiter(mode, role, self.env.now, ev))
+        ev.token = token  # type: ignore[attr-defined]
+        self._role(role).contended += 1
+        return ev
+
+    def release(self, token: object) -> None:
+        """Release ``token``'s hold and hand the lock to the next waiter(s)."""
+        self._advance()
+        since, role = self._hold_since.pop(token)
+        self._role(role).hold_ns += self.env.now - since
+        if self.writer:
+            self.writer = False
+        else:
+            self.readers -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        now = self.env.now
+        while self.waiters:
+            w = self.waiters[0]
+            if w.mode == WRITE:
+                if self.writer or self.readers:
+                    return
+            elif self.writer:
+                return
+            self.waiters.popleft()
+            wait = now - w.since
+            st = self._role(w.role)
+            st.wait_ns += wait
+            if wait > st.max_wait_ns:
+                st.max_wait_ns = wait
+            self._grant(w.mode, w.role, w.event.token)
+            # hold time starts at the hand-over; the hand-off cost is paid by the new holder
+            if self.handoff_ns:
+                self.env.timeout(self.handoff_ns).callbacks.append(
+                    lambda _e, ev=w.event: ev.succeed())
+            else:
+                w.event.succeed()
+            if w.mode == WRITE:
+                return
+
+    def needbreak(self) -> bool:
+        """``rwlock_needbreak``: contended and ``CONFIG_PREEMPTION``."""
+        return self.preemption and bool(self.waiters)
+
+    @property
+    def held(self) -> bool:
+        return self.writer or self.readers > 0
+
+    def summary(self) -> dict[str, object]:
+        """Per-role statistics and the time-averaged numbers of holders and waiters."""
+        self._advance()
+        t = self.env.now or 1.0
+        return {
+            "roles": {r: s.to_dict() for r, s in sorted(self.stats.items())},
+            "mean_holders": self._area_holders / t,
+            "mean_waiters": self._area_waiters / t,
+        }

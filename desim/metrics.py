@@ -1,0 +1,164 @@
+"""Metrics: counters, latency samples and time series, without per-event objects.
+
+Everything a run reports is either a plain counter, a float accumulator, or a
+sample appended to an ``array('d')`` (8 bytes a sample, no Python object per
+event). Percentiles and time series are computed once, in :meth:`Metrics.summary`.
+
+Fault causes partition the faults exactly:
+``faults = first_touch + after_zap + retry + spurious`` where
+*first_touch* is the first fault on a gfn in the VM's life, *after_zap* a
+re-fault of a gfn that was mapped before and lost its SPTE to a zap,
+*retry* a fault that ended in ``RET_PF_RETRY`` (memslot INVALID during a
+DELETE/MOVE, or a stale fault whose root became obsolete) and *spurious* a
+fault that found the SPTE already installed by another vCPU
+(``RET_PF_SPURIOUS``).
+"""
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass, field
+
+import numpy as np
+
+FAULT_CAUSES = ("first_touch", "after_zap", "retry", "spurious")
+VCPU_STATES = ("guest", "host", "halted")
+
+
+@dataclass
+class VcpuMetrics:
+    """Per-vCPU counters and time by state (ns)."""
+
+    faults: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAULT_CAUSES, 0))
+    accesses: int = 0
+    mmio_exits: int = 0
+    kicks: int = 0
+    time: dict[str, float] = field(default_factory=lambda: dict.fromkeys(VCPU_STATES, 0.0))
+    stall_ns: float = 0.0  # host time spent because of faults, retries and requests
+    finish_ns: float = 0.0
+
+    @property
+    def total_faults(self) -> int:
+        return sum(self.faults.values())
+
+
+@dataclass
+class Metrics:
+    """All the numbers of one run."""
+
+    nvcpus: int
+    vcpus: list[VcpuMetrics] = field(default_factory=list)
+    fault_latency: array = field(default_factory=lambda: array("d"))
+    fault_time: array = field(default_factory=lambda: array("d"))
+    fault_is_refault: array = field(default_factory=lambda: array("b"))
+    host_page_allocs: dict[str, int] = field(default_factory=lambda: {"4k": 0, "2m": 0, "1g": 0})
+    pt_pages_allocated: int = 0
+    sptes_installed: int = 0
+    sptes_prefetched: int = 0
+    sptes_zapped: int = 0
+    pt_pages_freed: int = 0
+    ipis_sent: int = 0
+    remote_flushes: int = 0
+    requests: dict[str, int] = field(default_factory=dict)
+    zaps: dict[str, int] = field(default_factory=dict)
+    zap_duration: array = field(default_factory=lambda: array("d"))
+    lock_breaks: int = 0
+    ioctl_ops: list[str] = field(default_factory=list)
+    ioctl_latency: array = field(default_factory=lambda: array("d"))
+    ioctl_time: array = field(default_factory=lambda: array("d"))
+    srcu_syncs: int = 0
+    srcu_wait_ns: float = 0.0
+    phase_end_ns: dict[str, float] = field(default_factory=dict)
+    completion_ns: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.vcpus:
+            self.vcpus = [VcpuMetrics() for _ in range(self.nvcpus)]
+
+    # -- recording (hot path: keep tiny) -----------------------------------
+    def record_fault(self, vcpu: int, cause: str, start_ns: float, latency_ns: float) -> None:
+        self.vcpus[vcpu].faults[cause] += 1
+        self.fault_latency.append(latency_ns)
+        self.fault_time.append(start_ns)
+        self.fault_is_refault.append(1 if cause == "after_zap" else 0)
+
+    def record_ioctl(self, op: str, start_ns: float, latency_ns: float) -> None:
+        self.ioctl_ops.append(op)
+        self.ioctl_time.append(start_ns)
+        self.ioctl_latency.append(latency_ns)
+
+    # -- summary -------------------------------------------------------------
+    def faults_by_cause(self) -> dict[str, int]:
+        return {c: sum(v.faults[c] for v in self.vcpus) for c in FAULT_CAUSES}
+
+    def faults_over_time(self, bins: int = 100) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(bin edges ns, all faults per bin, re-faults per bin) over the run."""
+        t = np.frombuffer(self.fault_time, dtype=np.float64)
+        r = np.frombuffer(self.fault_is_refault, dtype=np.int8).astype(bool)
+        end = max(self.completion_ns, float(t.max()) if len(t) else 0.0, 1.0)
+        edges = np.linspace(0.0, end, bins + 1)
+        return edges, np.histogram(t, edges)[0], np.histogram(t[r], edges)[0]
+
+    def summary(self, lock_summary: dict | None = None) -> dict[str, float | int]:
+        """A flat dict of scalar metrics (the row of a tidy table)."""
+        out: dict[str, float | int] = {}
+        causes = self.faults_by_cause()
+        out["faults"] = sum(causes.values())
+        for c, n in causes.items():
+            out[f"faults_{c}"] = n
+        lat = np.frombuffer(self.fault_latency, dtype=np.float64)
+        if len(lat):
+            p50, p95, p99 = np.percentile(lat, [50, 95, 99])
+            out.update(fault_latency_mean_ns=float(lat.mean()), fault_latency_p50_ns=float(p50),
+                       fault_latency_p95_ns=float(p95), fault_latency_p99_ns=float(p99),
+                       fault_latency_max_ns=float(lat.max()))
+        else:
+            out.update(fault_latency_mean_ns=0.0, fault_latency_p50_ns=0.0, fault_latency_p95_ns=0.0,
+                       fault_latency_p99_ns=0.0, fault_latency_max_ns=0.0)
+        out["accesses"] = sum(v.accesses for v in self.vcpus)
+        out["mmio_exits"] = sum(v.mmio_exits for v in self.vcpus)
+        for k, n in self.host_page_allocs.items():
+            out[f"host_page_allocs_{k}"] = n
+        out["pt_pages_allocated"] = self.pt_pages_allocated
+        out["sptes_installed"] = self.sptes_installed
+        out["sptes_prefetched"] = self.sptes_prefetched
+        out["sptes_zapped"] = self.sptes_zapped
+        out["pt_pages_freed"] = self.pt_pages_freed
+        out["ipis_sent"] = self.ipis_sent
+        out["remote_flushes"] = self.remote_flushes
+        out["zaps_fast"] = self.zaps.get("fast", 0)
+        out["zaps_targeted"] = self.zaps.get("targeted", 0)
+        zd = np.frombuffer(self.zap_duration, dtype=np.float64)
+        out["zap_duration_total_ns"] = float(zd.sum())
+        out["zap_duration_max_ns"] = float(zd.max()) if len(zd) else 0.0
+        out["lock_breaks"] = self.lock_breaks
+        il = np.frombuffer(self.ioctl_latency, dtype=np.float64)
+        out["memslot_ioctls"] = len(il)
+        out["memslot_ioctl_mean_ns"] = float(il.mean()) if len(il) else 0.0
+        out["memslot_ioctl_max_ns"] = float(il.max()) if len(il) else 0.0
+        out["memslot_ioctl_total_ns"] = float(il.sum())
+        out["srcu_syncs"] = self.srcu_syncs
+        out["srcu_wait_ns"] = self.srcu_wait_ns
+        for s in VCPU_STATES:
+            out[f"vcpu_{s}_ns"] = sum(v.time[s] for v in self.vcpus)
+        out["vcpu_stall_ns"] = sum(v.stall_ns for v in self.vcpus)
+        out["completion_ns"] = self.completion_ns
+        if lock_summary:
+            for role, st in lock_summary["roles"].items():
+                out[f"lock_wait_{role}_ns"] = st["wait_ns"]
+                out[f"lock_hold_{role}_ns"] = st["hold_ns"]
+                out[f"lock_acquisitions_{role}"] = st["acquisitions"]
+                out[f"lock_contended_{role}"] = st["contended"]
+            out["lock_mean_holders"] = lock_summary["mean_holders"]
+            out["lock_mean_waiters"] = lock_summary["mean_waiters"]
+        return out
+
+    def per_vcpu_rows(self) -> list[dict[str, float | int]]:
+        rows = []
+        for i, v in enumerate(self.vcpus):
+            row: dict[str, float | int] = {"vcpu": i, "faults": v.total_faults}
+            row.update({f"faults_{c}": n for c, n in v.faults.items()})
+            row.update(accesses=v.accesses, mmio_exits=v.mmio_exits, kicks=v.kicks)
+            row.update({f"{s}_ns": t for s, t in v.time.items()})
+            row.update(stall_ns=v.stall_ns, finish_ns=v.finish_ns)
+            rows.append(row)
+        return rows

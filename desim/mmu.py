@@ -1,0 +1,442 @@
+"""SPTE state of one VM: memslots, leaf SPTEs, page-table pages and ``mmu_valid_gen``.
+
+What a KVM developer would find in ``struct kvm_arch`` and the TDP MMU's
+paging structure, reduced to what decides the cost of a fault or a zap:
+
+* **Leaf SPTEs** are kept per *host RAM block* (a QEMU RAM block: one hva
+  range), one ``uint8`` per 4 KiB page, plus one per 2 MiB and per 1 GiB unit
+  for huge mappings. A memslot's arrays are numpy *views* into its block, so
+  host memory (and its first-touch state) outlives a DELETE and is found again
+  when QEMU re-creates a slot over the same hva, as it does for a MOVE.
+  Each byte packs: bits 0-5 the *root tag* of the SPTE (0 = not present),
+  bit 6 "was ever mapped" (tells a re-fault from a first-touch fault), bit 7
+  "host page resident" (the host has allocated and zeroed it). That is
+  ~1 byte per 4 KiB guest page.
+* **Root tags** stand for ``mmu_valid_gen`` plus the roots built in that
+  generation: an SPTE is present iff its tag equals the current ``root_tag``.
+  ``kvm_mmu_zap_all_fast`` is therefore O(1) to apply (bump the tag); its cost
+  shows up later as re-faults and as teardown work proportional to what the
+  obsolete roots held (counted, not walked). On wrap-around every stale tag is
+  cleared, which changes nothing observable since they are all obsolete.
+* **Page-table pages** (non-leaf SPTEs) are per gfn region, VM-wide: one tag
+  per PDPT page (512 GiB), PD page (1 GiB) and PT page (2 MiB). A targeted zap
+  keeps them, as the seed says ("upper level SPTEs are retained").
+
+Simplifications: one address space (no SMM), one set of roots shared by all
+vCPUs (true of the TDP MMU; shadow paging has roots per guest CR3), no
+write-protection or dirty bitmap (dirty logging only forces 4 KiB mappings),
+and guest page tables are not modelled for shadow paging.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import DesimInputError
+from .memslot import KVM_MEMSLOT_INVALID, Memslot
+
+TAG_MASK = 0x3F
+EVER_MAPPED = 0x40
+HOST_RESIDENT = 0x80
+KEEP_BITS = EVER_MAPPED | HOST_RESIDENT
+MAX_TAG = TAG_MASK
+
+# PG_LEVEL_4K / 2M / 1G (arch/x86/include/asm/pgtable_types.h)
+PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G = 1, 2, 3
+LEVEL_SHIFT = {PG_LEVEL_4K: 0, PG_LEVEL_2M: 9, PG_LEVEL_1G: 18}
+PTE_PREFETCH_NUM = 8  # arch/x86/kvm/mmu/mmu.c
+
+
+def _mix(x: int) -> float:
+    """Deterministic hash of an integer to [0, 1) (splitmix64 finaliser)."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return ((x ^ (x >> 31)) >> 11) / float(1 << 53)
+
+
+@dataclass
+class RamBlock:
+    """Host memory behind one or more memslots (a QEMU RAM block; an hva range)."""
+
+    ua: int
+    npages: int
+    state: np.ndarray  # uint8 per 4 KiB page
+    state2m: np.ndarray  # uint8 per 2 MiB unit (hva-aligned)
+    state1g: np.ndarray  # uint8 per 1 GiB unit (hva-aligned)
+
+    @classmethod
+    def new(cls, ua: int, npages: int) -> "RamBlock":
+        upage = ua >> 12
+        n2m = ((upage + npages - 1) >> 9) - (upage >> 9) + 1
+        n1g = ((upage + npages - 1) >> 18) - (upage >> 18) + 1
+        return cls(ua, npages, np.zeros(npages, np.uint8), np.zeros(n2m, np.uint8), np.zeros(n1g, np.uint8))
+
+    def covers(self, ua: int, npages: int) -> bool:
+        return self.ua <= ua and ua + (npages << 12) <= self.ua + (self.npages << 12)
+
+
+@dataclass
+class SlotSptes:
+    """A memslot and the views of its SPTE state into its RAM block."""
+
+    slot: Memslot
+    block: RamBlock
+    state: np.ndarray  # view: one byte per gfn of the slot
+    # gpa and hva congruent modulo the huge page size: a prerequisite of huge mappings
+    congruent2m: bool = False
+    congruent1g: bool = False
+
+    def huge_ok(self, gfn: int, level: int) -> bool:
+        """Can ``gfn`` be mapped at ``level`` as far as the slot's layout goes?
+
+        Models the memslot's ``lpage_info.disallow_lpage`` for misaligned
+        heads/tails and gpa/hva incongruence (kvm_alloc_memslot_metadata).
+        """
+        shift = LEVEL_SHIFT[level]
+        if level == PG_LEVEL_2M and not self.congruent2m:
+            return False
+        if level == PG_LEVEL_1G and not self.congruent1g:
+            return False
+        lo = (gfn >> shift) << shift
+        # the block always covers the whole slot, so inside the slot means inside the VMA
+        return self.slot.base_gfn <= lo and lo + (1 << shift) <= self.slot.base_gfn + self.slot.npages
+
+    def unit_state(self, gfn: int, level: int) -> tuple[np.ndarray, int]:
+        """(array, index) of the huge-unit byte covering ``gfn`` in the RAM block."""
+        upage = (self.slot.ua >> 12) + (gfn - self.slot.base_gfn)
+        if level == PG_LEVEL_2M:
+            return self.block.state2m, (upage >> 9) - ((self.block.ua >> 12) >> 9)
+        return self.block.state1g, (upage >> 18) - ((self.block.ua >> 12) >> 18)
+
+
+@dataclass
+class ObsoleteWork:
+    """What a zap left to tear down: counts of SPTEs and page-table pages."""
+
+    leaf_sptes: int = 0
+    pt_pages: int = 0
+
+
+@dataclass
+class Mmu:
+    """Memslots plus SPTE state of one VM (the parts of ``struct kvm_arch`` that matter)."""
+
+    backing: str = "thp"  # "4k" | "thp" | "hugetlbfs-1g"
+    thp_fraction: float = 1.0
+    root_tag: int = 1
+    mmu_valid_gen: int = 0
+    slots: dict[int, SlotSptes] = field(default_factory=dict)
+    blocks: list[RamBlock] = field(default_factory=list)
+    _bases: list[int] = field(default_factory=list)
+    _sorted: list[SlotSptes] = field(default_factory=list)
+    # non-leaf: level -> {region index: tag}; level 1 (PT pages) keyed by 2M index
+    pt_tags: dict[int, dict[int, int]] = field(default_factory=lambda: {1: {}, 2: {}, 3: {}})
+    present_leaf: int = 0  # leaf SPTEs present in the current roots
+    present_pt: int = 0  # page-table pages present in the current roots (excl. the root)
+    zap_seq: int = 0  # bumped by every zap: vCPUs recompute cached miss lists
+
+    # -- memslots ----------------------------------------------------------
+    def _reindex(self) -> None:
+        self._sorted = sorted(self.slots.values(), key=lambda s: s.slot.base_gfn)
+        self._bases = [s.slot.base_gfn for s in self._sorted]
+
+    def _block_for(self, ua: int, npages: int) -> RamBlock:
+        for b in self.blocks:
+            if b.covers(ua, npages):
+                # an hva range already mapped by another live slot gets private state (aliases)
+                if any(s.block is b and _ranges_overlap(s.slot.ua, s.slot.npages, ua, npages)
+                       for s in self.slots.values()):
+                    break
+                return b
+        b = RamBlock.new(ua, npages)
+        self.blocks.append(b)
+        return b
+
+    def add_slot(self, slot: Memslot) -> SlotSptes:
+        """KVM_MR_CREATE: check overlap (``kvm_check_memslot_overlap``) and attach state."""
+        if slot.id in self.slots:
+            raise DesimInputError(f"memslot {slot.id}: created twice without a delete")
+        for s in self.slots.values():
+            if s.slot.overlaps(slot.base_gfn, slot.npages):
+                raise DesimInputError(
+                    f"memslot {slot.id} (gfn {slot.base_gfn:#x}+{slot.npages:#x}) overlaps memslot {s.slot.id} "
+                    f"(gfn {s.slot.base_gfn:#x}+{s.slot.npages:#x}); KVM returns -EEXIST")
+        block = self._block_for(slot.ua, slot.npages)
+        off = (slot.ua - block.ua) >> 12
+        ss = SlotSptes(slot, block, block.state[off:off + slot.npages])
+        ss.congruent2m = ((slot.base_gfn ^ (slot.ua >> 12)) & 511) == 0
+        ss.congruent1g = ((slot.base_gfn ^ (slot.ua >> 12)) & ((1 << 18) - 1)) == 0
+        self.slots[slot.id] = ss
+        self._reindex()
+        return ss
+
+    def remove_slot(self, slot_id: int) -> SlotSptes:
+        """KVM_MR_DELETE: the slot goes; its RAM block (host memory) stays."""
+        ss = self.slots.pop(slot_id)
+        self._reindex()
+        return ss
+
+    def move_slot(self, slot_id: int, new_base_gfn: int) -> None:
+        """KVM_MR_MOVE: same host memory at a new gfn range."""
+        ss = self.slots[slot_id]
+        for s in self.slots.values():
+            if s is not ss and s.slot.overlaps(new_base_gfn, ss.slot.npages):
+                raise DesimInputError(f"memslot {slot_id}: move to gfn {new_base_gfn:#x} overlaps memslot {s.slot.id}")
+        ss.slot.base_gfn = new_base_gfn
+        ss.congruent2m = ((new_base_gfn ^ (ss.slot.ua >> 12)) & 511) == 0
+        ss.congruent1g = ((new_base_gfn ^ (ss.slot.ua >> 12)) & ((1 << 18) - 1)) == 0
+        self._reindex()
+
+    def slot_of(self, gfn: int) -> SlotSptes | None:
+        """``gfn_to_memslot`` (a binary search, as ``search_memslots``)."""
+        i = bisect.bisect_right(self._bases, gfn) - 1
+        if i >= 0:
+            ss = self._sorted[i]
+            if gfn < ss.slot.base_gfn + ss.slot.npages:
+                return ss
+        return None
+
+    # -- lookups -----------------------------------------------------------
+    def is_mapped(self, gfn: int) -> bool:
+        """Is there a present leaf SPTE for ``gfn`` in the current roots?"""
+        ss = self.slot_of(gfn)
+        if ss is None:
+            return False
+        return self._mapped_in(ss, gfn)
+
+    def _mapped_in(self, ss: SlotSptes, gfn: int) -> bool:
+        tag = self.root_tag
+        if ss.state[gfn - ss.slot.base_gfn] & TAG_MASK == tag:
+            return True
+        if ss.congruent2m:
+            arr, i = ss.unit_state(gfn, PG_LEVEL_2M)
+            if 0 <= i < len(arr) and arr[i] & TAG_MASK == tag and ss.huge_ok(gfn, PG_LEVEL_2M):
+                return True
+        if ss.congruent1g:
+            arr, i = ss.unit_state(gfn, PG_LEVEL_1G)
+            if 0 <= i < len(arr) and arr[i] & TAG_MASK == tag and ss.huge_ok(gfn, PG_LEVEL_1G):
+                return True
+        return False
+
+    def mapped_mask(self, gfns: np.ndarray) -> np.ndarray:
+        """Vectorised ``is_mapped`` over an array of gfns."""
+        out = np.zeros(len(gfns), dtype=bool)
+        if not self._sorted or len(gfns) == 0:
+            return out
+        idx = np.searchsorted(np.asarray(self._bases), gfns, side="right") - 1
+        for i in np.unique(idx):
+            if i < 0:
+                continue
+            ss = self._sorted[i]
+            sel = np.flatnonzero(idx == i)
+            g = gfns[sel]
+            inside = g < ss.slot.end_gfn
+            sel, g = sel[inside], g[inside]
+            if len(g) == 0:
+                continue
+            rel = g - ss.slot.base_gfn
+            m = (ss.state[rel] & TAG_MASK) == self.root_tag
+            if ss.congruent2m:
+                m |= self._huge_mask(ss, rel, PG_LEVEL_2M)
+            if ss.congruent1g:
+                m |= self._huge_mask(ss, rel, PG_LEVEL_1G)
+            out[sel] = m
+        return out
+
+    def _huge_mask(self, ss: SlotSptes, rel: np.ndarray, level: int) -> np.ndarray:
+        arr = ss.block.state2m if level == PG_LEVEL_2M else ss.block.state1g
+        shift = LEVEL_SHIFT[level]
+        upage = (ss.slot.ua >> 12) + rel
+        u = (upage >> shift) - ((ss.block.ua >> 12) >> shift)
+        m = (arr[u] & TAG_MASK) == self.root_tag
+        if m.any():
+            # a huge SPTE counts only where the unit lies entirely in the slot
+            lo = ((rel + ss.slot.base_gfn) >> shift) << shift
+            m &= (lo >= ss.slot.base_gfn) & (lo + (1 << shift) <= ss.slot.end_gfn)
+        return m
+
+    # -- host backing --------------------------------------------------------
+    def host_level(self, ss: SlotSptes, gfn: int) -> int:
+        """Size of the host page behind ``gfn`` (``host_pfn_mapping_level``)."""
+        if self.backing == "hugetlbfs-1g" and ss.huge_ok(gfn, PG_LEVEL_1G):
+            return PG_LEVEL_1G
+        if self.backing in ("thp", "hugetlbfs-1g") and ss.huge_ok(gfn, PG_LEVEL_2M):
+            if self.backing == "hugetlbfs-1g" or self.thp_fraction >= 1.0:
+                return PG_LEVEL_2M
+            arr, i = ss.unit_state(gfn, PG_LEVEL_2M)
+            # whether THP succeeded for this hva unit is a fixed property of the unit
+            if _mix((ss.block.ua >> 21) * 1000003 + i) < self.thp_fraction:
+                return PG_LEVEL_2M
+        return PG_LEVEL_4K
+
+    def host_resident(self, ss: SlotSptes, gfn: int, hlevel: int) -> bool:
+        if hlevel == PG_LEVEL_4K:
+            return bool(ss.state[gfn - ss.slot.base_gfn] & HOST_RESIDENT)
+        arr, i = ss.unit_state(gfn, hlevel)
+        return bool(arr[i] & HOST_RESIDENT)
+
+    def make_resident(self, ss: SlotSptes, gfn: int, hlevel: int) -> None:
+        if hlevel == PG_LEVEL_4K:
+            ss.state[gfn - ss.slot.base_gfn] |= HOST_RESIDENT
+        else:
+            arr, i = ss.unit_state(gfn, hlevel)
+            arr[i] |= HOST_RESIDENT
+
+    # -- install -------------------------------------------------------------
+    def missing_pt_pages(self, gfn: int, level: int) -> int:
+        """How many page-table pages a leaf at ``level`` for ``gfn`` needs allocated."""
+        tag = self.root_tag
+        n = 0
+        if self.pt_tags[3].get(gfn >> 27) != tag:
+            n += 1
+        if level <= PG_LEVEL_2M and self.pt_tags[2].get(gfn >> 18) != tag:
+            n += 1
+        if level == PG_LEVEL_4K and self.pt_tags[1].get(gfn >> 9) != tag:
+            n += 1
+        return n
+
+    def install(self, ss: SlotSptes, gfn: int, level: int) -> int:
+        """Install a leaf SPTE (``kvm_tdp_mmu_map`` / ``direct_map``); returns page-table pages allocated."""
+        tag = self.root_tag
+        allocated = 0
+        for lvl, key in ((3, gfn >> 27), (2, gfn >> 18), (1, gfn >> 9)):
+            if lvl <= level:
+                break
+            d = self.pt_tags[lvl]
+            if d.get(key) != tag:
+                d[key] = tag
+                allocated += 1
+        self.present_pt += allocated
+        rel = gfn - ss.slot.base_gfn
+        if level == PG_LEVEL_4K:
+            ss.state[rel] = (ss.state[rel] & KEEP_BITS) | EVER_MAPPED | tag
+        else:
+            arr, i = ss.unit_state(gfn, level)
+            arr[i] = (arr[i] & KEEP_BITS) | tag
+            shift = LEVEL_SHIFT[level]
+            lo = ((gfn >> shift) << shift) - ss.slot.base_gfn
+            ss.state[lo:lo + (1 << shift)] |= EVER_MAPPED
+        self.present_leaf += 1
+        return allocated
+
+    def prefetch_candidates(self, ss: SlotSptes, gfn: int, need_accessed: bool) -> list[int]:
+        """Neighbours ``direct_pte_prefetch`` / ``FNAME(pte_prefetch)`` would map.
+
+        The aligned group of ``PTE_PREFETCH_NUM`` gfns around the fault, inside
+        the slot, not present, whose host page is resident (prefetch uses
+        atomic GUP, ``kvm_prefetch_pages``). Shadow paging also needs the
+        guest PTE's Accessed bit: "was ever mapped" stands in for it.
+        """
+        start = gfn & ~(PTE_PREFETCH_NUM - 1)
+        out = []
+        base, end = ss.slot.base_gfn, ss.slot.end_gfn
+        tag = self.root_tag
+        for g in range(max(start, base), min(start + PTE_PREFETCH_NUM, end)):
+            if g == gfn:
+                continue
+            b = int(ss.state[g - base])
+            if b & TAG_MASK == tag or not b & HOST_RESIDENT:
+                continue
+            if need_accessed and not b & EVER_MAPPED:
+                continue
+            out.append(g)
+        return out
+
+    # -- zap -----------------------------------------------------------------
+    def zap_all_fast(self) -> ObsoleteWork:
+        """``kvm_mmu_zap_all_fast``'s state change: toggle ``mmu_valid_gen``, obsolete every root.
+
+        O(1): the next root tag makes every SPTE obsolete. Returns what the
+        obsolete roots hold, for the teardown cost.
+        """
+        work = ObsoleteWork(self.present_leaf, self.present_pt)
+        self.mmu_valid_gen ^= 1
+        self.present_leaf = 0
+        self.present_pt = 0
+        self.root_tag += 1
+        if self.root_tag > MAX_TAG:
+            self._clear_all_tags()
+            self.root_tag = 1
+        self.zap_seq += 1
+        return work
+
+    def _clear_all_tags(self) -> None:
+        for b in self.blocks:
+            for arr in (b.state, b.state2m, b.state1g):
+                np.bitwise_and(arr, KEEP_BITS, out=arr)
+        for d in self.pt_tags.values():
+            d.clear()
+
+    def _huge_range(self, ss: SlotSptes, level: int) -> np.ndarray | None:
+        """The block's huge-unit bytes for the units lying entirely inside the slot (a view)."""
+        if not (ss.congruent2m if level == PG_LEVEL_2M else ss.congruent1g):
+            return None
+        shift = LEVEL_SHIFT[level]
+        first = -(-ss.slot.base_gfn >> shift)  # ceil
+        last = ss.slot.end_gfn >> shift
+        if last <= first:
+            return None
+        arr, i0 = ss.unit_state(first << shift, level)
+        return arr[i0:i0 + (last - first)]
+
+    def slot_leaf_counts(self, ss: SlotSptes) -> dict[int, int]:
+        """Present leaf SPTEs of a slot by level (for the targeted zap's cost)."""
+        tag = self.root_tag
+        counts = {PG_LEVEL_4K: int(np.count_nonzero((ss.state & TAG_MASK) == tag))}
+        for level in (PG_LEVEL_2M, PG_LEVEL_1G):
+            seg = self._huge_range(ss, level)
+            counts[level] = 0 if seg is None else int(np.count_nonzero((seg & TAG_MASK) == tag))
+        return counts
+
+    def slot_pt_pages(self, ss: SlotSptes) -> int:
+        """Present level-1 page-table pages covering the slot's gfn range."""
+        d = self.pt_tags[1]
+        tag = self.root_tag
+        lo, hi = ss.slot.base_gfn >> 9, (ss.slot.end_gfn - 1) >> 9
+        if hi - lo + 1 > len(d):
+            return sum(1 for k, t in d.items() if lo <= k <= hi and t == tag)
+        return sum(1 for k in range(lo, hi + 1) if d.get(k) == tag)
+
+    def zap_slot_leafs(self, ss: SlotSptes) -> dict[int, int]:
+        """``kvm_unmap_gfn_range`` over the whole slot: clear its leaf SPTEs, keep non-leaf ones."""
+        counts = self.slot_leaf_counts(ss)
+        for level in (PG_LEVEL_2M, PG_LEVEL_1G):
+            seg = self._huge_range(ss, level)
+            if seg is not None:
+                np.bitwise_and(seg, KEEP_BITS, out=seg)
+        np.bitwise_and(ss.state, KEEP_BITS, out=ss.state)
+        self.present_leaf -= sum(counts.values())
+        self.zap_seq += 1
+        return counts
+
+    def zap_slot_huge_leafs(self, ss: SlotSptes) -> int:
+        """Zap a slot's 2M/1G leaves (dirty logging enabled: huge pages are split on fault)."""
+        counts = self.slot_leaf_counts(ss)
+        n = counts[PG_LEVEL_2M] + counts[PG_LEVEL_1G]
+        for level in (PG_LEVEL_2M, PG_LEVEL_1G):
+            seg = self._huge_range(ss, level)
+            if seg is not None:
+                np.bitwise_and(seg, KEEP_BITS, out=seg)
+        self.present_leaf -= n
+        if n:
+            self.zap_seq += 1
+        return n
+
+    def slot_has_present_sptes(self, ss: SlotSptes) -> bool:
+        """Invariant helper: does any current-root leaf SPTE map ``ss``'s memory?"""
+        return any(self.slot_leaf_counts(ss).values())
+
+    def memory_bytes(self) -> int:
+        """Bytes of SPTE state held (numpy arrays), for the memory benchmark."""
+        return sum(b.state.nbytes + b.state2m.nbytes + b.state1g.nbytes for b in self.blocks)
+
+
+def _ranges_overlap(ua1: int, n1: int, ua2: int, n2: int) -> bool:
+    return ua1 < ua2 + (n2 << 12) and ua2 < ua1 + (n1 << 12)
+
+
+__all__ = ["Mmu", "RamBlock", "SlotSptes", "ObsoleteWork", "PG_LEVEL_4K", "PG_LEVEL_2M", "PG_LEVEL_1G",
+           "PTE_PREFETCH_NUM", "KVM_MEMSLOT_INVALID"]

@@ -1,0 +1,150 @@
+"""HostProfile: what the host costs, in nanoseconds, and how its kernel is configured.
+
+A profile is a TOML file. Every cost is a table ``{ value = <ns>, source = "..." }``
+whose ``source`` cites a measurement, a document or says ``estimate: <reasoning>``;
+a cost without a source is rejected on load. The ``[kernel]`` table holds the
+configuration that changes *which* code runs, not how long it takes: the MMU
+(``tdp`` = ``arch/x86/kvm/mmu/tdp_mmu.c``; ``legacy`` = the shadow-page MMU used
+for TDP before 5.12; ``shadow`` = shadow paging of guest page tables), the lock
+(``rwlock`` or ``spinlock``), whether faults take ``mmu_lock`` for read or
+write, ``CONFIG_PREEMPTION`` (lock breaking), host backing and NX huge pages.
+
+Named profiles ship in ``desim/profiles/*.toml``; a path to a TOML file works
+wherever a name does.
+"""
+from __future__ import annotations
+
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import DesimInputError
+from .validation import format_validation_error
+
+
+class Cost(BaseModel):
+    """One cost in ns with its source."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    value: float = Field(ge=0)
+    source: str = Field(min_length=3)
+
+
+COST_NAMES: dict[str, str] = {
+    "vm_exit": "VM exit to the host's exit handler (vmx_vcpu_run return path)",
+    "vm_entry": "VM entry from vcpu_enter_guest (incl. request checks)",
+    "fault_handle": "kvm_mmu_page_fault software path outside the lock (gfn->slot, checks)",
+    "faultin_resident": "kvm_faultin_pfn on a host-resident page (hva_to_pfn fast GUP)",
+    "host_alloc_4k": "host page fault on first touch: allocate and zero a 4 KiB page",
+    "host_alloc_2m": "host THP fault on first touch: allocate and zero a 2 MiB page",
+    "host_alloc_1g": "hugetlbfs 1 GiB page first touch: zero 1 GiB",
+    "spte_install": "install one leaf SPTE under mmu_lock (tdp_mmu_map_handle_target_level)",
+    "pt_page_alloc": "allocate and link one page-table page (kvm_mmu_memory_cache, per level)",
+    "prefetch_spte": "install one prefetched neighbour SPTE (direct_pte_prefetch_many)",
+    "root_alloc": "load a fresh root on entry after KVM_REQ_MMU_FREE_OBSOLETE_ROOTS",
+    "ipi_send": "send one IPI (x2APIC ICR write) in kvm_make_all_cpus_request",
+    "ipi_ack": "IPI delivery until the target's VM exit acks it",
+    "invept": "TLB flush of one vCPU before re-entry (INVEPT / INVVPID)",
+    "spte_zap": "zap one present SPTE (clear, handle_changed_spte)",
+    "rmap_probe": "probe one gfn's rmap at one level in a memslot walk (slot_handle_level)",
+    "hash_probe": "probe one gfn's shadow-page hash bucket (for_each_gfn_valid_sp_with_gptes)",
+    "sp_free": "free one shadow / page-table page (kvm_mmu_free_shadow_page, tdp_mmu_free_sp)",
+    "srcu_sync": "synchronize_srcu_expedited with no reader left",
+    "lock_handoff": "mmu_lock cache-line hand-off to a waiter on another core",
+    "mmio_emulation": "emulate one MMIO access to a gpa without a memslot (userspace exit)",
+    "ioctl_fixed": "KVM_SET_USER_MEMORY_REGION bookkeeping (kvm_set_memslot minus zap and SRCU)",
+}
+
+
+class Kernel(BaseModel):
+    """Kernel configuration that selects code paths."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    mmu: Literal["tdp", "legacy", "shadow"]
+    lock: Literal["rwlock", "spinlock"]
+    fault_lock: Literal["read", "write"]
+    preemption: bool
+    pte_prefetch: bool
+    backing: Literal["4k", "thp", "hugetlbfs-1g"] = "thp"
+    thp_fraction: float = Field(default=1.0, ge=0.0, le=1.0)
+    nx_huge_pages: bool = False
+    root_level: int = Field(default=4, ge=4, le=5)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Kernel":
+        if self.fault_lock == "read" and self.lock == "spinlock":
+            raise ValueError("fault_lock='read' needs lock='rwlock' (a spinlock has no read side)")
+        if self.fault_lock == "read" and self.mmu != "tdp":
+            raise ValueError("only the TDP MMU takes mmu_lock for read on faults; use fault_lock='write'")
+        return self
+
+
+class HostProfile(BaseModel):
+    """Costs (ns) and kernel configuration of one host."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    description: str = ""
+    kernel: Kernel
+    costs: dict[str, Cost]
+
+    @field_validator("costs")
+    @classmethod
+    def _all_costs(cls, v: dict[str, Cost]) -> dict[str, Cost]:
+        missing = sorted(set(COST_NAMES) - set(v))
+        unknown = sorted(set(v) - set(COST_NAMES))
+        if missing:
+            raise ValueError(f"missing costs: {', '.join(missing)}")
+        if unknown:
+            raise ValueError(f"unknown costs: {', '.join(unknown)} (known: {', '.join(COST_NAMES)})")
+        return v
+
+    def ns(self, name: str) -> float:
+        return self.costs[name].value
+
+    def with_overrides(self, kernel: dict | None = None, costs: dict[str, float] | None = None) -> "HostProfile":
+        """A copy with kernel fields and cost values replaced (sources marked as overrides)."""
+        data = self.model_dump()
+        if kernel:
+            data["kernel"].update(kernel)
+        for k, v in (costs or {}).items():
+            if k not in COST_NAMES:
+                raise DesimInputError(f"profile.costs.{k}: unknown cost (known: {', '.join(COST_NAMES)})")
+            data["costs"][k] = {"value": v, "source": "override"}
+        try:
+            return HostProfile.model_validate(data)
+        except ValidationError as e:
+            raise DesimInputError(format_validation_error(e, "profile")) from None
+
+
+def profile_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("desim.profiles").iterdir() if p.name.endswith(".toml"))
+
+
+def load_profile(name_or_path: str | Path) -> HostProfile:
+    """Load a named profile (``tdp-icelake``) or a TOML file path."""
+    text: str
+    where: str
+    p = Path(name_or_path)
+    if str(name_or_path) in profile_names():
+        where = f"profile {name_or_path}"
+        text = resources.files("desim.profiles").joinpath(f"{name_or_path}.toml").read_text()
+    elif p.suffix == ".toml" or p.exists():
+        if not p.is_file():
+            raise DesimInputError(f"{p}: profile file not found")
+        where = str(p)
+        text = p.read_text()
+    else:
+        raise DesimInputError(
+            f"profile '{name_or_path}': unknown (named profiles: {', '.join(profile_names())}; or give a .toml path)")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise DesimInputError(f"{where}: not valid TOML: {e}") from None
+    try:
+        return HostProfile.model_validate(data)
+    except ValidationError as e:
+        raise DesimInputError(format_validation_error(e, where)) from None

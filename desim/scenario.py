@@ -1,0 +1,398 @@
+"""Scenario: HostProfile + VM shape + workload (phases and memslot script) + zap policy.
+
+A scenario is a TOML file, validated on load; every error names the field
+(``phases.1.memslot_ops.0.slot: ...``) and says what to change. Sizes accept
+integers (bytes) or strings with units (``"64KiB"``, ``"6GiB"``, ``"0x40000"``).
+
+Example (the built-in default, ``desim/scenarios/default.toml``)::
+
+    name = "rom-toggle"
+    profile = "tdp-icelake"
+    [vm]
+    vcpus = 4
+    [[vm.memslots]]
+    id = 0
+    gpa = 0
+    size = "1GiB"
+    [[phases]]
+    name = "populate"
+    pattern = "sequential"
+    slot = 0
+    ...
+    [[phases.memslot_ops]]
+    at_us = 200
+    op = "delete"
+    slot = 5
+
+``policy`` may be fixed in the file or chosen on the command line; the seed's
+capability can be given instead as ``zap_control = 1``
+(``KVM_ZAP_ONLY_MEMSLOT_SPTES``); any other bit is rejected like ``-EINVAL``.
+"""
+from __future__ import annotations
+
+import re
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import DesimInputError
+from .memslot import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, MemslotOp, MrChange, PAGE_SIZE
+from .profile import HostProfile, load_profile
+from .validation import format_validation_error
+from .zap import ZAP_POLICIES, policy_from_zap_control
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
+
+
+def parse_size(v: Any) -> int:
+    """``4096``, ``"0x1000"``, ``"64KiB"``, ``"6 GiB"`` -> bytes (binary units)."""
+    if isinstance(v, bool):
+        raise ValueError("a size must be a number of bytes or a string like '64KiB'")
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, str):
+        s = v.strip().lower().replace("_", "")
+        if s.startswith("0x"):
+            try:
+                return int(s, 16)
+            except ValueError:
+                pass
+        m = re.fullmatch(r"(-?\d+(?:\.\d+)?)\s*([a-z]*)", s)
+        if m and m.group(2) in _UNITS:
+            return int(float(m.group(1)) * _UNITS[m.group(2)])
+    raise ValueError(f"cannot read {v!r} as a size (use bytes, hex '0x...', or units like '64KiB', '6GiB')")
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+_FLAG_NAMES = {"readonly": KVM_MEM_READONLY, "log_dirty": KVM_MEM_LOG_DIRTY_PAGES}
+
+
+def parse_flags(v: Any) -> int:
+    if isinstance(v, int) and not isinstance(v, bool):
+        if v & ~(KVM_MEM_READONLY | KVM_MEM_LOG_DIRTY_PAGES) or v < 0:
+            raise ValueError(f"flags {v:#x}: only KVM_MEM_LOG_DIRTY_PAGES (1) and KVM_MEM_READONLY (2) exist")
+        return v
+    if isinstance(v, list):
+        out = 0
+        for name in v:
+            if name not in _FLAG_NAMES:
+                raise ValueError(f"unknown flag {name!r} (use 'readonly', 'log_dirty')")
+            out |= _FLAG_NAMES[name]
+        return out
+    raise ValueError("flags must be an integer or a list like ['readonly']")
+
+
+Flags = Annotated[int, BeforeValidator(parse_flags)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MemslotSpec(_Model):
+    """One memslot at VM creation."""
+
+    id: int = Field(ge=0, lt=1 << 32)
+    gpa: Size = Field(ge=0)
+    size: Size = Field(gt=0)
+    flags: Flags = 0
+    ua: Size | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _aligned(self) -> "MemslotSpec":
+        for name in ("gpa", "size") + (("ua",) if self.ua is not None else ()):
+            if getattr(self, name) % PAGE_SIZE:
+                raise ValueError(f"{name} must be a multiple of 4 KiB (KVM returns -EINVAL)")
+        return self
+
+
+class MemslotOpSpec(_Model):
+    """One memslot ioctl (or a periodic series of them) in a phase's VMM script."""
+
+    at_us: float = Field(ge=0)
+    op: Literal["create", "delete", "move", "flags"]
+    slot: int = Field(ge=0, lt=1 << 32)
+    gpa: Size | None = Field(default=None, ge=0)
+    size: Size | None = Field(default=None, gt=0)
+    flags: Flags = 0
+    ua: Size | None = Field(default=None, ge=0)
+    repeat: int = Field(default=1, ge=1, le=1_000_000)
+    every_us: float = Field(default=0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _fields(self) -> "MemslotOpSpec":
+        if self.op in ("create", "move") and self.gpa is None:
+            raise ValueError(f"op '{self.op}' needs gpa")
+        if self.op == "create" and self.size is None:
+            raise ValueError("op 'create' needs size")
+        if self.repeat > 1 and self.every_us <= 0:
+            raise ValueError("repeat > 1 needs every_us > 0")
+        for name in ("gpa", "size"):
+            v = getattr(self, name)
+            if v is not None and v % PAGE_SIZE:
+                raise ValueError(f"{name} must be a multiple of 4 KiB")
+        return self
+
+
+class TraceSpec(_Model):
+    """A real memslot trace replayed by the VMM during a phase."""
+
+    path: str
+    format: Literal["qemu"] = "qemu"
+    mode: Literal["time", "events"] = "time"
+    time_scale: float = Field(default=1.0, gt=0)
+    gap_us: float = Field(default=100.0, ge=0)
+    address_space: int | None = 0
+
+
+class PhaseSpec(_Model):
+    """A phase: which vCPUs run, what they touch, and what the VMM does meanwhile."""
+
+    name: str = Field(min_length=1)
+    vcpus: int | Literal["all", "bsp", "aps"] = "all"
+    pattern: Literal["sequential", "uniform", "zipf", "hotcold", "none"] = "sequential"
+    slot: int | None = None
+    offset: Size = Field(default=0, ge=0)
+    size: Size | None = Field(default=None, gt=0)
+    sharing: Literal["private", "shared"] = "private"
+    passes: int = Field(default=1, ge=1)
+    accesses: int = Field(default=0, ge=0)
+    access_ns: float = Field(default=100.0, gt=0)
+    zipf_s: float = Field(default=1.1, gt=0)
+    hot_fraction: float = Field(default=0.1, gt=0, le=1)
+    hot_probability: float = Field(default=0.9, ge=0, le=1)
+    memslot_ops: list[MemslotOpSpec] = Field(default_factory=list)
+    memslot_trace: TraceSpec | None = None
+
+    @model_validator(mode="after")
+    def _pattern(self) -> "PhaseSpec":
+        if self.pattern != "none" and self.slot is None:
+            raise ValueError(f"pattern '{self.pattern}' needs slot (the memslot whose memory is touched)")
+        if self.pattern in ("uniform", "zipf", "hotcold") and self.accesses <= 0:
+            raise ValueError(f"pattern '{self.pattern}' needs accesses > 0")
+        return self
+
+
+class VmSpec(_Model):
+    vcpus: int = Field(ge=1, le=4096)
+    memslots: list[MemslotSpec] = Field(min_length=1)
+
+    @field_validator("memslots")
+    @classmethod
+    def _no_overlap(cls, v: list[MemslotSpec]) -> list[MemslotSpec]:
+        ids = set()
+        for s in v:
+            if s.id in ids:
+                raise ValueError(f"memslot id {s.id} appears twice")
+            ids.add(s.id)
+        spans = sorted((s.gpa, s.gpa + s.size, s.id) for s in v)
+        for (a0, a1, ai), (b0, b1, bi) in zip(spans, spans[1:]):
+            if b0 < a1:
+                raise ValueError(f"memslots {ai} and {bi} overlap (gpa {a0:#x}-{a1:#x} and {b0:#x}-{b1:#x}); "
+                                 "KVM returns -EEXIST")
+        return v
+
+
+class ProfileOverrides(_Model):
+    kernel: dict[str, Any] = Field(default_factory=dict)
+    costs: dict[str, float] = Field(default_factory=dict)
+
+
+class Scenario(_Model):
+    """A complete, validated scenario."""
+
+    name: str = "scenario"
+    description: str = ""
+    profile: str = "tdp-icelake"
+    profile_overrides: ProfileOverrides = Field(default_factory=ProfileOverrides)
+    policy: Literal["fast", "targeted"] | None = None
+    zap_control: int | None = None
+    vm: VmSpec
+    phases: list[PhaseSpec] = Field(min_length=1)
+    time_limit_ms: float = Field(default=600_000.0, gt=0)
+
+    @field_validator("zap_control")
+    @classmethod
+    def _zap_control(cls, v: int | None) -> int | None:
+        if v is not None:
+            try:
+                policy_from_zap_control(v)
+            except DesimInputError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _policy(self) -> "Scenario":
+        if self.policy is not None and self.zap_control is not None:
+            if policy_from_zap_control(self.zap_control) != self.policy:
+                raise ValueError("policy and zap_control disagree; give one of them")
+        return self
+
+    # -- derived -------------------------------------------------------------
+    def resolved_policy(self, override: str | None = None) -> str:
+        if override is not None:
+            if override not in ZAP_POLICIES:
+                raise DesimInputError(f"--policy {override}: unknown (choose one of: {', '.join(ZAP_POLICIES)})")
+            return override
+        if self.policy is not None:
+            return self.policy
+        if self.zap_control is not None:
+            return policy_from_zap_control(self.zap_control)
+        return "fast"  # x86's default, as the seed keeps it
+
+    def host_profile(self) -> HostProfile:
+        p = load_profile(self.profile)
+        o = self.profile_overrides
+        if o.kernel or o.costs:
+            p = p.with_overrides(o.kernel, o.costs)
+        return p
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "Scenario":
+        """A copy with dotted-path fields replaced (``vm.vcpus``, ``phases.0.passes``, ...)."""
+        data = self.model_dump()
+        for path, value in overrides.items():
+            _set_path(data, path, value)
+        return validate_scenario(data, f"scenario {self.name} with overrides")
+
+
+def _set_path(data: Any, path: str, value: Any) -> None:
+    parts = path.split(".")
+    cur = data
+    for i, p in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(cur, list):
+            try:
+                idx = int(p)
+                if last:
+                    cur[idx] = value
+                else:
+                    cur = cur[idx]
+            except (ValueError, IndexError):
+                raise DesimInputError(f"override {path}: '{p}' is not a valid index") from None
+        elif isinstance(cur, dict):
+            if last:
+                cur[p] = value
+            else:
+                if p not in cur or cur[p] is None:
+                    cur[p] = {}
+                cur = cur[p]
+        else:
+            raise DesimInputError(f"override {path}: '{p}' does not name a field")
+
+
+def validate_scenario(data: dict, where: str) -> Scenario:
+    try:
+        sc = Scenario.model_validate(data)
+    except ValidationError as e:
+        raise DesimInputError(format_validation_error(e, where)) from None
+    check_script(sc, where)
+    sc.host_profile()  # profile name and overrides must resolve
+    return sc
+
+
+def load_scenario(path: str | Path | None = None) -> Scenario:
+    """Load a scenario TOML file, or the built-in default when ``path`` is None."""
+    if path is None:
+        text = resources.files("desim.scenarios").joinpath("default.toml").read_text()
+        where = "built-in default scenario"
+        base = None
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise DesimInputError(f"{p}: scenario file not found")
+        try:
+            text = p.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DesimInputError(f"{p}: cannot read: {e}") from None
+        where = str(p)
+        base = p.parent
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise DesimInputError(f"{where}: not valid TOML: {e}") from None
+    if base is not None:
+        for ph in data.get("phases", []) if isinstance(data.get("phases"), list) else []:
+            tr = ph.get("memslot_trace") if isinstance(ph, dict) else None
+            if isinstance(tr, dict) and isinstance(tr.get("path"), str) and not Path(tr["path"]).is_absolute():
+                cand = base / tr["path"]
+                if cand.exists():
+                    tr["path"] = str(cand)
+    return validate_scenario(data, where)
+
+
+def phase_ops(phase: PhaseSpec) -> list[MemslotOp]:
+    """The phase's VMM script as kernel-level ops, sorted by time."""
+    ops: list[MemslotOp] = []
+    for spec in phase.memslot_ops:
+        for k in range(spec.repeat):
+            ops.append(MemslotOp(time_ns=(spec.at_us + k * spec.every_us) * 1e3, op=MrChange(spec.op),
+                                 slot=spec.slot, gpa=spec.gpa or 0, size=spec.size or 0,
+                                 flags=spec.flags, ua=spec.ua or 0))
+    if phase.memslot_trace is not None:
+        ops.extend(trace_ops(phase.memslot_trace))
+    ops.sort(key=lambda o: o.time_ns)
+    return ops
+
+
+def trace_ops(spec: TraceSpec) -> list[MemslotOp]:
+    """Read a real memslot trace into ops (see :mod:`desim.traces`)."""
+    from .traces import read_qemu_trace  # the trace reader module
+
+    trace = read_qemu_trace(spec.path)
+    ops = trace.to_memslot_ops(mode=spec.mode, gap_ns=spec.gap_us * 1e3)
+    if spec.address_space is not None:
+        ops = [o for o in ops if (o.slot >> 16) == spec.address_space]
+    if spec.time_scale != 1.0:
+        ops = [MemslotOp(o.time_ns * spec.time_scale, o.op, o.slot, o.gpa, o.size, o.flags, o.ua) for o in ops]
+    return ops
+
+
+def check_script(sc: Scenario, where: str) -> None:
+    """Replay every phase's memslot ops on the slot set and reject what KVM would refuse."""
+    slots = {s.id: (s.gpa, s.size) for s in sc.vm.memslots}
+    for pi, phase in enumerate(sc.phases):
+        for op in phase_ops(phase):
+            tag = f"{where}: phases.{pi} ({phase.name}): memslot op at {op.time_ns / 1e3:.1f} us, {op.op.value} slot {op.slot}"
+            if op.op == MrChange.CREATE:
+                if op.slot in slots:
+                    raise DesimInputError(f"{tag}: slot already exists (delete it first)")
+                _check_free(slots, op.slot, op.gpa, op.size, tag)
+                slots[op.slot] = (op.gpa, op.size)
+            elif op.op == MrChange.DELETE:
+                if op.slot not in slots:
+                    raise DesimInputError(f"{tag}: no such slot at that time")
+                del slots[op.slot]
+            elif op.op == MrChange.MOVE:
+                if op.slot not in slots:
+                    raise DesimInputError(f"{tag}: no such slot at that time")
+                size = slots.pop(op.slot)[1]
+                _check_free(slots, op.slot, op.gpa, size, tag)
+                slots[op.slot] = (op.gpa, size)
+            elif op.slot not in slots:
+                raise DesimInputError(f"{tag}: no such slot at that time")
+        if phase.slot is not None and phase.pattern != "none":
+            # the touched slot must exist when the phase starts or be created by it
+            created = {o.slot for o in phase_ops(phase) if o.op == MrChange.CREATE}
+            if phase.slot not in slots and phase.slot not in created and not _existed_before(sc, pi, phase.slot):
+                raise DesimInputError(f"{where}: phases.{pi}.slot: memslot {phase.slot} does not exist in this phase")
+            gs = slots.get(phase.slot)
+            if gs is not None and phase.size is not None and phase.offset + phase.size > gs[1]:
+                raise DesimInputError(f"{where}: phases.{pi}.size: offset + size exceed memslot {phase.slot}'s "
+                                      f"{gs[1]} bytes")
+
+
+def _existed_before(sc: Scenario, pi: int, slot: int) -> bool:
+    return any(s.id == slot for s in sc.vm.memslots) or any(
+        o.slot == slot for p in sc.phases[:pi] for o in phase_ops(p) if o.op == MrChange.CREATE)
+
+
+def _check_free(slots: dict[int, tuple[int, int]], sid: int, gpa: int, size: int, tag: str) -> None:
+    for other, (g, s) in slots.items():
+        if gpa < g + s and g < gpa + size:
+            raise DesimInputError(f"{tag}: gpa {gpa:#x}+{size:#x} overlaps slot {other} (KVM returns -EEXIST)")

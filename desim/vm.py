@@ -1,0 +1,193 @@
+"""A VM wired together from a scenario: mmu, ``mmu_lock``, vCPUs, the VMM, the policy, metrics.
+
+``run_scenario(scenario, policy, seed, replication)`` is the one entry point
+that everything else (CLI, comparisons, sweeps, experiments) calls. Phases run
+one after another: a phase starts its vCPUs' access streams (the others stay
+HALTED) and its VMM script, and ends when both are done; the end of the last
+phase is the workload's completion time ("boot time" for a boot workload).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, Generator
+
+import numpy as np
+import simpy
+
+from . import MODEL_VERSION
+from .audit import Audit
+from .errors import DesimInputError
+from .lock import MmuLock
+from .memslot import Memslot, MemslotOp
+from .metrics import Metrics
+from .mmu import Mmu
+from .profile import HostProfile
+from .scenario import PhaseSpec, Scenario, phase_ops
+from .streams import stream
+from .vcpu import Vcpu
+from .vmm import Vmm
+from .workload import make_stream, split_region
+from .zap import make_policy
+
+
+class Vm:
+    """One simulated VM."""
+
+    def __init__(self, scenario: Scenario, policy: str, seed: int = 0, replication: int = 0,
+                 profile: HostProfile | None = None, audit: bool = False) -> None:
+        self.scenario = scenario
+        self.seed = seed
+        self.replication = replication
+        self.env = simpy.Environment()
+        self.profile = profile or scenario.host_profile()
+        k = self.profile.kernel
+        self.P = SimpleNamespace(**{name: c.value for name, c in self.profile.costs.items()})
+        self.policy_name = policy
+        self.policy = make_policy(policy)
+        self.metrics = Metrics(scenario.vm.vcpus)
+        self.lock = MmuLock(self.env, kind=k.lock, preemption=k.preemption, handoff_ns=self.P.lock_handoff)
+        self.fault_lock_mode = k.fault_lock
+        self.mmu = Mmu(backing=k.backing, thp_fraction=k.thp_fraction)
+        self.audit = Audit(self) if audit else None
+        self._next_ua = 0x7F0000000000
+        self._ua_by_slot: dict[int, int] = {}
+        for s in scenario.vm.memslots:
+            self.mmu.add_slot(Memslot(s.id, s.gpa >> 12, s.size >> 12, s.flags, s.ua or self._fresh_ua(s.id, s.size)))
+        self.vmm = Vmm(self)
+        self.vcpus = [Vcpu(self, i) for i in range(scenario.vm.vcpus)]
+        self._slot_update: simpy.Event | None = None
+
+    # -- host virtual addresses for slots that do not give one ------------------
+    def _fresh_ua(self, slot_id: int, size: int) -> int:
+        """A 1 GiB-aligned hva range per slot id, reused when the slot id is re-created."""
+        ua = self._ua_by_slot.get(slot_id)
+        if ua is None:
+            ua = self._next_ua
+            self._next_ua += -(-size // (1 << 30)) * (1 << 30) + (1 << 30)
+            self._ua_by_slot[slot_id] = ua
+        return ua
+
+    def default_ua(self, op: MemslotOp) -> int:
+        return self._fresh_ua(op.slot, op.size)
+
+    # -- RET_PF_RETRY waiters ---------------------------------------------------------
+    def slot_update_done(self) -> simpy.Event:
+        """An event that fires when the memslot update in flight has finished."""
+        if self._slot_update is None:
+            self._slot_update = self.env.event()
+        return self._slot_update
+
+    def memslot_update_finished(self) -> None:
+        if self._slot_update is not None:
+            ev, self._slot_update = self._slot_update, None
+            ev.succeed()
+
+    # -- phases ---------------------------------------------------------------------
+    def _phase_vcpus(self, phase: PhaseSpec) -> list[Vcpu]:
+        n = len(self.vcpus)
+        if phase.vcpus == "all":
+            return list(self.vcpus)
+        if phase.vcpus == "bsp":
+            return self.vcpus[:1]
+        if phase.vcpus == "aps":
+            return self.vcpus[1:]
+        if phase.vcpus > n:
+            raise DesimInputError(f"phase {phase.name}: vcpus = {phase.vcpus} but the VM has {n}")
+        return self.vcpus[:phase.vcpus]
+
+    def _start_streams(self, phase: PhaseSpec, active: list[Vcpu], on_done) -> int:
+        if phase.pattern == "none":
+            return 0
+        ss = self.mmu.slots.get(phase.slot)
+        if ss is None:
+            raise DesimInputError(f"phase {phase.name}: memslot {phase.slot} does not exist when the phase starts")
+        lo = ss.slot.base_gfn + (phase.offset >> 12)
+        n = (phase.size >> 12) if phase.size is not None else ss.slot.npages - (phase.offset >> 12)
+        if n <= 0 or lo + n > ss.slot.end_gfn:
+            raise DesimInputError(f"phase {phase.name}: offset/size fall outside memslot {phase.slot}")
+        started = 0
+        for i, v in enumerate(active):
+            a, m = (lo, n) if phase.sharing == "shared" else split_region(lo, n, len(active), i)
+            if m <= 0:
+                continue
+            rng = stream(self.seed, self.replication, f"workload/{phase.name}/vcpu{v.index}")
+            st = make_stream(phase.pattern, a, m, rng=rng, passes=phase.passes, accesses=phase.accesses,
+                             zipf_s=phase.zipf_s, hot_fraction=phase.hot_fraction,
+                             hot_probability=phase.hot_probability)
+            v.assign(st, phase.access_ns, on_done)
+            started += 1
+        return started
+
+    def _run_phases(self) -> Generator:
+        env = self.env
+        for phase in self.scenario.phases:
+            done_ev = env.event()
+            pending = {"n": 0}
+
+            def one_done(_v: Vcpu, pending=pending, done_ev=done_ev) -> None:
+                pending["n"] -= 1
+                if pending["n"] == 0 and not done_ev.triggered:
+                    done_ev.succeed()
+
+            active = self._phase_vcpus(phase)
+            vmm_proc = env.process(self.vmm.run_script(phase_ops(phase)))
+            pending["n"] = self._start_streams(phase, active, one_done)
+            if pending["n"]:
+                yield done_ev
+            yield vmm_proc
+            self.metrics.phase_end_ns[phase.name] = env.now
+        self.metrics.completion_ns = env.now
+
+    def run(self) -> "RunResult":
+        main = self.env.process(self._run_phases())
+        limit = self.scenario.time_limit_ms * 1e6
+        self.env.run(until=simpy.AnyOf(self.env, [main, self.env.timeout(limit)]))
+        if not main.triggered:
+            raise DesimInputError(f"scenario {self.scenario.name}: did not finish within time_limit_ms = "
+                                  f"{self.scenario.time_limit_ms:g} simulated ms (raise time_limit_ms)")
+        if not main.ok:  # pragma: no cover - an exception inside the model
+            raise main.value
+        for v in self.vcpus:
+            v._set_mode(v.mode)  # close the time accounting
+        lock_summary = self.lock.summary()
+        summary = self.metrics.summary(lock_summary)
+        return RunResult(scenario=self.scenario.name, policy=self.policy_name, seed=self.seed,
+                         replication=self.replication, model_version=MODEL_VERSION,
+                         metrics=summary, per_vcpu=self.metrics.per_vcpu_rows(), raw=self.metrics,
+                         memory_bytes=self.mmu.memory_bytes())
+
+
+@dataclass
+class RunResult:
+    """What one replication of one policy produced."""
+
+    scenario: str
+    policy: str
+    seed: int
+    replication: int
+    model_version: str
+    metrics: dict[str, Any]
+    per_vcpu: list[dict[str, Any]]
+    raw: Metrics | None = field(default=None, repr=False)
+    memory_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scenario": self.scenario, "policy": self.policy, "seed": self.seed,
+                "replication": self.replication, "model_version": self.model_version,
+                "metrics": {k: _plain(v) for k, v in self.metrics.items()},
+                "per_vcpu": [{k: _plain(v) for k, v in r.items()} for r in self.per_vcpu]}
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    return v
+
+
+def run_scenario(scenario: Scenario, policy: str | None = None, seed: int = 0, replication: int = 0,
+                 audit: bool = False) -> RunResult:
+    """Run one replication of ``scenario`` under ``policy`` (default: the scenario's, else fast)."""
+    return Vm(scenario, scenario.resolved_policy(policy), seed, replication, audit=audit).run()

@@ -1,0 +1,110 @@
+"""The VMM: a SimPy process issuing ``KVM_SET_USER_MEMORY_REGION`` ioctls.
+
+Models ``kvm_set_memory_region`` / ``kvm_set_memslot`` (virt/kvm/kvm_main.c),
+all under ``kvm->slots_lock`` (the VMM's ioctls are serialised: one script
+runs at a time, so the lock is implicit):
+
+* CREATE and FLAGS_ONLY: install the new memslot array with
+  ``kvm_swap_active_memslots``, which ends in ``synchronize_srcu_expedited``.
+* DELETE and MOVE: (a) swap in a copy of the slot marked
+  ``KVM_MEMSLOT_INVALID`` and wait for SRCU readers (vCPUs in host-side exit
+  handling) to leave; (b) ``kvm_arch_flush_shadow_memslot`` runs the zap
+  policy; (c) swap in the final array (slot gone, or at its new gfn) and wait
+  for SRCU again. vCPUs faulting on the INVALID slot meanwhile retry
+  (``RET_PF_RETRY``) until (c) is done.
+* FLAGS_ONLY that enables dirty logging zaps the slot's huge SPTEs (as
+  ``kvm_mmu_slot_apply_flags`` write-protects them, they are split on the
+  next write fault); disabling it does nothing here (``kvm_mmu_zap_collapsible_sptes``
+  is not modelled).
+
+Every ioctl's latency is recorded. An ioctl that the kernel would refuse
+(overlap: ``-EEXIST``; unknown slot: ``-EINVAL``) is a scenario error.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Generator, Iterable
+
+from .errors import DesimInputError
+from .lock import WRITE
+from .memslot import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEMSLOT_INVALID, Memslot, MemslotOp, MrChange
+from .tlb import kvm_flush_remote_tlbs
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .vm import Vm
+
+
+class Vmm:
+    """The VMM thread that updates memslots."""
+
+    def __init__(self, vm: "Vm") -> None:
+        self.vm = vm
+        self.env = vm.env
+
+    def run_script(self, ops: Iterable[MemslotOp]) -> Generator:
+        """Issue ``ops`` at their ``time_ns`` after the script starts (or as soon as the previous ends)."""
+        t0 = self.env.now
+        for op in ops:
+            due = t0 + op.time_ns
+            if due > self.env.now:
+                yield self.env.timeout(due - self.env.now)
+            yield from self.set_memory_region(op)
+
+    def synchronize_srcu_expedited(self) -> Generator:
+        """Wait for every vCPU now in an SRCU read-side section (host-side exit handling)."""
+        env = self.env
+        vm = self.vm
+        start = env.now
+        waits = [ev for ev in (v.srcu_reader_gone() for v in vm.vcpus) if ev is not None]
+        yield env.timeout(vm.P.srcu_sync)
+        if waits:
+            yield env.all_of(waits)
+        vm.metrics.srcu_syncs += 1
+        vm.metrics.srcu_wait_ns += env.now - start
+
+    def set_memory_region(self, op: MemslotOp) -> Generator:
+        """One ``KVM_SET_USER_MEMORY_REGION``."""
+        env = self.env
+        vm = self.vm
+        mmu = vm.mmu
+        start = env.now
+        yield env.timeout(vm.P.ioctl_fixed)
+        if op.op == MrChange.CREATE:
+            mmu.add_slot(Memslot(op.slot, op.base_gfn, op.npages, op.flags, op.ua or vm.default_ua(op)))
+            yield from self.synchronize_srcu_expedited()
+        elif op.op in (MrChange.DELETE, MrChange.MOVE):
+            ss = mmu.slots.get(op.slot)
+            if ss is None:
+                raise DesimInputError(f"memslot ioctl at {op.time_ns:.0f} ns: {op.op.value} of slot {op.slot}, "
+                                      "which does not exist (KVM returns -EINVAL)")
+            ss.slot.flags |= KVM_MEMSLOT_INVALID
+            yield from self.synchronize_srcu_expedited()
+            yield from vm.policy.flush_shadow_memslot(vm, ss)
+            if op.op == MrChange.DELETE:
+                mmu.remove_slot(op.slot)
+                if vm.audit is not None:
+                    vm.audit.slot_deleted(ss)
+            else:
+                mmu.move_slot(op.slot, op.base_gfn)
+            ss.slot.flags &= ~KVM_MEMSLOT_INVALID
+            yield from self.synchronize_srcu_expedited()
+            vm.memslot_update_finished()
+        else:  # FLAGS_ONLY
+            ss = mmu.slots.get(op.slot)
+            if ss is None:
+                raise DesimInputError(f"memslot ioctl at {op.time_ns:.0f} ns: flags change of slot {op.slot}, "
+                                      "which does not exist (KVM returns -EINVAL)")
+            enabling = op.flags & KVM_MEM_LOG_DIRTY_PAGES and not ss.slot.flags & KVM_MEM_LOG_DIRTY_PAGES
+            ss.slot.flags = op.flags
+            yield from self.synchronize_srcu_expedited()
+            if enabling:
+                token = self
+                ev = vm.lock.acquire(WRITE, "zap", token)
+                if ev is not None:
+                    yield ev
+                n = mmu.zap_slot_huge_leafs(ss)
+                yield env.timeout(n * vm.P.spte_zap)
+                if n:
+                    yield from kvm_flush_remote_tlbs(vm)
+                vm.lock.release(token)
+                vm.metrics.sptes_zapped += n
+        vm.metrics.record_ioctl(op.op.value, start, env.now - start)

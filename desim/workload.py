@@ -1,0 +1,92 @@
+"""Guest access streams: what each vCPU touches, in numpy chunks.
+
+A phase of a workload gives each active vCPU an :class:`AccessStream`, an
+iterator of ``int64`` gfn arrays. The vCPU never looks at accesses one by one
+in Python: it looks up a whole chunk at once and only stops at faults.
+
+Patterns (the region is a gfn range, split evenly among the active vCPUs
+when ``sharing = "private"``, common to all when ``"shared"``):
+
+* ``sequential`` — every page of the region in order, ``passes`` times
+  (a memset, a kernel zeroing ``struct page``, ``demand_paging_test``);
+* ``uniform`` — ``accesses`` pages drawn uniformly;
+* ``zipf`` — ``accesses`` pages with Zipf popularity (exponent ``zipf_s``)
+  over a random permutation of the region;
+* ``hotcold`` — ``hot_probability`` of the accesses go to a hot set of
+  ``hot_fraction`` of the pages;
+* ``gfns`` — an explicit gfn list (e.g. from a ``perf script`` trace).
+
+Random patterns draw from the vCPU's own named stream, so both zap policies
+see the same accesses (common random numbers).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+CHUNK = 4096
+
+
+@dataclass
+class AccessStream:
+    """A finite stream of gfn chunks."""
+
+    chunks: Iterator[np.ndarray]
+    total: int
+
+    def next_chunk(self) -> np.ndarray | None:
+        return next(self.chunks, None)
+
+
+def _sequential(lo: int, n: int, passes: int) -> Iterator[np.ndarray]:
+    for _ in range(passes):
+        for s in range(0, n, CHUNK):
+            yield np.arange(lo + s, lo + min(s + CHUNK, n), dtype=np.int64)
+
+
+def _drawn(draw, total: int) -> Iterator[np.ndarray]:
+    left = total
+    while left > 0:
+        k = min(CHUNK, left)
+        yield draw(k)
+        left -= k
+
+
+def make_stream(pattern: str, lo: int, n: int, *, rng: np.random.Generator, passes: int = 1,
+                accesses: int = 0, zipf_s: float = 1.1, hot_fraction: float = 0.1,
+                hot_probability: float = 0.9, gfns: np.ndarray | None = None) -> AccessStream:
+    """The stream of one vCPU over gfns ``[lo, lo + n)``."""
+    if pattern == "sequential":
+        return AccessStream(_sequential(lo, n, passes), n * passes)
+    if pattern == "gfns":
+        arr = np.asarray(gfns, dtype=np.int64)
+        return AccessStream(iter(np.array_split(arr, max(1, -(-len(arr) // CHUNK)))), len(arr))
+    if pattern == "uniform":
+        return AccessStream(_drawn(lambda k: lo + rng.integers(0, n, k, dtype=np.int64), accesses), accesses)
+    if pattern == "zipf":
+        perm = rng.permutation(n).astype(np.int64)
+        ranks = np.arange(1, n + 1, dtype=np.float64)
+        cdf = np.cumsum(ranks ** -zipf_s)
+        cdf /= cdf[-1]
+
+        def draw(k: int) -> np.ndarray:
+            return lo + perm[np.minimum(np.searchsorted(cdf, rng.random(k)), n - 1)]
+        return AccessStream(_drawn(draw, accesses), accesses)
+    if pattern == "hotcold":
+        nhot = max(1, int(n * hot_fraction))
+
+        def draw(k: int) -> np.ndarray:
+            hot = rng.random(k) < hot_probability
+            out = np.where(hot, rng.integers(0, nhot, k), nhot + rng.integers(0, max(1, n - nhot), k))
+            return lo + np.minimum(out, n - 1).astype(np.int64)
+        return AccessStream(_drawn(draw, accesses), accesses)
+    raise ValueError(f"unknown pattern {pattern!r}")
+
+
+def split_region(lo: int, n: int, parts: int, index: int) -> tuple[int, int]:
+    """The ``index``-th of ``parts`` near-equal contiguous shares of ``[lo, lo + n)``."""
+    a = lo + (n * index) // parts
+    b = lo + (n * (index + 1)) // parts
+    return a, b - a

@@ -1,0 +1,187 @@
+"""Zap policies: what ``kvm_arch_flush_shadow_memslot`` does when a memslot is deleted or moved.
+
+A policy is a strategy object with one method, :meth:`ZapPolicy.flush_shadow_memslot`,
+a SimPy generator run by the VMM's ioctl between the two memslot swaps.
+Policies live in :data:`ZAP_POLICIES`; adding one needs nothing else changed.
+
+* ``fast`` — ``kvm_mmu_zap_all_fast`` (arch/x86/kvm/mmu/mmu.c), the x86
+  default: ``write_lock(mmu_lock)``, toggle ``mmu_valid_gen`` and invalidate
+  every TDP MMU root (``kvm_tdp_mmu_invalidate_roots``),
+  ``kvm_make_all_cpus_request(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)`` (IPIs, wait
+  for the acks, under the lock), ``kvm_zap_obsolete_pages`` for the legacy /
+  shadow MMU's pages in batches of ``BATCH_ZAP_PAGES`` with
+  ``cond_resched_rwlock_write`` lock breaks, ``kvm_mmu_commit_zap_page``
+  (a remote flush), ``write_unlock``; then, TDP MMU only,
+  ``kvm_tdp_mmu_zap_invalidated_roots`` tears the invalid roots down under the
+  *read* lock, yielding when contended. Every vCPU then loads a new empty root
+  and re-faults everything it touches, in every memslot.
+* ``targeted`` — the seed's ``kvm_mmu_zap_memslot`` (``KVM_ZAP_ONLY_MEMSLOT_SPTES``;
+  6.12+: ``KVM_X86_QUIRK_SLOT_ZAP_ALL`` disabled): ``write_lock``, zap the
+  slot's *leaf* SPTEs (``kvm_unmap_gfn_range``; the seed's
+  ``slot_handle_all_level(kvm_zap_rmapp)`` probes every gfn's rmap at every
+  level, so the cost is proportional to the slot's size), for the shadow MMU
+  also the per-gfn hash walk of ``kvm_mmu_zap_memslot_pages_and_flush``,
+  one remote flush, ``write_unlock``. Upper-level SPTEs and other slots'
+  SPTEs survive.
+
+Simplifications: the per-SPTE and per-probe work is charged as time in
+slices of ``ZAP_SLICE`` units; a lock break can only happen at a slice end
+(the kernel checks ``rwlock_needbreak`` every iteration). Without
+``CONFIG_PREEMPTION`` ``needbreak`` is false and ``need_resched`` is not
+modelled, so a zap never breaks the lock.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Generator
+
+from .errors import DesimInputError
+from .lock import READ, WRITE
+from .mmu import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, SlotSptes
+from .tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, kvm_flush_remote_tlbs, kvm_make_all_cpus_request
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .vm import Vm
+
+BATCH_ZAP_PAGES = 10  # arch/x86/kvm/mmu/mmu.c
+ZAP_SLICE = 512  # SPTEs or gfns charged between two needbreak checks (one page table's worth)
+KVM_ZAP_ONLY_MEMSLOT_SPTES = 1 << 0  # the seed's include/uapi/linux/kvm.h
+
+
+def hold_with_lockbreak(vm: "Vm", token: object, mode: str, role: str, units: int, unit_ns: float,
+                        slice_units: int) -> Generator:
+    """Hold ``mmu_lock`` (already taken) for ``units * unit_ns``, breaking it when contended.
+
+    Models ``cond_resched_rwlock_write`` / ``cond_resched_rwlock_read`` /
+    ``tdp_mmu_iter_cond_resched``: at each check, if ``rwlock_needbreak``, drop
+    the lock, let the waiters in (FIFO) and queue again behind them.
+    """
+    env = vm.env
+    lock = vm.lock
+    if units <= 0 or unit_ns <= 0:
+        return
+    if not lock.preemption:
+        yield env.timeout(units * unit_ns)
+        return
+    left = units
+    while left > 0:
+        step = min(slice_units, left)
+        yield env.timeout(step * unit_ns)
+        left -= step
+        if left > 0 and lock.needbreak():
+            vm.metrics.lock_breaks += 1
+            lock.release(token)
+            ev = lock.acquire(mode, role, token)
+            if ev is not None:
+                yield ev
+
+
+class ZapPolicy:
+    """Base class: ``kvm_arch_flush_shadow_memslot`` for one memslot."""
+
+    name = "?"
+
+    def flush_shadow_memslot(self, vm: "Vm", ss: SlotSptes) -> Generator:  # pragma: no cover
+        raise NotImplementedError
+
+
+class FastZap(ZapPolicy):
+    """``kvm_mmu_zap_all_fast``: obsolete every root, re-fault everything later."""
+
+    name = "fast"
+
+    def flush_shadow_memslot(self, vm: "Vm", ss: SlotSptes) -> Generator:
+        env, lock, P = vm.env, vm.lock, vm.P
+        token = vm.vmm
+        start = env.now
+        ev = lock.acquire(WRITE, "zap", token)
+        if ev is not None:
+            yield ev
+        work = vm.mmu.zap_all_fast()
+        vm.metrics.zaps["fast"] = vm.metrics.zaps.get("fast", 0) + 1
+        yield from kvm_make_all_cpus_request(vm, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)
+        leaf_cost = P.spte_zap
+        if vm.profile.kernel.mmu == "tdp":
+            # the legacy list holds no TDP MMU page: kvm_zap_obsolete_pages finds nothing to zap
+            lock.release(token)
+            # kvm_tdp_mmu_zap_invalidated_roots: read lock, zap and free with yielding
+            ev = lock.acquire(READ, "teardown", token)
+            if ev is not None:
+                yield ev
+            units = work.leaf_sptes + work.pt_pages
+            unit_ns = (work.leaf_sptes * leaf_cost + work.pt_pages * P.sp_free) / units if units else 0.0
+            yield from hold_with_lockbreak(vm, token, READ, "teardown", units, unit_ns, ZAP_SLICE)
+            lock.release(token)
+        else:
+            # kvm_zap_obsolete_pages: shadow pages in batches of BATCH_ZAP_PAGES; each prepare-zap
+            # unlinks the page's children (its present SPTEs)
+            pages = work.pt_pages
+            per_page = P.sp_free + (work.leaf_sptes * leaf_cost / pages if pages else 0.0)
+            yield from hold_with_lockbreak(vm, token, WRITE, "zap", pages, per_page, BATCH_ZAP_PAGES)
+            if pages:
+                # kvm_mmu_commit_zap_page -> kvm_flush_remote_tlbs
+                yield from kvm_flush_remote_tlbs(vm)
+            lock.release(token)
+        vm.metrics.sptes_zapped += work.leaf_sptes
+        vm.metrics.pt_pages_freed += work.pt_pages
+        vm.metrics.zap_duration.append(env.now - start)
+
+
+class TargetedZap(ZapPolicy):
+    """The seed's ``kvm_mmu_zap_memslot``: zap only this slot's leaf SPTEs."""
+
+    name = "targeted"
+
+    def flush_shadow_memslot(self, vm: "Vm", ss: SlotSptes) -> Generator:
+        env, lock, P = vm.env, vm.lock, vm.P
+        kernel = vm.profile.kernel
+        token = vm.vmm
+        start = env.now
+        ev = lock.acquire(WRITE, "zap", token)
+        if ev is not None:
+            yield ev
+        npages = ss.slot.npages
+        pt_pages = vm.mmu.slot_pt_pages(ss)
+        counts = vm.mmu.zap_slot_leafs(ss)
+        zapped = sum(counts.values())
+        vm.metrics.zaps["targeted"] = vm.metrics.zaps.get("targeted", 0) + 1
+        if kernel.mmu == "tdp":
+            # tdp_mmu_unmap_gfn_range: walk the range's present page tables and leaves
+            units = pt_pages + zapped
+            unit_ns = P.spte_zap
+        else:
+            # slot_handle_level(..., PG_LEVEL_4K, KVM_MAX_HUGEPAGE_LEVEL): probe every gfn's rmap
+            # at each level (4K, 2M, 1G units of the slot), zapping what is present
+            probes = npages + (npages >> 9) + (npages >> 18) + 2
+            units = probes
+            unit_ns = (probes * P.rmap_probe + zapped * P.spte_zap) / probes
+        yield from hold_with_lockbreak(vm, token, WRITE, "zap", units, unit_ns, ZAP_SLICE)
+        if kernel.mmu == "shadow":
+            # kvm_mmu_zap_memslot_pages_and_flush: for_each_gfn_valid_sp_with_gptes per gfn
+            yield from hold_with_lockbreak(vm, token, WRITE, "zap", npages, P.hash_probe, ZAP_SLICE)
+        if zapped:
+            yield from kvm_flush_remote_tlbs(vm)
+        lock.release(token)
+        vm.metrics.sptes_zapped += zapped
+        vm.metrics.zap_duration.append(env.now - start)
+
+
+ZAP_POLICIES: dict[str, type[ZapPolicy]] = {"fast": FastZap, "targeted": TargetedZap}
+
+
+def make_policy(name: str) -> ZapPolicy:
+    try:
+        return ZAP_POLICIES[name]()
+    except KeyError:
+        raise DesimInputError(f"policy '{name}': unknown (choose one of: {', '.join(ZAP_POLICIES)})") from None
+
+
+def policy_from_zap_control(args0: int) -> str:
+    """The seed's ``KVM_CAP_MEMSLOT_ZAP_CONTROL`` semantics (``kvm_vm_ioctl_enable_cap``).
+
+    Only ``KVM_ZAP_ONLY_MEMSLOT_SPTES`` (bit 0) is valid; any other bit is
+    ``-EINVAL``. Bit 0 set selects the targeted zap; clear, the fast zap.
+    """
+    if args0 < 0 or args0 & ~KVM_ZAP_ONLY_MEMSLOT_SPTES:
+        raise DesimInputError(
+            f"zap_control = {args0:#x}: -EINVAL, only KVM_ZAP_ONLY_MEMSLOT_SPTES (bit 0, value 1) is a valid flag")
+    return "targeted" if args0 & KVM_ZAP_ONLY_MEMSLOT_SPTES else "fast"
