@@ -1,9 +1,10 @@
 """Invariant checks run inside the model (``Vm(audit=True)``), for tests.
 
 * No access through a zapped or obsolete SPTE without a fault: every access a
-  vCPU executes in a guest run was mapped when the run began, and, if the
-  run was not interrupted by a kick, is still mapped when it ends (a zap
-  kicks every vCPU in guest mode before it completes).
+  vCPU executes in a guest run was mapped when the run began, and no SPTE was
+  zapped while the vCPU was in that run's guest window without the vCPU being
+  kicked out of it (a zap requests a flush or a root reload of every vCPU in
+  guest mode in the same instant).
 * A flush (``kvm_make_all_cpus_request``) returns only after every vCPU that
   was in guest mode acknowledged.
 * After a DELETE returns, nothing maps the deleted slot.
@@ -32,6 +33,7 @@ class Audit:
         self.guest_runs = 0
         self.flushes = 0
         self.deletes = 0
+        self.zap_times: list[float] = []
 
     def guest_run_start(self, vcpu: "Vcpu", gfns: np.ndarray) -> None:
         self.guest_runs += 1
@@ -39,10 +41,17 @@ class Audit:
             raise InvariantViolation(f"vCPU {vcpu.index} would access an unmapped gfn without a fault "
                                      f"at t={self.vm.env.now}")
 
-    def guest_run_end(self, vcpu: "Vcpu", gfns: np.ndarray) -> None:
-        if len(gfns) and not self.vm.mmu.mapped_mask(gfns).all():
-            raise InvariantViolation(f"vCPU {vcpu.index} finished a guest run through a zapped SPTE "
-                                     f"without being kicked, t={self.vm.env.now}")
+    def sptes_zapped(self, now: float) -> None:
+        self.zap_times.append(now)
+
+    def guest_run_end(self, vcpu: "Vcpu", gfns: np.ndarray, g0: float, g1: float) -> None:
+        """A guest run [g0, g1) ended normally (not kicked): no zap may fall inside it."""
+        for t in reversed(self.zap_times):
+            if t < g0:
+                break
+            if t < g1:
+                raise InvariantViolation(f"vCPU {vcpu.index} kept running in the guest through a zap at t={t} "
+                                         f"(guest window {g0}..{g1}) without being kicked")
 
     def flush_completed(self, now: float, targets: list[int], ack_times: list[float]) -> None:
         self.flushes += 1

@@ -146,6 +146,10 @@ class MmuLock:
             self.readers -= 1
         self._wake()
 
+    def release_after(self, token: object, delay: float) -> None:
+        """Release ``token``'s hold ``delay`` ns from now (a callback, no process switch)."""
+        self.env.timeout(delay).callbacks.append(lambda _e: self.release(token))
+
     def _wake(self) -> None:
         now = self.env.now
         while self.waiters:

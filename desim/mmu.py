@@ -88,6 +88,15 @@ class SlotSptes:
     # gpa and hva congruent modulo the huge page size: a prerequisite of huge mappings
     congruent2m: bool = False
     congruent1g: bool = False
+    # hot-path helpers: memoryviews give fast scalar reads/writes of the same bytes
+    mv: memoryview = field(init=False, repr=False)
+    mv2m: memoryview = field(init=False, repr=False)
+    mv1g: memoryview = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.mv = memoryview(self.state)
+        self.mv2m = memoryview(self.block.state2m)
+        self.mv1g = memoryview(self.block.state1g)
 
     def huge_ok(self, gfn: int, level: int) -> bool:
         """Can ``gfn`` be mapped at ``level`` as far as the slot's layout goes?
@@ -208,17 +217,21 @@ class Mmu:
         return self._mapped_in(ss, gfn)
 
     def _mapped_in(self, ss: SlotSptes, gfn: int) -> bool:
+        # hot path: scalar reads through memoryviews. A huge tag in the block is only ever set
+        # for a unit lying entirely inside a live slot (install checks huge_ok; aliasing slots
+        # get private blocks; DELETE/MOVE zap first), so no bounds check is needed here.
         tag = self.root_tag
-        if ss.state[gfn - ss.slot.base_gfn] & TAG_MASK == tag:
+        rel = gfn - ss.slot.base_gfn
+        if ss.mv[rel] & TAG_MASK == tag:
             return True
-        if ss.congruent2m:
-            arr, i = ss.unit_state(gfn, PG_LEVEL_2M)
-            if 0 <= i < len(arr) and arr[i] & TAG_MASK == tag and ss.huge_ok(gfn, PG_LEVEL_2M):
-                return True
-        if ss.congruent1g:
-            arr, i = ss.unit_state(gfn, PG_LEVEL_1G)
-            if 0 <= i < len(arr) and arr[i] & TAG_MASK == tag and ss.huge_ok(gfn, PG_LEVEL_1G):
-                return True
+        if self.backing == "4k":
+            return False
+        upage = (ss.slot.ua >> 12) + rel
+        bpage = ss.block.ua >> 12
+        if ss.congruent2m and ss.mv2m[(upage >> 9) - (bpage >> 9)] & TAG_MASK == tag:
+            return True
+        if ss.congruent1g and ss.mv1g[(upage >> 18) - (bpage >> 18)] & TAG_MASK == tag:
+            return True
         return False
 
     def mapped_mask(self, gfns: np.ndarray) -> np.ndarray:
@@ -239,10 +252,11 @@ class Mmu:
                 continue
             rel = g - ss.slot.base_gfn
             m = (ss.state[rel] & TAG_MASK) == self.root_tag
-            if ss.congruent2m:
-                m |= self._huge_mask(ss, rel, PG_LEVEL_2M)
-            if ss.congruent1g:
-                m |= self._huge_mask(ss, rel, PG_LEVEL_1G)
+            if self.backing != "4k":
+                if ss.congruent2m:
+                    m |= self._huge_mask(ss, rel, PG_LEVEL_2M)
+                if ss.congruent1g:
+                    m |= self._huge_mask(ss, rel, PG_LEVEL_1G)
             out[sel] = m
         return out
 
@@ -274,13 +288,13 @@ class Mmu:
 
     def host_resident(self, ss: SlotSptes, gfn: int, hlevel: int) -> bool:
         if hlevel == PG_LEVEL_4K:
-            return bool(ss.state[gfn - ss.slot.base_gfn] & HOST_RESIDENT)
+            return bool(ss.mv[gfn - ss.slot.base_gfn] & HOST_RESIDENT)
         arr, i = ss.unit_state(gfn, hlevel)
         return bool(arr[i] & HOST_RESIDENT)
 
     def make_resident(self, ss: SlotSptes, gfn: int, hlevel: int) -> None:
         if hlevel == PG_LEVEL_4K:
-            ss.state[gfn - ss.slot.base_gfn] |= HOST_RESIDENT
+            ss.mv[gfn - ss.slot.base_gfn] |= HOST_RESIDENT
         else:
             arr, i = ss.unit_state(gfn, hlevel)
             arr[i] |= HOST_RESIDENT
@@ -302,17 +316,21 @@ class Mmu:
         """Install a leaf SPTE (``kvm_tdp_mmu_map`` / ``direct_map``); returns page-table pages allocated."""
         tag = self.root_tag
         allocated = 0
-        for lvl, key in ((3, gfn >> 27), (2, gfn >> 18), (1, gfn >> 9)):
-            if lvl <= level:
-                break
-            d = self.pt_tags[lvl]
-            if d.get(key) != tag:
-                d[key] = tag
-                allocated += 1
-        self.present_pt += allocated
+        pt = self.pt_tags
+        if level == PG_LEVEL_4K and pt[1].get(gfn >> 9) == tag:
+            pass  # the common case: the PT page exists, so do its parents
+        else:
+            for lvl, key in ((3, gfn >> 27), (2, gfn >> 18), (1, gfn >> 9)):
+                if lvl <= level:
+                    break
+                d = pt[lvl]
+                if d.get(key) != tag:
+                    d[key] = tag
+                    allocated += 1
+            self.present_pt += allocated
         rel = gfn - ss.slot.base_gfn
         if level == PG_LEVEL_4K:
-            ss.state[rel] = (ss.state[rel] & KEEP_BITS) | EVER_MAPPED | tag
+            ss.mv[rel] = (ss.mv[rel] & KEEP_BITS) | EVER_MAPPED | tag
         else:
             arr, i = ss.unit_state(gfn, level)
             arr[i] = (arr[i] & KEEP_BITS) | tag
@@ -334,10 +352,11 @@ class Mmu:
         out = []
         base, end = ss.slot.base_gfn, ss.slot.end_gfn
         tag = self.root_tag
+        mv = ss.mv
         for g in range(max(start, base), min(start + PTE_PREFETCH_NUM, end)):
             if g == gfn:
                 continue
-            b = int(ss.state[g - base])
+            b = mv[g - base]
             if b & TAG_MASK == tag or not b & HOST_RESIDENT:
                 continue
             if need_accessed and not b & EVER_MAPPED:

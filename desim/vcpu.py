@@ -22,8 +22,18 @@ It follows ``vcpu_run`` / ``vcpu_enter_guest`` (arch/x86/kvm/x86.c):
    the accesses done until then are consumed, the vCPU exits and acks.
 5. With no work the vCPU is HALTED (SRCU released, not woken by requests).
 
-Simplifications: a fault's exit cost is paid at the end of the guest run that
-leads to it; ``fast_page_fault`` is not modelled (only non-present SPTEs
+Event economy (the simulator must handle millions of faults): one guest run
+is one SimPy timeout covering the rest of the previous fault's lock hold, VM
+entry, the accesses up to the next miss, the VM exit and the part of the next
+fault before ``mmu_lock``; the lock's release is a callback at the end of the
+hold. The vCPU's state at any instant is derived from that timeline (HOST
+until the guest window opens, GUEST inside it, HOST after), so kicks, SRCU
+readers and time accounting see exactly what an event per step would show.
+A kick that arrives before the guest window opens (the vCPU is still in the
+host) interrupts the run without an IPI, as a request checked before entry.
+
+Simplifications: the cost of ``kvm_faultin_pfn`` (resident or first touch) is
+fixed when the guest run begins; ``fast_page_fault`` is not modelled (only non-present SPTEs
 fault); an access to a gfn outside every memslot costs an MMIO emulation and
 is consumed; RET_PF_RETRY on an INVALID slot is modelled as one wait until the
 memslot update finishes, counting one retry fault per exit/entry round trip
@@ -70,10 +80,16 @@ class Vcpu:
         self._wake: simpy.Event | None = None
         self._ack: simpy.Event | None = None
         self._chunk: np.ndarray | None = None
+        self._chunk_list: list[int] = []
         self._pos = 0
         self._misses: list[int] = []
         self._mi = 0
         self._seq = -1
+        self._carry = 0.0  # host time still owed by the last fault (its lock hold)
+        self._run_start = 0.0
+        self._g0 = 0.0  # the current run's guest window [g0, g1)
+        self._g1 = -1.0
+        self._running = False
         self.proc = self.env.process(self.run())
 
     # -- state and SRCU --------------------------------------------------------
@@ -83,29 +99,49 @@ class Vcpu:
         self.mode = mode
         self._mode_since = now
 
-    def _srcu_lock(self) -> None:
-        self.in_srcu = True
+    def current_mode(self) -> str:
+        """GUEST, HOST or HALTED at this instant (derived from the run's timeline)."""
+        if self._running:
+            return GUEST if self._g0 <= self.env.now < self._g1 else HOST
+        return self.mode
 
-    def _srcu_unlock(self) -> None:
-        self.in_srcu = False
+    def _srcu_unlock_at(self, t: float) -> None:
+        """Leave the SRCU read side at time ``t`` (guest entry or halt)."""
         if self._srcu_waiters:
-            for ev in self._srcu_waiters:
-                ev.succeed()
-            self._srcu_waiters = []
+            waiters, self._srcu_waiters = self._srcu_waiters, []
+            delay = t - self.env.now
+            if delay <= 0:
+                for ev in waiters:
+                    ev.succeed()
+            else:
+                self.env.timeout(delay).callbacks.append(lambda _e: [ev.succeed() for ev in waiters])
 
     def srcu_reader_gone(self) -> simpy.Event | None:
         """For ``synchronize_srcu_expedited``: an event when this vCPU leaves its read-side section."""
-        if not self.in_srcu:
+        mode = self.current_mode()
+        if mode != HOST:
             return None
         ev = self.env.event()
-        self._srcu_waiters.append(ev)
+        if self._running and self.env.now < self._g0:
+            # host side now, the guest window of this run opens at g0
+            self.env.timeout(self._g0 - self.env.now).callbacks.append(lambda _e: ev.succeed())
+        else:
+            self._srcu_waiters.append(ev)
         return ev
 
     def kick(self) -> simpy.Event | None:
         """``kvm_vcpu_kick``: IPI if in guest mode; returns the ack event, or None (no IPI)."""
-        if self.mode != GUEST:
+        if not self._running:
             return None
-        self._set_mode(HOST)
+        now = self.env.now
+        if now < self._g0:
+            # still in the host before entry: vcpu_enter_guest sees the request and does not enter
+            self._running = False
+            self.proc.interrupt("request")
+            return None
+        if now >= self._g1:
+            return None  # exiting already: the request is checked before the next entry
+        self._running = False
         self.m.kicks += 1
         self._ack = self.env.event()
         self.proc.interrupt("kick")
@@ -126,6 +162,7 @@ class Vcpu:
         if chunk is None:
             return False
         self._chunk = chunk
+        self._chunk_list = chunk.tolist()
         self._pos = 0
         self._seq = -1
         return True
@@ -133,16 +170,18 @@ class Vcpu:
     def _next_miss(self) -> int:
         """Index in the chunk of the next access that will fault (or len(chunk))."""
         mmu = self.vm.mmu
-        chunk = self._chunk
         if self._seq != mmu.zap_seq:
-            miss = np.flatnonzero(~mmu.mapped_mask(chunk[self._pos:]))
+            miss = np.flatnonzero(~mmu.mapped_mask(self._chunk[self._pos:]))
             self._misses = (miss + self._pos).tolist()
             self._mi = 0
             self._seq = mmu.zap_seq
         misses = self._misses
+        chunk = self._chunk_list
+        pos = self._pos
+        is_mapped = mmu.is_mapped
         while self._mi < len(misses):
             m = misses[self._mi]
-            if m >= self._pos and not mmu.is_mapped(int(chunk[m])):
+            if m >= pos and not is_mapped(chunk[m]):
                 return m
             self._mi += 1
         return len(chunk)
@@ -151,6 +190,17 @@ class Vcpu:
         self._pos += n
         self.m.accesses += n
 
+    def _account(self, host_a: float, guest: float, host_b: float) -> None:
+        t = self.m.time
+        t[HOST] += host_a + host_b
+        t[GUEST] += guest
+
+    def _pay_carry(self) -> Generator:
+        if self._carry > 0:
+            c, self._carry = self._carry, 0.0
+            yield self.env.timeout(c)
+            self.m.time[HOST] += c
+
     # -- the vCPU loop -------------------------------------------------------------
     def run(self) -> Generator:
         env = self.env
@@ -158,9 +208,11 @@ class Vcpu:
         P = vm.P
         mmu = vm.mmu
         audit = vm.audit
+        self._mode_since = env.now
         while True:
-            if self._chunk is None or self._pos >= len(self._chunk):
+            if self._chunk is None or self._pos >= len(self._chunk_list):
                 if not self._next_chunk():
+                    yield from self._pay_carry()
                     if self.stream is not None:
                         self.stream = None
                         self.m.finish_ns = env.now
@@ -168,43 +220,72 @@ class Vcpu:
                         if done is not None:
                             done(self)
                     # kvm_vcpu_halt: SRCU released, asleep until given work
-                    self._set_mode(HALTED)
-                    self._srcu_unlock()
+                    self.mode, self._mode_since = HALTED, env.now
+                    self._srcu_unlock_at(env.now)
                     self._wake = env.event()
                     yield self._wake
                     self._wake = None
-                    self._set_mode(HOST)
-                    self._srcu_lock()
+                    self.m.time[HALTED] += env.now - self._mode_since
+                    self.mode, self._mode_since = HOST, env.now
                     continue
             if self.requests or self.root_tag != mmu.root_tag:
+                yield from self._pay_carry()
                 yield from self._service_requests()
             miss = self._next_miss()
             n = miss - self._pos
-            faults = miss < len(self._chunk)
+            faults = miss < len(self._chunk_list)
+            gfn = self._chunk_list[miss] if faults else -1
+            pre = self._pre_lock_ns(gfn) if faults else 0.0
             if audit is not None:
                 audit.guest_run_start(self, self._chunk[self._pos:miss])
-            self._set_mode(GUEST)
-            self._srcu_unlock()
-            start = env.now
+            now = env.now
+            carry, self._carry = self._carry, 0.0
+            g0 = now + carry
+            g1 = g0 + P.vm_entry + n * self.access_ns
+            self._g0, self._g1 = g0, g1
+            self._running = True
+            self._srcu_unlock_at(g0)
+            exit_ns = P.vm_exit + pre if faults else 0.0
             try:
-                yield env.timeout(P.vm_entry + n * self.access_ns + (P.vm_exit if faults else 0.0))
-            except simpy.Interrupt:
-                done = int((env.now - start - P.vm_entry) // self.access_ns) if self.access_ns else n
+                yield env.timeout(g1 - now + exit_ns)
+            except simpy.Interrupt as irq:
+                t = env.now
+                self._running = False
+                if irq.cause == "request":
+                    # interrupted in the host before entry: the rest of the hold is still owed
+                    self._carry = g0 - t
+                    self.m.time[HOST] += t - now
+                    continue
+                done = int((t - g0 - P.vm_entry) // self.access_ns) if self.access_ns else n
                 self._consume(min(max(done, 0), n))
+                self._account(carry, t - g0, 0.0)
                 # IPI delivery and the VM exit it causes; the exit acks the sender
                 yield env.timeout(P.ipi_ack)
-                self._srcu_lock()
+                self.m.time[HOST] += P.ipi_ack
                 self.m.stall_ns += P.ipi_ack
                 ack, self._ack = self._ack, None
                 ack.succeed(env.now)
                 continue
+            self._running = False
+            self._account(carry, g1 - g0, exit_ns)
             if audit is not None:
-                audit.guest_run_end(self, self._chunk[self._pos:miss])
+                audit.guest_run_end(self, self._chunk[self._pos:miss], g0, g1)
             self._consume(n)
-            self._set_mode(HOST)
-            self._srcu_lock()
             if faults:
-                yield from self._page_fault(int(self._chunk[miss]), env.now - P.vm_exit)
+                self.m.stall_ns += exit_ns
+                yield from self._page_fault(gfn, g1)
+
+    def _pre_lock_ns(self, gfn: int) -> float:
+        """The fault path's cost before ``mmu_lock``: exit handling and ``kvm_faultin_pfn``."""
+        vm = self.vm
+        P = vm.P
+        ss = vm.mmu.slot_of(gfn)
+        if ss is None:
+            return P.mmio_emulation
+        hlevel = vm.mmu.host_level(ss, gfn)
+        if vm.mmu.host_resident(ss, gfn, hlevel):
+            return P.fault_handle + P.faultin_resident
+        return P.fault_handle + getattr(P, _HOST_ALLOC[hlevel][0])
 
     def _service_requests(self) -> Generator:
         """The request checks of ``vcpu_enter_guest`` and ``kvm_mmu_reload``."""
@@ -227,9 +308,10 @@ class Vcpu:
         if reqs & KVM_REQ_TLB_FLUSH:
             yield env.timeout(P.invept)
         self.m.stall_ns += env.now - start
+        self.m.time[HOST] += env.now - start
 
     def _page_fault(self, gfn: int, start: float) -> Generator:
-        """``kvm_mmu_page_fault`` for one access (``start`` = when the exit began)."""
+        """``kvm_mmu_page_fault`` after the exit and ``kvm_faultin_pfn`` (``start`` = exit time)."""
         env = self.env
         vm = self.vm
         P = vm.P
@@ -238,14 +320,14 @@ class Vcpu:
         ss = mmu.slot_of(gfn)
         if ss is None:
             # no memslot: emulated MMIO (handle_mmio_page_fault / KVM_EXIT_MMIO), the access is done
-            yield env.timeout(P.mmio_emulation)
             self.m.mmio_exits += 1
             self._consume(1)
-            self.m.stall_ns += env.now - start
+            self._carry = P.vm_entry * 0.0
             return
         if ss.slot.invalid:
             # kvm_faultin_pfn: KVM_MEMSLOT_INVALID -> RET_PF_RETRY; the vCPU re-enters and faults
             # again until the VMM's second memslot swap
+            t0 = env.now
             yield vm.slot_update_done()
             period = P.vm_exit + P.vm_entry + P.fault_handle
             retries = max(1, math.ceil((env.now - start) / period))
@@ -253,20 +335,21 @@ class Vcpu:
             metrics.fault_latency.extend([period] * retries)
             metrics.fault_time.extend([start] * retries)
             metrics.fault_is_refault.extend([0] * retries)
-            self.m.stall_ns += env.now - start
+            self.m.stall_ns += env.now - t0
+            self.m.time[HOST] += env.now - t0
             return
-        kernel = vm.profile.kernel
         hlevel = mmu.host_level(ss, gfn)
-        resident = mmu.host_resident(ss, gfn, hlevel)
-        cost_name, size = _HOST_ALLOC[hlevel]
-        yield env.timeout(P.fault_handle + (P.faultin_resident if resident else getattr(P, cost_name)))
-        if not resident:
+        if not mmu.host_resident(ss, gfn, hlevel):
             mmu.make_resident(ss, gfn, hlevel)
-            metrics.host_page_allocs[size] += 1
+            metrics.host_page_allocs[_HOST_ALLOC[hlevel][1]] += 1
         root_tag = self.root_tag
-        ev = vm.lock.acquire(vm.fault_lock_mode, "fault", self)
+        lock = vm.lock
+        ev = lock.acquire(vm.fault_lock_mode, "fault", self)
         if ev is not None:
+            t0 = env.now
             yield ev
+            self.m.stall_ns += env.now - t0
+            self.m.time[HOST] += env.now - t0
         # is_page_fault_stale: obsolete root, or the slot went INVALID/away meanwhile
         if root_tag != mmu.root_tag or ss.slot.invalid or mmu.slots.get(ss.slot.id) is not ss:
             cause = "retry"
@@ -275,8 +358,9 @@ class Vcpu:
             cause = "spurious"
             hold = 0.0
         else:
+            kernel = vm.profile.kernel
             level = PG_LEVEL_4K if ss.slot.dirty_logging else hlevel
-            cause = "after_zap" if ss.state[gfn - ss.slot.base_gfn] & EVER_MAPPED else "first_touch"
+            cause = "after_zap" if ss.mv[gfn - ss.slot.base_gfn] & EVER_MAPPED else "first_touch"
             allocated = mmu.install(ss, gfn, level)
             prefetched = 0
             if kernel.pte_prefetch and level == PG_LEVEL_4K:
@@ -288,8 +372,9 @@ class Vcpu:
             metrics.pt_pages_allocated += allocated
             hold = P.spte_install + allocated * P.pt_page_alloc + prefetched * P.prefetch_spte
         if hold:
-            yield env.timeout(hold)
-        vm.lock.release(self)
-        latency = env.now - start + P.vm_entry
-        metrics.record_fault(self.index, cause, start, latency)
-        self.m.stall_ns += env.now - start
+            lock.release_after(self, hold)
+            self._carry = hold
+            self.m.stall_ns += hold
+        else:
+            lock.release(self)
+        metrics.record_fault(self.index, cause, start, env.now + hold + P.vm_entry - start)

@@ -102,6 +102,8 @@ class Vmm:
                 if ev is not None:
                     yield ev
                 n = mmu.zap_slot_huge_leafs(ss)
+                if vm.audit is not None and n:
+                    vm.audit.sptes_zapped(env.now)
                 yield env.timeout(n * vm.P.spte_zap)
                 if n:
                     yield from kvm_flush_remote_tlbs(vm)

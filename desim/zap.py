@@ -97,6 +97,8 @@ class FastZap(ZapPolicy):
         if ev is not None:
             yield ev
         work = vm.mmu.zap_all_fast()
+        if vm.audit is not None:
+            vm.audit.sptes_zapped(env.now)
         vm.metrics.zaps["fast"] = vm.metrics.zaps.get("fast", 0) + 1
         yield from kvm_make_all_cpus_request(vm, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)
         leaf_cost = P.spte_zap
@@ -141,8 +143,8 @@ class TargetedZap(ZapPolicy):
             yield ev
         npages = ss.slot.npages
         pt_pages = vm.mmu.slot_pt_pages(ss)
-        counts = vm.mmu.zap_slot_leafs(ss)
-        zapped = sum(counts.values())
+        # the slot is INVALID, so no fault can map it meanwhile: count now, clear at the walk's end
+        zapped = sum(vm.mmu.slot_leaf_counts(ss).values())
         vm.metrics.zaps["targeted"] = vm.metrics.zaps.get("targeted", 0) + 1
         if kernel.mmu == "tdp":
             # tdp_mmu_unmap_gfn_range: walk the range's present page tables and leaves
@@ -158,6 +160,9 @@ class TargetedZap(ZapPolicy):
         if kernel.mmu == "shadow":
             # kvm_mmu_zap_memslot_pages_and_flush: for_each_gfn_valid_sp_with_gptes per gfn
             yield from hold_with_lockbreak(vm, token, WRITE, "zap", npages, P.hash_probe, ZAP_SLICE)
+        vm.mmu.zap_slot_leafs(ss)
+        if vm.audit is not None and zapped:
+            vm.audit.sptes_zapped(env.now)
         if zapped:
             yield from kvm_flush_remote_tlbs(vm)
         lock.release(token)

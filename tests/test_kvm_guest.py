@@ -37,14 +37,19 @@ def test_struct_layouts():
     assert u.KVM_X86_QUIRK_SLOT_ZAP_ALL == 1 << 7 and u.KVM_CAP_DISABLE_QUIRKS2 == 213
 
 
-def test_touch_loop_branches_land_on_instructions():
-    code = g.TOUCH_LOOP
-    assert len(code) == 0x1C
+@pytest.mark.parametrize("exit", ["pio", "mmio"])
+def test_touch_loop_branches_land_on_instructions(exit):
+    code = g.EXITS[exit]
+    assert len(code) == 0x1E
     # rel8 jumps: (offset of opcode, expected target)
-    for at, target in ((0x0D, 0x17), (0x15, 0x0A), (0x1A, 0x00)):
+    for at, target in ((0x0D, 0x17), (0x15, 0x0A), (0x1C, 0x00)):
         (rel,) = struct.unpack_from("<b", code, at + 1)
         assert at + 2 + rel == target
-    assert code[0x17:0x1A] == bytes([0x44, 0x88, 0x09])  # mov [rcx], r9b: the MMIO exit
+    if exit == "mmio":
+        assert code[0x17:0x1A] == bytes([0x44, 0x88, 0x09])  # mov [rcx], r9b
+    else:
+        assert code[0x1A:0x1C] == bytes([0xE6, g.EXIT_PORT])  # out 0x80, al
+    assert g.touch_regs(0, 1, 2).rflags & 0x3000 == 0x3000  # IOPL 3: out is legal at CPL 3
 
 
 def test_page_tables_identity_map_4k():

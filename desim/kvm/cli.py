@@ -50,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     m.add_argument("--repeats", type=int, default=3, help="rounds per policy; default 3")
     m.add_argument("--out", type=Path, help="write all runs and the summary as JSON to this file")
     m.add_argument("--quiet", action="store_true", help="no progress lines")
+    m.add_argument("--exit", choices=("pio", "mmio"), default="pio",
+                   help="how a guest pass returns to the VMM: out to port 0x80 (default) or a write "
+                        "to a gpa without memslot (costs one fault per vCPU per pass)")
     g = m.add_argument_group("scenario fields (override the named scenario)")
     g.add_argument("--ram-mib", type=int, dest="ram_mib")
     g.add_argument("--vcpus", type=int)
@@ -98,7 +101,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
         raise DesimInputError(f"--out {args.out}: directory {args.out.parent} does not exist")
     progress = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     try:
-        m = measure(sc, vms=args.vms, repeats=args.repeats, progress=progress, kvm_path=args.device)
+        m = measure(sc, vms=args.vms, repeats=args.repeats, progress=progress, kvm_path=args.device, exit=args.exit)
     except KvmError as e:
         print(f"desim kvm measure: KVM failed: {e}", file=sys.stderr)
         return 1

@@ -1,18 +1,22 @@
 """The guest: a hand-assembled 64-bit touch loop and its identity-mapped page tables.
 
 There is no guest kernel. Each vCPU starts in 64-bit *user* mode (CPL 3) at
-:data:`ENTRY`, with its region in registers, and runs :data:`TOUCH_LOOP`:
-one byte written to every ``stride`` bytes of ``[rdi, rdi + rsi)``, then one
-byte written to ``rcx``, a guest-physical address outside every memslot. That
-write cannot be satisfied by any memslot, so KVM reports ``KVM_EXIT_MMIO``
-(``Documentation/virt/kvm/api.rst``, "KVM_EXIT_MMIO") and ``KVM_RUN`` returns
-to the VMM: one ``KVM_RUN`` is one pass. When the VMM enters ``KVM_RUN``
-again, KVM completes the MMIO write and the loop starts the next pass.
+:data:`ENTRY`, with its region in registers, and runs the touch loop: one
+byte written to every ``stride`` bytes of ``[rdi, rdi + rsi)``, then an exit
+to the VMM, so that one ``KVM_RUN`` is one pass; entering ``KVM_RUN`` again
+completes the exit and starts the next pass. Two exits exist
+(``Documentation/virt/kvm/api.rst``, "KVM_EXIT_IO", "KVM_EXIT_MMIO"):
+
+* ``pio`` (:data:`TOUCH_LOOP_PIO`): ``out 0x80, al``, legal at CPL 3 because
+  RFLAGS.IOPL is 3; ``KVM_EXIT_IO``, no page fault;
+* ``mmio`` (:data:`TOUCH_LOOP_MMIO`): a write to ``rcx``, a gpa mapped by the
+  guest but in no memslot; ``KVM_EXIT_MMIO`` after one page fault
+  (``pf_taken``, emulated: this host has ``kvm.mmio_caching=N``).
 
 Why user mode: on this host's KVM (the PVM flavour, ``kvm_pvm``) only guest
-user mode runs natively; supervisor code is emulated and builds no shadow
-PTEs. ``hlt``/``out`` from user mode fault instead of exiting cleanly, hence
-the MMIO write as the way back.
+user mode runs natively; supervisor code is emulated instruction by
+instruction and builds no shadow PTEs. ``hlt`` at CPL 3 raises #GP, which
+with no IDT ends in a triple fault (``KVM_EXIT_SHUTDOWN``).
 
 The page tables are 4-level x86-64 tables (Intel SDM vol. 3A, 4.5) built by
 the VMM in the system slot: an identity map (va == gpa) of the ranges the VMM
@@ -36,14 +40,14 @@ PAGE_4K = 1 << 12
 PAGE_2M = 1 << 21
 PAGE_1G = 1 << 30
 
-# Register contract of TOUCH_LOOP (struct kvm_regs fields):
+# Register contract of the touch loop (struct kvm_regs fields):
 #   rdi = region base (guest virtual == guest physical)
 #   rsi = region size in bytes
 #   rdx = stride in bytes (4096: one write per 4 KiB page)
-#   rcx = exit address: a gpa outside every memslot (the MMIO write)
-#   r9  = pass counter, incremented at the start of every pass; the byte
-#         written to each page and to the exit address is its low byte.
-TOUCH_LOOP = bytes([
+#   rcx = exit address: a gpa outside every memslot (used by the MMIO exit)
+#   r9  = pass counter, incremented at the start of every pass; its low byte
+#         is what each page receives and what the exit carries to the VMM.
+_LOOP_BODY = bytes([
     0x49, 0xFF, 0xC1,        # 00 start: inc  r9               ; pass += 1
     0x48, 0x89, 0xF8,        # 03        mov  rax, rdi         ; cursor = base
     0x4C, 0x8D, 0x04, 0x37,  # 06        lea  r8, [rdi+rsi]    ; end = base + size
@@ -52,10 +56,25 @@ TOUCH_LOOP = bytes([
     0x44, 0x88, 0x08,        # 0f        mov  byte [rax], r9b  ; touch one byte of the page
     0x48, 0x01, 0xD0,        # 12        add  rax, rdx         ; next page
     0xEB, 0xF3,              # 15        jmp  loop (-13 -> 0x0a)
-    0x44, 0x88, 0x09,        # 17 done:  mov  byte [rcx], r9b  ; MMIO write -> KVM_EXIT_MMIO
-    0xEB, 0xE4,              # 1a        jmp  start (-28 -> 0x00)
 ])
-ENTRY = 0x0  # offset of ``start`` in TOUCH_LOOP
+# the exit, 5 bytes at 0x17 ("done"), then back to start
+_EXIT_MMIO = bytes([
+    0x44, 0x88, 0x09,        # 17 done:  mov  byte [rcx], r9b  ; no memslot there -> KVM_EXIT_MMIO
+    0x90, 0x90,              # 1a        nop; nop
+])
+_EXIT_PIO = bytes([
+    0x44, 0x88, 0xC8,        # 17 done:  mov  al, r9b
+    0xE6, 0x80,              # 1a        out  0x80, al         ; -> KVM_EXIT_IO, port 0x80
+])
+_LOOP_BACK = bytes([
+    0xEB, 0xE2,              # 1c        jmp  start (-30 -> 0x00)
+])
+TOUCH_LOOP_MMIO = _LOOP_BODY + _EXIT_MMIO + _LOOP_BACK
+TOUCH_LOOP_PIO = _LOOP_BODY + _EXIT_PIO + _LOOP_BACK
+TOUCH_LOOP = TOUCH_LOOP_MMIO
+EXITS = {"mmio": TOUCH_LOOP_MMIO, "pio": TOUCH_LOOP_PIO}
+EXIT_PORT = 0x80
+ENTRY = 0x0  # offset of ``start`` in the touch loop
 
 # x86-64 paging-structure entry bits (Intel SDM vol. 3A, table 4-15 .. 4-20)
 PTE_P = 1 << 0
@@ -200,6 +219,9 @@ def set_user_mode(s: KvmSregs, cr3: int) -> None:
     s.efer = EFER_LME | EFER_LMA | EFER_SCE
 
 
+RFLAGS = 0x2 | 0x200 | 0x3000  # reserved bit 1, IF, IOPL 3 (so ``out`` is legal at CPL 3)
+
+
 def touch_regs(base: int, size: int, exit_gpa: int, stride: int = PAGE_4K) -> KvmRegs:
-    """``struct kvm_regs`` for :data:`TOUCH_LOOP` over ``[base, base + size)``."""
-    return KvmRegs(rip=ENTRY, rflags=0x202, rdi=base, rsi=size, rdx=stride, rcx=exit_gpa, r9=0)
+    """``struct kvm_regs`` for the touch loop over ``[base, base + size)``."""
+    return KvmRegs(rip=ENTRY, rflags=RFLAGS, rdi=base, rsi=size, rdx=stride, rcx=exit_gpa, r9=0)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from desim.errors import DesimInputError
 from desim.kvm import uapi as u
-from desim.kvm.guest import GUEST_MSRS, PAGE_4K, TOUCH_LOOP, PageTables, set_user_mode, touch_regs
+from desim.kvm.guest import EXIT_PORT, EXITS, GUEST_MSRS, PAGE_4K, PageTables, set_user_mode, touch_regs
 from desim.kvm.scenario import GUEST_PAGES, KvmScenario, Layout, layout
 from desim.kvm.stats import StatDesc, delta, scalar
 from desim.kvm.vm import HostMemory, Kvm, KvmError, Vcpu, Vm
@@ -91,12 +91,25 @@ class _VcpuWorker(threading.Thread):
             reason = v.run()
             total += time.perf_counter_ns() - t0
             self.passes_done += 1
-            rp = v.run_page
-            if reason != u.KVM_EXIT_MMIO or rp.mmio_phys_addr != lay.exit_gpa or not rp.mmio_is_write:
-                raise KvmError(self._describe(reason))
-            if rp.mmio_data[0] != self.passes_done & 0xFF:
-                raise KvmError(f"vCPU {self.index}: pass {self.passes_done} ended with pass byte {rp.mmio_data[0]}")
+            got = self._pass_byte(reason)
+            if got != self.passes_done & 0xFF:
+                raise KvmError(f"vCPU {self.index}: pass {self.passes_done} ended with pass byte {got}")
         return total
+
+    def _pass_byte(self, reason: int) -> int:
+        """The pass counter's low byte carried by the exit; KvmError if it is the wrong exit."""
+        v, lay = self.vcpu, self.tvm.layout
+        assert v is not None
+        if self.tvm.exit == "mmio":
+            rp = v.run_page
+            if reason == u.KVM_EXIT_MMIO and rp.mmio_phys_addr == lay.exit_gpa and rp.mmio_is_write:
+                return int(rp.mmio_data[0])
+        else:
+            io = v.exit_io
+            if (reason == u.KVM_EXIT_IO and io.port == EXIT_PORT and io.direction == u.KVM_EXIT_IO_OUT
+                    and io.size == 1 and io.count == 1):
+                return v.io_data()[0]
+        raise KvmError(self._describe(reason))
 
     def _describe(self, reason: int) -> str:
         v = self.vcpu
@@ -105,7 +118,9 @@ class _VcpuWorker(threading.Thread):
         rp = v.run_page
         extra = ""
         if reason == u.KVM_EXIT_MMIO:
-            extra = f" at gpa {rp.mmio_phys_addr:#x} (expected the exit page {self.tvm.layout.exit_gpa:#x})"
+            extra = f" at gpa {rp.mmio_phys_addr:#x} (exit page {self.tvm.layout.exit_gpa:#x}, exit {self.tvm.exit})"
+        elif reason == u.KVM_EXIT_IO:
+            extra = f" on port {v.exit_io.port:#x} (exit {self.tvm.exit})"
         elif reason == u.KVM_EXIT_INTR:
             extra = " (interrupted by the watchdog)"
         try:
@@ -118,8 +133,10 @@ class _VcpuWorker(threading.Thread):
 class TouchVm:
     """A VM built from a :class:`KvmScenario`; use as a context manager."""
 
-    def __init__(self, kvm: Kvm, sc: KvmScenario, timeout_s: float = 120.0) -> None:
-        self.kvm, self.sc, self.timeout_s = kvm, sc, timeout_s
+    def __init__(self, kvm: Kvm, sc: KvmScenario, exit: str = "pio", timeout_s: float = 120.0) -> None:
+        if exit not in EXITS:
+            raise DesimInputError(f"exit must be one of {', '.join(EXITS)} (got {exit!r})")
+        self.kvm, self.sc, self.exit, self.timeout_s = kvm, sc, exit, timeout_s
         self.layout: Layout = layout(sc)
         self.workers: list[_VcpuWorker] = []
         self.mem: dict[int, HostMemory] = {}
@@ -145,14 +162,15 @@ class TouchVm:
             self.mem[plan.slot] = mem
         system = lay.slot(0)
         pt = PageTables(lay.tables_gpa, GUEST_PAGES[sc.guest_page], sc.accessed)
-        for plan in lay.slots:
-            pt.map(plan.gpa, plan.size)
-        pt.map(lay.move_gpa, lay.slot(lay.target_slot).size)
-        pt.map(lay.exit_gpa, PAGE_4K)
+        self._mapped = [(p.gpa, p.size) for p in lay.slots]
+        self._mapped += [(lay.move_gpa, lay.slot(lay.target_slot).size), (lay.exit_gpa, PAGE_4K)]
+        for start, size in self._mapped:
+            pt.map(start, size)
         if lay.tables_gpa + pt.size > system.size:
             raise KvmError(f"page tables ({pt.size} bytes) overflow the system slot ({system.size} bytes)")
-        self.mem[0].write(lay.code_gpa, TOUCH_LOOP)
+        self.mem[0].write(lay.code_gpa, EXITS[self.exit])
         self.mem[0].write(lay.tables_gpa, pt.image())
+        self.page_tables = pt
         self.cr3 = pt.cr3
         for plan in lay.slots:
             vm.create_slot(plan.slot, plan.gpa, self.mem[plan.slot])
@@ -161,6 +179,22 @@ class TouchVm:
             self.workers.append(w)
             w.start()
         self._collect("ready", self.timeout_s)
+
+    def clear_accessed(self) -> None:
+        """Clear the Accessed/Dirty bits of every guest PTE, as a guest's page aging would.
+
+        The host writes the tables directly (the guest's write protection of
+        its page tables does not apply to the VMM), so live SPTEs stay; shadow
+        pages rebuilt later read the cleared bits and so prefetch nothing for
+        4 KiB guest pages.
+        """
+        lay, old = self.layout, self.page_tables
+        pt = PageTables(lay.tables_gpa, old.leaf_size, accessed=False)
+        for start, size in self._mapped:
+            pt.map(start, size)
+        if pt.size != old.size:  # same ranges in the same order give the same tables
+            raise KvmError("page tables changed shape while clearing Accessed bits")
+        self.mem[0].write(lay.tables_gpa, pt.image())
 
     def setup_vcpu(self, index: int) -> Vcpu:
         """Run in the vCPU's thread: create it and load CPUID, MSRs, sregs, regs."""

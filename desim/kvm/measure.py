@@ -5,7 +5,8 @@ One *run* is one VM (:class:`desim.kvm.machine.TouchVm`) through four phases:
 ``populate``  every vCPU touches its region ``passes`` times (first touch:
               host page allocation + one shadow-paging fault per page);
 ``warm``      one more pass: the steady-state baseline (on this host one
-              ``pf_taken`` per vCPU, the MMIO write that ends the pass);
+              ``pf_taken`` per vCPU with the MMIO exit, none with PIO);
+(``accessed=False``: the guest PTEs' Accessed bits are cleared here)
 ``op``        the memslot operation (``KVM_SET_USER_MEMORY_REGION``), vCPUs
               outside ``KVM_RUN``; the zap happens inside the ioctl;
 ``retouch``   ``passes`` passes again: the re-faults the zap caused.
@@ -52,7 +53,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "populate_ns": ("ns", "wall time of the populate phase"),
     "populate_pf_fixed": ("count", "pf_fixed during populate"),
     "warm_ns": ("ns", "wall time of one steady-state pass"),
-    "warm_pf_taken": ("count", "pf_taken of one steady-state pass (the MMIO exits)"),
+    "warm_pf_taken": ("count", "pf_taken of one steady-state pass (one per vCPU with the MMIO exit)"),
     "sptes_4k": ("count", "pages_4k after populate"),
     "sptes_2m": ("count", "pages_2m after populate"),
 }
@@ -85,14 +86,17 @@ def derive(sc: KvmScenario, phases: dict[str, PhaseResult]) -> dict[str, int]:
     }
 
 
-def run_once(kvm: Kvm, sc: KvmScenario, step: Callable[[], None] = lambda: None) -> dict[str, Any]:
+def run_once(kvm: Kvm, sc: KvmScenario, step: Callable[[], None] = lambda: None,
+             exit: str = "pio") -> dict[str, Any]:
     """One VM through populate, warm, op, retouch; ``step`` is called between phases."""
     phases: dict[str, PhaseResult] = {}
-    with TouchVm(kvm, sc) as tv:
+    with TouchVm(kvm, sc, exit=exit) as tv:
         step()
         phases["populate"] = tv.touch(sc.passes, "populate")
         step()
         phases["warm"] = tv.touch(1, "warm")
+        if not sc.accessed:
+            tv.clear_accessed()
         step()
         phases["op"] = tv.memslot_op("op")
         step()
@@ -121,7 +125,7 @@ def check_resources(kvm: Kvm, sc: KvmScenario, vms: int) -> None:
                               "so the targeted policy cannot be measured")
 
 
-def run_round(kvm: Kvm, sc: KvmScenario, vms: int) -> list[dict[str, Any]]:
+def run_round(kvm: Kvm, sc: KvmScenario, vms: int, exit: str = "pio") -> list[dict[str, Any]]:
     """``vms`` VMs of ``sc`` at once, phases in step; one result dict per VM."""
     barrier = threading.Barrier(vms)
     results: list[dict[str, Any] | None] = [None] * vms
@@ -135,7 +139,7 @@ def run_round(kvm: Kvm, sc: KvmScenario, vms: int) -> list[dict[str, Any]]:
 
     def one(i: int) -> None:
         try:
-            results[i] = run_once(kvm, sc, step if vms > 1 else (lambda: None))
+            results[i] = run_once(kvm, sc, step if vms > 1 else (lambda: None), exit=exit)
         except BaseException as e:  # noqa: BLE001 - re-raised by the caller
             errors.append(e)
             barrier.abort()
@@ -161,6 +165,7 @@ class Measurement:
     scenario: KvmScenario
     vms: int
     repeats: int
+    exit: str = "pio"
     runs: list[dict[str, Any]] = field(default_factory=list)
     host: dict[str, Any] = field(default_factory=dict)
     elapsed_s: float = 0.0
@@ -185,6 +190,7 @@ class Measurement:
             "scenario": {k: v for k, v in self.scenario.to_dict().items() if k != "policy"},
             "vms": self.vms,
             "repeats": self.repeats,
+            "exit": self.exit,
             "elapsed_s": round(self.elapsed_s, 3),
             "metrics": {k: {"unit": unit, "description": desc} for k, (unit, desc) in METRICS.items()},
             "summary": self.summary(),
@@ -203,20 +209,25 @@ def host_info(kvm: Kvm) -> dict[str, Any]:
     }
 
 
-def measure(sc: KvmScenario, vms: int = 1, repeats: int = 3,
-            progress: Callable[[str], None] | None = None, kvm_path: str = "/dev/kvm") -> Measurement:
-    """Run ``sc`` ``repeats`` times per policy with ``vms`` VMs at once."""
+def measure(sc: KvmScenario, vms: int = 1, repeats: int = 3, progress: Callable[[str], None] | None = None,
+            kvm_path: str = "/dev/kvm", exit: str = "pio") -> Measurement:
+    """Run ``sc`` ``repeats`` times per policy with ``vms`` VMs at once.
+
+    ``exit`` is how a pass returns to the VMM: ``pio`` (``out`` to port 0x80,
+    no fault) or ``mmio`` (a write to a gpa without memslot: one extra
+    ``pf_taken`` per vCPU per pass, subtracted as the warm baseline).
+    """
     if repeats < 1:
         raise DesimInputError(f"--repeats must be >= 1 (got {repeats})")
     install_kick_handler()
     t0 = time.monotonic()
     with Kvm(kvm_path) as kvm:
         check_resources(kvm, sc, vms)
-        m = Measurement(sc, vms, repeats, host=host_info(kvm))
+        m = Measurement(sc, vms, repeats, exit=exit, host=host_info(kvm))
         for rep in range(repeats):
             order = POLICIES if rep % 2 == 0 else tuple(reversed(POLICIES))
             for pol in order:
-                for i, r in enumerate(run_round(kvm, sc.with_policy(pol), vms)):
+                for i, r in enumerate(run_round(kvm, sc.with_policy(pol), vms, exit)):
                     m.runs.append({"policy": pol, "repeat": rep, "vm": i, **r})
                 if progress:
                     last = m.runs[-1]["metrics"]
@@ -241,7 +252,7 @@ def format_summary(m: Measurement) -> str:
     head = (f"scenario {sc.name}: ram {sc.ram_mib} MiB, {sc.vcpus} vCPU, {sc.extra_slots} extra slot(s) of "
             f"{sc.extra_slot_mib} MiB, op {sc.op} of extra slot {sc.target} ({sc.position} the touched range), "
             f"guest pages {sc.guest_page}, host THP {'on' if sc.host_thp else 'off'}, passes {sc.passes}; "
-            f"{m.vms} VM(s) x {m.repeats} repeat(s) per policy")
+            f"{m.vms} VM(s) x {m.repeats} repeat(s) per policy, {m.exit} exit")
     rows = [head, f"{'metric':30s} {'fast: median [min-max]':>32s} {'targeted: median [min-max]':>32s}"]
     for name, (unit, _) in METRICS.items():
         cells = []

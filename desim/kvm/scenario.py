@@ -46,8 +46,11 @@ class KvmScenario:
     ``move`` (KVM_MR_MOVE of the slot to another gpa). ``position``: whether
     the target extra slot is ``inside`` the touched range (the guest had
     SPTEs on it) or ``outside``. ``passes``: touch passes in the populate and
-    in the re-touch phase. ``accessed``: guest PTEs carry the Accessed/Dirty
-    bits (lets shadow paging prefetch 8 neighbours per fault).
+    in the re-touch phase. ``accessed``: the guest PTEs carry their
+    Accessed/Dirty bits when the operation happens (shadow paging then
+    prefetches up to 8 neighbouring PTEs per re-fault); ``False`` builds the
+    tables without them and clears them again after populate, as a guest's
+    page aging would, which disables that prefetch for 4 KiB guest pages.
     """
 
     name: str = "custom"

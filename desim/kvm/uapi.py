@@ -175,6 +175,20 @@ class KvmRunHeader(ctypes.Structure):
     ]
 
 
+class KvmExitIo(ctypes.Structure):
+    """The KVM_EXIT_IO member of the ``struct kvm_run`` exit union (at offset 32).
+
+    The data (``size * count`` bytes) lies in the same mapping at ``data_offset``
+    from the start of ``struct kvm_run``.
+    """
+
+    _fields_ = [("direction", ctypes.c_uint8), ("size", ctypes.c_uint8), ("port", ctypes.c_uint16),
+                ("count", ctypes.c_uint32), ("data_offset", ctypes.c_uint64)]
+
+
+KVM_RUN_EXIT_UNION = 32
+KVM_EXIT_IO_OUT = 1
+
 KVM_API_VERSION = 12
 
 KVM_GET_API_VERSION = _io(0x00)
@@ -201,6 +215,7 @@ EXIT_REASONS = {
     7: "IRQ_WINDOW_OPEN", 8: "SHUTDOWN", 9: "FAIL_ENTRY", 10: "INTR", 17: "INTERNAL_ERROR",
     24: "SYSTEM_EVENT",
 }
+KVM_EXIT_IO = 2
 KVM_EXIT_MMIO = 6
 KVM_EXIT_SHUTDOWN = 8
 KVM_EXIT_INTR = 10

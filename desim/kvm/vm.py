@@ -57,7 +57,10 @@ class Kvm:
         self.path = path
         self.fd = open_kvm(path)
         try:
-            self.api_version = libc.ioctl(self.fd, u.KVM_GET_API_VERSION)
+            try:
+                self.api_version = libc.ioctl(self.fd, u.KVM_GET_API_VERSION)
+            except OSError as e:
+                raise DesimInputError(f"{path} is not a KVM device (KVM_GET_API_VERSION: {e.strerror})") from None
             if self.api_version != u.KVM_API_VERSION:
                 raise DesimInputError(f"{path} speaks KVM API {self.api_version}, expected {u.KVM_API_VERSION}")
             self.vcpu_mmap_size = libc.ioctl(self.fd, u.KVM_GET_VCPU_MMAP_SIZE)
@@ -278,6 +281,7 @@ class Vcpu:
             os.close(self.fd)
             raise
         self.run_page = u.KvmRunHeader.from_address(self._run_addr)
+        self.exit_io = u.KvmExitIo.from_address(self._run_addr + u.KVM_RUN_EXIT_UNION)
         self._stats: StatsFile | None = None
 
     def set_cpuid(self, cpuid: ctypes.Structure) -> None:
@@ -317,6 +321,14 @@ class Vcpu:
             return u.KVM_EXIT_INTR
         return self.run_page.exit_reason
 
+    def io_data(self) -> bytes:
+        """The bytes of the last KVM_EXIT_IO (``size * count`` at ``data_offset``)."""
+        io = self.exit_io
+        n = io.size * io.count
+        if io.data_offset + n > self._run_len:
+            raise KvmError(f"KVM_EXIT_IO data_offset {io.data_offset:#x} outside kvm_run")
+        return libc.read(self._run_addr + io.data_offset, n)
+
     @property
     def stats(self) -> StatsFile:
         if self._stats is None:
@@ -329,6 +341,7 @@ class Vcpu:
             self._stats = None
         if self._run_addr:
             self.run_page = None  # type: ignore[assignment]
+            self.exit_io = None  # type: ignore[assignment]
             libc.munmap(self._run_addr, self._run_len)
             self._run_addr = 0
         if self.fd >= 0:
