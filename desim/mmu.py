@@ -300,18 +300,6 @@ class Mmu:
             arr[i] |= HOST_RESIDENT
 
     # -- install -------------------------------------------------------------
-    def missing_pt_pages(self, gfn: int, level: int) -> int:
-        """How many page-table pages a leaf at ``level`` for ``gfn`` needs allocated."""
-        tag = self.root_tag
-        n = 0
-        if self.pt_tags[3].get(gfn >> 27) != tag:
-            n += 1
-        if level <= PG_LEVEL_2M and self.pt_tags[2].get(gfn >> 18) != tag:
-            n += 1
-        if level == PG_LEVEL_4K and self.pt_tags[1].get(gfn >> 9) != tag:
-            n += 1
-        return n
-
     def install(self, ss: SlotSptes, gfn: int, level: int) -> int:
         """Install a leaf SPTE (``kvm_tdp_mmu_map`` / ``direct_map``); returns page-table pages allocated."""
         tag = self.root_tag
@@ -320,8 +308,9 @@ class Mmu:
         if level == PG_LEVEL_4K and pt[1].get(gfn >> 9) == tag:
             pass  # the common case: the PT page exists, so do its parents
         else:
+            # a leaf at level L sits in a table of level L: PT (1) for 4K, PD (2) for 2M, PDPT (3) for 1G
             for lvl, key in ((3, gfn >> 27), (2, gfn >> 18), (1, gfn >> 9)):
-                if lvl <= level:
+                if lvl < level:
                     break
                 d = pt[lvl]
                 if d.get(key) != tag:

@@ -90,6 +90,7 @@ class Vcpu:
         self._g0 = 0.0  # the current run's guest window [g0, g1)
         self._g1 = -1.0
         self._running = False
+        self._retrying = False  # bouncing in and out of the guest on RET_PF_RETRY: no SRCU reader
         self.proc = self.env.process(self.run())
 
     # -- state and SRCU --------------------------------------------------------
@@ -118,8 +119,7 @@ class Vcpu:
 
     def srcu_reader_gone(self) -> simpy.Event | None:
         """For ``synchronize_srcu_expedited``: an event when this vCPU leaves its read-side section."""
-        mode = self.current_mode()
-        if mode != HOST:
+        if self._retrying or self.current_mode() != HOST:
             return None
         ev = self.env.event()
         if self._running and self.env.now < self._g0:
@@ -328,7 +328,10 @@ class Vcpu:
             # kvm_faultin_pfn: KVM_MEMSLOT_INVALID -> RET_PF_RETRY; the vCPU re-enters and faults
             # again until the VMM's second memslot swap
             t0 = env.now
+            self._retrying = True
+            self._srcu_unlock_at(t0)
             yield vm.slot_update_done()
+            self._retrying = False
             period = P.vm_exit + P.vm_entry + P.fault_handle
             retries = max(1, math.ceil((env.now - start) / period))
             self.m.faults["retry"] += retries

@@ -25,7 +25,7 @@ DEFAULT_SCENARIO = "outside"
 
 # option dest -> scenario field
 _OVERRIDES = ("ram_mib", "vcpus", "extra_slots", "extra_slot_mib", "op", "target", "position",
-              "guest_page", "accessed", "passes", "host_thp")
+              "guest_page", "accessed", "passes", "host_thp", "stride_kib")
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
@@ -65,6 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--accessed", action=argparse.BooleanOptionalAction,
                    help="pre-set Accessed/Dirty bits in guest PTEs")
     g.add_argument("--passes", type=int, help="touch passes in populate and in retouch")
+    g.add_argument("--stride-kib", type=int, dest="stride_kib", help="touch one byte every N KiB (default 4)")
     g.add_argument("--thp", action=argparse.BooleanOptionalAction, dest="host_thp",
                    help="back guest RAM with madvise(MADV_HUGEPAGE)")
     m.add_argument("--device", default=KVM_DEV, help=argparse.SUPPRESS)

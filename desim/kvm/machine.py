@@ -205,7 +205,7 @@ class TouchVm:
         v.set_sregs(s)
         v.set_msrs(GUEST_MSRS)
         base, size = self.layout.regions[index]
-        v.set_regs(touch_regs(base, size, self.layout.exit_gpa))
+        v.set_regs(touch_regs(base, size, self.layout.exit_gpa, self.sc.stride_kib << 10))
         return v
 
     # --- phases -------------------------------------------------------------

@@ -51,6 +51,9 @@ class KvmScenario:
     prefetches up to 8 neighbouring PTEs per re-fault); ``False`` builds the
     tables without them and clears them again after populate, as a guest's
     page aging would, which disables that prefetch for 4 KiB guest pages.
+    ``stride_kib``: the guest touches one byte every ``stride_kib`` KiB (4:
+    every page; 32: every 8th page, so no neighbour is ever host-resident and
+    shadow paging can prefetch nothing).
     """
 
     name: str = "custom"
@@ -66,6 +69,7 @@ class KvmScenario:
     passes: int = 1
     host_thp: bool = False
     policy: str = "fast"
+    stride_kib: int = 4
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> DesimInputError:
@@ -92,6 +96,8 @@ class KvmScenario:
             raise bad("guest_page", f"must be 4k or 2m (got {self.guest_page!r})")
         if not 1 <= self.passes <= 1000:
             raise bad("passes", f"must be 1..1000 (got {self.passes})")
+        if self.stride_kib < 4 or self.stride_kib % 4 or self.stride_kib > 2048:
+            raise bad("stride_kib", f"must be a multiple of 4 in 4..2048 (got {self.stride_kib})")
         if self.policy not in POLICIES:
             raise bad("policy", f"must be fast or targeted (got {self.policy!r})")
         if self.ram_mib // self.vcpus < 2 and self.guest_page == "2m":
@@ -157,6 +163,10 @@ class Layout:
     exit_gpa: int
     code_gpa: int
     tables_gpa: int
+
+    def touched_pages(self, stride: int) -> int:
+        """Pages the guest writes per pass with a stride of ``stride`` bytes."""
+        return sum(-(-size // stride) for _, size in self.regions)
 
     @property
     def guest_bytes(self) -> int:

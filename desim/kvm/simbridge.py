@@ -1,0 +1,112 @@
+"""The same experiment in the simulator: a :class:`KvmScenario` as a :class:`desim.scenario.Scenario`.
+
+The harness's VM (:func:`desim.kvm.scenario.layout`) becomes the simulator's
+memslots with the same ids, gpas and sizes; its phases become simulator
+phases run back to back (``desim/vm.py``: a phase ends when its vCPUs and its
+VMM script are done):
+
+``populate``  ``sequential`` over each touched slot, ``private`` (split
+              among the vCPUs like the harness splits its touched range);
+``warm``      the same, one pass;
+``op``        ``pattern = "none"`` and the memslot script at t = 0: DELETE,
+              DELETE + CREATE (same gpa and host address) or MOVE;
+``retouch``   like populate.
+
+A position ``inside`` touches the target slot too; the simulator touches one
+slot per phase, so each touch phase becomes one phase per touched slot
+(``populate:1``, ``populate:2``, ...), summed back by :func:`sim_metrics`.
+:func:`sim_metrics` returns the harness's metric names
+(:data:`desim.kvm.measure.METRICS`) from a simulator run, so real and
+simulated runs can be compared metric by metric. Not modelled: the guest
+code page (one extra first-touch fault in the real VM) and ``accessed=False``
+(the simulator takes "was ever mapped" for the guest PTE's Accessed bit).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from desim.errors import DesimInputError
+from desim.kvm.scenario import KvmScenario, layout
+
+TOUCH_PHASES = ("populate", "warm", "retouch")
+
+
+def to_sim(sc: KvmScenario, profile: str = "shadow-pvm", access_ns: float = 30.0,
+           costs: dict[str, float] | None = None, kernel: dict[str, Any] | None = None) -> Any:
+    """The simulator scenario of ``sc`` on host ``profile`` (a name or a TOML path)."""
+    from desim.scenario import validate_scenario
+
+    if not sc.accessed:
+        raise DesimInputError(f"kvm scenario {sc.name!r}: accessed = false is not modelled by the simulator")
+    if sc.stride_kib != 4:
+        raise DesimInputError(f"kvm scenario {sc.name!r}: stride_kib != 4 has no simulator pattern")
+    lay = layout(sc)
+    target = lay.slot(lay.target_slot)
+    touched = [s for s in lay.slots if s.touched]
+    backing = {"backing": "thp" if sc.host_thp else "4k"}
+    phases: list[dict[str, Any]] = []
+    for name in ("populate", "warm", "op", "retouch"):
+        if name == "op":
+            if sc.op == "move":
+                ops = [{"at_us": 0, "op": "move", "slot": target.slot, "gpa": lay.move_gpa}]
+            else:
+                ops = [{"at_us": 0, "op": "delete", "slot": target.slot}]
+                if sc.op == "recreate":
+                    ops.append({"at_us": 0, "op": "create", "slot": target.slot, "gpa": target.gpa,
+                                "size": target.size})
+            phases.append({"name": "op", "pattern": "none", "memslot_ops": ops})
+            continue
+        passes = 1 if name == "warm" else sc.passes
+        for s in touched:
+            phases.append({"name": name if len(touched) == 1 else f"{name}:{s.slot}", "pattern": "sequential",
+                           "slot": s.slot, "sharing": "private", "passes": passes, "access_ns": access_ns})
+    data = {
+        "name": f"kvm-{sc.name}",
+        "description": f"desim kvm scenario {sc.name} mirrored in the simulator",
+        "profile": profile,
+        "profile_overrides": {"kernel": {**backing, **(kernel or {})}, "costs": dict(costs or {})},
+        "policy": sc.policy,
+        "vm": {"vcpus": sc.vcpus, "memslots": [{"id": s.slot, "gpa": s.gpa, "size": s.size} for s in lay.slots]},
+        "phases": phases,
+    }
+    return validate_scenario(data, f"kvm scenario {sc.name} (simulated)")
+
+
+def _phase_spans(phase_end: dict[str, float]) -> dict[str, float]:
+    """Duration of each harness phase, summing the per-slot sub-phases."""
+    out: dict[str, float] = {}
+    prev = 0.0
+    for name, end in phase_end.items():  # insertion order == run order
+        out[name.split(":")[0]] = out.get(name.split(":")[0], 0.0) + (end - prev)
+        prev = end
+    return out
+
+
+def sim_metrics(sc: KvmScenario, profile: str = "shadow-pvm", seed: int = 1, replication: int = 0,
+                access_ns: float = 30.0, costs: dict[str, float] | None = None) -> dict[str, float]:
+    """One simulator run of ``sc``, reported in the harness's metric names."""
+    from desim.vm import Vm
+
+    sim = to_sim(sc, profile, access_ns, costs)
+    vm = Vm(sim, sc.policy, seed, replication)
+    res = vm.run()
+    raw = res.raw
+    assert raw is not None
+    spans = _phase_spans(raw.phase_end_ns)
+    ops = list(raw.ioctl_ops)
+    lat = list(raw.ioctl_latency)
+    by_op = dict(zip(ops, lat))
+    m = res.metrics
+    return {
+        "refaults": m["faults_after_zap"],
+        "retouch_ns": spans.get("retouch", 0.0),
+        "retouch_extra_ns": spans.get("retouch", 0.0) - sc.passes * spans.get("warm", 0.0),
+        "zap_ioctl_ns": by_op.get("delete", by_op.get("move", 0.0)),
+        "create_ioctl_ns": by_op.get("create", 0.0),
+        "op_ns": float(sum(lat)),
+        "op_sptes_dropped": m["sptes_zapped"],
+        "op_shadow_zapped": m["pt_pages_freed"],
+        "populate_ns": spans.get("populate", 0.0),
+        "populate_pf_fixed": m["faults_first_touch"],
+        "warm_ns": spans.get("warm", 0.0),
+    }

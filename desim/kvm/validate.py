@@ -1,0 +1,101 @@
+"""Real versus simulated: run the same scenario on the real KVM and in the simulator, metric by metric.
+
+For each :class:`KvmScenario` and each policy, the real side is
+:func:`desim.kvm.measure.measure` (median and min-max over ``repeats``), the
+simulated side :func:`desim.kvm.simbridge.sim_metrics` on a host profile
+(ideally the one ``desim kvm calibrate`` wrote), with the guest's access time
+per page taken from the real ``warm`` pass. The result is one row per
+(scenario, policy, metric) with the relative error ``(sim - real) / real``.
+
+Counts (``refaults``, SPTEs and shadow pages zapped, first-touch faults) test
+the model's structure and should agree within a few faults (the real guest
+also maps its code page and page tables); times test the profile's costs.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import replace
+from typing import Any, Callable
+
+from desim.kvm.measure import Measurement, measure
+from desim.kvm.scenario import POLICIES, KvmScenario, layout, named
+from desim.kvm.simbridge import sim_metrics
+
+COMPARED: dict[str, str] = {
+    "refaults": "count",
+    "op_sptes_dropped": "count",
+    "op_shadow_zapped": "count",
+    "populate_pf_fixed": "count",
+    "zap_ioctl_ns": "ns",
+    "create_ioctl_ns": "ns",
+    "retouch_ns": "ns",
+    "populate_ns": "ns",
+    "warm_ns": "ns",
+}
+
+
+def default_scenarios() -> list[KvmScenario]:
+    """Small versions (256 MiB, 2 vCPUs) of the named scenarios the simulator can mirror."""
+    return [replace(named(n), name=f"{n}-256M", ram_mib=256) for n in ("outside", "inside", "move", "thp")]
+
+
+def _real_samples(m: Measurement, policy: str, metric: str) -> list[float]:
+    if metric == "op_sptes_dropped":
+        a, b = m.samples(policy, "op_sptes_4k_dropped"), m.samples(policy, "op_sptes_2m_dropped")
+        return [float(x + y) for x, y in zip(a, b)]
+    return [float(x) for x in m.samples(policy, metric)]
+
+
+def validate(scenarios: list[KvmScenario], profile: str = "shadow-pvm", repeats: int = 3,
+             replications: int = 1, progress: Callable[[str], None] | None = None,
+             kvm_path: str = "/dev/kvm") -> dict[str, Any]:
+    """Rows comparing real medians with simulated means; see the module docstring."""
+    rows: list[dict[str, Any]] = []
+    for sc in scenarios:
+        real = measure(sc, vms=1, repeats=repeats, kvm_path=kvm_path)
+        pages = layout(sc).touched_pages(sc.stride_kib << 10)
+        for pol in POLICIES:
+            access_ns = statistics.median(real.samples(pol, "warm_ns")) / max(pages, 1)
+            sims = [sim_metrics(sc.with_policy(pol), profile, seed=1, replication=r, access_ns=access_ns)
+                    for r in range(replications)]
+            for metric, unit in COMPARED.items():
+                xs = _real_samples(real, pol, metric)
+                med = float(statistics.median(xs))
+                sim = float(statistics.fmean(s[metric] for s in sims))
+                rows.append({
+                    "scenario": sc.name, "policy": pol, "metric": metric, "unit": unit,
+                    "real_median": med, "real_min": min(xs), "real_max": max(xs), "sim": sim,
+                    "rel_error": (sim - med) / med if med else (0.0 if sim == 0 else None),
+                    "access_ns": access_ns,
+                })
+            if progress:
+                r = next(x for x in rows[::-1] if x["metric"] == "refaults" and x["policy"] == pol)
+                progress(f"validate {sc.name} {pol}: refaults real {r['real_median']:.0f} sim {r['sim']:.0f}")
+    return {"tool": "desim kvm validate", "profile": profile, "repeats": repeats, "replications": replications,
+            "scenarios": [s.to_dict() for s in scenarios], "rows": rows}
+
+
+def _fmt(v: float | None, unit: str) -> str:
+    if v is None:
+        return "n/a"
+    if unit == "ns":
+        return f"{v / 1e6:.3f}ms" if abs(v) >= 1e6 else f"{v / 1e3:.1f}us"
+    return f"{v:.0f}"
+
+
+def format_rows(result: dict[str, Any]) -> str:
+    lines = [f"profile {result['profile']}: real median [min-max] over {result['repeats']} run(s) vs simulated",
+             f"{'scenario':16s} {'policy':9s} {'metric':18s} {'real':>30s} {'sim':>12s} {'error':>8s}"]
+    for r in result["rows"]:
+        u = r["unit"]
+        real = f"{_fmt(r['real_median'], u)} [{_fmt(r['real_min'], u)}-{_fmt(r['real_max'], u)}]"
+        err = "n/a" if r["rel_error"] is None else f"{100 * r['rel_error']:+.0f}%"
+        lines.append(f"{r['scenario']:16s} {r['policy']:9s} {r['metric']:18s} {real:>30s} "
+                     f"{_fmt(r['sim'], u):>12s} {err:>8s}")
+    return "\n".join(lines)
+
+
+def worst_error(result: dict[str, Any], units: tuple[str, ...] = ("count", "ns")) -> float:
+    """The largest |relative error| among rows of the given units (0 if none)."""
+    errs = [abs(r["rel_error"]) for r in result["rows"] if r["unit"] in units and r["rel_error"] is not None]
+    return max(errs, default=0.0)
