@@ -1,7 +1,9 @@
-"""``desim kvm probe`` and ``desim kvm measure``: the real-KVM harness on the command line.
+"""``desim kvm probe|measure|calibrate|validate``: the real-KVM harness on the command line.
 
 :func:`register` adds the ``kvm`` subcommand to the parser of ``desim``
-(``desim/cli.py``); every leaf sets ``func``, which takes the parsed args and
+(``desim/cli.py``); :func:`register_top_level` adds ``calibrate`` and
+``validate`` to any subparsers (``desim kvm`` has them; ``desim`` may add
+them at its top level as ``desim calibrate``/``desim validate``). Every leaf sets ``func``, which takes the parsed args and
 returns an exit code. Problems the user can fix (no ``/dev/kvm``, not
 permitted, a bad scenario field, too little memory) raise
 :class:`desim.errors.DesimInputError`, which ``desim`` prints on one line
@@ -33,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     kvm = subparsers.add_parser("kvm", help="ground truth from this host's real KVM (/dev/kvm)",
                                 description="Measure the zap policies on this host's real KVM.")
     kvm.set_defaults(func=lambda a: (kvm.print_help(), 2)[1])
-    sub = kvm.add_subparsers(dest="kvm_command", metavar="{probe,measure}")
+    sub = kvm.add_subparsers(dest="kvm_command", metavar="{probe,measure,calibrate,validate}")
 
     p = sub.add_parser("probe", help="what this host's KVM offers (MMU, capabilities, quirks, stats)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -70,7 +72,89 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="back guest RAM with madvise(MADV_HUGEPAGE)")
     m.add_argument("--device", default=KVM_DEV, help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_measure)
+    register_top_level(sub)
     return kvm
+
+
+def register_top_level(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``calibrate`` and ``validate`` (under ``desim kvm``; ``desim`` may add them at its top level too)."""
+    c = subparsers.add_parser("calibrate", help="fit host-profile costs from microscenarios on the real KVM",
+                              description="Run microscenarios on the real KVM and write a host profile "
+                                          "whose measurable costs are fitted (see desim.kvm.calibrate).")
+    c.add_argument("--base", default="shadow-pvm", help="profile supplying the kernel section and the "
+                                                        "costs that cannot be measured (default shadow-pvm)")
+    c.add_argument("--name", default=None, help="name of the written profile (default BASE-calibrated)")
+    c.add_argument("--repeats", type=int, default=5, help="runs of each microscenario (median); default 5")
+    c.add_argument("--out", type=Path, required=True, help="profile TOML to write")
+    c.add_argument("--json", type=Path, default=None, help="also write the observations and runs as JSON")
+    c.add_argument("--quiet", action="store_true")
+    c.add_argument("--device", default=KVM_DEV, help=argparse.SUPPRESS)
+    c.set_defaults(func=cmd_calibrate)
+
+    v = subparsers.add_parser("validate", help="compare real KVM runs with the simulator, metric by metric")
+    v.add_argument("--scenario", action="append", default=None,
+                   help=f"named kvm scenario (repeatable; default: 256 MiB versions of outside, inside, "
+                        f"move, thp); known: {', '.join(SCENARIOS)}")
+    v.add_argument("--profile", default="shadow-pvm", help="host profile name or TOML (e.g. from calibrate)")
+    v.add_argument("--repeats", type=int, default=3, help="real runs per policy; default 3")
+    v.add_argument("--replications", type=int, default=1, help="simulated runs per policy; default 1")
+    v.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
+    v.add_argument("--max-error", type=float, default=None, metavar="REL",
+                   help="exit 1 if a count metric's |relative error| exceeds REL (e.g. 0.01)")
+    v.add_argument("--quiet", action="store_true")
+    v.add_argument("--device", default=KVM_DEV, help=argparse.SUPPRESS)
+    v.set_defaults(func=cmd_validate)
+
+
+def _check_out(path: Path | None, flag: str) -> None:
+    if path is not None and not path.parent.is_dir():
+        raise DesimInputError(f"{flag} {path}: directory {path.parent} does not exist")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from desim.kvm.calibrate import calibrate, profile_toml
+
+    _check_out(args.out, "--out")
+    _check_out(args.json, "--json")
+    progress = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    try:
+        cal, base = calibrate(args.base, args.repeats, progress, args.device)
+    except KvmError as e:
+        print(f"desim kvm calibrate: KVM failed: {e}", file=sys.stderr)
+        return 1
+    name = args.name or f"{base.name}-calibrated"
+    print(f"guest access time {cal.access_ns:.1f} ns per page; fitted costs (ns):")
+    for k, v in cal.costs.items():
+        print(f"  {k:18s} {v:12.1f}   {cal.sources.get(k, 'kept from ' + base.name)}")
+    args.out.write_text(profile_toml(cal, base, name))
+    print(f"wrote {args.out}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(cal.to_dict(), indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from desim.kvm.validate import default_scenarios, format_rows, validate, worst_error
+    from desim.profile import load_profile
+
+    _check_out(args.out, "--out")
+    load_profile(args.profile)  # fail early on a bad name or file
+    scenarios = [named(n) for n in args.scenario] if args.scenario else default_scenarios()
+    progress = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    try:
+        res = validate(scenarios, args.profile, args.repeats, args.replications, progress, args.device)
+    except KvmError as e:
+        print(f"desim kvm validate: KVM failed: {e}", file=sys.stderr)
+        return 1
+    print(format_rows(res))
+    if args.out is not None:
+        args.out.write_text(json.dumps(res, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    if args.max_error is not None and worst_error(res, ("count",)) > args.max_error:
+        print(f"a count metric is off by more than {args.max_error:.0%}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
