@@ -122,7 +122,8 @@ class MmuLock:
         """Take the lock for ``token`` (the holder's identity).
 
         Returns ``None`` if granted now; otherwise an event that succeeds when
-        the lock has been handed over (the caller yields on it).
+        the lock has been handed over (the caller yields on it). The event's
+        value is the hand-off cost (ns) the new holder must add to its hold.
         """
         mode = self._mode(mode)
         self._advance()
@@ -134,6 +135,14 @@ class MmuLock:
         ev.token = token  # type: ignore[attr-defined]
         self._role(role).contended += 1
         return ev
+
+    def take(self, mode: Mode, role: str, token: object):
+        """Generator form of :meth:`acquire` for rare paths: wait, then pay the hand-off."""
+        ev = self.acquire(mode, role, token)
+        if ev is not None:
+            handoff = yield ev
+            if handoff:
+                yield self.env.timeout(handoff)
 
     def release(self, token: object) -> None:
         """Release ``token``'s hold and hand the lock to the next waiter(s)."""
@@ -148,7 +157,11 @@ class MmuLock:
 
     def release_after(self, token: object, delay: float) -> None:
         """Release ``token``'s hold ``delay`` ns from now (a callback, no process switch)."""
-        self.env.timeout(delay).callbacks.append(lambda _e: self.release(token))
+        ev = self.env.timeout(delay, token)
+        ev.callbacks.append(self._release_cb)
+
+    def _release_cb(self, ev: simpy.Event) -> None:
+        self.release(ev.value)
 
     def _wake(self) -> None:
         now = self.env.now
@@ -166,12 +179,9 @@ class MmuLock:
             if wait > st.max_wait_ns:
                 st.max_wait_ns = wait
             self._grant(w.mode, w.role, w.event.token)
-            # hold time starts at the hand-over; the hand-off cost is paid by the new holder
-            if self.handoff_ns:
-                self.env.timeout(self.handoff_ns).callbacks.append(
-                    lambda _e, ev=w.event: ev.succeed())
-            else:
-                w.event.succeed()
+            # the hold starts at the hand-over; the event's value is the cache-line hand-off cost,
+            # which the new holder pays inside its hold (no extra event)
+            w.event.succeed(self.handoff_ns)
             if w.mode == WRITE:
                 return
 

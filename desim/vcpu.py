@@ -298,9 +298,7 @@ class Vcpu:
             # kvm_mmu_free_obsolete_roots, then kvm_mmu_load -> mmu_alloc_direct_roots; the TDP
             # MMU allocates roots under the read lock (kvm_tdp_mmu_alloc_root), the others under write
             mode = READ if vm.profile.kernel.mmu == "tdp" else WRITE
-            ev = vm.lock.acquire(mode, "root", self)
-            if ev is not None:
-                yield ev
+            yield from vm.lock.take(mode, "root", self)
             yield env.timeout(P.root_alloc)
             self.root_tag = vm.mmu.root_tag
             vm.lock.release(self)
@@ -348,9 +346,10 @@ class Vcpu:
         root_tag = self.root_tag
         lock = vm.lock
         ev = lock.acquire(vm.fault_lock_mode, "fault", self)
+        handoff = 0.0
         if ev is not None:
             t0 = env.now
-            yield ev
+            handoff = yield ev
             self.m.stall_ns += env.now - t0
             self.m.time[HOST] += env.now - t0
         # is_page_fault_stale: obsolete root, or the slot went INVALID/away meanwhile
@@ -374,6 +373,7 @@ class Vcpu:
             metrics.sptes_installed += 1 + prefetched
             metrics.pt_pages_allocated += allocated
             hold = P.spte_install + allocated * P.pt_page_alloc + prefetched * P.prefetch_spte
+        hold += handoff
         if hold:
             lock.release_after(self, hold)
             self._carry = hold

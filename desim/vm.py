@@ -115,6 +115,7 @@ class Vm:
             st = make_stream(phase.pattern, a, m, rng=rng, passes=phase.passes, accesses=phase.accesses,
                              zipf_s=phase.zipf_s, hot_fraction=phase.hot_fraction,
                              hot_probability=phase.hot_probability)
+            self.metrics.accesses_assigned += st.total
             v.assign(st, phase.access_ns, on_done)
             started += 1
         return started

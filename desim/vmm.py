@@ -98,9 +98,7 @@ class Vmm:
             yield from self.synchronize_srcu_expedited()
             if enabling:
                 token = self
-                ev = vm.lock.acquire(WRITE, "zap", token)
-                if ev is not None:
-                    yield ev
+                yield from vm.lock.take(WRITE, "zap", token)
                 n = mmu.zap_slot_huge_leafs(ss)
                 if vm.audit is not None and n:
                     vm.audit.sptes_zapped(env.now)

@@ -70,9 +70,7 @@ def hold_with_lockbreak(vm: "Vm", token: object, mode: str, role: str, units: in
         if left > 0 and lock.needbreak():
             vm.metrics.lock_breaks += 1
             lock.release(token)
-            ev = lock.acquire(mode, role, token)
-            if ev is not None:
-                yield ev
+            yield from lock.take(mode, role, token)
 
 
 class ZapPolicy:
@@ -93,9 +91,7 @@ class FastZap(ZapPolicy):
         env, lock, P = vm.env, vm.lock, vm.P
         token = vm.vmm
         start = env.now
-        ev = lock.acquire(WRITE, "zap", token)
-        if ev is not None:
-            yield ev
+        yield from lock.take(WRITE, "zap", token)
         work = vm.mmu.zap_all_fast()
         if vm.audit is not None:
             vm.audit.sptes_zapped(env.now)
@@ -106,9 +102,7 @@ class FastZap(ZapPolicy):
             # the legacy list holds no TDP MMU page: kvm_zap_obsolete_pages finds nothing to zap
             lock.release(token)
             # kvm_tdp_mmu_zap_invalidated_roots: read lock, zap and free with yielding
-            ev = lock.acquire(READ, "teardown", token)
-            if ev is not None:
-                yield ev
+            yield from lock.take(READ, "teardown", token)
             units = work.leaf_sptes + work.pt_pages
             unit_ns = (work.leaf_sptes * leaf_cost + work.pt_pages * P.sp_free) / units if units else 0.0
             yield from hold_with_lockbreak(vm, token, READ, "teardown", units, unit_ns, ZAP_SLICE)
@@ -138,9 +132,7 @@ class TargetedZap(ZapPolicy):
         kernel = vm.profile.kernel
         token = vm.vmm
         start = env.now
-        ev = lock.acquire(WRITE, "zap", token)
-        if ev is not None:
-            yield ev
+        yield from lock.take(WRITE, "zap", token)
         npages = ss.slot.npages
         pt_pages = vm.mmu.slot_pt_pages(ss)
         # the slot is INVALID, so no fault can map it meanwhile: count now, clear at the walk's end

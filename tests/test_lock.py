@@ -8,9 +8,7 @@ from desim.lock import READ, WRITE, MmuLock
 
 def _holder(env, lock, log, name, mode, at, hold):
     yield env.timeout(at)
-    ev = lock.acquire(mode, name, name)
-    if ev is not None:
-        yield ev
+    yield from lock.take(mode, name, name)
     log.append((env.now, name, "in"))
     yield env.timeout(hold)
     log.append((env.now, name, "out"))

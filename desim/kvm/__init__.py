@@ -1,0 +1,20 @@
+"""Ground truth from the real KVM of this host: a minimal VMM, its counters, scenarios and CLI.
+
+Modules, one concept each:
+
+* :mod:`~desim.kvm.uapi` — ioctl numbers, constants and struct layouts (``include/uapi/linux/kvm.h``);
+* :mod:`~desim.kvm.libc` — ``ioctl``/``mmap``/``madvise`` through ctypes (GIL released);
+* :mod:`~desim.kvm.vm` — ``/dev/kvm``, VM, memslots, vCPUs as context managers;
+* :mod:`~desim.kvm.stats` — the binary stats of ``KVM_GET_STATS_FD``;
+* :mod:`~desim.kvm.guest` — the hand-assembled touch loop and identity-mapped page tables;
+* :mod:`~desim.kvm.scenario` — scenarios in the simulator's vocabulary and their layout;
+* :mod:`~desim.kvm.machine` — one scenario VM with a thread per vCPU;
+* :mod:`~desim.kvm.measure` — phases, metrics, both policies, summaries;
+* :mod:`~desim.kvm.probe` — what the host's KVM offers;
+* :mod:`~desim.kvm.simbridge`, :mod:`~desim.kvm.calibrate`, :mod:`~desim.kvm.validate` — the
+  same scenarios in the simulator, fitted host-profile costs, real versus simulated;
+* :mod:`~desim.kvm.cli` — ``desim kvm probe|measure|calibrate|validate``.
+
+Only the standard library is used, except by the simulator bridge (which imports the simulator).
+"""
+from __future__ import annotations

@@ -6,21 +6,24 @@ medians of its metrics (:mod:`desim.kvm.measure`) are combined as follows,
 in the simulator's cost model (``desim/vcpu.py``, ``desim/zap.py``,
 ``desim/vmm.py``)::
 
-    A  64 MiB, fast               R8 = (retouch - warm) / refaults   (8 SPTEs per fault)
+    A  128 MiB, fast              R8 = (retouch - warm) / refaults   (8 SPTEs per fault)
                                   F  = (populate - warm) / first-touch faults
                                   C  = the re-CREATE ioctl
-    B  256 MiB, fast              fast-zap slope per shadow page, from A and B
-    C  64 MiB, fast, every 8th    R1 = (retouch - warm) / refaults   (1 SPTE per fault: no
+    B  512 MiB, fast              fast-zap slope per shadow page, from A and B
+    C  512 MiB, fast, every 8th   R1 = (retouch - warm) / refaults   (1 SPTE per fault: no
        page touched               neighbour is resident, so nothing to prefetch)
                                   F1 = (populate - warm) / first-touch faults
     D  64 MiB, targeted, 2 MiB    Zt(2 MiB)   ioctl of an untouched slot
     E  64 MiB, targeted, 256 MiB  Zt(256 MiB)
+    T  512 MiB, fast, host THP,   F2M = (populate - warm) / first-touch faults (one per 2 MiB)
+       2 MiB guest pages
 
     access_ns           = warm / pages
     prefetch_spte       = (R8 - R1) / 7          (R8 and R1 are per fault)
     exit path           = R1 = vm_exit + vm_entry + fault_handle + faultin_resident + spte_install,
                           split in the base profile's proportions (one sum is all one can see)
     host_alloc_4k       = faultin_resident + (F1 - R1)
+    host_alloc_2m       = faultin_resident + (F2M - R1)
     per shadow page     = sp_free + 512 spte_zap = slope of Zfast over shadow pages zapped;
                           sp_free kept from the base profile, spte_zap gets the rest
     per gfn             = rmap_probe + hash_probe = (Zt(256M) - Zt(2M)) / gfns,
@@ -49,11 +52,12 @@ from desim.kvm.scenario import KvmScenario
 from desim.kvm.vm import Kvm
 
 MICRO: dict[str, KvmScenario] = {
-    "A": KvmScenario(name="cal-A", ram_mib=64, policy="fast"),
-    "B": KvmScenario(name="cal-B", ram_mib=256, policy="fast"),
-    "C": KvmScenario(name="cal-C", ram_mib=64, policy="fast", stride_kib=32),
+    "A": KvmScenario(name="cal-A", ram_mib=128, policy="fast"),
+    "B": KvmScenario(name="cal-B", ram_mib=512, policy="fast"),
+    "C": KvmScenario(name="cal-C", ram_mib=512, policy="fast", stride_kib=32),
     "D": KvmScenario(name="cal-D", ram_mib=64, policy="targeted", extra_slot_mib=2),
     "E": KvmScenario(name="cal-E", ram_mib=64, policy="targeted", extra_slot_mib=256),
+    "T": KvmScenario(name="cal-T", ram_mib=512, policy="fast", guest_page="2m", host_thp=True),
 }
 EXIT_PATH = ("vm_exit", "vm_entry", "fault_handle", "faultin_resident", "spte_install")
 PROBES = ("rmap_probe", "hash_probe")
@@ -99,7 +103,7 @@ def _per_fault(runs: list[dict[str, int]], span: str, count: str) -> float:
 
 def fit(raw: dict[str, list[dict[str, int]]], base: Any) -> Calibration:
     """Costs from the microscenario metrics; ``base`` is the HostProfile supplying splits and the rest."""
-    A, B, C, D, E = (raw[k] for k in "ABCDE")
+    A, B, C, D, E, T = (raw[k] for k in "ABCDET")
     pages_a = MICRO["A"].ram_mib << 8
     obs: dict[str, float] = {
         "access_ns": _med(A, "warm_ns") / pages_a,
@@ -109,9 +113,11 @@ def fit(raw: dict[str, list[dict[str, int]]], base: Any) -> Calibration:
             (r["populate_ns"] - r["warm_ns"]) / max(r["populate_pf_fixed"], 1) for r in A)),
         "F1_first_touch_ns": float(statistics.median(
             (r["populate_ns"] - r["warm_ns"]) / max(r["populate_pf_fixed"], 1) for r in C)),
+        "F2M_first_touch_ns": float(statistics.median(
+            (r["populate_ns"] - r["warm_ns"]) / max(r["populate_pf_fixed"], 1) for r in T)),
         "create_ioctl_ns": _med(A + B + C + D + E, "create_ioctl_ns"),
-        "zap_fast_64M_ns": _med(A, "zap_ioctl_ns"), "zap_fast_256M_ns": _med(B, "zap_ioctl_ns"),
-        "shadow_pages_64M": _med(A, "op_shadow_zapped"), "shadow_pages_256M": _med(B, "op_shadow_zapped"),
+        "zap_fast_A_ns": _med(A, "zap_ioctl_ns"), "zap_fast_B_ns": _med(B, "zap_ioctl_ns"),
+        "shadow_pages_A": _med(A, "op_shadow_zapped"), "shadow_pages_B": _med(B, "op_shadow_zapped"),
         "zap_targeted_2M_ns": _med(D, "zap_ioctl_ns"), "zap_targeted_256M_ns": _med(E, "zap_ioctl_ns"),
     }
     P = {k: c.value for k, c in base.costs.items()}
@@ -128,12 +134,16 @@ def fit(raw: dict[str, list[dict[str, int]]], base: Any) -> Calibration:
     f1 = obs["F1_first_touch_ns"]
     costs["host_alloc_4k"] = max(0.0, costs["faultin_resident"] + f1 - r1)
     src["host_alloc_4k"] = f"faultin_resident + (first-touch fault {f1:.0f} ns - re-fault {r1:.0f} ns), no prefetch"
+    f2m = obs["F2M_first_touch_ns"]
+    costs["host_alloc_2m"] = max(0.0, costs["faultin_resident"] + f2m - r1)
+    src["host_alloc_2m"] = f"faultin_resident + (first-touch fault on a THP {f2m:.0f} ns - re-fault {r1:.0f} ns)"
     # fast zap: slope per shadow page between 64 and 256 MiB
-    dpages = obs["shadow_pages_256M"] - obs["shadow_pages_64M"]
-    slope = (obs["zap_fast_256M_ns"] - obs["zap_fast_64M_ns"]) / dpages if dpages > 0 else 0.0
+    dpages = obs["shadow_pages_B"] - obs["shadow_pages_A"]
+    slope = (obs["zap_fast_B_ns"] - obs["zap_fast_A_ns"]) / dpages if dpages > 0 else 0.0
     costs["sp_free"] = P["sp_free"]
     costs["spte_zap"] = max(0.0, (slope - P["sp_free"]) / 512)
-    src["spte_zap"] = (f"fast zap {slope:.0f} ns per shadow page (64 vs 256 MiB), minus sp_free "
+    src["spte_zap"] = (f"fast zap {slope:.0f} ns per shadow page ({MICRO['A'].ram_mib} vs "
+                       f"{MICRO['B'].ram_mib} MiB), minus sp_free "
                        f"{P['sp_free']:.0f}, over 512 SPTEs")
     # targeted zap of an untouched slot: per-gfn probes, then the fixed part
     gfns = (MICRO["E"].extra_slot_mib - MICRO["D"].extra_slot_mib) << 8
