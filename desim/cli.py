@@ -5,6 +5,8 @@
     desim profiles                       list the host profiles
     desim show [SCENARIO.toml]           print the resolved scenario and profile
     desim kvm probe|measure ...          the real KVM of this host (desim.kvm)
+    desim calibrate --out PROFILE.toml   fit host-profile costs on the real KVM
+    desim validate [--profile P]         real KVM vs simulator, per scenario and metric
 
 Without a scenario file the built-in default is used. Bad input gives one
 line ``desim: error: ...`` naming the field and exit status 2, and nothing is
@@ -195,12 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(sh)
     sh.set_defaults(func=cmd_show)
 
-    try:
-        from .kvm.cli import register as register_kvm
-    except ImportError:  # pragma: no cover - the kvm subpackage is optional at import time
-        register_kvm = None
-    if register_kvm is not None:
-        register_kvm(sub)
+    from .kvm.cli import register as register_kvm
+    from .kvm.cli import register_top_level
+
+    register_kvm(sub)
+    register_top_level(sub)  # desim calibrate / desim validate
     return p
 
 

@@ -48,11 +48,11 @@ PAGE_FAULT = "kvm:kvm_page_fault"
 EXIT = "kvm:kvm_exit"
 INT64_MAX = (1 << 63) - 1
 
-_SAMPLE = re.compile(
-    r"\s*(?:(?P<comm>.*?)\s+)??(?:(?:-?\d{1,10}/)?(?P<tid>-?\d{1,10})\s+)?(?:\[\d{1,6}\]\s+)?"
-    r"(?P<sec>\d{1,10})\.(?P<frac>\d{1,9}):\s+(?P<event>[^\s:]+(?::[^\s:]+)?):(?:\s+(?P<payload>.*))?")
-_OTHER_SAMPLE = re.compile(r"\s*\S.*?\s\d+\.\d+:\s.*")  # e.g. "comm tid [cpu] t:  period cycles:P: ..."
-_CALLCHAIN = re.compile(r"\s+[0-9a-f]+\s+\S.*")
+_TIME = re.compile(r"(?<!\S)(\d{1,10})\.(\d{1,9}):(?=\s|$)")  # the first "SECONDS.FRACTION:" token
+_EVENT = re.compile(r"\s*([^\s:]+(?::[^\s:]+)?):(?:\s+|$)")  # "kvm:kvm_exit: " (not "1315219 cycles:P:")
+_TID = re.compile(r"(?:-?\d{1,10}/)?(-?\d{1,10})")  # "TID" or "PID/TID"
+_CPU = re.compile(r"\[\d{1,6}\]")
+_CALLCHAIN = re.compile(r"\s+[0-9a-f]+\s")
 _EXIT_KEYS = {"vcpu", "reason", "rip", "info", "info1", "info2", "intr_info", "error_code"}
 
 
@@ -142,6 +142,29 @@ def _num(path: str, lineno: int, out: dict[str, list[str]], key: str, i: int = 0
     return _hex(path, lineno, text, f"'{key} <hex>'", prefix=False)
 
 
+def _split_sample(text: str) -> tuple[int | None, int, str, str] | None:
+    """``(tid, time_ns, event, payload)`` of a tracepoint sample line, else None.
+
+    The header is parsed around its first ``SECONDS.FRACTION:`` token: to its
+    left, from the right, an optional ``[CPU]``, an optional ``TID`` or
+    ``PID/TID``, and the comm (which may contain spaces); to its right the event
+    name and the payload.
+    """
+    m = _TIME.search(text)
+    if m is None:
+        return None
+    ev = _EVENT.match(text, m.end())
+    if ev is None:
+        return None
+    head = text[:m.start()].split()
+    if head and _CPU.fullmatch(head[-1]):
+        head.pop()
+    tid = None
+    if head and (t := _TID.fullmatch(head[-1])) is not None:
+        tid = int(t.group(1))
+    return tid, int(m.group(1)) * 1_000_000_000 + _frac_ns(m.group(2)), ev.group(1), text[ev.end():]
+
+
 def read_perf_trace(path: str | os.PathLike[str]) -> PerfTrace:
     """Read ``perf script`` output of kvm:kvm_page_fault / kvm:kvm_exit (see the module docstring)."""
     name = os.fspath(path)
@@ -151,20 +174,19 @@ def read_perf_trace(path: str | os.PathLike[str]) -> PerfTrace:
         if not text.strip() or text.lstrip().startswith("#"):
             skipped += 1
             continue
-        m = _SAMPLE.fullmatch(text)
-        if m is None or m["event"] not in (PAGE_FAULT, EXIT):
+        sample = _split_sample(text)
+        if sample is None or sample[2] not in (PAGE_FAULT, EXIT):
             if PAGE_FAULT + ":" in text or EXIT + ":" in text:
                 raise _fail(name, lineno, "a perf script line 'COMM TID [CPU] SECONDS.FRACTION: EVENT: PAYLOAD'", text)
-            if m is None and _OTHER_SAMPLE.fullmatch(text) is None and _CALLCHAIN.fullmatch(text) is None:
+            if sample is None and _TIME.search(text) is None and _CALLCHAIN.match(text) is None:
                 raise _fail(name, lineno, "a perf script sample line 'COMM TID [CPU] SECONDS.FRACTION: EVENT: ...'",
                             text)
             skipped += 1
             continue
-        out = _pairs(name, lineno, m["payload"] or "", m["event"])
+        tid, t, event, payload = sample
+        out = _pairs(name, lineno, payload, event)
         vcpu = _num(name, lineno, out, "vcpu") if "vcpu" in out else None
-        tid = int(m["tid"]) if m["tid"] is not None else None
-        t = int(m["sec"]) * 1_000_000_000 + _frac_ns(m["frac"])
-        if m["event"] == PAGE_FAULT:
+        if event == PAGE_FAULT:
             events.append((PAGE_FAULT, lineno, tid, vcpu, t, _num(name, lineno, out, "address"),
                            _num(name, lineno, out, "error_code")))
         else:
