@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import re
 import tomllib
+
+import numpy as np
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -113,26 +115,39 @@ class MemslotSpec(_Model):
 
 
 class MemslotOpSpec(_Model):
-    """One memslot ioctl (or a periodic series of them) in a phase's VMM script."""
+    """One memslot ioctl (or a series of them) in a phase's VMM script.
+
+    ``op = "toggle"`` is a create at ``at_us`` and a delete ``hold_us`` later
+    (a device mapping a ROM or BAR and unmapping it again). ``repeat`` runs the
+    op again every ``every_us`` (periodic) or, with ``poisson = true``, after
+    exponentially distributed gaps of mean ``every_us`` drawn from the VMM's
+    own random stream (a toggle's next create never starts before its delete).
+    """
 
     at_us: float = Field(ge=0)
-    op: Literal["create", "delete", "move", "flags"]
+    op: Literal["create", "delete", "move", "flags", "toggle"]
     slot: int = Field(ge=0, lt=1 << 32)
     gpa: Size | None = Field(default=None, ge=0)
     size: Size | None = Field(default=None, gt=0)
     flags: Flags = 0
     ua: Size | None = Field(default=None, ge=0)
+    hold_us: float = Field(default=0.0, ge=0)
     repeat: int = Field(default=1, ge=1, le=1_000_000)
     every_us: float = Field(default=0.0, ge=0)
+    poisson: bool = False
 
     @model_validator(mode="after")
     def _fields(self) -> "MemslotOpSpec":
-        if self.op in ("create", "move") and self.gpa is None:
+        if self.op in ("create", "move", "toggle") and self.gpa is None:
             raise ValueError(f"op '{self.op}' needs gpa")
-        if self.op == "create" and self.size is None:
-            raise ValueError("op 'create' needs size")
+        if self.op in ("create", "toggle") and self.size is None:
+            raise ValueError(f"op '{self.op}' needs size")
+        if self.op == "toggle" and self.hold_us <= 0:
+            raise ValueError("op 'toggle' needs hold_us > 0 (how long the slot stays mapped)")
         if self.repeat > 1 and self.every_us <= 0:
             raise ValueError("repeat > 1 needs every_us > 0")
+        if self.op == "toggle" and self.repeat > 1 and not self.poisson and self.every_us <= self.hold_us:
+            raise ValueError("a repeated toggle needs every_us > hold_us (the slot must be deleted first)")
         for name in ("gpa", "size"):
             v = getattr(self, name)
             if v is not None and v % PAGE_SIZE:
@@ -141,23 +156,34 @@ class MemslotOpSpec(_Model):
 
 
 class TraceSpec(_Model):
-    """A real memslot trace replayed by the VMM during a phase."""
+    """A real memslot trace replayed by the VMM during a phase.
+
+    ``timing = "scaled"`` replays at the trace's own timestamps times
+    ``scale``; ``"ordered"`` keeps only the order, one op every ``gap_us``.
+    """
 
     path: str
     format: Literal["qemu"] = "qemu"
-    mode: Literal["time", "events"] = "time"
-    time_scale: float = Field(default=1.0, gt=0)
+    timing: Literal["scaled", "ordered"] = "scaled"
+    scale: float = Field(default=1.0, gt=0)
     gap_us: float = Field(default=100.0, ge=0)
     address_space: int | None = 0
 
 
-class PhaseSpec(_Model):
-    """A phase: which vCPUs run, what they touch, and what the VMM does meanwhile."""
+class TouchSpec(_Model):
+    """What a set of vCPUs touches: a pattern over a memory region.
 
-    name: str = Field(min_length=1)
+    The region is a memslot's range (``slot``, ``offset``, ``size``) or a
+    guest-physical range (``gpa``, ``size``) resolved to whatever memslots map
+    it when the vCPU gets there (an unmapped gpa is an MMIO exit).
+    ``pattern = "trace"`` replays the pages of a ``perf script`` trace of
+    ``kvm:kvm_page_fault`` events, vCPU i taking the trace's vCPU i.
+    """
+
     vcpus: int | Literal["all", "bsp", "aps"] = "all"
-    pattern: Literal["sequential", "uniform", "zipf", "hotcold", "none"] = "sequential"
+    pattern: Literal["sequential", "uniform", "zipf", "hotcold", "trace"] = "sequential"
     slot: int | None = None
+    gpa: Size | None = Field(default=None, ge=0)
     offset: Size = Field(default=0, ge=0)
     size: Size | None = Field(default=None, gt=0)
     sharing: Literal["private", "shared"] = "private"
@@ -167,21 +193,55 @@ class PhaseSpec(_Model):
     zipf_s: float = Field(default=1.1, gt=0)
     hot_fraction: float = Field(default=0.1, gt=0, le=1)
     hot_probability: float = Field(default=0.9, ge=0, le=1)
-    memslot_ops: list[MemslotOpSpec] = Field(default_factory=list)
-    memslot_trace: TraceSpec | None = None
+    perf_trace: str | None = None
 
     @model_validator(mode="after")
-    def _pattern(self) -> "PhaseSpec":
-        if self.pattern != "none" and self.slot is None:
-            raise ValueError(f"pattern '{self.pattern}' needs slot (the memslot whose memory is touched)")
+    def _region(self) -> "TouchSpec":
+        if self.pattern == "trace":
+            if not self.perf_trace:
+                raise ValueError("pattern 'trace' needs perf_trace (a perf script file of kvm:kvm_page_fault)")
+            return self
+        if (self.slot is None) == (self.gpa is None):
+            raise ValueError(f"pattern '{self.pattern}' needs exactly one of slot or gpa (the region touched)")
+        if self.gpa is not None and self.size is None:
+            raise ValueError("a gpa region needs size")
+        if self.gpa is not None and (self.gpa % PAGE_SIZE or self.size % PAGE_SIZE):
+            raise ValueError("gpa and size must be multiples of 4 KiB")
         if self.pattern in ("uniform", "zipf", "hotcold") and self.accesses <= 0:
             raise ValueError(f"pattern '{self.pattern}' needs accesses > 0")
         return self
 
 
+class PhaseSpec(TouchSpec):
+    """A phase: what the vCPUs touch and what the VMM does meanwhile.
+
+    The phase's own pattern fields describe one touch (``pattern = "none"``:
+    none); ``touches`` adds more, run one after another by each vCPU they
+    name. The phase ends when every vCPU has finished its touches and the VMM
+    its script.
+    """
+
+    name: str = Field(min_length=1)
+    pattern: Literal["sequential", "uniform", "zipf", "hotcold", "trace", "none"] = "sequential"  # type: ignore[assignment]
+    touches: list[TouchSpec] = Field(default_factory=list)
+    memslot_ops: list[MemslotOpSpec] = Field(default_factory=list)
+    memslot_trace: TraceSpec | None = None
+
+    @model_validator(mode="after")
+    def _region(self) -> "PhaseSpec":  # type: ignore[override]
+        if self.pattern != "none":
+            TouchSpec._region(self)  # type: ignore[arg-type]
+        return self
+
+    def touch_list(self) -> list[TouchSpec]:
+        own = [] if self.pattern == "none" else [TouchSpec.model_validate(
+            self.model_dump(include=set(TouchSpec.model_fields)))]
+        return own + list(self.touches)
+
+
 class VmSpec(_Model):
     vcpus: int = Field(ge=1, le=4096)
-    memslots: list[MemslotSpec] = Field(min_length=1)
+    memslots: list[MemslotSpec] = Field(default_factory=list)
 
     @field_validator("memslots")
     @classmethod
@@ -317,23 +377,49 @@ def load_scenario(path: str | Path | None = None) -> Scenario:
     except tomllib.TOMLDecodeError as e:
         raise DesimInputError(f"{where}: not valid TOML: {e}") from None
     if base is not None:
-        for ph in data.get("phases", []) if isinstance(data.get("phases"), list) else []:
-            tr = ph.get("memslot_trace") if isinstance(ph, dict) else None
-            if isinstance(tr, dict) and isinstance(tr.get("path"), str) and not Path(tr["path"]).is_absolute():
-                cand = base / tr["path"]
-                if cand.exists():
-                    tr["path"] = str(cand)
+        _resolve_paths(data, base)
     return validate_scenario(data, where)
 
 
-def phase_ops(phase: PhaseSpec) -> list[MemslotOp]:
-    """The phase's VMM script as kernel-level ops, sorted by time."""
+def _resolve_paths(data: dict, base: Path) -> None:
+    """Trace paths in a scenario file are relative to the file (or to the working directory)."""
+    def fix(d: Any, key: str) -> None:
+        if isinstance(d, dict) and isinstance(d.get(key), str) and not Path(d[key]).is_absolute():
+            cand = base / d[key]
+            if cand.exists():
+                d[key] = str(cand)
+
+    phases = data.get("phases")
+    for ph in phases if isinstance(phases, list) else []:
+        if not isinstance(ph, dict):
+            continue
+        fix(ph.get("memslot_trace"), "path")
+        fix(ph, "perf_trace")
+        for t in ph.get("touches", []) if isinstance(ph.get("touches"), list) else []:
+            fix(t, "perf_trace")
+
+
+def phase_ops(phase: PhaseSpec, rng: np.random.Generator | None = None) -> list[MemslotOp]:
+    """The phase's VMM script as kernel-level ops, sorted by time (stable).
+
+    ``rng`` draws the gaps of ``poisson`` series (the VMM's named stream);
+    without it (validation) the mean gap is used.
+    """
     ops: list[MemslotOp] = []
     for spec in phase.memslot_ops:
-        for k in range(spec.repeat):
-            ops.append(MemslotOp(time_ns=(spec.at_us + k * spec.every_us) * 1e3, op=MrChange(spec.op),
-                                 slot=spec.slot, gpa=spec.gpa or 0, size=spec.size or 0,
-                                 flags=spec.flags, ua=spec.ua or 0))
+        t = spec.at_us
+        for _ in range(spec.repeat):
+            kw = dict(slot=spec.slot, gpa=spec.gpa or 0, size=spec.size or 0, flags=spec.flags, ua=spec.ua or 0)
+            if spec.op == "toggle":
+                ops.append(MemslotOp(time_ns=t * 1e3, op=MrChange.CREATE, **kw))
+                ops.append(MemslotOp(time_ns=(t + spec.hold_us) * 1e3, op=MrChange.DELETE, **kw))
+            else:
+                ops.append(MemslotOp(time_ns=t * 1e3, op=MrChange(spec.op), **kw))
+            if spec.poisson:
+                gap = float(rng.exponential(spec.every_us)) if rng is not None else spec.every_us
+                t += (spec.hold_us if spec.op == "toggle" else 0.0) + gap
+            else:
+                t += spec.every_us
     if phase.memslot_trace is not None:
         ops.extend(trace_ops(phase.memslot_trace))
     ops.sort(key=lambda o: o.time_ns)
@@ -345,11 +431,9 @@ def trace_ops(spec: TraceSpec) -> list[MemslotOp]:
     from .traces import read_qemu_trace  # the trace reader module
 
     trace = read_qemu_trace(spec.path)
-    ops = trace.to_memslot_ops(mode=spec.mode, gap_ns=spec.gap_us * 1e3)
+    ops = trace.to_memslot_ops(spec.timing, gap_ns=spec.gap_us * 1e3, scale=spec.scale)
     if spec.address_space is not None:
         ops = [o for o in ops if (o.slot >> 16) == spec.address_space]
-    if spec.time_scale != 1.0:
-        ops = [MemslotOp(o.time_ns * spec.time_scale, o.op, o.slot, o.gpa, o.size, o.flags, o.ua) for o in ops]
     return ops
 
 
@@ -376,14 +460,16 @@ def check_script(sc: Scenario, where: str) -> None:
                 slots[op.slot] = (op.gpa, size)
             elif op.slot not in slots:
                 raise DesimInputError(f"{tag}: no such slot at that time")
-        if phase.slot is not None and phase.pattern != "none":
-            # the touched slot must exist when the phase starts or be created by it
-            created = {o.slot for o in phase_ops(phase) if o.op == MrChange.CREATE}
-            if phase.slot not in slots and phase.slot not in created and not _existed_before(sc, pi, phase.slot):
-                raise DesimInputError(f"{where}: phases.{pi}.slot: memslot {phase.slot} does not exist in this phase")
-            gs = slots.get(phase.slot)
-            if gs is not None and phase.size is not None and phase.offset + phase.size > gs[1]:
-                raise DesimInputError(f"{where}: phases.{pi}.size: offset + size exceed memslot {phase.slot}'s "
+        created = {o.slot for o in phase_ops(phase) if o.op == MrChange.CREATE}
+        for ti, touch in enumerate(phase.touch_list()):
+            if touch.slot is None:
+                continue
+            field = f"phases.{pi}" + ("" if ti == 0 and phase.pattern != "none" else f".touches.{ti}")
+            if touch.slot not in slots and touch.slot not in created and not _existed_before(sc, pi, touch.slot):
+                raise DesimInputError(f"{where}: {field}.slot: memslot {touch.slot} does not exist in this phase")
+            gs = slots.get(touch.slot)
+            if gs is not None and touch.size is not None and touch.offset + touch.size > gs[1]:
+                raise DesimInputError(f"{where}: {field}.size: offset + size exceed memslot {touch.slot}'s "
                                       f"{gs[1]} bytes")
 
 

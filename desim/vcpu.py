@@ -147,10 +147,9 @@ class Vcpu:
         self.proc.interrupt("kick")
         return self._ack
 
-    def assign(self, stream: "AccessStream", access_ns: float, on_done) -> None:
+    def assign(self, stream: "AccessStream", on_done) -> None:
         """Give the vCPU a phase's access stream and wake it (INIT/SIPI or an interrupt)."""
         self.stream = stream
-        self.access_ns = access_ns
         self.on_done = on_done
         self._chunk = None
         if self._wake is not None:
@@ -163,6 +162,7 @@ class Vcpu:
             return False
         self._chunk = chunk
         self._chunk_list = chunk.tolist()
+        self.access_ns = self.stream.access_ns
         self._pos = 0
         self._seq = -1
         return True

@@ -23,11 +23,11 @@ from .memslot import Memslot, MemslotOp
 from .metrics import Metrics
 from .mmu import Mmu
 from .profile import HostProfile
-from .scenario import PhaseSpec, Scenario, phase_ops
+from .scenario import PhaseSpec, Scenario, TouchSpec, phase_ops
 from .streams import stream
 from .vcpu import Vcpu
 from .vmm import Vmm
-from .workload import make_stream, split_region
+from .workload import AccessStream, ChainedStream, make_stream, perf_streams, split_region
 from .zap import make_policy
 
 
@@ -84,41 +84,59 @@ class Vm:
             ev.succeed()
 
     # -- phases ---------------------------------------------------------------------
-    def _phase_vcpus(self, phase: PhaseSpec) -> list[Vcpu]:
+    def _touch_vcpus(self, which: int | str) -> list[Vcpu]:
         n = len(self.vcpus)
-        if phase.vcpus == "all":
+        if which == "all":
             return list(self.vcpus)
-        if phase.vcpus == "bsp":
+        if which == "bsp":
             return self.vcpus[:1]
-        if phase.vcpus == "aps":
+        if which == "aps":
             return self.vcpus[1:]
-        if phase.vcpus > n:
-            raise DesimInputError(f"phase {phase.name}: vcpus = {phase.vcpus} but the VM has {n}")
-        return self.vcpus[:phase.vcpus]
+        if which > n:
+            raise DesimInputError(f"vcpus = {which} but the VM has {n}")
+        return self.vcpus[:which]
 
-    def _start_streams(self, phase: PhaseSpec, active: list[Vcpu], on_done) -> int:
-        if phase.pattern == "none":
-            return 0
-        ss = self.mmu.slots.get(phase.slot)
+    def _touch_region(self, phase: PhaseSpec, touch: TouchSpec) -> tuple[int, int]:
+        """(first gfn, pages) of a touch's region, resolved now."""
+        if touch.gpa is not None:
+            return touch.gpa >> 12, touch.size >> 12
+        ss = self.mmu.slots.get(touch.slot)
         if ss is None:
-            raise DesimInputError(f"phase {phase.name}: memslot {phase.slot} does not exist when the phase starts")
-        lo = ss.slot.base_gfn + (phase.offset >> 12)
-        n = (phase.size >> 12) if phase.size is not None else ss.slot.npages - (phase.offset >> 12)
+            raise DesimInputError(f"phase {phase.name}: memslot {touch.slot} does not exist when the phase starts")
+        lo = ss.slot.base_gfn + (touch.offset >> 12)
+        n = (touch.size >> 12) if touch.size is not None else ss.slot.npages - (touch.offset >> 12)
         if n <= 0 or lo + n > ss.slot.end_gfn:
-            raise DesimInputError(f"phase {phase.name}: offset/size fall outside memslot {phase.slot}")
-        started = 0
-        for i, v in enumerate(active):
-            a, m = (lo, n) if phase.sharing == "shared" else split_region(lo, n, len(active), i)
-            if m <= 0:
+            raise DesimInputError(f"phase {phase.name}: offset/size fall outside memslot {touch.slot}")
+        return lo, n
+
+    def _start_streams(self, phase: PhaseSpec, on_done) -> int:
+        """Build every vCPU's stream for the phase (its touches in order) and wake the vCPUs."""
+        per_vcpu: dict[int, list[AccessStream]] = {}
+        for ti, touch in enumerate(phase.touch_list()):
+            active = self._touch_vcpus(touch.vcpus)
+            if touch.pattern == "trace":
+                streams = perf_streams(touch.perf_trace, len(active))
+                for v, gfns in zip(active, streams):
+                    st = make_stream("gfns", 0, 0, rng=None, gfns=gfns)
+                    st.access_ns = touch.access_ns
+                    per_vcpu.setdefault(v.index, []).append(st)
                 continue
-            rng = stream(self.seed, self.replication, f"workload/{phase.name}/vcpu{v.index}")
-            st = make_stream(phase.pattern, a, m, rng=rng, passes=phase.passes, accesses=phase.accesses,
-                             zipf_s=phase.zipf_s, hot_fraction=phase.hot_fraction,
-                             hot_probability=phase.hot_probability)
+            lo, n = self._touch_region(phase, touch)
+            for i, v in enumerate(active):
+                a, m = (lo, n) if touch.sharing == "shared" else split_region(lo, n, len(active), i)
+                if m <= 0:
+                    continue
+                rng = stream(self.seed, self.replication, f"workload/{phase.name}/{ti}/vcpu{v.index}")
+                st = make_stream(touch.pattern, a, m, rng=rng, passes=touch.passes, accesses=touch.accesses,
+                                 zipf_s=touch.zipf_s, hot_fraction=touch.hot_fraction,
+                                 hot_probability=touch.hot_probability)
+                st.access_ns = touch.access_ns
+                per_vcpu.setdefault(v.index, []).append(st)
+        for idx, streams in sorted(per_vcpu.items()):
+            st = streams[0] if len(streams) == 1 else ChainedStream(streams)
             self.metrics.accesses_assigned += st.total
-            v.assign(st, phase.access_ns, on_done)
-            started += 1
-        return started
+            self.vcpus[idx].assign(st, on_done)
+        return len(per_vcpu)
 
     def _run_phases(self) -> Generator:
         env = self.env
@@ -131,9 +149,9 @@ class Vm:
                 if pending["n"] == 0 and not done_ev.triggered:
                     done_ev.succeed()
 
-            active = self._phase_vcpus(phase)
-            vmm_proc = env.process(self.vmm.run_script(phase_ops(phase)))
-            pending["n"] = self._start_streams(phase, active, one_done)
+            vmm_rng = stream(self.seed, self.replication, f"vmm/{phase.name}")
+            vmm_proc = env.process(self.vmm.run_script(phase_ops(phase, vmm_rng)))
+            pending["n"] = self._start_streams(phase, one_done)
             if pending["n"]:
                 yield done_ev
             yield vmm_proc

@@ -31,13 +31,34 @@ CHUNK = 4096
 
 @dataclass
 class AccessStream:
-    """A finite stream of gfn chunks."""
+    """A finite stream of gfn chunks, each with the guest time per access (ns)."""
 
     chunks: Iterator[np.ndarray]
     total: int
+    access_ns: float = 100.0
 
     def next_chunk(self) -> np.ndarray | None:
         return next(self.chunks, None)
+
+
+class ChainedStream(AccessStream):
+    """Several streams run one after another (a vCPU's touches within a phase)."""
+
+    def __init__(self, streams: list[AccessStream]) -> None:
+        self._streams = list(streams)
+        self._i = 0
+        super().__init__(iter(()), sum(s.total for s in self._streams),
+                         self._streams[0].access_ns if self._streams else 100.0)
+
+    def next_chunk(self) -> np.ndarray | None:
+        while self._i < len(self._streams):
+            cur = self._streams[self._i]
+            chunk = cur.next_chunk()
+            if chunk is not None:
+                self.access_ns = cur.access_ns
+                return chunk
+            self._i += 1
+        return None
 
 
 def _sequential(lo: int, n: int, passes: int) -> Iterator[np.ndarray]:
@@ -90,3 +111,15 @@ def split_region(lo: int, n: int, parts: int, index: int) -> tuple[int, int]:
     a = lo + (n * index) // parts
     b = lo + (n * (index + 1)) // parts
     return a, b - a
+
+
+def perf_streams(path: str, nvcpus: int) -> list[np.ndarray]:
+    """Per-vCPU gfn streams from a ``perf script`` trace of ``kvm:kvm_page_fault``.
+
+    vCPU i of the VM replays the faulting pages of the trace's i-th vCPU (in
+    vCPU-id order); extra simulated vCPUs get nothing.
+    """
+    from .traces import read_perf_trace
+
+    streams = read_perf_trace(path).to_access_streams()
+    return [streams[k] for k in sorted(streams)][:nvcpus]

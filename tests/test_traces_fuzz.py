@@ -28,7 +28,8 @@ def mutated(draw) -> bytes:
         if not lines:
             break
         i = draw(st.integers(0, len(lines) - 1))
-        kind = draw(st.sampled_from(["delete", "duplicate", "swap", "flip", "truncate", "insert", "cut_file"]))
+        kind = draw(st.sampled_from(["delete", "duplicate", "swap", "flip", "truncate", "insert", "cut_file",
+                                     "repeat"]))
         line = lines[i]
         pos = draw(st.integers(0, len(line)))
         if kind == "delete":
@@ -45,6 +46,8 @@ def mutated(draw) -> bytes:
             lines[i] = line[:pos]
         elif kind == "insert":
             lines[i] = line[:pos] + draw(st.binary(min_size=1, max_size=8)) + line[pos:]
+        elif kind == "repeat":  # a long line
+            lines[i] = line[:pos] * draw(st.integers(2, 200)) + line[pos:]
         elif kind == "cut_file":
             lines = lines[:i] + [line[:pos]]
     return b"\n".join(lines) + b"\n" * draw(st.integers(0, 1))
@@ -80,13 +83,13 @@ def _load_both(data: bytes) -> None:
         os.unlink(name)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated())
 def test_mutated_real_lines_load_or_raise_desim_input_error(data):
     _load_both(data)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300))
 def test_random_bytes_load_or_raise_desim_input_error(data):
     _load_both(data)

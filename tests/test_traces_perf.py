@@ -143,13 +143,16 @@ def test_tid_only_and_no_comm(tmp_path):
     (PF.replace(" error_code 0x181", ""), r"expected 'error_code' in kvm_page_fault fields"),
     (PF[:PF.index("address") + 7], r"expected one value after 'address' in kvm_page_fault line, got 'address'"),
     (PF[:40], r"expected a perf script sample line"),                                    # truncated
+    (PF[:PF.index("kvm:kvm_page_fault") + 10], r"expected a perf script sample line"),   # truncated in the name
     (PF.replace("vcpu 0", "vcpu x"), r"expected 'vcpu <decimal>', got 'x'"),
     (PF.replace("vcpu 0", "cpu 0"), r"expected kvm_page_fault fields .*got 'cpu'"),
     (PF.replace("address", "address address"), r"expected one value after 'address'"),
     (PF.replace("   100.000001:", "   100.000001"), r"expected a perf script line 'COMM TID \[CPU\]"),
     (EXIT.replace(" rip 0xffffffff81000000", ""), r"expected 'rip' in kvm_exit fields"),
     (EXIT.replace("info1 0x0000000000000181", "info1"), r"expected one value after 'info1'"),
-    (EXIT.replace("reason EPT_VIOLATION ", "reason "), r"expected one value after 'reason'"),
+    (EXIT.replace("reason EPT_VIOLATION ", "reason "), r"expected a name after 'reason'"),
+    (EXIT.replace("info1 0x0000000000000181 info2 0x0000000000000000", "info 181"), r"expected two values after 'info'"),
+    (EXIT.replace("info1 0x0000000000000181 info2 0x0000000000000000", "info 181 info2"), r"expected 'info <hex>', got 'info2'"),
     (b"\x7fELF\x02\x01\x01\x00\xff", r"expected UTF-8 text, got byte 0xff at column 9"),
     ("\x00\x01garbage without a timestamp", r"expected a perf script sample line"),
     ("[003] 1.000000: kvm:kvm_page_fault: address 1000 error_code 2", r"expected 'vcpu N' in the payload or a thread id"),
@@ -164,6 +167,14 @@ def test_no_kvm_lines(tmp_path):
     p = write(tmp_path, "             perf 12345/12345 [000]   100.000100: sched:sched_switch: prev_comm=perf")
     with pytest.raises(DesimInputError, match=rf"^{p}: expected kvm:kvm_page_fault or kvm:kvm_exit lines"):
         read_perf_trace(p)
+
+
+def test_very_long_lines_are_rejected_quickly(tmp_path):
+    # the header is split around its timestamp, no backtracking regex: 200k-character lines are cheap
+    for junk in (" " * 200_000 + "x", "a " * 100_000, "1/2 " * 50_000, PF[:60] + " 1" * 100_000):
+        p = write(tmp_path, EXIT, junk)
+        with pytest.raises(DesimInputError, match=rf"^{p}:2: expected"):
+            read_perf_trace(p)
 
 
 def test_missing_file(tmp_path):

@@ -52,8 +52,12 @@ _TIME = re.compile(r"(?<!\S)(\d{1,10})\.(\d{1,9}):(?=\s|$)")  # the first "SECON
 _EVENT = re.compile(r"\s*([^\s:]+(?::[^\s:]+)?):(?:\s+|$)")  # "kvm:kvm_exit: " (not "1315219 cycles:P:")
 _TID = re.compile(r"(?:-?\d{1,10}/)?(-?\d{1,10})")  # "TID" or "PID/TID"
 _CPU = re.compile(r"\[\d{1,6}\]")
-_CALLCHAIN = re.compile(r"\s+[0-9a-f]+\s")
+_PERIOD_EVENT = re.compile(r"\s*\d+\s+[^\s:]+(?::[^\s:]+)*:(?:\s|$)")  # "    1315219 cycles:P: "
+_CALLCHAIN = re.compile(r"\s+[0-9a-f]+\s")  # "\t    ffffffff8106a1c5 native_write_msr+0x5 (...)"
+_PF_KEYS = {"vcpu", "rip", "address", "error_code"}
+_PF_WANT = "'vcpu N rip 0x<hex> address 0x<hex> error_code 0x<hex>' (or 'address <hex> error_code <hex>')"
 _EXIT_KEYS = {"vcpu", "reason", "rip", "info", "info1", "info2", "intr_info", "error_code"}
+_EXIT_WANT = "'vcpu N reason NAME rip 0x<hex> info1 0x<hex> info2 0x<hex> ...' (or 'reason NAME rip 0x<hex> info <hex> <hex>')"
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -108,30 +112,31 @@ class PerfTrace:
 
 
 def _pairs(path: str, lineno: int, payload: str, event: str) -> dict[str, list[str]]:
-    """Split a payload into ``{key: [value words]}`` (kvm_exit's reason and info take several)."""
-    keys = {"vcpu", "rip", "address", "error_code"} if event == PAGE_FAULT else _EXIT_KEYS
-    want = ("'vcpu N rip 0x<hex> address 0x<hex> error_code 0x<hex>' (or 'address <hex> error_code <hex>')"
-            if event == PAGE_FAULT else "'vcpu N reason NAME rip 0x<hex> info1 0x<hex> info2 0x<hex> ...' "
-            "(or 'reason NAME rip 0x<hex> info <hex> <hex>')")
+    """Split a payload into ``{key: [value words]}``.
+
+    Every key takes one value, except kvm_exit's ``reason`` (the words up to
+    ``rip``) and the old ``info`` (two values).
+    """
+    short = event.split(":")[1]
+    keys, want = (_PF_KEYS, _PF_WANT) if event == PAGE_FAULT else (_EXIT_KEYS, _EXIT_WANT)
     out: dict[str, list[str]] = {}
     key = None
     for tok in payload.split():
-        if tok in keys and tok not in out and (key != "reason" or tok == "rip" or not out["reason"]) \
-                and (key != "info" or len(out["info"]) == 2):
+        more = (key == "reason" and tok != "rip" and out[key]) or (key == "info" and len(out[key]) < 2)
+        if tok in keys and tok not in out and not more:
             key = tok
             out[key] = []
         elif key is None:
-            raise _fail(path, lineno, f"{event.split(':')[1]} fields {want}", tok)
+            raise _fail(path, lineno, f"{short} fields {want}", tok)
         else:
             out[key].append(tok)
     for key, words in out.items():
-        n = 2 if key == "info" else len(words) if key == "reason" else 1
-        if len(words) != n or n == 0:
-            raise _fail(path, lineno, f"{'two values' if key == 'info' else 'one value'} after '{key}' in "
-                        f"{event.split(':')[1]} line", " ".join([key, *words]))
+        if not words if key == "reason" else len(words) != (2 if key == "info" else 1):
+            what = {"reason": "a name", "info": "two values"}.get(key, "one value")
+            raise _fail(path, lineno, f"{what} after '{key}' in {short} line", " ".join([key, *words]))
     for key in ("address", "error_code") if event == PAGE_FAULT else ("reason", "rip"):
         if key not in out:
-            raise _fail(path, lineno, f"'{key}' in {event.split(':')[1]} fields {want}", payload)
+            raise _fail(path, lineno, f"'{key}' in {short} fields {want}", payload.strip())
     return out
 
 
@@ -165,6 +170,12 @@ def _split_sample(text: str) -> tuple[int | None, int, str, str] | None:
     return tid, int(m.group(1)) * 1_000_000_000 + _frac_ns(m.group(2)), ev.group(1), text[ev.end():]
 
 
+def _other_sample(text: str) -> bool:
+    """A sample of a counting event: ``COMM TID [CPU] TIME: PERIOD EVENT: ...``."""
+    m = _TIME.search(text)
+    return m is not None and _PERIOD_EVENT.match(text, m.end()) is not None
+
+
 def read_perf_trace(path: str | os.PathLike[str]) -> PerfTrace:
     """Read ``perf script`` output of kvm:kvm_page_fault / kvm:kvm_exit (see the module docstring)."""
     name = os.fspath(path)
@@ -178,7 +189,7 @@ def read_perf_trace(path: str | os.PathLike[str]) -> PerfTrace:
         if sample is None or sample[2] not in (PAGE_FAULT, EXIT):
             if PAGE_FAULT + ":" in text or EXIT + ":" in text:
                 raise _fail(name, lineno, "a perf script line 'COMM TID [CPU] SECONDS.FRACTION: EVENT: PAYLOAD'", text)
-            if sample is None and _TIME.search(text) is None and _CALLCHAIN.match(text) is None:
+            if sample is None and not _other_sample(text) and _CALLCHAIN.match(text) is None:
                 raise _fail(name, lineno, "a perf script sample line 'COMM TID [CPU] SECONDS.FRACTION: EVENT: ...'",
                             text)
             skipped += 1
