@@ -101,8 +101,11 @@ def write(tmp_path: Path, *lines: str | bytes) -> Path:
     return p
 
 
-PF = " qemu-system-x86   12345/12350   [003]   100.000001: kvm:kvm_page_fault: vcpu 0 rip 0xffffffff81000000 address 0x0000000012345000 error_code 0x181"
-EXIT = " qemu-system-x86   12345/12350   [003]   100.000000:       kvm:kvm_exit: vcpu 0 reason EPT_VIOLATION rip 0xffffffff81000000 info1 0x0000000000000181 info2 0x0000000000000000 intr_info 0x00000000 error_code 0x00000000"
+PF = (" qemu-system-x86   12345/12350   [003]   100.000001: kvm:kvm_page_fault: "
+      "vcpu 0 rip 0xffffffff81000000 address 0x0000000012345000 error_code 0x181")
+EXIT = (" qemu-system-x86   12345/12350   [003]   100.000000:       kvm:kvm_exit: "
+        "vcpu 0 reason EPT_VIOLATION rip 0xffffffff81000000 info1 0x0000000000000181 info2 0x0000000000000000 "
+        "intr_info 0x00000000 error_code 0x00000000")
 
 
 def test_out_of_order_lines_are_sorted_per_vcpu(tmp_path):

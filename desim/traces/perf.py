@@ -25,7 +25,7 @@ line missing a field, is an error.
 
 vCPU ids come from the payload's ``vcpu N``. A line without it (old kernels)
 takes the vCPU of its thread: the vCPU that thread reports on any other line
-(e.g. a 5.x kernel's kvm_exit has ``vcpu`` but its kvm_page_fault does not),
+(kernels before ~6.1 print ``vcpu`` in kvm_exit but not in kvm_page_fault),
 else the smallest id not yet used, given to threads in order of first
 appearance. Such a trace needs the TID field. One VM per trace is assumed.
 
@@ -48,16 +48,17 @@ PAGE_FAULT = "kvm:kvm_page_fault"
 EXIT = "kvm:kvm_exit"
 INT64_MAX = (1 << 63) - 1
 
-_TIME = re.compile(r"(?<!\S)(\d{1,10})\.(\d{1,9}):(?=\s|$)")  # the first "SECONDS.FRACTION:" token
-_EVENT = re.compile(r"\s*([^\s:]+(?::[^\s:]+)?):(?:\s+|$)")  # "kvm:kvm_exit: " (not "1315219 cycles:P:")
-_TID = re.compile(r"(?:-?\d{1,10}/)?(-?\d{1,10})")  # "TID" or "PID/TID"
-_CPU = re.compile(r"\[\d{1,6}\]")
-_PERIOD_EVENT = re.compile(r"\s*\d+\s+[^\s:]+(?::[^\s:]+)*:(?:\s|$)")  # "    1315219 cycles:P: "
-_CALLCHAIN = re.compile(r"\s+[0-9a-f]+\s")  # "\t    ffffffff8106a1c5 native_write_msr+0x5 (...)"
+_TIME = re.compile(r"(?<!\S)(\d{1,10})\.(\d{1,9}):(?=\s|$)", re.ASCII)  # the first "SECONDS.FRACTION:" token
+_EVENT = re.compile(r"\s*([^\s:]+(?::[^\s:]+)?):(?:\s+|$)", re.ASCII)  # "kvm:kvm_exit: " (not "1315219 cycles:P:")
+_TID = re.compile(r"(?:-?\d{1,10}/)?(-?\d{1,10})", re.ASCII)  # "TID" or "PID/TID"
+_CPU = re.compile(r"\[\d{1,6}\]", re.ASCII)
+_PERIOD_EVENT = re.compile(r"\s*\d+\s+[^\s:]+(?::[^\s:]+)*:(?:\s|$)", re.ASCII)  # "    1315219 cycles:P: "
+_CALLCHAIN = re.compile(r"\s+[0-9a-f]+\s", re.ASCII)  # "\t    ffffffff8106a1c5 native_write_msr+0x5 (...)"
 _PF_KEYS = {"vcpu", "rip", "address", "error_code"}
 _PF_WANT = "'vcpu N rip 0x<hex> address 0x<hex> error_code 0x<hex>' (or 'address <hex> error_code <hex>')"
 _EXIT_KEYS = {"vcpu", "reason", "rip", "info", "info1", "info2", "intr_info", "error_code"}
-_EXIT_WANT = "'vcpu N reason NAME rip 0x<hex> info1 0x<hex> info2 0x<hex> ...' (or 'reason NAME rip 0x<hex> info <hex> <hex>')"
+_EXIT_WANT = ("'vcpu N reason NAME rip 0x<hex> info1 0x<hex> info2 0x<hex> ...' "
+              "(or 'reason NAME rip 0x<hex> info <hex> <hex>')")
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:

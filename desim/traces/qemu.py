@@ -4,15 +4,16 @@ QEMU logs one ``kvm_set_user_memory`` trace event per ``KVM_SET_USER_MEMORY_REGI
 ioctl when run with ``-trace kvm_set_user_memory -D FILE``. The event is defined
 in QEMU's ``accel/kvm/trace-events``; its text form differs by version:
 
-* QEMU 2.12 - 8.1 (the traces shipped in ``workloads/traces/qemu-7.2/``)::
+* QEMU 7.2 (the traces in ``workloads/traces/qemu-7.2/``) and older releases::
 
     kvm_set_user_memory Slot#%d flags=0x%x gpa=0x%"PRIx64 " size=0x%"PRIx64 " ua=0x%"PRIx64 " ret=%d"
 
   where ``Slot#`` is the ioctl's slot field, ``id | as_id << 16``.
-* QEMU 8.2 and later print the address space separately and add guest_memfd
-  fields (ignored here)::
+* Current QEMU (with guest_memfd support) prints the address space separately
+  and adds guest_memfd fields, which are ignored here::
 
-    kvm_set_user_memory AddrSpace#%d Slot#%d flags=0x%x gpa=0x%"PRIx64 " size=... ua=... guest_memfd=%d guest_memfd_offset=0x%"PRIx64 " ret=%d"
+    kvm_set_user_memory AddrSpace#%d Slot#%d flags=0x%x gpa=0x%"PRIx64 " size=0x%"PRIx64 "
+        ua=0x%"PRIx64 " guest_memfd=%d guest_memfd_offset=0x%"PRIx64 " ret=%d"
 
 QEMU's ``log`` trace backend prefixes every line with ``THREADID@SECONDS.USECS:``
 when run with ``-msg timestamp=on``, and prints no prefix otherwise; both are
@@ -31,6 +32,10 @@ Records with ``ret != 0`` are failed ioctls and are skipped (counted in
 ``failed``). A successful line the kernel could not have accepted (deleting a
 slot that does not exist, overlapping a live slot, changing a live slot's size,
 ua or READONLY flag, unaligned addresses) is an error: the trace is inconsistent.
+
+Timing (:meth:`QemuTrace.to_memslot_ops`): ``"scaled"`` keeps the recorded
+timestamps relative to the first update (optionally multiplied by ``scale``);
+``"ordered"`` keeps only the order, update ``i`` at ``i * gap_ns``.
 
 Thread ids: QEMU's main thread is the thread of the first prefixed line of the
 file, whatever its event. The main thread creates the VM and lays out guest RAM
@@ -59,7 +64,7 @@ U64_MAX = (1 << 64) - 1
 
 Timing = Literal["scaled", "ordered"]
 
-_PREFIX = re.compile(r"(\d{1,10})@(\d{1,12})\.(\d{1,9}):")
+_PREFIX = re.compile(r"(\d{1,10})@(\d{1,12})\.(\d{1,9}):", re.ASCII)
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _HEX = {True: re.compile(r"0x([0-9a-fA-F]{1,32})"), False: re.compile(r"(?:0x)?([0-9a-fA-F]{1,32})")}
 _DEC = re.compile(r"-?[0-9]{1,20}")
@@ -92,16 +97,19 @@ def _read_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, str]]:
         raise DesimInputError(f"{name}: cannot read trace file: {e.strerror or e}") from None
 
 
-def _hex(path: str, lineno: int, text: str, what: str, *, prefix: bool = True, limit: int = U64_MAX) -> int:
+def _hex(path: str, lineno: int, text: str, what: str, *, prefix: bool = True, limit: int = U64_MAX,
+         got: str | None = None) -> int:
+    """``text`` as a hex number (``0x`` required if ``prefix``) up to ``limit``; errors show ``got``."""
     m = _HEX[prefix].fullmatch(text)
     if m is None or int(m.group(1), 16) > limit:
-        raise _fail(path, lineno, what, text)
+        raise _fail(path, lineno, what, text if got is None else got)
     return int(m.group(1), 16)
 
 
-def _dec(path: str, lineno: int, text: str, what: str, *, lo: int, hi: int) -> int:
+def _dec(path: str, lineno: int, text: str, what: str, *, lo: int, hi: int, got: str | None = None) -> int:
+    """``text`` as a decimal integer in ``[lo, hi]``; errors show ``got``."""
     if _DEC.fullmatch(text) is None or not lo <= int(text) <= hi:
-        raise _fail(path, lineno, what, text)
+        raise _fail(path, lineno, what, text if got is None else got)
     return int(text)
 
 
@@ -247,15 +255,11 @@ def _parse_record(path: str, lineno: int, thread: int | None, time_ns: int | Non
         if key not in fields:
             raise _fail(path, lineno, f"a '{key}=' field in kvm_set_user_memory line", payload.strip())
 
-    def value(key: str, what: str, parse) -> int:
-        try:
-            return parse(fields[key])
-        except DesimInputError:
-            raise _fail(path, lineno, f"'{key}={what}' in kvm_set_user_memory line", f"{key}={fields[key]}") from None
-
-    ret = value("ret", "<decimal>", lambda v: _dec(path, lineno, v, "", lo=-(1 << 31), hi=U32_MAX))
-    values = {key: value(key, "0x<hex>", lambda v, lim=lim: _hex(path, lineno, v, "", limit=lim))
-              for key, lim in (("flags", U32_MAX), ("gpa", U64_MAX), ("size", U64_MAX), ("ua", U64_MAX))}
+    ret = _dec(path, lineno, fields["ret"], "'ret=<decimal>' in kvm_set_user_memory line",
+               lo=-(1 << 31), hi=U32_MAX, got="ret=" + fields["ret"])
+    values = {key: _hex(path, lineno, fields[key], f"'{key}=0x<hex>' in kvm_set_user_memory line",
+                        limit=U32_MAX if key == "flags" else U64_MAX, got=f"{key}={fields[key]}")
+              for key in ("flags", "gpa", "size", "ua")}
     if as_id is None:
         as_id, slot = raw_slot >> 16, raw_slot & 0xFFFF
     else:
@@ -273,8 +277,9 @@ def _classify(path: str, records: list[QemuMemRecord]) -> tuple[list[QemuUpdate]
             continue
         where = f"{path}:{r.line}"
         got = f"Slot#{r.slot_id} flags=0x{r.flags:x} gpa=0x{r.gpa:x} size=0x{r.size:x} ua=0x{r.ua:x} ret=0"
-        if ((r.gpa | r.size | r.ua) % PAGE_SIZE or r.gpa + r.size > U64_MAX or r.size // PAGE_SIZE > KVM_MEM_MAX_NR_PAGES
-                or r.flags & ~KVM_VALID_FLAGS or r.as_id >= KVM_ADDRESS_SPACE_NUM):
+        if ((r.gpa | r.size | r.ua) % PAGE_SIZE or r.gpa + r.size > U64_MAX
+                or r.size // PAGE_SIZE > KVM_MEM_MAX_NR_PAGES or r.flags & ~KVM_VALID_FLAGS
+                or r.as_id >= KVM_ADDRESS_SPACE_NUM):
             raise DesimInputError(
                 f"{where}: expected a region KVM accepts since ret=0 (page-aligned gpa/size/ua, at most "
                 f"2^31-1 pages, flags within 0x{KVM_VALID_FLAGS:x}, address space < {KVM_ADDRESS_SPACE_NUM}), "
