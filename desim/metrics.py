@@ -143,6 +143,10 @@ class Metrics:
             out[f"vcpu_{s}_ns"] = sum(v.time[s] for v in self.vcpus)
         out["vcpu_stall_ns"] = sum(v.stall_ns for v in self.vcpus)
         out["completion_ns"] = self.completion_ns
+        prev = 0.0
+        for name, end in self.phase_end_ns.items():
+            out[f"phase_{name}_ns"] = end - prev
+            prev = end
         if lock_summary:
             for role, st in lock_summary["roles"].items():
                 out[f"lock_wait_{role}_ns"] = st["wait_ns"]
