@@ -1,0 +1,397 @@
+"""Shared plumbing of the experiment scripts: arguments, a grid runner, summaries, tables, plots.
+
+Nothing here knows what an experiment is about. A script builds a list of
+:class:`Point` (labels such as ``{"vcpus": 8, "mmu": "tdp"}`` plus a validated
+:class:`~desim.scenario.Scenario`), runs them with :func:`run_grid` and turns
+the tidy run table into summaries (:func:`summarize`, :func:`compare_points`),
+text (:func:`format_wide`) and figures (:func:`errorbar_panel`,
+:func:`figure_writers`), then writes everything atomically with
+:func:`desim.experiment.write_outputs`.
+
+Why a grid runner of its own instead of :func:`desim.experiment.replicate`
+(what the experiment API lacks):
+
+* ``replicate`` runs one scenario point; a sweep over points needs one call
+  (and, with ``backend="local"``, one Dask cluster start) per point. Here all
+  (point, policy, replication) tasks of an experiment go to one process pool,
+  largest first, so the workers stay busy.
+* ``replicate`` returns only ``RunResult.metrics``; the per-event samples
+  (``RunResult.raw``: fault latencies and times, phase ends) are dropped in the
+  worker. Experiments need statistics of one phase (e.g. the fault latency
+  while a slot is being zapped) and latency samples for CDF plots, so
+  :func:`run_grid` takes an ``extra`` function (RunResult -> more scalar
+  metrics, evaluated in the worker) and a ``samples`` function (RunResult ->
+  arrays, kept for the replications asked for).
+
+Each task is still exactly ``desim.vm.run_scenario(scenario, policy, seed,
+replication)``: replication ``r`` of ``seed`` draws the same random streams
+under every policy (common random numbers), and results do not depend on the
+number of workers or on the order in which tasks finish.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from desim import MODEL_VERSION  # noqa: E402
+from desim import experiment as ex  # noqa: E402
+from desim.errors import DesimInputError  # noqa: E402
+from desim.scenario import Scenario, validate_scenario  # noqa: E402
+from desim.stats import paired_diff_ci, t_ci  # noqa: E402
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+POLICIES = ("fast", "targeted")
+PROFILE_MMU = {"tdp-icelake": "TDP MMU (read-locked faults)", "legacy-2020": "legacy MMU (exclusive faults)",
+               "shadow-pvm": "shadow paging (exclusive faults)"}
+POLICY_COLORS = {"fast": "#d1495b", "targeted": "#00798c"}
+
+
+# -- arguments ----------------------------------------------------------------------------------
+def make_parser(description: str, name: str, default_reps: int, quick_reps: int = 2) -> argparse.ArgumentParser:
+    """The common options: ``--quick --out --replications --workers --seed --progress``."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="seconds-long smoke version (small VM, few points)")
+    ap.add_argument("--out", default=str(ROOT / "results" / name),
+                    help=f"output directory (default results/{name})")
+    ap.add_argument("--replications", "-n", type=int, default=None,
+                    help=f"paired replications per point (default {default_reps}; quick: {quick_reps})")
+    ap.add_argument("--workers", "-w", type=int, default=1,
+                    help="worker processes (default 1: run in this process)")
+    ap.add_argument("--seed", type=int, default=1, help="base seed (replication r of every point uses seed/r)")
+    ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                    help="progress bar on stderr (default: when stderr is a terminal)")
+    ap.set_defaults(_default_reps=default_reps, _quick_reps=quick_reps)
+    return ap
+
+
+def parse_args(ap: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    args = ap.parse_args(argv)
+    if args.replications is None:
+        args.replications = args._quick_reps if args.quick else args._default_reps
+    if args.replications < 1:
+        ap.error("--replications must be >= 1")
+    if args.workers < 1:
+        ap.error("--workers must be >= 1")
+    return args
+
+
+def args_record(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments as plain JSON data (for summary.json)."""
+    return {k: v for k, v in vars(args).items() if not k.startswith("_")}
+
+
+def parse_size_list(text: str) -> list[int]:
+    """``"64KiB,1MiB,1GiB"`` -> bytes."""
+    from desim.scenario import parse_size
+
+    return [parse_size(t) for t in text.split(",") if t.strip()]
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if n >= scale:
+            v = n / scale
+            return f"{v:.0f} {unit}" if abs(v - round(v)) < 1e-9 else f"{v:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+# -- scenarios -------------------------------------------------------------------------------------
+def scenario_from(data: dict[str, Any], where: str) -> Scenario:
+    """Validate a scenario dict exactly like a scenario file (errors name the field)."""
+    return validate_scenario(data, where)
+
+
+@dataclass
+class Point:
+    """One point of an experiment grid: labels (become CSV columns) and the scenario to run."""
+
+    labels: dict[str, Any]
+    scenario: Scenario
+    cost: float = 1.0  # relative run time, for scheduling the biggest tasks first
+
+
+@dataclass
+class GridResult:
+    runs: pd.DataFrame  # one row per point x policy x replication
+    samples: dict[tuple[int, str, int], dict[str, np.ndarray]] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+
+def phase_window(res: Any, phase: str) -> tuple[float, float]:
+    """(start, end) in simulated ns of ``phase`` in a RunResult (start: the previous phase's end)."""
+    ends = res.raw.phase_end_ns
+    names = list(ends)
+    i = names.index(phase)
+    return (ends[names[i - 1]] if i else 0.0), ends[phase]
+
+
+def phase_fault_latencies(res: Any, phase: str) -> np.ndarray:
+    """Latencies (ns) of the faults that started during ``phase``."""
+    lo, hi = phase_window(res, phase)
+    t = np.frombuffer(res.raw.fault_time, dtype=np.float64)
+    lat = np.frombuffer(res.raw.fault_latency, dtype=np.float64)
+    return lat[(t >= lo) & (t < hi)]
+
+
+def phase_fault_stats(res: Any, phase: str, prefix: str | None = None) -> dict[str, float]:
+    """Faults, fault-latency percentiles and duration of one phase (0 for the percentiles if no fault)."""
+    p = prefix if prefix is not None else f"{phase}_"
+    lo, hi = phase_window(res, phase)
+    lat = phase_fault_latencies(res, phase)
+    out = {f"{p}ns": hi - lo, f"{p}faults": int(len(lat))}
+    if len(lat):
+        p50, p99, p999 = np.percentile(lat, [50, 99, 99.9])
+        out.update({f"{p}fault_latency_p50_ns": float(p50), f"{p}fault_latency_p99_ns": float(p99),
+                    f"{p}fault_latency_p999_ns": float(p999), f"{p}fault_latency_max_ns": float(lat.max()),
+                    f"{p}fault_latency_mean_ns": float(lat.mean())})
+    else:
+        out.update({f"{p}fault_latency_{s}_ns": 0.0 for s in ("p50", "p99", "p999", "max", "mean")})
+    return out
+
+
+# -- running ---------------------------------------------------------------------------------------
+def _run_task(idx: int, data: dict[str, Any], policy: str, seed: int, rep: int,
+              extra: Callable | None, samples: Callable | None, keep: bool
+              ) -> tuple[int, str, int, dict[str, Any], dict[str, np.ndarray] | None, float]:
+    from desim.vm import run_scenario
+
+    t0 = time.perf_counter()
+    sc = validate_scenario(data, "experiment point")
+    res = run_scenario(sc, policy, seed, rep)
+    metrics = dict(res.metrics)
+    if extra is not None:
+        metrics.update(extra(res))
+    smp = samples(res) if (samples is not None and keep) else None
+    return idx, policy, rep, metrics, smp, time.perf_counter() - t0
+
+
+def run_grid(points: list[Point], policies: Iterable[str] = POLICIES, replications: int = 10, seed: int = 1,
+             workers: int = 1, extra: Callable[[Any], dict[str, float]] | None = None,
+             samples: Callable[[Any], dict[str, np.ndarray]] | None = None, sample_replications: Iterable[int] = (0,),
+             progress: bool | None = None, desc: str = "runs") -> GridResult:
+    """Run every (point, policy, replication); return the tidy run table (and kept samples).
+
+    ``extra`` and ``samples`` run in the worker on the full RunResult; with
+    ``workers > 1`` they must be module-level functions (picklable). Rows come
+    back in (point, policy, replication) order whatever the workers do.
+    """
+    from tqdm import tqdm
+
+    policies = list(policies)
+    keep = set(sample_replications)
+    tasks = [(i, p.scenario.model_dump(), pol, seed, r, extra, samples, r in keep)
+             for i, p in enumerate(points) for pol in policies for r in range(replications)]
+    order = sorted(range(len(tasks)), key=lambda k: -points[tasks[k][0]].cost)
+    disable = (not sys.stderr.isatty()) if progress is None else not progress
+    bar = tqdm(total=len(tasks), desc=desc, unit="run", file=sys.stderr, disable=disable, smoothing=0.05)
+    out: dict[tuple[int, str, int], tuple[dict, dict | None, float]] = {}
+    t0 = time.perf_counter()
+    try:
+        if workers <= 1:
+            for k in order:
+                i, pol, r, m, s, w = _run_task(*tasks[k])
+                out[(i, pol, r)] = (m, s, w)
+                bar.update(1)
+        else:
+            with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
+                futs = [pool.submit(_run_task, *tasks[k]) for k in order]
+                for fut in as_completed(futs):
+                    i, pol, r, m, s, w = fut.result()
+                    out[(i, pol, r)] = (m, s, w)
+                    bar.update(1)
+    finally:
+        bar.close()
+    rows = []
+    kept: dict[tuple[int, str, int], dict[str, np.ndarray]] = {}
+    for i, p in enumerate(points):
+        for pol in policies:
+            for r in range(replications):
+                m, s, w = out[(i, pol, r)]
+                row = {"point": i, **p.labels, "policy": pol, "seed": seed, "replication": r}
+                row.update(m)
+                row["run_wall_s"] = w
+                rows.append(row)
+                if s is not None:
+                    kept[(i, pol, r)] = s
+    return GridResult(pd.DataFrame(rows), kept, time.perf_counter() - t0)
+
+
+def guarded_main(main: Callable[[], int]) -> None:
+    """Run ``main``; a scenario error prints one line and exits 2 (like the desim CLI)."""
+    try:
+        code = main()
+    except DesimInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+# -- statistics --------------------------------------------------------------------------------------
+def summarize(runs: pd.DataFrame, keys: list[str], metrics: list[str], confidence: float = 0.95) -> pd.DataFrame:
+    """Long table: one row per (keys..., policy, metric) with mean, std and the Student-t CI of the mean."""
+    rows = []
+    for gk, g in runs.groupby(keys + ["policy"], sort=False):
+        gk = gk if isinstance(gk, tuple) else (gk,)
+        for m in metrics:
+            if m not in g.columns:
+                continue
+            x = g[m].to_numpy(float)
+            iv = t_ci(x, confidence)
+            rows.append({**dict(zip(keys + ["policy"], gk)), "metric": m, "n": len(x), "mean": iv.estimate,
+                         "std": float(x.std(ddof=1)) if len(x) > 1 else math.nan,
+                         "ci_low": iv.low, "ci_high": iv.high, "half_width": iv.half_width})
+    return pd.DataFrame(rows)
+
+
+def compare_points(runs: pd.DataFrame, keys: list[str], metrics: list[str], baseline: str = "fast",
+                   alternative: str = "targeted", confidence: float = 0.95) -> pd.DataFrame:
+    """Per point (``keys``), :func:`desim.experiment.compare` (paired difference and ratio CIs)."""
+    parts = []
+    for gk, g in runs.groupby(keys, sort=False):
+        gk = gk if isinstance(gk, tuple) else (gk,)
+        t = ex.compare(g, metrics, baseline, alternative, confidence)
+        for k, v in zip(keys, gk):
+            t[k] = v
+        parts.append(t)
+    out = pd.concat(parts, ignore_index=True)
+    return out[keys + [c for c in out.columns if c not in keys]]
+
+
+def paired_diff(runs: pd.DataFrame, metric: str, baseline: str = "fast", alternative: str = "targeted",
+                confidence: float = 0.95):
+    """Paired-t interval of mean(alternative - baseline) over the replications of one point."""
+    a = runs[runs.policy == baseline].set_index("replication")[metric]
+    b = runs[runs.policy == alternative].set_index("replication")[metric]
+    common = a.index.intersection(b.index)
+    return paired_diff_ci(a.loc[common].to_numpy(float), b.loc[common].to_numpy(float), confidence)
+
+
+# -- text ------------------------------------------------------------------------------------------
+def fmt_ci(mean: float, hw: float, scale: float = 1.0) -> str:
+    """``12.3 ± 0.4`` with 3-4 significant digits (``±`` omitted when the CI has zero width)."""
+    m = mean / scale
+    if not math.isfinite(m):
+        return "n/a"
+    if not math.isfinite(hw):
+        return f"{m:.4g} (n=1)"
+    h = hw / scale
+    if h == 0:
+        return f"{m:.4g}"
+    return f"{m:.4g} ± {h:.2g}"
+
+
+def format_wide(summary: pd.DataFrame, row_key: str, series_keys: list[str], metric: str, scale: float = 1.0,
+                unit: str = "", title: str = "", row_fmt: Callable[[Any], str] = str,
+                series_fmt: Callable[[tuple], str] | None = None) -> str:
+    """A text table of one metric: rows = ``row_key`` values, columns = series, cells = mean ± 95% half-width."""
+    s = summary[summary.metric == metric]
+    if s.empty:
+        return ""
+    series = list(dict.fromkeys(tuple(r) for r in s[series_keys].itertuples(index=False)))
+    names = [series_fmt(k) if series_fmt else "/".join(map(str, k)) for k in series]
+    rows = list(dict.fromkeys(s[row_key]))
+    cells = {}
+    for r in s.itertuples(index=False):
+        cells[(getattr(r, row_key), tuple(getattr(r, k) for k in series_keys))] = fmt_ci(r.mean, r.half_width, scale)
+    w0 = max(len(row_key), *(len(row_fmt(v)) for v in rows))
+    widths = [max(len(n), *(len(cells.get((v, k), "")) for v in rows)) for n, k in zip(names, series)]
+    head = f"{title or metric}" + (f" [{unit}, mean ± 95% CI half-width]" if unit else " [mean ± 95% CI half-width]")
+    lines = [head, f"  {row_key:<{w0}}  " + "  ".join(f"{n:>{w}}" for n, w in zip(names, widths))]
+    for v in rows:
+        lines.append(f"  {row_fmt(v):<{w0}}  " + "  ".join(f"{cells.get((v, k), '-'):>{w}}"
+                                                            for k, w in zip(series, widths)))
+    return "\n".join(lines)
+
+
+# -- plots -------------------------------------------------------------------------------------------
+def plt_module():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def errorbar_panel(ax, summary: pd.DataFrame, x: str, metric: str, series_keys: list[str],
+                   style: Callable[[tuple], dict[str, Any]], label: Callable[[tuple], str], scale: float = 1.0,
+                   x_scale: float = 1.0) -> None:
+    """One line per series (``series_keys`` values) of ``metric`` against ``x``, 95% CI bars."""
+    s = summary[summary.metric == metric]
+    for key, g in s.groupby(series_keys, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        g = g.sort_values(x)
+        xs = g[x].to_numpy(float) / x_scale
+        m = g["mean"].to_numpy(float) / scale
+        hw = g["half_width"].to_numpy(float) / scale
+        hw = np.where(np.isfinite(hw), hw, 0.0)
+        # on a log axis a whisker may not cross zero: clip it just above
+        lo = np.where(m - hw > 0, hw, m * 0.999) if ax.get_yscale() == "log" else hw
+        ax.errorbar(xs, m, yerr=[lo, hw], capsize=3, lw=1.4, ms=5, label=label(key), **style(key))
+
+
+def figure_writers(fig, stem: str) -> dict[str, Callable[[Path], None]]:
+    """``{stem.png: ..., stem.svg: ...}`` writers for :func:`desim.experiment.write_outputs`."""
+    def w(p: Path) -> None:
+        fig.savefig(p, dpi=130 if p.suffix == ".png" else None)
+    return {f"{stem}.png": w, f"{stem}.svg": w}
+
+
+def policy_mmu_style(key: tuple) -> dict[str, Any]:
+    """Colour by policy, line style and marker by profile (MMU) for keys (profile, policy)."""
+    profile, policy = key
+    dashed = profile != "tdp-icelake"
+    return {"color": POLICY_COLORS.get(policy, "grey"), "ls": "--" if dashed else "-",
+            "marker": "s" if dashed else "o", "mfc": "white" if dashed else None}
+
+
+def policy_mmu_label(key: tuple) -> str:
+    profile, policy = key
+    return f"{policy} zap, {PROFILE_MMU.get(profile, profile)}"
+
+
+def short_series(key: tuple) -> str:
+    profile, policy = key
+    mmu = {"tdp-icelake": "tdp", "legacy-2020": "legacy", "shadow-pvm": "shadow"}.get(profile, profile)
+    return f"{mmu}/{policy}"
+
+
+def json_summary(name: str, args: argparse.Namespace, grid: GridResult, summary: pd.DataFrame,
+                 **extra: Any) -> dict[str, Any]:
+    """The common part of every summary.json."""
+    return {"experiment": name, "model_version": MODEL_VERSION, "args": args_record(args),
+            "replications": int(args.replications), "seed": int(args.seed), "confidence": 0.95,
+            "runs": int(len(grid.runs)), "wall_s": round(grid.wall_s, 2),
+            "cpu_s_per_run_mean": float(grid.runs["run_wall_s"].mean()) if len(grid.runs) else 0.0,
+            "summary": summary.replace({np.inf: None, -np.inf: None}).to_dict(orient="records"), **extra}
+
+
+def write_all(out: str | Path, files: dict[str, Callable[[Path], None]]) -> Path:
+    """Write atomically (see :func:`desim.experiment.write_outputs`), close every figure, return the dir."""
+    try:
+        return ex.write_outputs(out, files)
+    finally:
+        plt_module().close("all")
+
+
+def default_workers() -> int:
+    return max(1, (os.cpu_count() or 1))
