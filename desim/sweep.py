@@ -89,7 +89,7 @@ class ResultStore:
         p.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
-            json.dump(result, f, sort_keys=True)
+            json.dump(result, f)  # insertion order: the same columns whether fresh or stored
         os.replace(tmp, p)
 
 

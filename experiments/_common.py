@@ -349,6 +349,30 @@ def errorbar_panel(ax, summary: pd.DataFrame, x: str, metric: str, series_keys: 
         ax.errorbar(xs, m, yerr=[lo, hw], capsize=3, lw=1.4, ms=5, label=label(key), **style(key))
 
 
+def auto_yscale(ax, summary: pd.DataFrame, metric: str, ratio: float = 30.0) -> None:
+    """Log y when the metric spans more than ``ratio`` (x) across the panel, else linear from 0.
+
+    Call before :func:`errorbar_panel` (whiskers are clipped above 0 on a log axis).
+    """
+    m = summary.loc[summary.metric == metric, "mean"].to_numpy(float)
+    m = m[np.isfinite(m) & (m > 0)]
+    if len(m) and m.max() / m.min() > ratio:
+        ax.set_yscale("log")
+    else:
+        ax.set_yscale("linear")
+        ax.set_ylim(bottom=0, auto=True)
+
+
+def log2_xaxis(ax, values: Sequence[float], labels: Sequence[str] | None = None, fontsize: int = 8) -> None:
+    """A log2 x axis with one labelled tick per grid value and no minor ticks."""
+    from matplotlib.ticker import NullLocator
+
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(values), list(labels) if labels is not None else [str(v) for v in values],
+                  fontsize=fontsize)
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
 def figure_writers(fig, stem: str) -> dict[str, Callable[[Path], None]]:
     """``{stem.png: ..., stem.svg: ...}`` writers for :func:`desim.experiment.write_outputs`."""
     def w(p: Path) -> None:
