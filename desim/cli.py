@@ -131,8 +131,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
         files = {"runs.csv": ex.csv_writer(runs), "comparison.csv": ex.csv_writer(table),
                  "summary.json": ex.json_writer(summary)}
         if not args.no_plots:
-            files["comparison.png"] = lambda p: plot_comparison(table, p, base, alt, title=sc.name)
-            files["comparison.svg"] = lambda p: plot_comparison(table, p, base, alt, title=sc.name)
+            from .plots import plot_fault_latency_cdf, plot_faults_over_time, plot_lock_wait
+            from .vm import run_scenario
+
+            # detailed plots from replication 0 of each policy (re-run: same seed, same numbers)
+            rep0 = {p: run_scenario(sc, p, args.seed, 0) for p in (base, alt)}
+            for ext in ("png", "svg"):
+                files[f"comparison.{ext}"] = lambda p: plot_comparison(table, p, base, alt, title=sc.name)
+                files[f"fault_latency_cdf.{ext}"] = lambda p: plot_fault_latency_cdf(rep0, p, title=sc.name)
+                files[f"faults_over_time.{ext}"] = lambda p: plot_faults_over_time(rep0, p, title=sc.name)
+                files[f"lock_wait.{ext}"] = lambda p: plot_lock_wait(rep0, p, title=sc.name)
         out = ex.write_outputs(args.out, files)
         print(f"wrote {', '.join(sorted(files))} to {out}")
     return 0

@@ -53,14 +53,21 @@ def plot_comparison(table: "pd.DataFrame", path: str | Path, baseline: str = "fa
 
 
 def plot_fault_latency_cdf(results: dict[str, "RunResult"], path: str | Path, title: str = "") -> None:
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    lo, hi = np.inf, 0.0
     for policy, res in results.items():
         lat = np.sort(np.frombuffer(res.raw.fault_latency, dtype=np.float64)) / 1e3
         if len(lat) == 0:
             continue
-        ax.plot(lat, np.arange(1, len(lat) + 1) / len(lat), label=f"{policy} ({len(lat):,} faults)",
-                color=COLORS.get(policy))
-    ax.set_xscale("log")
+        lo, hi = min(lo, lat[0]), max(hi, lat[-1])
+        ax.step(lat, np.arange(1, len(lat) + 1) / len(lat), where="post",
+                label=f"{policy} ({len(lat):,} faults)", color=COLORS.get(policy))
+    if hi > 0 and hi / max(lo, 1e-9) > 20:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("fault latency (µs, exit to re-entry)")
     ax.set_ylabel("fraction of faults ≤ x")
     ax.set_title(title or "Fault-latency CDF")
