@@ -48,26 +48,17 @@ def _scenario(args: argparse.Namespace):
     return sc.with_overrides(ov) if ov else sc
 
 
-def _positive(name: str):
+def _int_at_least(lo: int):
+    """argparse type: an integer >= ``lo``."""
     def conv(v: str) -> int:
         try:
             n = int(v)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {v!r}") from None
-        if n < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {n}")
+            raise argparse.ArgumentTypeError(f"must be an integer, got {v!r}") from None
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {n}")
         return n
     return conv
-
-
-def _nonneg(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {v!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
-    return n
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -172,25 +163,25 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("scenario", nargs="?", default=None, help="scenario TOML (default: built-in)")
         sp.add_argument("--set", action="append", metavar="FIELD=VALUE",
                         help="override a scenario field, e.g. --set vm.vcpus=8 (repeatable)")
-        sp.add_argument("--seed", type=_nonneg, default=1, help="base seed (default 1)")
+        sp.add_argument("--seed", type=_int_at_least(0), default=1, help="base seed (default 1)")
 
     r = sub.add_parser("run", help="run one replication of one policy")
     common(r)
     r.add_argument("--policy", choices=["fast", "targeted"], default=None,
                    help="zap policy (default: the scenario's, else fast)")
-    r.add_argument("--replication", type=_nonneg, default=0, help="replication index (default 0)")
+    r.add_argument("--replication", type=_int_at_least(0), default=0, help="replication index (default 0)")
     r.add_argument("--out", metavar="DIR", help="write summary.json and vcpus.csv here")
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("compare", help="fast vs targeted under common random numbers, with paired CIs")
     common(c)
-    c.add_argument("--replications", "-n", type=_positive("--replications"), default=10,
+    c.add_argument("--replications", "-n", type=_int_at_least(1), default=10,
                    help="replications per policy (the maximum with --precision; default 10)")
     c.add_argument("--precision", type=float, default=None, metavar="REL",
                    help="add replications until every metric's ratio CI half-width is below REL (e.g. 0.02)")
     c.add_argument("--metrics", nargs="+", default=None, help="metrics to compare (default: a standard set)")
     c.add_argument("--confidence", type=float, default=0.95)
-    c.add_argument("--workers", type=_positive("--workers"), default=1,
+    c.add_argument("--workers", type=_int_at_least(1), default=1,
                    help="parallel worker processes on a local Dask cluster (default 1: in-process)")
     c.add_argument("--scheduler", default=None, metavar="ADDRESS", help="an existing Dask scheduler tcp://...")
     c.add_argument("--store", default=None, metavar="DIR", help="keep each replication's result here (resumable)")

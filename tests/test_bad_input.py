@@ -68,7 +68,7 @@ def test_missing_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,needle", [
     (["run", "--policy", "sloppy"], "invalid choice"),
-    (["compare", "--replications", "0"], "--replications must be >= 1"),
+    (["compare", "--replications", "0"], "--replications/-n: must be >= 1"),
     (["compare", "--replications", "many"], "must be an integer"),
     (["run", "--seed", "-3"], "must be >= 0"),
     (["compare", "--confidence", "95"], "--confidence must be between 0 and 1"),
