@@ -273,7 +273,18 @@ class Vcpu:
             self._consume(n)
             if faults:
                 self.m.stall_ns += exit_ns
-                yield from self._page_fault(gfn, g1)
+                res = self._fault_begin(gfn, g1)
+                if res is None:
+                    continue
+                if res == "retry":
+                    yield from self._retry_wait(g1)
+                    continue
+                ev, ctx = res
+                t0 = env.now
+                handoff = yield ev
+                self.m.stall_ns += env.now - t0
+                self.m.time[HOST] += env.now - t0
+                self._fault_locked(ctx, handoff)
 
     def _pre_lock_ns(self, gfn: int) -> float:
         """The fault path's cost before ``mmu_lock``: exit handling and ``kvm_faultin_pfn``."""
@@ -308,50 +319,63 @@ class Vcpu:
         self.m.stall_ns += env.now - start
         self.m.time[HOST] += env.now - start
 
-    def _page_fault(self, gfn: int, start: float) -> Generator:
-        """``kvm_mmu_page_fault`` after the exit and ``kvm_faultin_pfn`` (``start`` = exit time)."""
-        env = self.env
+    def _fault_begin(self, gfn: int, start: float):
+        """``kvm_mmu_page_fault`` after the exit and ``kvm_faultin_pfn`` (``start`` = exit time).
+
+        Plain code for the common path (no process switch when ``mmu_lock`` is
+        free). Returns None when the fault is done, ``"retry"`` when the slot is
+        INVALID (the caller waits in :meth:`_retry_wait`), or ``(event, ctx)``
+        when the lock must be waited for (the caller yields on the event, then
+        calls :meth:`_fault_locked` with ``ctx`` and the hand-off cost).
+        """
         vm = self.vm
-        P = vm.P
         mmu = vm.mmu
-        metrics = vm.metrics
         ss = mmu.slot_of(gfn)
         if ss is None:
             # no memslot: emulated MMIO (handle_mmio_page_fault / KVM_EXIT_MMIO), the access is done
             self.m.mmio_exits += 1
             self._consume(1)
-            self._carry = P.vm_entry * 0.0
-            return
+            return None
         if ss.slot.invalid:
-            # kvm_faultin_pfn: KVM_MEMSLOT_INVALID -> RET_PF_RETRY; the vCPU re-enters and faults
-            # again until the VMM's second memslot swap
-            t0 = env.now
-            self._retrying = True
-            self._srcu_unlock_at(t0)
-            yield vm.slot_update_done()
-            self._retrying = False
-            period = P.vm_exit + P.vm_entry + P.fault_handle
-            retries = max(1, math.ceil((env.now - start) / period))
-            self.m.faults["retry"] += retries
-            metrics.fault_latency.extend([period] * retries)
-            metrics.fault_time.extend([start] * retries)
-            metrics.fault_is_refault.extend([0] * retries)
-            self.m.stall_ns += env.now - t0
-            self.m.time[HOST] += env.now - t0
-            return
+            return "retry"
         hlevel = mmu.host_level(ss, gfn)
         if not mmu.host_resident(ss, gfn, hlevel):
             mmu.make_resident(ss, gfn, hlevel)
-            metrics.host_page_allocs[_HOST_ALLOC[hlevel][1]] += 1
-        root_tag = self.root_tag
-        lock = vm.lock
-        ev = lock.acquire(vm.fault_lock_mode, "fault", self)
-        handoff = 0.0
+            vm.metrics.host_page_allocs[_HOST_ALLOC[hlevel][1]] += 1
+        ctx = (ss, gfn, hlevel, self.root_tag, start)
+        ev = vm.lock.acquire(vm.fault_lock_mode, "fault", self)
         if ev is not None:
-            t0 = env.now
-            handoff = yield ev
-            self.m.stall_ns += env.now - t0
-            self.m.time[HOST] += env.now - t0
+            return ev, ctx
+        self._fault_locked(ctx, 0.0)
+        return None
+
+    def _retry_wait(self, start: float) -> Generator:
+        """RET_PF_RETRY on an INVALID slot: re-enter and fault again until the VMM's second swap."""
+        env = self.env
+        vm = self.vm
+        P = vm.P
+        metrics = vm.metrics
+        t0 = env.now
+        self._retrying = True
+        self._srcu_unlock_at(t0)
+        yield vm.slot_update_done()
+        self._retrying = False
+        period = P.vm_exit + P.vm_entry + P.fault_handle
+        retries = max(1, math.ceil((env.now - start) / period))
+        self.m.faults["retry"] += retries
+        metrics.fault_latency.extend([period] * retries)
+        metrics.fault_time.extend([start] * retries)
+        metrics.fault_is_refault.extend([0] * retries)
+        self.m.stall_ns += env.now - t0
+        self.m.time[HOST] += env.now - t0
+
+    def _fault_locked(self, ctx: tuple, handoff: float) -> None:
+        """The part of the fault under ``mmu_lock``: staleness checks, SPTE install, prefetch."""
+        ss, gfn, hlevel, root_tag, start = ctx
+        vm = self.vm
+        P = vm.P
+        mmu = vm.mmu
+        metrics = vm.metrics
         # is_page_fault_stale: obsolete root, or the slot went INVALID/away meanwhile
         if root_tag != mmu.root_tag or ss.slot.invalid or mmu.slots.get(ss.slot.id) is not ss:
             cause = "retry"
@@ -375,9 +399,10 @@ class Vcpu:
             hold = P.spte_install + allocated * P.pt_page_alloc + prefetched * P.prefetch_spte
         hold += handoff
         if hold:
-            lock.release_after(self, hold)
+            vm.lock.release_after(self, hold)
             self._carry = hold
             self.m.stall_ns += hold
         else:
-            lock.release(self)
-        metrics.record_fault(self.index, cause, start, env.now + hold + P.vm_entry - start)
+            vm.lock.release(self)
+        now = self.env.now
+        metrics.record_fault(self.index, cause, start, now + hold + P.vm_entry - start)

@@ -166,8 +166,14 @@ def plot_metrics(summary: pd.DataFrame, configs: list[tuple[str, str]], title: s
 
 def plot_cdfs(samples_by_cfg: dict[tuple[str, str, bool], np.ndarray], profiles: list[str], title: str,
               tail: bool):
+    from matplotlib.ticker import FuncFormatter
+
     plt = C.plt_module()
-    fig, axes = plt.subplots(len(profiles), 2, figsize=(12, 4.2 * len(profiles)), squeeze=False)
+    fig, axes = plt.subplots(len(profiles), 2, figsize=(12, 4.2 * len(profiles)), squeeze=False,
+                             sharex=True)
+    every = [v for v in samples_by_cfg.values() if len(v)]
+    lo = min(float(v.min()) for v in every) / 1e3 if every else 1.0
+    hi = max(float(v.max()) for v in every) / 1e3 if every else 10.0
     for i, prof in enumerate(profiles):
         for j, pol in enumerate(C.POLICIES):
             ax = axes[i, j]
@@ -178,14 +184,18 @@ def plot_cdfs(samples_by_cfg: dict[tuple[str, str, bool], np.ndarray], profiles:
                 x = np.sort(lat) / 1e3
                 n = len(x)
                 st = PREEMPT_STYLE[pre]
+                label = (f"{st['label']}\n{n:,} faults, p99 {np.percentile(x, 99):,.3g} µs, "
+                         f"max {x[-1]:,.4g} µs")
                 if tail:
                     y = 1.0 - np.arange(n) / n  # P(latency >= x), never 0 on a log axis
-                    ax.step(x, y, where="post", color=st["color"], ls=st["ls"], lw=1.6,
-                            label=f"{st['label']}; max {x[-1]:,.0f} µs")
+                    ax.step(x, y, where="post", color=st["color"], ls=st["ls"], lw=1.6, label=label)
                 else:
                     ax.step(x, np.arange(1, n + 1) / n, where="post", color=st["color"], ls=st["ls"], lw=1.6,
-                            label=f"{st['label']}; p99 {np.percentile(x, 99):,.1f} µs, max {x[-1]:,.0f} µs")
+                            label=label)
             ax.set_xscale("log")
+            ax.set_xlim(lo / 1.2, hi * 1.2)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.tick_params(labelbottom=True)
             if tail:
                 ax.set_yscale("log")
                 ax.set_ylabel("fraction of faults ≥ x (log)")
@@ -193,11 +203,10 @@ def plot_cdfs(samples_by_cfg: dict[tuple[str, str, bool], np.ndarray], profiles:
                 ax.set_ylim(0, 1.02)
                 ax.set_ylabel("fraction of faults ≤ x")
             ax.set_xlabel("fault latency (µs, exit to re-entry, log)")
-            n_faults = len(samples_by_cfg.get((prof, pol, True), []))
-            ax.set_title(f"{pol} zap, {C.PROFILE_MMU.get(prof, prof)}\n({n_faults:,} faults in the work phase, "
-                         "replication 0)", fontsize=10)
+            ax.set_title(f"{pol} zap, {C.PROFILE_MMU.get(prof, prof)}\n(faults of the work phase, replication 0)",
+                         fontsize=10)
             ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=8, loc="lower right" if not tail else "lower left")
+            ax.legend(fontsize=7.5, loc="lower right" if not tail else "lower left")
     fig.suptitle(title, fontsize=12)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     return fig
