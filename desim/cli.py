@@ -82,6 +82,19 @@ def cmd_run(args: argparse.Namespace) -> int:
               "fault_latency_p50_ns", "fault_latency_p99_ns", "ipis_sent", "remote_flushes", "memslot_ioctls",
               "memslot_ioctl_mean_ns", "vcpu_stall_ns", "completion_ns"):
         print(f"  {k:<24} {m[k]:>16,.0f}")
+    if args.steady:
+        from .experiment import steady_state
+
+        summary["steady_state"] = st = steady_state(res)
+        print("steady state (MSER-5 warm-up deletion, then batch means, 95% CI):")
+        for name, r in st.items():
+            if "error" in r:
+                print(f"  {name:<22} {r['error']}")
+                continue
+            warn = f"  WARNING: {r['mser5_warning']}" if r["mser5_warning"] else ""
+            print(f"  {name:<22} {r['mean']:>12,.1f} [{r['ci_low']:,.1f}, {r['ci_high']:,.1f}]  "
+                  f"warm-up {r['warmup_truncation']} of {r['observations']} observations, "
+                  f"lag-1 autocorrelation {r['lag1_autocorrelation']:.2f}{warn}")
     if args.out:
         out = write_outputs(args.out, {"summary.json": json_writer(summary),
                                        "vcpus.csv": csv_writer(pd.DataFrame(res.per_vcpu))})
@@ -171,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zap policy (default: the scenario's, else fast)")
     r.add_argument("--replication", type=_int_at_least(0), default=0, help="replication index (default 0)")
     r.add_argument("--out", metavar="DIR", help="write summary.json and vcpus.csv here")
+    r.add_argument("--steady", action="store_true",
+                   help="steady-state analysis of this one long run: MSER-5 warm-up deletion and batch means")
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("compare", help="fast vs targeted under common random numbers, with paired CIs")

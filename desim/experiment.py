@@ -203,3 +203,34 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Interval):
         return o.to_dict()
     raise TypeError(type(o).__name__)
+
+
+def steady_state(result: Any, bins: int = 400, n_batches: int = 20, confidence: float = 0.95) -> dict[str, Any]:
+    """Steady-state analysis of one long run (a ``RunResult`` with raw metrics).
+
+    Two output series of the run are analysed: the fault rate per time bin
+    (faults per simulated ms) and the fault latency in fault order. Each gets
+    MSER-5 warm-up truncation (White 1997) and then a non-overlapping
+    batch-means CI of its steady-state mean on what is kept. A warning is
+    raised by MSER-5 when the truncation point passes half the run (no steady
+    state reached: run longer).
+    """
+    from .stats import steady_state_ci
+
+    raw = result.raw
+    edges, per_bin, _ = raw.faults_over_time(bins)
+    width_ms = (edges[1] - edges[0]) / 1e6
+    series = {"fault_rate_per_ms": per_bin / width_ms,
+              "fault_latency_ns": np.frombuffer(raw.fault_latency, dtype=np.float64)}
+    out: dict[str, Any] = {}
+    for name, x in series.items():
+        if len(x) < 10 * n_batches:
+            out[name] = {"error": f"only {len(x)} observations: too few for {n_batches} batches; run longer"}
+            continue
+        trunc, bm = steady_state_ci(x, n_batches=n_batches, confidence=confidence)
+        out[name] = {"warmup_truncation": trunc.truncation, "observations": int(len(x)),
+                     "mser5_warning": trunc.message if trunc.warning else "",
+                     "mean": bm.interval.estimate, "ci_low": bm.interval.low, "ci_high": bm.interval.high,
+                     "batches": bm.n_batches, "batch_size": bm.batch_size,
+                     "lag1_autocorrelation": bm.lag1_autocorrelation}
+    return out

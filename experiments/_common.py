@@ -91,6 +91,13 @@ def parse_args(ap: argparse.ArgumentParser, argv: Sequence[str] | None = None) -
     return args
 
 
+def pick(value: Any, quick: bool, quick_default: Any, default: Any) -> Any:
+    """An option's value if given (even 0, so validation sees it), else its quick or full default."""
+    if value is not None:
+        return value
+    return quick_default if quick else default
+
+
 def args_record(args: argparse.Namespace) -> dict[str, Any]:
     """The arguments as plain JSON data (for summary.json)."""
     return {k: v for k, v in vars(args).items() if not k.startswith("_")}
@@ -209,12 +216,17 @@ def run_grid(points: list[Point], policies: Iterable[str] = POLICIES, replicatio
                 out[(i, pol, r)] = (m, s, w)
                 bar.update(1)
         else:
-            with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
+            pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)))
+            try:
                 futs = [pool.submit(_run_task, *tasks[k]) for k in order]
                 for fut in as_completed(futs):
                     i, pol, r, m, s, w = fut.result()
                     out[(i, pol, r)] = (m, s, w)
                     bar.update(1)
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)  # a failed task: do not run the rest
+                raise
+            pool.shutdown()
     finally:
         bar.close()
     rows = []

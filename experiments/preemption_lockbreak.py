@@ -220,13 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--at-us", type=float, default=None, help="DELETE time into the work phase (default 500; quick 100)")
     ap.add_argument("--profiles", default=",".join(PROFILES))
     args = C.parse_args(ap, argv)
-    vcpus = args.vcpus or (4 if args.quick else 8)
-    big = int((args.big_mib or (32 if args.quick else 1024)) * C.MiB) // 4096 * 4096
-    work = int((args.work_mib or (4 if args.quick else 64)) * C.MiB) // 4096 * 4096
-    at_us = args.at_us if args.at_us is not None else (100.0 if args.quick else 500.0)
+    vcpus = C.pick(args.vcpus, args.quick, 4, 8)
+    big = int(C.pick(args.big_mib, args.quick, 32, 1024) * C.MiB) // 4096 * 4096
+    work = int(C.pick(args.work_mib, args.quick, 4, 64) * C.MiB) // 4096 * 4096
+    at_us = C.pick(args.at_us, args.quick, 100.0, 500.0)
     profiles = [p for p in args.profiles.split(",") if p]
-    if vcpus < 1 or big <= 0 or (work >> 12) < vcpus:
-        ap.error("need --vcpus >= 1, --big-mib > 0 and at least one page of --work-mib per vCPU")
+    if vcpus < 1 or big <= 0 or at_us < 0 or (work >> 12) < vcpus:
+        ap.error("need --vcpus >= 1, --big-mib > 0, --at-us >= 0 and at least one page of --work-mib per vCPU")
 
     points = [build_point(prof, pre, vcpus, big, work, at_us) for prof in profiles for pre in (True, False)]
     print(f"{NAME}: {len(points)} points x 2 policies x {args.replications} replications "

@@ -211,12 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--op", choices=["delete", "move"], default="delete")
     ap.add_argument("--profiles", default=",".join(PROFILES))
     args = C.parse_args(ap, argv)
-    ram = int((args.ram_mib or (16 if args.quick else 1024)) * C.MiB) // (64 * C.KiB) * (64 * C.KiB)
+    ram = int(C.pick(args.ram_mib, args.quick, 16, 1024) * C.MiB) // (64 * C.KiB) * (64 * C.KiB)
     sizes = C.parse_size_list(args.sizes) if args.sizes else default_sizes(ram, args.quick)
-    accesses = args.accesses or (5000 if args.quick else 50000)
-    at_us = args.at_us if args.at_us is not None else (200.0 if args.quick else 1000.0)
+    accesses = C.pick(args.accesses, args.quick, 5000, 50000)
+    at_us = C.pick(args.at_us, args.quick, 200.0, 1000.0)
     profiles = [p for p in args.profiles.split(",") if p]
-    if ram <= 0 or any(s <= 0 or s > ram or s % 4096 for s in sizes):
+    if ram <= 0 or args.vcpus < 1 or accesses < 1 or at_us < 0:
+        ap.error("--ram-mib (>= 64 KiB), --vcpus and --accesses must be positive, --at-us >= 0")
+    if any(s <= 0 or s > ram or s % 4096 for s in sizes):
         ap.error("--sizes must be multiples of 4 KiB between 4 KiB and the RAM size")
     sizes = sorted(set(sizes))
 

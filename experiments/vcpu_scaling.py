@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profiles", default=",".join(PROFILES), help="host profiles (MMUs) to compare")
     args = C.parse_args(ap, argv)
     vcpus = [int(v) for v in args.vcpus.split(",")] if args.vcpus else (QUICK_VCPUS if args.quick else DEFAULT_VCPUS)
-    per_vcpu = int((args.per_vcpu_mib or (1 if args.quick else 4)) * C.MiB) // 4096 * 4096
-    accesses = args.accesses or (4000 if args.quick else 20000)
+    per_vcpu = int(C.pick(args.per_vcpu_mib, args.quick, 1, 4) * C.MiB) // 4096 * 4096
+    accesses = C.pick(args.accesses, args.quick, 4000, 20000)
     profiles = [p for p in args.profiles.split(",") if p]
     if per_vcpu <= 0 or accesses <= 0 or args.toggles < 1 or min(vcpus) < 1:
         ap.error("--per-vcpu-mib, --accesses, --toggles and --vcpus must be positive")
