@@ -72,7 +72,6 @@ class Vcpu:
         self._mode_since = 0.0
         self.requests = 0
         self.root_tag = 0  # no root loaded yet: kvm_mmu_load on first entry
-        self.in_srcu = False
         self._srcu_waiters: list[simpy.Event] = []
         self.stream: AccessStream | None = None
         self.access_ns = 0.0
@@ -86,7 +85,6 @@ class Vcpu:
         self._mi = 0
         self._seq = -1
         self._carry = 0.0  # host time still owed by the last fault (its lock hold)
-        self._run_start = 0.0
         self._g0 = 0.0  # the current run's guest window [g0, g1)
         self._g1 = -1.0
         self._running = False
