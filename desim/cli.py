@@ -105,6 +105,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from . import experiment as ex
 
+    if args.parquet:
+        if not args.out:
+            raise DesimInputError("--parquet writes files: give --out DIR too")
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise DesimInputError("--parquet needs pyarrow: pip install 'desim[parquet]'") from None
     sc = _scenario(args)
     backend = args.scheduler or ("local" if args.workers > 1 else "serial")
     base, alt = "fast", "targeted"
@@ -134,6 +141,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
                    "comparison": table.to_dict(orient="records")}
         files = {"runs.csv": ex.csv_writer(runs), "comparison.csv": ex.csv_writer(table),
                  "summary.json": ex.json_writer(summary)}
+        if args.parquet:
+            files["runs.parquet"] = lambda p: runs.to_parquet(p, index=False)
+            files["comparison.parquet"] = lambda p: table.to_parquet(p, index=False)
         if not args.no_plots:
             from .plots import plot_fault_latency_cdf, plot_faults_over_time, plot_lock_wait
             from .vm import run_scenario
@@ -202,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--store", default=None, metavar="DIR", help="keep each replication's result here (resumable)")
     c.add_argument("--out", metavar="DIR", help="write runs.csv, comparison.csv, summary.json and plots here")
     c.add_argument("--no-plots", action="store_true", help="with --out: skip the PNG/SVG plots")
+    c.add_argument("--parquet", action="store_true", help="with --out: also write the tables as Parquet")
     c.set_defaults(func=cmd_compare)
 
     pr = sub.add_parser("profiles", help="list the named host profiles")
