@@ -433,6 +433,42 @@ class Mmu:
             self.zap_seq += 1
         return n
 
+    def split_slot_huge_leafs(self, ss: SlotSptes) -> tuple[int, int]:
+        """Eager page splitting (``kvm_tdp_mmu_try_split_huge_pages`` to 4K): every present huge
+        leaf of the slot becomes 4 KiB leaves under new page-table pages, without faults.
+        Returns (huge leaves split, page-table pages allocated)."""
+        tag = self.root_tag
+        split = allocated = 0
+        for level in (PG_LEVEL_1G, PG_LEVEL_2M):
+            seg = self._huge_range(ss, level)
+            if seg is None:
+                continue
+            shift = LEVEL_SHIFT[level]
+            first = -(-ss.slot.base_gfn >> shift)
+            for u in np.flatnonzero((seg & TAG_MASK) == tag):
+                seg[u] &= KEEP_BITS
+                lo_gfn = (first + int(u)) << shift
+                rel = lo_gfn - ss.slot.base_gfn
+                view = ss.state[rel:rel + (1 << shift)]
+                np.bitwise_or(np.bitwise_and(view, KEEP_BITS), EVER_MAPPED | tag, out=view)
+                for g in range(lo_gfn, lo_gfn + (1 << shift), 512):
+                    allocated += self.install_tables(g)
+                split += 1
+                self.present_leaf += (1 << shift) - 1
+        return split, allocated
+
+    def install_tables(self, gfn: int) -> int:
+        """Allocate whatever page-table pages a 4 KiB leaf for ``gfn`` needs (no leaf installed)."""
+        tag = self.root_tag
+        allocated = 0
+        for lvl, key in ((3, gfn >> 27), (2, gfn >> 18), (1, gfn >> 9)):
+            d = self.pt_tags[lvl]
+            if d.get(key) != tag:
+                d[key] = tag
+                allocated += 1
+        self.present_pt += allocated
+        return allocated
+
     def slot_has_present_sptes(self, ss: SlotSptes) -> bool:
         """Invariant helper: does any current-root leaf SPTE map ``ss``'s memory?"""
         return any(self.slot_leaf_counts(ss).values())

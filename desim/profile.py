@@ -71,6 +71,7 @@ class Kernel(BaseModel):
     backing: Literal["4k", "thp", "hugetlbfs-1g"] = "thp"
     thp_fraction: float = Field(default=1.0, ge=0.0, le=1.0)
     nx_huge_pages: bool = False
+    eager_page_split: bool = False
     root_level: int = Field(default=4, ge=4, le=5)
 
     @model_validator(mode="after")

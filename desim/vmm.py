@@ -12,9 +12,11 @@ runs at a time, so the lock is implicit):
   policy; (c) swap in the final array (slot gone, or at its new gfn) and wait
   for SRCU again. vCPUs faulting on the INVALID slot meanwhile retry
   (``RET_PF_RETRY``) until (c) is done.
-* FLAGS_ONLY that enables dirty logging zaps the slot's huge SPTEs (as
-  ``kvm_mmu_slot_apply_flags`` write-protects them, they are split on the
-  next write fault); disabling it does nothing here (``kvm_mmu_zap_collapsible_sptes``
+* FLAGS_ONLY that enables dirty logging (``kvm_mmu_slot_apply_flags``):
+  with eager page splitting (``kvm.eager_page_split``, TDP MMU) the slot's
+  huge SPTEs are split into 4 KiB SPTEs in place, without faults; otherwise
+  they are zapped (write-protected huge pages are split on the next write
+  fault). Disabling it does nothing here (``kvm_mmu_zap_collapsible_sptes``
   is not modelled).
 
 Every ioctl's latency is recorded. An ioctl that the kernel would refuse
@@ -99,12 +101,21 @@ class Vmm:
             if enabling:
                 token = self
                 yield from vm.lock.take(WRITE, "zap", token)
-                n = mmu.zap_slot_huge_leafs(ss)
-                if vm.audit is not None and n:
-                    vm.audit.sptes_zapped(env.now)
-                yield env.timeout(n * vm.P.spte_zap)
+                if vm.profile.kernel.eager_page_split and vm.profile.kernel.mmu == "tdp":
+                    # kvm_mmu_slot_try_split_huge_pages (under the read lock in the kernel; the
+                    # write lock here is a simplification): 512 new SPTEs per huge page split
+                    split, allocated = mmu.split_slot_huge_leafs(ss)
+                    yield env.timeout(split * 512 * vm.P.spte_install + allocated * vm.P.pt_page_alloc)
+                    vm.metrics.pt_pages_allocated += allocated
+                    vm.metrics.sptes_installed += split * 511
+                    n = split  # the huge SPTEs replaced: the TLB must drop them
+                else:
+                    n = mmu.zap_slot_huge_leafs(ss)
+                    if vm.audit is not None and n:
+                        vm.audit.sptes_zapped(env.now)
+                    yield env.timeout(n * vm.P.spte_zap)
+                    vm.metrics.sptes_zapped += n
                 if n:
                     yield from kvm_flush_remote_tlbs(vm)
                 vm.lock.release(token)
-                vm.metrics.sptes_zapped += n
         vm.metrics.record_ioctl(op.op.value, start, env.now - start)

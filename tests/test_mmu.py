@@ -93,3 +93,14 @@ def test_memory_is_about_one_byte_per_guest_page():
     m = Mmu(backing="thp")
     m.add_slot(Memslot(0, 0, 1 << 18, 0, 0x7F0000000000))   # 1 GiB
     assert m.memory_bytes() <= (1 << 18) * 1.01
+
+
+def test_eager_split_turns_huge_leaves_into_4k_without_losing_the_mapping():
+    m = Mmu(backing="thp")
+    s = m.add_slot(Memslot(0, 0, 2048, 0, 0x7F0000000000))
+    for u in range(4):
+        m.install(s, u * 512, PG_LEVEL_2M)
+    split, allocated = m.split_slot_huge_leafs(s)
+    assert (split, allocated) == (4, 4)                  # one PT page per 2 MiB
+    assert m.mapped_mask(np.arange(2048)).all()          # still mapped, now at 4K
+    assert m.slot_leaf_counts(s) == {PG_LEVEL_4K: 2048, PG_LEVEL_2M: 0, 3: 0}
