@@ -76,6 +76,8 @@ def make_parser(description: str, name: str, default_reps: int, quick_reps: int 
     ap.add_argument("--seed", type=int, default=1, help="base seed (replication r of every point uses seed/r)")
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                     help="progress bar on stderr (default: when stderr is a terminal)")
+    ap.add_argument("--store", default=None,
+                    help="keep every finished run in this directory; a killed run resumes without recomputing")
     ap.set_defaults(_default_reps=default_reps, _quick_reps=quick_reps)
     return ap
 
@@ -188,15 +190,30 @@ def _run_task(idx: int, data: dict[str, Any], policy: str, seed: int, rep: int,
     return idx, policy, rep, metrics, smp, time.perf_counter() - t0
 
 
+def _store_key(task: tuple, tag: str) -> str:
+    """The sweep engine's task key (model version, resolved scenario and profile, policy, seed,
+    replication) plus ``tag``, which names what ``extra``/``samples`` add."""
+    import hashlib
+
+    from desim.sweep import Task
+
+    _, data, pol, seed, rep, *_ = task
+    return hashlib.sha256(f"{Task(data, pol, seed, rep).key()}:{tag}".encode()).hexdigest()
+
+
 def run_grid(points: list[Point], policies: Iterable[str] = POLICIES, replications: int = 10, seed: int = 1,
              workers: int = 1, extra: Callable[[Any], dict[str, float]] | None = None,
              samples: Callable[[Any], dict[str, np.ndarray]] | None = None, sample_replications: Iterable[int] = (0,),
-             progress: bool | None = None, desc: str = "runs") -> GridResult:
+             progress: bool | None = None, desc: str = "runs", store: str | Path | None = None,
+             store_tag: str = "") -> GridResult:
     """Run every (point, policy, replication); return the tidy run table (and kept samples).
 
     ``extra`` and ``samples`` run in the worker on the full RunResult; with
     ``workers > 1`` they must be module-level functions (picklable). Rows come
-    back in (point, policy, replication) order whatever the workers do.
+    back in (point, policy, replication) order whatever the workers do. With
+    ``store`` every finished run is kept there (:class:`desim.sweep.ResultStore`,
+    keyed by the sweep engine's task key plus ``store_tag``; change the tag
+    when ``extra`` or ``samples`` change) and found again on the next call.
     """
     from tqdm import tqdm
 
@@ -208,21 +225,41 @@ def run_grid(points: list[Point], policies: Iterable[str] = POLICIES, replicatio
     disable = (not sys.stderr.isatty()) if progress is None else not progress
     bar = tqdm(total=len(tasks), desc=desc, unit="run", file=sys.stderr, disable=disable, smoothing=0.05)
     out: dict[tuple[int, str, int], tuple[dict, dict | None, float]] = {}
+    rs = keys = None
+    if store is not None:
+        from desim.sweep import ResultStore
+
+        rs = ResultStore(store)
+        keys = {k: _store_key(tasks[k], store_tag) for k in order}
+        todo = []
+        for k in order:
+            hit = rs.get(keys[k])
+            if hit is not None and (not tasks[k][7] or samples is None or hit.get("samples") is not None):
+                smp = {n: np.asarray(v, dtype=float) for n, v in hit["samples"].items()} if hit.get("samples") else None
+                out[tasks[k][0], tasks[k][2], tasks[k][4]] = (hit["metrics"], smp, hit.get("wall_s", 0.0))
+                bar.update(1)
+            else:
+                todo.append(k)
+        order = todo
+
+    def finish(k: int, i: int, pol: str, r: int, m: dict, s: dict | None, w: float) -> None:
+        out[(i, pol, r)] = (m, s, w)
+        if rs is not None:
+            rs.put(keys[k], {"metrics": {n: _plain(v) for n, v in m.items()}, "wall_s": w,
+                             "samples": {n: np.asarray(v).tolist() for n, v in s.items()} if s else None})
+        bar.update(1)
+
     t0 = time.perf_counter()
     try:
         if workers <= 1:
             for k in order:
-                i, pol, r, m, s, w = _run_task(*tasks[k])
-                out[(i, pol, r)] = (m, s, w)
-                bar.update(1)
+                finish(k, *_run_task(*tasks[k]))
         else:
-            pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)))
+            pool = ProcessPoolExecutor(max_workers=max(1, min(workers, len(order))))
             try:
-                futs = [pool.submit(_run_task, *tasks[k]) for k in order]
+                futs = {pool.submit(_run_task, *tasks[k]): k for k in order}
                 for fut in as_completed(futs):
-                    i, pol, r, m, s, w = fut.result()
-                    out[(i, pol, r)] = (m, s, w)
-                    bar.update(1)
+                    finish(futs[fut], *fut.result())
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)  # a failed task: do not run the rest
                 raise
@@ -242,6 +279,14 @@ def run_grid(points: list[Point], policies: Iterable[str] = POLICIES, replicatio
                 if s is not None:
                     kept[(i, pol, r)] = s
     return GridResult(pd.DataFrame(rows), kept, time.perf_counter() - t0)
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.floating):
+        return float(v)
+    return v
 
 
 def guarded_main(main: Callable[[], int]) -> None:
@@ -411,14 +456,34 @@ def short_series(key: tuple) -> str:
     return f"{mmu}/{policy}"
 
 
+def clean_json(obj: Any) -> Any:
+    """Plain JSON data: numpy scalars to Python, NaN and infinities to None (strict JSON has neither)."""
+    if isinstance(obj, dict):
+        return {str(k): clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean_json(v) for v in obj]
+    if isinstance(obj, pd.DataFrame):
+        return clean_json(obj.to_dict(orient="records"))
+    if isinstance(obj, np.ndarray):
+        return clean_json(obj.tolist())
+    if isinstance(obj, (np.bool_, bool)):
+        return bool(obj)
+    if isinstance(obj, (np.integer, int)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
 def json_summary(name: str, args: argparse.Namespace, grid: GridResult, summary: pd.DataFrame,
                  **extra: Any) -> dict[str, Any]:
-    """The common part of every summary.json."""
-    return {"experiment": name, "model_version": MODEL_VERSION, "args": args_record(args),
-            "replications": int(args.replications), "seed": int(args.seed), "confidence": 0.95,
-            "runs": int(len(grid.runs)), "wall_s": round(grid.wall_s, 2),
-            "cpu_s_per_run_mean": float(grid.runs["run_wall_s"].mean()) if len(grid.runs) else 0.0,
-            "summary": summary.replace({np.inf: None, -np.inf: None}).to_dict(orient="records"), **extra}
+    """The common part of every summary.json (DataFrames become lists of records; NaN/inf become null)."""
+    return clean_json({
+        "experiment": name, "model_version": MODEL_VERSION, "args": args_record(args),
+        "replications": int(args.replications), "seed": int(args.seed), "confidence": 0.95,
+        "runs": int(len(grid.runs)), "wall_s": round(grid.wall_s, 2),
+        "cpu_s_per_run_mean": float(grid.runs["run_wall_s"].mean()) if len(grid.runs) else 0.0,
+        "summary": summary, **extra})
 
 
 def write_all(out: str | Path, files: dict[str, Callable[[Path], None]]) -> Path:

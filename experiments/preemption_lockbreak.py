@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vcpus", type=int, default=None, help="vCPUs (default 8; quick 4)")
     ap.add_argument("--big-mib", type=float, default=None, help="size of the deleted slot (default 1024; quick 32)")
     ap.add_argument("--work-mib", type=float, default=None, help="the vCPUs' working memory (default 64; quick 4)")
-    ap.add_argument("--at-us", type=float, default=None, help="DELETE time into the work phase (default 500; quick 100)")
+    ap.add_argument("--at-us", type=float, default=None,
+                    help="DELETE time into the work phase (default 500; quick 100)")
     ap.add_argument("--profiles", default=",".join(PROFILES))
     args = C.parse_args(ap, argv)
     vcpus = C.pick(args.vcpus, args.quick, 4, 8)
@@ -232,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{NAME}: {len(points)} points x 2 policies x {args.replications} replications "
           f"({C.fmt_bytes(big)} slot deleted while {vcpus} vCPUs fault on {C.fmt_bytes(work)})", file=sys.stderr)
     grid = C.run_grid(points, C.POLICIES, args.replications, args.seed, args.workers, extra=extra,
-                      samples=samples, sample_replications=(0,), progress=args.progress, desc=NAME)
+                      samples=samples, sample_replications=(0,), progress=args.progress, desc=NAME,
+                      store=args.store, store_tag=f"{NAME}-1")
     runs = grid.runs
     keys = ["profile", "preemption"]
     summary = C.summarize(runs, keys, METRICS)
@@ -288,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
              "summary.json": ex.json_writer(C.json_summary(
                  NAME, args, grid, summary, vcpus=vcpus, big_slot_bytes=big, work_bytes=work, delete_at_us=at_us,
                  profiles=profiles, findings=findings,
-                 comparison=comparison.replace({np.inf: None, -np.inf: None}).to_dict(orient="records"))),
+                 comparison=comparison)),
              **C.figure_writers(fig, NAME), **C.figure_writers(cdf, "fault_latency_cdf"),
              **C.figure_writers(tail, "fault_latency_tail")}
     out = C.write_all(args.out, files)

@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({C.fmt_bytes(ram)} RAM, {args.vcpus} vCPUs, slot {args.op} at {at_us:g} µs into the work phase)",
           file=sys.stderr)
     grid = C.run_grid(points, C.POLICIES, args.replications, args.seed, args.workers, extra=extra,
-                      progress=args.progress, desc=NAME)
+                      progress=args.progress, desc=NAME,
+                      store=args.store, store_tag=f"{NAME}-1")
     runs = grid.runs
     runs.insert(2, "slot_size", runs["slot_bytes"].map(C.fmt_bytes))
     keys = ["slot_bytes", "profile"]
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
              "summary.json": ex.json_writer(C.json_summary(
                  NAME, args, grid, summary, ram_bytes=ram, sizes=sizes, profiles=profiles, op=args.op,
                  crossover=cross,
-                 comparison=comparison.replace({np.inf: None, -np.inf: None}).to_dict(orient="records"))),
+                 comparison=comparison)),
              **C.figure_writers(fig, NAME)}
     out = C.write_all(args.out, files)
     print(f"\nwrote {', '.join(files)} to {out}")

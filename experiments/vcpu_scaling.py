@@ -125,7 +125,8 @@ def plot(summary, vcpus: list[int], title: str):
 
 def main(argv: list[str] | None = None) -> int:
     ap = C.make_parser(__doc__.split("\n\n")[0], NAME, default_reps=10)
-    ap.add_argument("--vcpus", default=None, help="comma-separated vCPU counts (default 1,2,4,...,256,448; quick 1,2,4)")
+    ap.add_argument("--vcpus", default=None,
+                    help="comma-separated vCPU counts (default 1,2,4,...,256,448; quick 1,2,4)")
     ap.add_argument("--per-vcpu-mib", type=float, default=None, help="RAM per vCPU in MiB (default 4; quick 1)")
     ap.add_argument("--accesses", type=int, default=None,
                     help="work-phase accesses per vCPU (default 20000; quick 4000)")
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({C.fmt_bytes(per_vcpu)} and {accesses:,} work accesses per vCPU, {args.toggles} ROM deletes)",
           file=sys.stderr)
     grid = C.run_grid(points, C.POLICIES, args.replications, args.seed, args.workers, extra=extra,
-                      progress=args.progress, desc=NAME)
+                      progress=args.progress, desc=NAME,
+                      store=args.store, store_tag=f"{NAME}-1")
     runs = grid.runs
     keys = ["vcpus", "profile"]
     summary = C.summarize(runs, keys, METRICS)
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
              "summary.json": ex.json_writer(C.json_summary(
                  NAME, args, grid, summary, vcpus=vcpus, profiles=profiles, per_vcpu_bytes=per_vcpu,
                  accesses_per_vcpu=accesses, findings=findings,
-                 comparison=comparison.replace({np.inf: None, -np.inf: None}).to_dict(orient="records"))),
+                 comparison=comparison)),
              **C.figure_writers(fig, NAME)}
     out = C.write_all(args.out, files)
     print(f"\nwrote {', '.join(files)} to {out}")

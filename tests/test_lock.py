@@ -93,3 +93,32 @@ def test_role_statistics():
     s = lock.summary()["roles"]
     assert s["w"]["hold_ns"] == 10 and s["w"]["wait_ns"] == 0
     assert s["r"]["wait_ns"] == 6 and s["r"]["hold_ns"] == 5 and s["r"]["contended"] == 1
+
+
+def test_release_after_hands_over_to_a_waiting_writer_at_the_release_time():
+    env = simpy.Environment()
+    lock = MmuLock(env, kind="spinlock")
+    log = []
+
+    def holder():
+        assert lock.acquire(WRITE, "fault", "a") is None
+        yield env.timeout(1)
+        lock.release_after("a", 9)          # a holds until t = 10
+
+    def waiter(name, at):
+        yield env.timeout(at)
+        yield from lock.take(WRITE, "fault", name)
+        log.append((env.now, name))
+        yield env.timeout(5)
+        lock.release(name)
+
+    env.process(holder())
+    env.process(waiter("b", 0.5))
+    env.process(waiter("c", 2))          # arrives after the hand-over was decided: must queue behind b
+    env.run()
+    assert log == [(10, "b"), (15, "c")]
+    s = lock.summary()
+    assert s["roles"]["fault"]["hold_ns"] == 10 + 5 + 5
+    assert s["roles"]["fault"]["wait_ns"] == (10 - 0.5) + (15 - 2)
+    # Little's law stays exact with the early hand-over
+    assert (s["mean_holders"] + s["mean_waiters"]) * env.now == 20 + 9.5 + 13
