@@ -68,7 +68,7 @@ class Metrics:
     srcu_syncs: int = 0
     srcu_wait_ns: float = 0.0
     phase_end_ns: dict[str, float] = field(default_factory=dict)
-    accesses_assigned: int = 0
+    accesses_assigned: int = 0  # accesses handed to vCPUs in chunks (all must be consumed)
     completion_ns: float = 0.0
 
     def __post_init__(self) -> None:

@@ -178,6 +178,9 @@ class TouchSpec(_Model):
     it when the vCPU gets there (an unmapped gpa is an MMIO exit).
     ``pattern = "trace"`` replays the pages of a ``perf script`` trace of
     ``kvm:kvm_page_fault`` events, vCPU i taking the trace's vCPU i.
+    ``until = "vmm"`` repeats the pattern (more passes, more draws) until the
+    phase's VMM script has finished, like the selftests' vCPU loops; the vCPU
+    stops at the end of the chunk it is in (at most 4096 accesses later).
     """
 
     vcpus: int | Literal["all", "bsp", "aps"] = "all"
@@ -194,6 +197,7 @@ class TouchSpec(_Model):
     hot_fraction: float = Field(default=0.1, gt=0, le=1)
     hot_probability: float = Field(default=0.9, ge=0, le=1)
     perf_trace: str | None = None
+    until: Literal["done", "vmm"] = "done"
 
     @model_validator(mode="after")
     def _region(self) -> "TouchSpec":
@@ -231,6 +235,9 @@ class PhaseSpec(TouchSpec):
     def _region(self) -> "PhaseSpec":  # type: ignore[override]
         if self.pattern != "none":
             TouchSpec._region(self)  # type: ignore[arg-type]
+        if (any(t.until == "vmm" for t in self.touch_list())
+                and not self.memslot_ops and self.memslot_trace is None):
+            raise ValueError("until = 'vmm' needs a VMM script in the phase (memslot_ops or memslot_trace)")
         return self
 
     def touch_list(self) -> list[TouchSpec]:

@@ -161,6 +161,7 @@ class Vcpu:
         self._chunk = chunk
         self._chunk_list = chunk.tolist()
         self.access_ns = self.stream.access_ns
+        self.vm.metrics.accesses_assigned += len(chunk)
         self._pos = 0
         self._seq = -1
         return True

@@ -27,7 +27,7 @@ from .scenario import PhaseSpec, Scenario, TouchSpec, phase_ops
 from .streams import stream
 from .vcpu import Vcpu
 from .vmm import Vmm
-from .workload import AccessStream, ChainedStream, make_stream, perf_streams, split_region
+from .workload import AccessStream, ChainedStream, RepeatingStream, make_stream, perf_streams, split_region
 from .zap import make_policy
 
 
@@ -57,6 +57,7 @@ class Vm:
         self.vmm = Vmm(self)
         self.vcpus = [Vcpu(self, i) for i in range(scenario.vm.vcpus)]
         self._slot_update: simpy.Event | None = None
+        self._vmm_running = False
 
     # -- host virtual addresses for slots that do not give one ------------------
     def _fresh_ua(self, slot_id: int, size: int) -> int:
@@ -127,14 +128,17 @@ class Vm:
                 if m <= 0:
                     continue
                 rng = stream(self.seed, self.replication, f"workload/{phase.name}/{ti}/vcpu{v.index}")
-                st = make_stream(touch.pattern, a, m, rng=rng, passes=touch.passes, accesses=touch.accesses,
-                                 zipf_s=touch.zipf_s, hot_fraction=touch.hot_fraction,
-                                 hot_probability=touch.hot_probability)
-                st.access_ns = touch.access_ns
+
+                def factory(touch=touch, a=a, m=m, rng=rng) -> AccessStream:
+                    st = make_stream(touch.pattern, a, m, rng=rng, passes=touch.passes, accesses=touch.accesses,
+                                     zipf_s=touch.zipf_s, hot_fraction=touch.hot_fraction,
+                                     hot_probability=touch.hot_probability)
+                    st.access_ns = touch.access_ns
+                    return st
+                st = RepeatingStream(factory, lambda: self._vmm_running) if touch.until == "vmm" else factory()
                 per_vcpu.setdefault(v.index, []).append(st)
         for idx, streams in sorted(per_vcpu.items()):
             st = streams[0] if len(streams) == 1 else ChainedStream(streams)
-            self.metrics.accesses_assigned += st.total
             self.vcpus[idx].assign(st, on_done)
         return len(per_vcpu)
 
@@ -150,13 +154,18 @@ class Vm:
                     done_ev.succeed()
 
             vmm_rng = stream(self.seed, self.replication, f"vmm/{phase.name}")
+            self._vmm_running = True
             vmm_proc = env.process(self.vmm.run_script(phase_ops(phase, vmm_rng)))
+            vmm_proc.callbacks.append(self._vmm_finished)
             pending["n"] = self._start_streams(phase, one_done)
             if pending["n"]:
                 yield done_ev
             yield vmm_proc
             self.metrics.phase_end_ns[phase.name] = env.now
         self.metrics.completion_ns = env.now
+
+    def _vmm_finished(self, _ev: simpy.Event) -> None:
+        self._vmm_running = False
 
     def run(self) -> "RunResult":
         main = self.env.process(self._run_phases())

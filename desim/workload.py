@@ -61,6 +61,25 @@ class ChainedStream(AccessStream):
         return None
 
 
+class RepeatingStream(AccessStream):
+    """A touch repeated while ``keep_going()`` (``until = "vmm"``): a fresh pass or more draws each time."""
+
+    def __init__(self, factory, keep_going) -> None:
+        self._factory = factory
+        self._keep_going = keep_going
+        self._cur = factory()
+        super().__init__(iter(()), 0, self._cur.access_ns)
+
+    def next_chunk(self) -> np.ndarray | None:
+        if not self._keep_going():
+            return None
+        chunk = self._cur.next_chunk()
+        if chunk is None:
+            self._cur = self._factory()
+            chunk = self._cur.next_chunk()
+        return chunk
+
+
 def _sequential(lo: int, n: int, passes: int) -> Iterator[np.ndarray]:
     for _ in range(passes):
         for s in range(0, n, CHUNK):
