@@ -23,6 +23,12 @@ Why a grid runner of its own instead of :func:`desim.experiment.replicate`
   metrics, evaluated in the worker) and a ``samples`` function (RunResult ->
   arrays, kept for the replications asked for).
 
+``--store DIR`` keeps every finished run (keyed like the sweep engine's
+result store: ``desim.MODEL_VERSION``, the resolved scenario and profile,
+policy, seed, replication, plus a tag naming the extras), so a killed run
+resumes. The key does not see model code changes that keep ``MODEL_VERSION``:
+use a fresh store after changing the model.
+
 Each task is still exactly ``desim.vm.run_scenario(scenario, policy, seed,
 replication)``: replication ``r`` of ``seed`` draws the same random streams
 under every policy (common random numbers), and results do not depend on the
@@ -32,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -391,13 +396,18 @@ def plt_module():
 
 def errorbar_panel(ax, summary: pd.DataFrame, x: str, metric: str, series_keys: list[str],
                    style: Callable[[tuple], dict[str, Any]], label: Callable[[tuple], str], scale: float = 1.0,
-                   x_scale: float = 1.0) -> None:
-    """One line per series (``series_keys`` values) of ``metric`` against ``x``, 95% CI bars."""
+                   x_scale: float = 1.0, dodge: float = 0.0) -> None:
+    """One line per series (``series_keys`` values) of ``metric`` against ``x``, 95% CI bars.
+
+    ``dodge`` shifts series j by ``2 ** (dodge * (j - centre))`` along a log x axis so that
+    series with equal values stay visible.
+    """
     s = summary[summary.metric == metric]
-    for key, g in s.groupby(series_keys, sort=False):
+    groups = list(s.groupby(series_keys, sort=False))
+    for j, (key, g) in enumerate(groups):
         key = key if isinstance(key, tuple) else (key,)
         g = g.sort_values(x)
-        xs = g[x].to_numpy(float) / x_scale
+        xs = g[x].to_numpy(float) / x_scale * 2.0 ** (dodge * (j - (len(groups) - 1) / 2))
         m = g["mean"].to_numpy(float) / scale
         hw = g["half_width"].to_numpy(float) / scale
         hw = np.where(np.isfinite(hw), hw, 0.0)
@@ -406,7 +416,7 @@ def errorbar_panel(ax, summary: pd.DataFrame, x: str, metric: str, series_keys: 
         ax.errorbar(xs, m, yerr=[lo, hw], capsize=3, lw=1.4, ms=5, label=label(key), **style(key))
 
 
-def auto_yscale(ax, summary: pd.DataFrame, metric: str, ratio: float = 30.0) -> None:
+def auto_yscale(ax, summary: pd.DataFrame, metric: str, ratio: float = 10.0) -> None:
     """Log y when the metric spans more than ``ratio`` (x) across the panel, else linear from 0.
 
     Call before :func:`errorbar_panel` (whiskers are clipped above 0 on a log axis).
@@ -420,13 +430,28 @@ def auto_yscale(ax, summary: pd.DataFrame, metric: str, ratio: float = 30.0) -> 
         ax.set_ylim(bottom=0, auto=True)
 
 
-def log2_xaxis(ax, values: Sequence[float], labels: Sequence[str] | None = None, fontsize: int = 8) -> None:
-    """A log2 x axis with one labelled tick per grid value and no minor ticks."""
+def log2_xaxis(ax, values: Sequence[float], labels: Sequence[str] | None = None, fontsize: int = 8,
+               min_gap: float = 0.0) -> None:
+    """A log2 x axis with one tick per grid value and no minor ticks.
+
+    Labels closer than ``min_gap`` (in log2 units) to the previous label are left
+    blank (the last value is always labelled), so that dense grids stay readable.
+    """
     from matplotlib.ticker import NullLocator
 
+    values = list(values)
+    labels = list(labels) if labels is not None else [str(v) for v in values]
+    shown, last = [], -math.inf
+    for i, (v, lab) in enumerate(zip(values, labels)):
+        lv = math.log2(v)
+        if i == len(values) - 1 and shown and lv - last < min_gap:
+            shown[max(j for j, t in enumerate(shown) if t)] = ""  # keep the last label, drop its neighbour
+        ok = lv - last >= min_gap or i == len(values) - 1
+        shown.append(lab if ok else "")
+        if ok:
+            last = lv
     ax.set_xscale("log", base=2)
-    ax.set_xticks(list(values), list(labels) if labels is not None else [str(v) for v in values],
-                  fontsize=fontsize)
+    ax.set_xticks(values, shown, fontsize=fontsize)
     ax.xaxis.set_minor_locator(NullLocator())
 
 
@@ -493,6 +518,3 @@ def write_all(out: str | Path, files: dict[str, Callable[[Path], None]]) -> Path
     finally:
         plt_module().close("all")
 
-
-def default_workers() -> int:
-    return max(1, (os.cpu_count() or 1))

@@ -82,7 +82,7 @@ METRICS = ["memslot_ioctl_mean_ns", "zap_duration_total_ns", "faults", "faults_a
 
 
 def default_sizes(ram: int, quick: bool) -> list[int]:
-    """64 KiB x 4^k below the RAM, then RAM/2, 3/4, 7/8 (finer where the curves meet), then the whole RAM."""
+    """64 KiB x 4^k below the RAM, then RAM/2, 5/8, 3/4, 7/8 (finer where the curves meet), then the whole RAM."""
     if quick:
         sizes = [64 * C.KiB, C.MiB, ram // 2, ram]
     else:
@@ -90,7 +90,7 @@ def default_sizes(ram: int, quick: bool) -> list[int]:
         while s < ram:
             sizes.append(s)
             s *= 4
-        sizes += [ram // 2, ram * 3 // 4, ram * 7 // 8, ram]
+        sizes += [ram // 2, ram * 5 // 8, ram * 3 // 4, ram * 7 // 8, ram]
     return sorted({s // (64 * C.KiB) * (64 * C.KiB) for s in sizes if 0 < s <= ram})
 
 
@@ -134,8 +134,16 @@ def crossovers(comparison: pd.DataFrame, profiles: list[str], sizes: list[int]) 
             above = [s for s in sizes if s in c.index and c.loc[s, "diff_low"] > 0]
             first = min(above) if above else None
             stays = first is not None and all(c.loc[s, "diff_low"] > 0 for s in sizes if s >= first and s in c.index)
+            # bracket: the grid size below the crossover, and where the mean difference crosses 0 between them
+            below = [s for s in sizes if first is not None and s < first and s in c.index]
+            prev = max(below) if below else None
+            interp = None
+            if first is not None and prev is not None:
+                d0, d1 = c.loc[prev, "diff"], c.loc[first, "diff"]
+                interp = int(prev + (first - prev) * (-d0) / (d1 - d0)) if d0 < 0 < d1 else None
             rows.append({"profile": prof, "metric": metric, "crossover_bytes": first,
                          "crossover": C.fmt_bytes(first) if first else "none in range",
+                         "previous_size_bytes": prev, "interpolated_zero_bytes": interp,
                          "stays_above_at_larger_sizes": stays if first else None,
                          "sizes_with_targeted_above": ",".join(C.fmt_bytes(s) for s in above)})
             info[prof][metric] = rows[-1]
@@ -143,6 +151,7 @@ def crossovers(comparison: pd.DataFrame, profiles: list[str], sizes: list[int]) 
                 first_any = first
         rows.append({"profile": prof, "metric": "either", "crossover_bytes": first_any,
                      "crossover": C.fmt_bytes(first_any) if first_any else "none in range",
+                     "previous_size_bytes": None, "interpolated_zero_bytes": None,
                      "stays_above_at_larger_sizes": None, "sizes_with_targeted_above": ""})
         info[prof]["either"] = rows[-1]
     return pd.DataFrame(rows), info
@@ -154,45 +163,47 @@ def plot(summary: pd.DataFrame, comparison: pd.DataFrame, cross: dict, sizes: li
     labels = [C.fmt_bytes(s).replace(" ", "\u2009") for s in sizes]
     panels = [(axes[0, 0], "memslot_ioctl_mean_ns", "memslot ioctl latency (DELETE/MOVE)", 1e3, "µs"),
               (axes[0, 1], "zap_duration_total_ns", "zap duration (kvm_arch_flush_shadow_memslot)", 1e3, "µs"),
-              (axes[1, 0], "work_faults", "faults during the work phase", 1.0, "faults")]
+              (axes[1, 0], "faults_after_zap", "re-faults after the zap (SPTEs lost and needed again)", 1.0,
+               "faults")]
     for ax, metric, name, scale, unit in panels:
-        C.log2_xaxis(ax, sizes, labels, fontsize=7)
+        C.log2_xaxis(ax, sizes, labels, fontsize=7, min_gap=0.9)
         plt.setp(ax.get_xticklabels(), rotation=40, ha="right")
-        if metric == "work_faults":
-            ax.set_yscale("symlog", linthresh=10)  # 0 faults at the whole-RAM end stays visible
-            ax.set_ylim(bottom=0)
+        if metric == "faults_after_zap":
+            ax.set_yscale("symlog", linthresh=1)  # targeted's 0 stays visible
         else:
             ax.set_yscale("log")
         C.errorbar_panel(ax, summary, "slot_bytes", metric, ["profile", "policy"], C.policy_mmu_style,
-                         C.policy_mmu_label, scale=scale)
+                         C.policy_mmu_label, scale=scale, dodge=0.04)
+        if metric == "faults_after_zap":
+            ax.set_ylim(bottom=0)
         ax.set_xlabel("size of the deleted slot (log2 scale)")
-        ax.set_ylabel(f"{name.split(' (')[0]} ({unit}, {'symlog' if metric == 'work_faults' else 'log'})")
+        ax.set_ylabel(f"{name.split(' (')[0]} ({unit}, {'symlog' if metric == 'faults_after_zap' else 'log'})")
         ax.set_title(name)
         ax.grid(alpha=0.3, which="both")
-    ax = axes[1, 1]
-    C.log2_xaxis(ax, sizes, labels, fontsize=7)
-    plt.setp(ax.get_xticklabels(), rotation=40, ha="right")
-    for prof in dict.fromkeys(comparison.profile):
+    ax = axes[1, 1]  # linear x: the crossover sits where the log axis is most crowded
+    mmu_color = {"tdp-icelake": "black", "legacy-2020": "#6a4c93", "shadow-pvm": "#8a5a00"}
+    for k, prof in enumerate(dict.fromkeys(comparison.profile)):
         c = comparison[(comparison.profile == prof) & (comparison.metric == "completion_ns")].sort_values("slot_bytes")
+        x = c["slot_bytes"].to_numpy(float) / C.MiB
         d = c["diff"].to_numpy(float) / 1e6
         lo = np.nan_to_num(d - c["diff_low"].to_numpy(float) / 1e6, posinf=0)
         hi = np.nan_to_num(c["diff_high"].to_numpy(float) / 1e6 - d, posinf=0)
         st = C.policy_mmu_style((prof, "targeted"))
-        ax.errorbar(c["slot_bytes"], d, yerr=[lo, hi], capsize=3, lw=1.4, ms=5, color="black" if prof == "tdp-icelake"
-                    else "#6a4c93", ls=st["ls"], marker=st["marker"], mfc=st["mfc"],
-                    label=f"{C.PROFILE_MMU.get(prof, prof)}")
-        x = cross.get(prof, {}).get("completion_ns", {}).get("crossover_bytes")
-        if x:
-            ax.axvline(x, color="black" if prof == "tdp-icelake" else "#6a4c93", ls=":", lw=1.2)
-            ax.annotate(f"crossover {C.fmt_bytes(x)}", (x, 0), xytext=(4, 8), textcoords="offset points",
-                        fontsize=8, rotation=90, color="black" if prof == "tdp-icelake" else "#6a4c93")
+        col = mmu_color.get(prof, "grey")
+        ax.errorbar(x, d, yerr=[lo, hi], capsize=3, lw=1.4, ms=5, color=col, ls=st["ls"], marker=st["marker"],
+                    mfc=st["mfc"], label=C.PROFILE_MMU.get(prof, prof))
+        xc = cross.get(prof, {}).get("completion_ns", {}).get("crossover_bytes")
+        if xc:
+            ax.axvline(xc / C.MiB, color=col, ls=":", lw=1.2)
+            ax.annotate(f"crossover\n{C.fmt_bytes(xc)}", (xc / C.MiB, 1 - 0.1 * k), xycoords=("data", "axes fraction"),
+                        xytext=(-4, -4), textcoords="offset points", ha="right", va="top", fontsize=8, color=col)
     ax.axhline(0, color="grey", lw=1)
-    ax.set_yscale("symlog", linthresh=0.01)
-    ax.set_xlabel("size of the deleted slot (log2 scale)")
-    ax.set_ylabel("targeted − fast completion time (ms, symlog)")
+    ax.set_xlim(0, ram / C.MiB * 1.03)
+    ax.set_xlabel("size of the deleted slot (MiB, linear scale)")
+    ax.set_ylabel("targeted − fast completion time (ms)")
     ax.set_title("completion time: targeted − fast (paired 95% CI)\nabove 0: targeted costs more")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
     handles, lab = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, lab, loc="lower center", ncol=4, frameon=False, fontsize=10)
     fig.suptitle(title, fontsize=13)
@@ -241,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     for metric, name, scale, unit in [("memslot_ioctl_mean_ns", "memslot ioctl latency", 1e3, "µs"),
                                       ("zap_duration_total_ns", "zap duration", 1e3, "µs"),
                                       ("work_faults", "faults in the work phase", 1.0, "faults"),
+                                      ("faults_after_zap", "re-faults after the zap", 1.0, "faults"),
                                       ("work_fault_latency_max_ns", "max fault latency in the work phase", 1e3, "µs"),
                                       ("completion_ns", "completion time", 1e6, "ms")]:
         print(C.format_wide(summary, "slot_bytes", ["profile", "policy"], metric, scale, unit, name,
@@ -254,7 +266,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {prof}: " + "; ".join(cells))
     print("\ncrossover (smallest slot size where targeted's CI lies above fast's, paired):")
     for r in cross_table.itertuples():
-        more = "" if r.stays_above_at_larger_sizes in (None, True) else " (but not at every larger size)"
+        more = ""
+        if pd.notna(r.previous_size_bytes):
+            more += f" (above {C.fmt_bytes(r.previous_size_bytes)}"
+            more += (f"; mean difference crosses 0 near {C.fmt_bytes(r.interpolated_zero_bytes)})"
+                     if pd.notna(r.interpolated_zero_bytes) else ")")
+        if r.stays_above_at_larger_sizes is False:
+            more += "; not above at every larger size"
         print(f"  {r.profile:<12} {CROSSOVER_METRICS.get(r.metric, r.metric):<16} {r.crossover}{more}")
 
     fig = plot(summary, comparison, cross, sizes, ram,
