@@ -26,30 +26,44 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from . import MODEL_VERSION
+import numpy as np
+
+from . import model_fingerprint
 from .errors import DesimInputError
 from .scenario import Scenario, validate_scenario
 
 
 @dataclass(frozen=True)
 class Task:
-    """One replication of one policy on one scenario point."""
+    """One replication of one policy on one scenario point.
+
+    ``extra`` and ``samples`` are optional hooks run in the worker on the full
+    ``RunResult``: ``extra(res) -> {name: number}`` adds metrics, ``samples(res)
+    -> {name: array}`` keeps raw samples (e.g. latencies for a CDF). They must be
+    picklable (module-level functions, or cloudpickle-able for Dask); ``tag``
+    names what they compute and is part of the key, so change it when they change.
+    """
 
     scenario: dict[str, Any]  # Scenario.model_dump(): plain data, cheap to ship to workers
     policy: str
     seed: int
     replication: int
     point: int = 0  # index of the sweep point (for bookkeeping only, not part of the key)
+    extra: Callable[[Any], dict[str, float]] | None = field(default=None, compare=False)
+    samples: Callable[[Any], dict[str, Any]] | None = field(default=None, compare=False)
+    tag: str = ""
 
     def key(self) -> str:
         sc = validate_scenario(self.scenario, "task")
         profile = sc.host_profile().model_dump()
-        blob = json.dumps({"model": MODEL_VERSION, "scenario": sc.model_dump(), "profile": profile,
-                           "policy": self.policy, "seed": self.seed, "replication": self.replication},
+        blob = json.dumps({"model": model_fingerprint(), "scenario": sc.model_dump(), "profile": profile,
+                           "policy": self.policy, "seed": self.seed, "replication": self.replication,
+                           "tag": self.tag, "samples": self.samples is not None},
                           sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -59,10 +73,24 @@ def run_task(task: Task) -> dict[str, Any]:
     from .vm import run_scenario
 
     sc = validate_scenario(task.scenario, "task")
+    t0 = time.perf_counter()
     res = run_scenario(sc, task.policy, task.seed, task.replication)
     out = res.to_dict()
+    if task.extra is not None:
+        out["metrics"].update({k: _plain(v) for k, v in task.extra(res).items()})
+    if task.samples is not None:
+        out["samples"] = {k: np.asarray(v, dtype=float).tolist() for k, v in task.samples(res).items()}
     out["point"] = task.point
+    out["wall_s"] = time.perf_counter() - t0
     return out
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.floating):
+        return float(v)
+    return v
 
 
 class ResultStore:
@@ -101,18 +129,23 @@ def _progress(total: int, desc: str, enabled: bool | None):
 
 
 def execute(tasks: list[Task], backend: str = "serial", workers: int = 1, store: ResultStore | None = None,
-            progress: bool | None = None, on_result: Callable[[int, dict], None] | None = None) -> list[dict]:
-    """Run ``tasks`` and return their results in task order."""
+            progress: bool | None = None, on_result: Callable[[int, dict], None] | None = None,
+            order: list[int] | None = None, desc: str = "replications") -> list[dict]:
+    """Run ``tasks`` and return their results in task order.
+
+    ``order`` is the submission order (e.g. the most expensive tasks first); it
+    changes only the wall time, never the results.
+    """
     results: list[dict | None] = [None] * len(tasks)
     keys = [t.key() for t in tasks] if store is not None else [None] * len(tasks)
     todo = []
-    for i, (t, k) in enumerate(zip(tasks, keys)):
-        cached = store.get(k) if store is not None else None
+    for i in (order if order is not None else range(len(tasks))):
+        cached = store.get(keys[i]) if store is not None else None
         if cached is not None:
             results[i] = cached
         else:
             todo.append(i)
-    bar = _progress(len(tasks), "replications", progress)
+    bar = _progress(len(tasks), desc, progress)
     bar.update(len(tasks) - len(todo))
 
     def finish(i: int, r: dict) -> None:

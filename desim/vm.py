@@ -15,7 +15,7 @@ from typing import Any, Generator
 import numpy as np
 import simpy
 
-from . import MODEL_VERSION
+from . import model_fingerprint
 from .audit import Audit
 from .errors import DesimInputError
 from .lock import MmuLock
@@ -181,7 +181,7 @@ class Vm:
         lock_summary = self.lock.summary()
         summary = self.metrics.summary(lock_summary)
         return RunResult(scenario=self.scenario.name, policy=self.policy_name, seed=self.seed,
-                         replication=self.replication, model_version=MODEL_VERSION,
+                         replication=self.replication, model_version=model_fingerprint(),
                          metrics=summary, per_vcpu=self.metrics.per_vcpu_rows(), raw=self.metrics,
                          memory_bytes=self.mmu.memory_bytes())
 

@@ -8,26 +8,17 @@ text (:func:`format_wide`) and figures (:func:`errorbar_panel`,
 :func:`figure_writers`), then writes everything atomically with
 :func:`desim.experiment.write_outputs`.
 
-Why a grid runner of its own instead of :func:`desim.experiment.replicate`
-(what the experiment API lacks):
+The grid runner is :func:`desim.sweep.execute` (serial, or a local Dask
+cluster) fed with every (point, policy, replication) task of the experiment at
+once, largest points first, with two per-task hooks evaluated in the worker:
+``extra`` (RunResult -> more scalar metrics, e.g. statistics of one phase) and
+``samples`` (RunResult -> arrays such as latencies for CDF plots, kept for the
+replications asked for).
 
-* ``replicate`` runs one scenario point; a sweep over points needs one call
-  (and, with ``backend="local"``, one Dask cluster start) per point. Here all
-  (point, policy, replication) tasks of an experiment go to one process pool,
-  largest first, so the workers stay busy.
-* ``replicate`` returns only ``RunResult.metrics``; the per-event samples
-  (``RunResult.raw``: fault latencies and times, phase ends) are dropped in the
-  worker. Experiments need statistics of one phase (e.g. the fault latency
-  while a slot is being zapped) and latency samples for CDF plots, so
-  :func:`run_grid` takes an ``extra`` function (RunResult -> more scalar
-  metrics, evaluated in the worker) and a ``samples`` function (RunResult ->
-  arrays, kept for the replications asked for).
-
-``--store DIR`` keeps every finished run (keyed like the sweep engine's
-result store: ``desim.MODEL_VERSION``, the resolved scenario and profile,
-policy, seed, replication, plus a tag naming the extras), so a killed run
-resumes. The key does not see model code changes that keep ``MODEL_VERSION``:
-use a fresh store after changing the model.
+``--store DIR`` keeps every finished run in the sweep engine's result store
+(keyed by the model fingerprint -- MODEL_VERSION plus a hash of desim's source
+--, the resolved scenario and profile, policy, seed, replication, and a tag
+naming the extras), so a killed run resumes and a changed model recomputes.
 
 Each task is still exactly ``desim.vm.run_scenario(scenario, policy, seed,
 replication)``: replication ``r`` of ``seed`` draws the same random streams
@@ -40,7 +31,6 @@ import argparse
 import math
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -52,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from desim import MODEL_VERSION  # noqa: E402
+from desim import model_fingerprint  # noqa: E402
 from desim import experiment as ex  # noqa: E402
 from desim.errors import DesimInputError  # noqa: E402
 from desim.scenario import Scenario, validate_scenario  # noqa: E402
@@ -180,118 +170,45 @@ def phase_fault_stats(res: Any, phase: str, prefix: str | None = None) -> dict[s
 
 
 # -- running ---------------------------------------------------------------------------------------
-def _run_task(idx: int, data: dict[str, Any], policy: str, seed: int, rep: int,
-              extra: Callable | None, samples: Callable | None, keep: bool
-              ) -> tuple[int, str, int, dict[str, Any], dict[str, np.ndarray] | None, float]:
-    from desim.vm import run_scenario
-
-    t0 = time.perf_counter()
-    sc = validate_scenario(data, "experiment point")
-    res = run_scenario(sc, policy, seed, rep)
-    metrics = dict(res.metrics)
-    if extra is not None:
-        metrics.update(extra(res))
-    smp = samples(res) if (samples is not None and keep) else None
-    return idx, policy, rep, metrics, smp, time.perf_counter() - t0
-
-
-def _store_key(task: tuple, tag: str) -> str:
-    """The sweep engine's task key (model version, resolved scenario and profile, policy, seed,
-    replication) plus ``tag``, which names what ``extra``/``samples`` add."""
-    import hashlib
-
-    from desim.sweep import Task
-
-    _, data, pol, seed, rep, *_ = task
-    return hashlib.sha256(f"{Task(data, pol, seed, rep).key()}:{tag}".encode()).hexdigest()
-
-
 def run_grid(points: list[Point], policies: Iterable[str] = POLICIES, replications: int = 10, seed: int = 1,
              workers: int = 1, extra: Callable[[Any], dict[str, float]] | None = None,
              samples: Callable[[Any], dict[str, np.ndarray]] | None = None, sample_replications: Iterable[int] = (0,),
              progress: bool | None = None, desc: str = "runs", store: str | Path | None = None,
              store_tag: str = "") -> GridResult:
-    """Run every (point, policy, replication); return the tidy run table (and kept samples).
+    """Run every (point, policy, replication) on the sweep engine; return the tidy run table.
 
-    ``extra`` and ``samples`` run in the worker on the full RunResult; with
-    ``workers > 1`` they must be module-level functions (picklable). Rows come
-    back in (point, policy, replication) order whatever the workers do. With
-    ``store`` every finished run is kept there (:class:`desim.sweep.ResultStore`,
-    keyed by the sweep engine's task key plus ``store_tag``; change the tag
-    when ``extra`` or ``samples`` change) and found again on the next call.
+    One :func:`desim.sweep.execute` call for the whole grid (serial, or a local
+    Dask cluster with ``workers`` processes), the most expensive points first.
+    ``extra`` and ``samples`` run in the worker on the full RunResult (see
+    :class:`desim.sweep.Task`); samples are kept for ``sample_replications``
+    only. With ``store`` every finished run is kept there and found again on
+    the next call (``store_tag`` names what ``extra``/``samples`` compute).
+    Rows come back in (point, policy, replication) order whatever the workers do.
     """
-    from tqdm import tqdm
+    from desim.sweep import ResultStore, Task, execute
 
     policies = list(policies)
     keep = set(sample_replications)
-    tasks = [(i, p.scenario.model_dump(), pol, seed, r, extra, samples, r in keep)
+    tasks = [Task(p.scenario.model_dump(), pol, seed, r, point=i, extra=extra,
+                  samples=samples if r in keep else None, tag=store_tag)
              for i, p in enumerate(points) for pol in policies for r in range(replications)]
-    order = sorted(range(len(tasks)), key=lambda k: -points[tasks[k][0]].cost)
-    disable = (not sys.stderr.isatty()) if progress is None else not progress
-    bar = tqdm(total=len(tasks), desc=desc, unit="run", file=sys.stderr, disable=disable, smoothing=0.05)
-    out: dict[tuple[int, str, int], tuple[dict, dict | None, float]] = {}
-    rs = keys = None
-    if store is not None:
-        from desim.sweep import ResultStore
-
-        rs = ResultStore(store)
-        keys = {k: _store_key(tasks[k], store_tag) for k in order}
-        todo = []
-        for k in order:
-            hit = rs.get(keys[k])
-            if hit is not None and (not tasks[k][7] or samples is None or hit.get("samples") is not None):
-                smp = {n: np.asarray(v, dtype=float) for n, v in hit["samples"].items()} if hit.get("samples") else None
-                out[tasks[k][0], tasks[k][2], tasks[k][4]] = (hit["metrics"], smp, hit.get("wall_s", 0.0))
-                bar.update(1)
-            else:
-                todo.append(k)
-        order = todo
-
-    def finish(k: int, i: int, pol: str, r: int, m: dict, s: dict | None, w: float) -> None:
-        out[(i, pol, r)] = (m, s, w)
-        if rs is not None:
-            rs.put(keys[k], {"metrics": {n: _plain(v) for n, v in m.items()}, "wall_s": w,
-                             "samples": {n: np.asarray(v).tolist() for n, v in s.items()} if s else None})
-        bar.update(1)
-
+    order = sorted(range(len(tasks)), key=lambda k: -points[tasks[k].point].cost)
     t0 = time.perf_counter()
-    try:
-        if workers <= 1:
-            for k in order:
-                finish(k, *_run_task(*tasks[k]))
-        else:
-            pool = ProcessPoolExecutor(max_workers=max(1, min(workers, len(order))))
-            try:
-                futs = {pool.submit(_run_task, *tasks[k]): k for k in order}
-                for fut in as_completed(futs):
-                    finish(futs[fut], *fut.result())
-            except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)  # a failed task: do not run the rest
-                raise
-            pool.shutdown()
-    finally:
-        bar.close()
+    results = execute(tasks, backend="local" if workers > 1 else "serial", workers=workers,
+                      store=ResultStore(store) if store is not None else None, progress=progress,
+                      order=order, desc=desc)
     rows = []
     kept: dict[tuple[int, str, int], dict[str, np.ndarray]] = {}
-    for i, p in enumerate(points):
-        for pol in policies:
-            for r in range(replications):
-                m, s, w = out[(i, pol, r)]
-                row = {"point": i, **p.labels, "policy": pol, "seed": seed, "replication": r}
-                row.update(m)
-                row["run_wall_s"] = w
-                rows.append(row)
-                if s is not None:
-                    kept[(i, pol, r)] = s
+    for t, res in zip(tasks, results):
+        row = {"point": t.point, **points[t.point].labels, "policy": t.policy, "seed": seed,
+               "replication": t.replication}
+        row.update(res["metrics"])
+        row["run_wall_s"] = res.get("wall_s", 0.0)
+        rows.append(row)
+        if res.get("samples") is not None:
+            kept[(t.point, t.policy, t.replication)] = {n: np.asarray(v, dtype=float)
+                                                          for n, v in res["samples"].items()}
     return GridResult(pd.DataFrame(rows), kept, time.perf_counter() - t0)
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, np.integer):
-        return int(v)
-    if isinstance(v, np.floating):
-        return float(v)
-    return v
 
 
 def guarded_main(main: Callable[[], int]) -> None:
@@ -504,7 +421,7 @@ def json_summary(name: str, args: argparse.Namespace, grid: GridResult, summary:
                  **extra: Any) -> dict[str, Any]:
     """The common part of every summary.json (DataFrames become lists of records; NaN/inf become null)."""
     return clean_json({
-        "experiment": name, "model_version": MODEL_VERSION, "args": args_record(args),
+        "experiment": name, "model_version": model_fingerprint(), "args": args_record(args),
         "replications": int(args.replications), "seed": int(args.seed), "confidence": 0.95,
         "runs": int(len(grid.runs)), "wall_s": round(grid.wall_s, 2),
         "cpu_s_per_run_mean": float(grid.runs["run_wall_s"].mean()) if len(grid.runs) else 0.0,
