@@ -139,8 +139,9 @@ class TargetedZap(ZapPolicy):
         zapped = sum(vm.mmu.slot_leaf_counts(ss).values())
         vm.metrics.zaps["targeted"] = vm.metrics.zaps.get("targeted", 0) + 1
         if kernel.mmu == "tdp":
-            # tdp_mmu_unmap_gfn_range: walk the range's present page tables and leaves
-            units = pt_pages + zapped
+            # tdp_mmu_unmap_gfn_range: walk from the root down to the range's present page tables
+            # and leaves (at least one entry per level, even for an empty range)
+            units = kernel.root_level + pt_pages + zapped
             unit_ns = P.spte_zap
         else:
             # slot_handle_level(..., PG_LEVEL_4K, KVM_MAX_HUGEPAGE_LEVEL): probe every gfn's rmap
