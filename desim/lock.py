@@ -109,13 +109,22 @@ class MmuLock:
         # qrwlock: a queued writer (or anyone queued, FIFO) blocks new readers
         return not self.waiters
 
-    def _grant(self, mode: str, role: str, token: object) -> None:
+    def _grant(self, mode: str, role: str, token: object, at: float | None = None) -> None:
         if mode == WRITE:
             self.writer = True
         else:
             self.readers += 1
-        self._hold_since[token] = (self.env.now, role)
+        self._hold_since[token] = (self.env.now if at is None else at, role)
         self._role(role).acquisitions += 1
+
+    def _admit(self, w: _Waiter, at: float) -> None:
+        """Grant the lock to waiter ``w`` from time ``at`` (now or a scheduled hand-over)."""
+        wait = at - w.since
+        st = self._role(w.role)
+        st.wait_ns += wait
+        if wait > st.max_wait_ns:
+            st.max_wait_ns = wait
+        self._grant(w.mode, w.role, w.event.token, at)
 
     # -- API ---------------------------------------------------------------
     def acquire(self, mode: Mode, role: str, token: object) -> simpy.Event | None:
@@ -174,14 +183,7 @@ class MmuLock:
             # the integrals see the writer as holding from now and the queue one shorter: the
             # same number of holders (the old one still holds until the release), one waiter less
             self._area_waiters += delay
-            t = self.env.now + delay
-            wait = t - w.since
-            st = self._role(w.role)
-            st.wait_ns += wait
-            if wait > st.max_wait_ns:
-                st.max_wait_ns = wait
-            self._grant(w.mode, w.role, w.event.token)
-            self._hold_since[w.event.token] = (t, w.role)
+            self._admit(w, self.env.now + delay)
             ev = w.event
             ev._ok = True
             ev._value = self.handoff_ns
@@ -203,12 +205,7 @@ class MmuLock:
             elif self.writer:
                 return
             self.waiters.popleft()
-            wait = now - w.since
-            st = self._role(w.role)
-            st.wait_ns += wait
-            if wait > st.max_wait_ns:
-                st.max_wait_ns = wait
-            self._grant(w.mode, w.role, w.event.token)
+            self._admit(w, now)
             # the hold starts at the hand-over; the event's value is the cache-line hand-off cost,
             # which the new holder pays inside its hold (no extra event)
             w.event.succeed(self.handoff_ns)
