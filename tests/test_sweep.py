@@ -68,3 +68,11 @@ def test_bad_scheduler_address():
 
     with pytest.raises(DesimInputError, match="backend"):
         execute([Task(_small().model_dump(), "fast", 1, 0)], backend="nonsense", workers=2, progress=False)
+
+
+def test_replicate_to_precision_stops_by_precision_or_max_reps():
+    sc = _small()
+    runs, why = ex.replicate_to_precision(sc, ["faults"], 0.05, min_reps=3, max_reps=20, seed=2)
+    assert why == "precision" and 3 <= runs.replication.nunique() < 20
+    runs, why = ex.replicate_to_precision(sc, ["faults"], 1e-9, min_reps=3, max_reps=6, seed=2)
+    assert why == "max_reps" and runs.replication.nunique() == 6
