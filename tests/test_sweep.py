@@ -71,7 +71,9 @@ def test_bad_scheduler_address():
 
 
 def test_replicate_to_precision_stops_by_precision_or_max_reps():
-    sc = _small()
+    from desim.scenario import load_scenario
+
+    sc = load_scenario().with_overrides({"phases.0.size": "16MiB", "phases.1.accesses": 5000})
     runs, why = ex.replicate_to_precision(sc, ["faults"], 0.05, min_reps=3, max_reps=20, seed=2)
     assert why == "precision" and 3 <= runs.replication.nunique() < 20
     runs, why = ex.replicate_to_precision(sc, ["faults"], 1e-9, min_reps=3, max_reps=6, seed=2)
