@@ -173,7 +173,7 @@ def _execute_dask(tasks: list[Task], todo: list[int], backend: str, workers: int
 
     if backend == "local":
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=40)
+                               dashboard_address=":0", silence_logs=40)  # any free port: runs may overlap
         client = Client(cluster)
     elif backend.startswith(("tcp://", "tls://", "inproc://")):
         cluster = None
