@@ -90,7 +90,7 @@ def _run(phases, profile, policy, vcpus, backing):
     return vm, res
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(phases=scripts(), profile=st.sampled_from(PROFILES), policy=st.sampled_from(["fast", "targeted"]),
        vcpus=st.integers(1, 4), backing=st.sampled_from(["4k", "thp"]))
 def test_invariants_hold_for_any_script(phases, profile, policy, vcpus, backing):
