@@ -22,6 +22,7 @@ queued. Statistics of wait and hold time are kept per *role* (``fault``,
 """
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
@@ -82,6 +83,11 @@ class MmuLock:
     _area_holders: float = 0.0
     _area_waiters: float = 0.0
     _hold_since: dict = field(default_factory=dict)
+    # deferred releases (release_after with nobody waiting): a heap of (time, seq, token), applied
+    # lazily by the next lock operation; a waiter that arrives meanwhile arms a timer at the first one
+    _pending: list = field(default_factory=list)
+    _seq: int = 0
+    _timer_at: float = -1.0
 
     # -- bookkeeping -------------------------------------------------------
     def _role(self, role: str) -> RoleStats:
@@ -90,13 +96,46 @@ class MmuLock:
             st = self.stats[role] = RoleStats()
         return st
 
-    def _advance(self) -> None:
-        now = self.env.now
+    def _advance(self, until: float | None = None) -> None:
+        now = self.env.now if until is None else until
         dt = now - self._last_t
         if dt:
             self._area_holders += dt * (self.readers + (1 if self.writer else 0))
             self._area_waiters += dt * len(self.waiters)
             self._last_t = now
+
+    def _drop(self, token: object, at: float) -> None:
+        since, role = self._hold_since.pop(token)
+        self._role(role).hold_ns += at - since
+        if self.writer:
+            self.writer = False
+        else:
+            self.readers -= 1
+
+    def _catch_up(self) -> None:
+        """Apply the deferred releases that are due, in time order (integrals stay exact)."""
+        pend = self._pending
+        now = self.env.now
+        while pend and pend[0][0] <= now:
+            t, _, token = heapq.heappop(pend)
+            self._advance(t)
+            self._drop(token, t)
+
+    def _arm_timer(self) -> None:
+        """A waiter is queued behind deferred releases: wake up when the first one is due."""
+        t = self._pending[0][0]
+        if self._timer_at >= self.env.now and self._timer_at <= t:
+            return
+        self._timer_at = t
+        self.env.timeout(t - self.env.now).callbacks.append(self._timer_cb)
+
+    def _timer_cb(self, _ev: simpy.Event) -> None:
+        self._timer_at = -1.0
+        self._catch_up()
+        self._advance()
+        self._wake()
+        if self.waiters and self._pending:
+            self._arm_timer()
 
     def _mode(self, mode: str) -> str:
         return WRITE if self.kind == "spinlock" else mode
@@ -135,6 +174,8 @@ class MmuLock:
         value is the hand-off cost (ns) the new holder must add to its hold.
         """
         mode = self._mode(mode)
+        if self._pending:
+            self._catch_up()
         self._advance()
         if self._can_grant(mode) and not self.waiters:
             self._grant(mode, role, token)
@@ -143,6 +184,8 @@ class MmuLock:
         self.waiters.append(_Waiter(mode, role, self.env.now, ev))
         ev.token = token  # type: ignore[attr-defined]
         self._role(role).contended += 1
+        if self._pending:
+            self._arm_timer()
         return ev
 
     def take(self, mode: Mode, role: str, token: object):
@@ -155,30 +198,30 @@ class MmuLock:
 
     def release(self, token: object) -> None:
         """Release ``token``'s hold and hand the lock to the next waiter(s)."""
+        if self._pending:
+            self._catch_up()
         self._advance()
-        since, role = self._hold_since.pop(token)
-        self._role(role).hold_ns += self.env.now - since
-        if self.writer:
-            self.writer = False
-        else:
-            self.readers -= 1
+        self._drop(token, self.env.now)
         self._wake()
 
     def release_after(self, token: object, delay: float) -> None:
         """Release ``token``'s hold ``delay`` ns from now (a callback, no process switch).
 
-        When the release frees the lock and a *writer* heads the queue, the hand-over is
-        decided now and the writer's event is scheduled for the release time: nobody can
-        overtake an exclusive holder, so this is the same schedule with one event fewer.
+        Nobody waiting: the release is deferred (no event at all) and applied by the next
+        lock operation. When the release frees the lock and a *writer* heads the queue, the
+        hand-over is decided now and the writer's event is scheduled for the release time:
+        nobody can overtake an exclusive holder, so this is the same schedule with one event
+        fewer. Otherwise a timed release.
         """
-        if self.waiters and self.waiters[0].mode == WRITE and (self.writer or self.readers == 1):
+        if self._pending:
+            self._catch_up()
+        if not self.waiters:
+            self._seq += 1
+            heapq.heappush(self._pending, (self.env.now + delay, self._seq, token))
+            return
+        if self.waiters[0].mode == WRITE and (self.writer or self.readers == 1):
             self._advance()
-            since, role = self._hold_since.pop(token)
-            self._role(role).hold_ns += self.env.now + delay - since
-            if self.writer:
-                self.writer = False
-            else:
-                self.readers -= 1
+            self._drop(token, self.env.now + delay)
             w = self.waiters.popleft()
             # the integrals see the writer as holding from now and the queue one shorter: the
             # same number of holders (the old one still holds until the release), one waiter less
@@ -218,10 +261,12 @@ class MmuLock:
 
     @property
     def held(self) -> bool:
+        self._catch_up()
         return self.writer or self.readers > 0
 
     def summary(self) -> dict[str, object]:
         """Per-role statistics and the time-averaged numbers of holders and waiters."""
+        self._catch_up()
         self._advance()
         t = self.env.now or 1.0
         return {

@@ -122,3 +122,33 @@ def test_release_after_hands_over_to_a_waiting_writer_at_the_release_time():
     assert s["roles"]["fault"]["wait_ns"] == (10 - 0.5) + (15 - 2)
     # Little's law stays exact with the early hand-over
     assert (s["mean_holders"] + s["mean_waiters"]) * env.now == 20 + 9.5 + 13
+
+
+def test_deferred_release_is_applied_on_time_for_a_later_waiter():
+    """release_after with nobody waiting schedules nothing; a writer arriving before the release
+    time still gets the lock exactly then, and the statistics are those of an eager release."""
+    env = simpy.Environment()
+    lock = MmuLock(env, kind="rwlock")
+    log = []
+
+    def reader(name, hold):
+        assert lock.acquire(READ, "fault", name) is None
+        lock.release_after(name, hold)
+        yield env.timeout(0)
+
+    def writer():
+        yield env.timeout(2)
+        yield from lock.take(WRITE, "zap", "w")
+        log.append(env.now)
+        yield env.timeout(1)
+        lock.release("w")
+
+    env.process(reader("r1", 5))
+    env.process(reader("r2", 8))          # the writer must wait for the later of the two
+    env.process(writer())
+    env.run()
+    assert log == [8]
+    s = lock.summary()
+    assert s["roles"]["fault"]["hold_ns"] == 5 + 8
+    assert s["roles"]["zap"]["wait_ns"] == 6
+    assert (s["mean_holders"] + s["mean_waiters"]) * env.now == 5 + 8 + 6 + 1
