@@ -56,6 +56,9 @@ COST_NAMES: dict[str, str] = {
     "lock_handoff": "mmu_lock cache-line hand-off to a waiter on another core",
     "mmio_emulation": "emulate one MMIO access to a gpa without a memslot (userspace exit)",
     "ioctl_fixed": "KVM_SET_USER_MEMORY_REGION bookkeeping (kvm_set_memslot minus zap and SRCU)",
+    "memslot_invalidate": "DELETE/MOVE only: kvm_invalidate_memslot and the final swap's bookkeeping, outside the zap and SRCU",
+    "memslot_alloc_page": "per 4 KiB page of a created or moved slot: kvm_alloc_memslot_metadata (rmaps, lpage_info)",
+    "memslot_free_page": "per 4 KiB page of a deleted or moved slot: kvm_free_memslot / kvm_arch_free_memslot",
 }
 
 

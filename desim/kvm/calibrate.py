@@ -1,41 +1,47 @@
 """Fit host-profile costs (``desim/profiles/*.toml``) from microscenarios on the real KVM.
 
 Each microscenario is a :class:`KvmScenario` run with one vCPU (no
-``mmu_lock`` contention), 4 KiB guest and host pages, ``repeats`` times; the
-medians of its metrics (:mod:`desim.kvm.measure`) are combined as follows,
-in the simulator's cost model (``desim/vcpu.py``, ``desim/zap.py``,
-``desim/vmm.py``)::
+``mmu_lock`` contention), 4 KiB guest and host pages, ``repeats`` times, its
+memslot ioctls timed with the other host CPUs busy (``busy_cpus``, see
+:mod:`desim.kvm.spin`); the medians of its metrics (:mod:`desim.kvm.measure`)
+are combined as follows, in the simulator's cost model (``desim/vcpu.py``,
+``desim/zap.py``, ``desim/vmm.py``). Every extra slot is untouched unless
+stated; "2 MiB" and "256 MiB" are the size of the slot deleted and re-created::
 
-    A  128 MiB, fast              R8 = (retouch - warm) / refaults   (8 SPTEs per fault)
-                                  F  = (populate - warm) / first-touch faults
-                                  C  = the re-CREATE ioctl
-    B  512 MiB, fast              fast-zap slope per shadow page, from A and B
-    C  512 MiB, fast, every 8th   R1 = (retouch - warm) / refaults   (1 SPTE per fault: no
-       page touched               neighbour is resident, so nothing to prefetch)
-                                  F1 = (populate - warm) / first-touch faults
-    D  64 MiB, targeted, 2 MiB    Zt(2 MiB)   ioctl of an untouched slot
-    E  64 MiB, targeted, 256 MiB  Zt(256 MiB)
-    T  512 MiB, fast, host THP,   F2M = (populate - warm) / first-touch faults (one per 2 MiB)
+    A  128 MiB, fast, 2 MiB slot      R8 = (retouch - warm) / refaults   (8 SPTEs per fault)
+    B  512 MiB, fast, 2 MiB slot
+    C  512 MiB, fast, 2 MiB slot,     R1 = (retouch - warm) / refaults   (1 SPTE per fault: no
+       every 8th page touched         neighbour is resident, so nothing to prefetch)
+                                      F1 = (populate - warm) / first-touch faults
+    F  64 MiB, fast, 2 MiB slot
+    H  64 MiB, fast, 256 MiB slot     free = (Zfast(H) - Zfast(F)) / extra pages
+    D  64 MiB, targeted, 2 MiB slot   Zt(2 MiB), CREATE(2 MiB)
+    E  64 MiB, targeted, 256 MiB      Zt(256 MiB), CREATE(256 MiB)
+    T  512 MiB, fast, host THP,       F2M = (populate - warm) / first-touch faults (one per 2 MiB)
        2 MiB guest pages
 
-    access_ns           = warm / pages
+    access_ns           = warm / pages of A
     prefetch_spte       = (R8 - R1) / 7          (R8 and R1 are per fault)
     exit path           = R1 = vm_exit + vm_entry + fault_handle + faultin_resident + spte_install,
                           split in the base profile's proportions (one sum is all one can see)
     host_alloc_4k       = faultin_resident + (F1 - R1)
     host_alloc_2m       = faultin_resident + (F2M - R1)
-    per shadow page     = sp_free + 512 spte_zap = slope of Zfast over shadow pages zapped;
-                          sp_free kept from the base profile, spte_zap gets the rest
-    per gfn             = rmap_probe + hash_probe = (Zt(256M) - Zt(2M)) / gfns,
+    fast zap            = K + sp_free x shadow pages + spte_zap x present SPTEs: least squares over
+                          A, B, C, F (their DELETE ioctls); C has as many shadow pages as B but an
+                          eighth of the SPTEs, which separates the two slopes
+    memslot_free_page   = free (above)
+    memslot_alloc_page  = (CREATE(256 MiB) - CREATE(2 MiB)) / extra pages; the 2 MiB CREATE is the
+                          median over A, B, C, D, F
+    per gfn probes      = rmap_probe + hash_probe = (Zt(256M) - Zt(2M)) / extra pages - free,
                           split in the base profile's proportions
-    ioctl_fixed + srcu  = C;   ioctl_fixed + 2 srcu_sync = Zt(2M) fixed part
-                          -> srcu_sync = fixed - C, ioctl_fixed = C - srcu_sync; if that is
-                          negative (DELETE has fixed costs the model lacks): ioctl_fixed = 0
-                          and srcu_sync the least-squares fit of s = C, 2 s = fixed
+    c1 = ioctl_fixed + srcu_sync                  = CREATE(2 MiB) - 512 alloc
+    c2 = ioctl_fixed + 2 srcu_sync + memslot_invalidate = Zt(2 MiB) - 512 (probes + free)
+    ioctl_fixed, srcu_sync = c1 split in the base profile's proportions (only the sum is seen)
+    memslot_invalidate  = c2 - ioctl_fixed - 2 srcu_sync; K of the fast-zap fit is a check of c2
 
-Costs not identifiable here (``ipi_*``, ``invept``, ``root_alloc``, 2 MiB
-and 1 GiB host allocation, ``lock_handoff``, ``mmio_emulation``) keep the base
-profile's value and source. Every fitted cost's ``source`` says
+Costs not identifiable here (``ipi_*``, ``invept``, ``root_alloc``, 1 GiB
+host allocation, ``pt_page_alloc``, ``lock_handoff``, ``mmio_emulation``) keep
+the base profile's value and source. Every fitted cost's ``source`` says
 ``measured: desim kvm calibrate`` with the kernel, date and the numbers used.
 """
 from __future__ import annotations
@@ -46,6 +52,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+
 from desim.errors import DesimInputError
 from desim.kvm.measure import run_once
 from desim.kvm.scenario import KvmScenario
@@ -55,10 +63,13 @@ MICRO: dict[str, KvmScenario] = {
     "A": KvmScenario(name="cal-A", ram_mib=128, policy="fast"),
     "B": KvmScenario(name="cal-B", ram_mib=512, policy="fast"),
     "C": KvmScenario(name="cal-C", ram_mib=512, policy="fast", stride_kib=32),
+    "F": KvmScenario(name="cal-F", ram_mib=64, policy="fast", extra_slot_mib=2),
+    "H": KvmScenario(name="cal-H", ram_mib=64, policy="fast", extra_slot_mib=256),
     "D": KvmScenario(name="cal-D", ram_mib=64, policy="targeted", extra_slot_mib=2),
     "E": KvmScenario(name="cal-E", ram_mib=64, policy="targeted", extra_slot_mib=256),
     "T": KvmScenario(name="cal-T", ram_mib=512, policy="fast", guest_page="2m", host_thp=True),
 }
+FAST_FIT = ("A", "B", "C", "F")
 EXIT_PATH = ("vm_exit", "vm_entry", "fault_handle", "faultin_resident", "spte_install")
 PROBES = ("rmap_probe", "hash_probe")
 
@@ -108,10 +119,29 @@ def _per_fault(runs: list[dict[str, int]], span: str, count: str) -> float:
     return float(statistics.median((r[span] - r["warm_ns"]) / max(r[count], 1) for r in runs))
 
 
+def _fast_zap_fit(raw: dict[str, list[dict[str, int]]], free: float) -> tuple[float, float, float, float]:
+    """Least squares ``zap = K + P sp + Z sptes`` over :data:`FAST_FIT`; returns K, P, Z and the
+    worst relative residual. Each run is one equation (the metadata free of the slot is taken out)."""
+    rows, ys = [], []
+    for key in FAST_FIT:
+        pages = MICRO[key].extra_slot_mib << 8
+        for r in raw[key]:
+            sptes = r.get("op_sptes_4k_dropped", 0) + r.get("op_sptes_2m_dropped", 0)
+            rows.append((1.0, float(r["op_shadow_zapped"]), float(sptes)))
+            ys.append(float(r["zap_ioctl_ns"]) - free * pages)
+    a, y = np.array(rows), np.array(ys)
+    (k, p, z), *_ = np.linalg.lstsq(a, y, rcond=None)
+    worst = float(np.max(np.abs(a @ np.array([k, p, z]) - y) / np.maximum(y, 1.0)))
+    return float(k), float(p), float(z), worst
+
+
 def fit(raw: dict[str, list[dict[str, int]]], base: Any) -> Calibration:
     """Costs from the microscenario metrics; ``base`` is the HostProfile supplying splits and the rest."""
-    A, B, C, D, E, T = (raw[k] for k in "ABCDET")
+    A, C, D, E, F, H, T = (raw[k] for k in "ACDEFHT")
     pages_a = MICRO["A"].ram_mib << 8
+    small, big = MICRO["D"].extra_slot_mib << 8, MICRO["E"].extra_slot_mib << 8
+    if (MICRO["F"].extra_slot_mib << 8, MICRO["H"].extra_slot_mib << 8) != (small, big):
+        raise AssertionError("F/H and D/E must use the same slot sizes")
     obs: dict[str, float] = {
         "access_ns": _med(A, "warm_ns") / pages_a,
         "R8_refault_ns": _per_fault(A, "retouch_ns", "refaults"),
@@ -122,9 +152,9 @@ def fit(raw: dict[str, list[dict[str, int]]], base: Any) -> Calibration:
             (r["populate_ns"] - r["warm_ns"]) / max(r["populate_pf_fixed"], 1) for r in C)),
         "F2M_first_touch_ns": float(statistics.median(
             (r["populate_ns"] - r["warm_ns"]) / max(r["populate_pf_fixed"], 1) for r in T)),
-        "create_ioctl_ns": _med(A + B + C + D + E, "create_ioctl_ns"),
-        "zap_fast_A_ns": _med(A, "zap_ioctl_ns"), "zap_fast_B_ns": _med(B, "zap_ioctl_ns"),
-        "shadow_pages_A": _med(A, "op_shadow_zapped"), "shadow_pages_B": _med(B, "op_shadow_zapped"),
+        "create_2M_ns": _med(A + raw["B"] + C + D + F, "create_ioctl_ns"),
+        "create_256M_ns": _med(E, "create_ioctl_ns"),
+        "zap_fast_2M_slot_ns": _med(F, "zap_ioctl_ns"), "zap_fast_256M_slot_ns": _med(H, "zap_ioctl_ns"),
         "zap_targeted_2M_ns": _med(D, "zap_ioctl_ns"), "zap_targeted_256M_ns": _med(E, "zap_ioctl_ns"),
     }
     P = {k: c.value for k, c in base.costs.items()}
@@ -144,31 +174,44 @@ def fit(raw: dict[str, list[dict[str, int]]], base: Any) -> Calibration:
     f2m = obs["F2M_first_touch_ns"]
     costs["host_alloc_2m"] = max(0.0, costs["faultin_resident"] + f2m - r1)
     src["host_alloc_2m"] = f"faultin_resident + (first-touch fault on a THP {f2m:.0f} ns - re-fault {r1:.0f} ns)"
-    # fast zap: slope per shadow page between 64 and 256 MiB
-    dpages = obs["shadow_pages_B"] - obs["shadow_pages_A"]
-    slope = (obs["zap_fast_B_ns"] - obs["zap_fast_A_ns"]) / dpages if dpages > 0 else 0.0
-    costs["sp_free"] = P["sp_free"]
-    costs["spte_zap"] = max(0.0, (slope - P["sp_free"]) / 512)
-    src["spte_zap"] = (f"fast zap {slope:.0f} ns per shadow page ({MICRO['A'].ram_mib} vs "
-                       f"{MICRO['B'].ram_mib} MiB), minus sp_free "
-                       f"{P['sp_free']:.0f}, over 512 SPTEs")
-    # targeted zap of an untouched slot: per-gfn probes, then the fixed part
-    gfns = (MICRO["E"].extra_slot_mib - MICRO["D"].extra_slot_mib) << 8
-    per_gfn = max(0.0, (obs["zap_targeted_256M_ns"] - obs["zap_targeted_2M_ns"]) / gfns)
+    # memslot metadata: free (fast DELETE of 256 vs 2 MiB untouched slots), alloc (CREATE 256 vs 2 MiB)
+    free = max(0.0, (obs["zap_fast_256M_slot_ns"] - obs["zap_fast_2M_slot_ns"]) / (big - small))
+    costs["memslot_free_page"] = free
+    src["memslot_free_page"] = (f"fast DELETE of an untouched {big >> 8} MiB vs {small >> 8} MiB slot: "
+                                f"{obs['zap_fast_256M_slot_ns']:.0f} vs {obs['zap_fast_2M_slot_ns']:.0f} ns")
+    alloc = max(0.0, (obs["create_256M_ns"] - obs["create_2M_ns"]) / (big - small))
+    costs["memslot_alloc_page"] = alloc
+    src["memslot_alloc_page"] = (f"CREATE of a {big >> 8} MiB vs {small >> 8} MiB slot: "
+                                 f"{obs['create_256M_ns']:.0f} vs {obs['create_2M_ns']:.0f} ns")
+    # fast zap: fixed part, per shadow page, per present SPTE
+    k, per_sp, per_spte, worst = _fast_zap_fit(raw, free)
+    obs.update(fast_zap_fixed_ns=k, fast_zap_per_sp_ns=per_sp, fast_zap_per_spte_ns=per_spte,
+               fast_zap_fit_worst_residual=worst)
+    how = (f"fast-zap DELETE = {k:.0f} + {per_sp:.0f} x shadow pages + {per_spte:.1f} x SPTEs "
+           f"(least squares over {', '.join(FAST_FIT)}; worst residual {100 * worst:.1f}%)")
+    costs["sp_free"], costs["spte_zap"] = max(0.0, per_sp), max(0.0, per_spte)
+    src["sp_free"] = how + ": per shadow page (unlink its 512 entries and free it)"
+    src["spte_zap"] = how + ": per present SPTE"
+    # targeted zap of an untouched slot: per-gfn probes (minus the metadata free), then the fixed part
+    per_gfn = max(0.0, (obs["zap_targeted_256M_ns"] - obs["zap_targeted_2M_ns"]) / (big - small))
+    probes = max(0.0, per_gfn - free)
     pshare = sum(P[k] for k in PROBES)
     probes_per_gfn = {"rmap_probe": 1 + 1 / 512, "hash_probe": 1.0}
-    for k in PROBES:
-        costs[k] = per_gfn * (P[k] / pshare if pshare else 0.5) / probes_per_gfn[k]
-        src[k] = f"targeted zap {per_gfn:.2f} ns per gfn (2 vs 256 MiB slot), split in {base.name}'s proportions"
-    fixed2 = obs["zap_targeted_2M_ns"] - per_gfn * (MICRO["D"].extra_slot_mib << 8)
-    create = obs["create_ioctl_ns"]
-    srcu, fixed = fixed2 - create, 2 * create - fixed2
-    how = f"DELETE fixed part {fixed2:.0f} ns (ioctl_fixed + 2 syncs), CREATE {create:.0f} ns (ioctl_fixed + 1 sync)"
-    if fixed < 0 or srcu < 0:
-        srcu, fixed = max(0.0, (create + 2 * fixed2) / 5), 0.0
-        how += "; inconsistent (DELETE costs more than the model has), so least squares with ioctl_fixed = 0"
-    costs["srcu_sync"], costs["ioctl_fixed"] = srcu, fixed
-    src["srcu_sync"] = src["ioctl_fixed"] = how
+    for name in PROBES:
+        costs[name] = probes * (P[name] / pshare if pshare else 0.5) / probes_per_gfn[name]
+        src[name] = (f"targeted DELETE {per_gfn:.2f} ns per gfn ({small >> 8} vs {big >> 8} MiB untouched slot) "
+                     f"minus memslot_free_page, split in {base.name}'s proportions")
+    c1 = obs["create_2M_ns"] - alloc * small
+    c2 = obs["zap_targeted_2M_ns"] - per_gfn * small
+    fshare = P["ioctl_fixed"] / (P["ioctl_fixed"] + P["srcu_sync"]) if P["ioctl_fixed"] + P["srcu_sync"] else 0.5
+    costs["ioctl_fixed"], costs["srcu_sync"] = c1 * fshare, c1 * (1 - fshare)
+    src["ioctl_fixed"] = src["srcu_sync"] = (f"CREATE of a {small >> 8} MiB slot minus its metadata = {c1:.0f} ns "
+                                             f"(ioctl_fixed + srcu_sync), split in {base.name}'s proportions")
+    inv = c2 - costs["ioctl_fixed"] - 2 * costs["srcu_sync"]
+    obs.update(create_fixed_ns=c1, delete_fixed_ns=c2)
+    costs["memslot_invalidate"] = max(0.0, inv)
+    src["memslot_invalidate"] = (f"targeted DELETE of an untouched {small >> 8} MiB slot minus its probes = {c2:.0f} ns "
+                                 f"= ioctl_fixed + 2 srcu_sync + this (fast-zap fit's fixed part: {k:.0f} ns)")
     return Calibration(costs, obs["access_ns"], obs, src, raw)
 
 

@@ -27,7 +27,8 @@ DEFAULT_SCENARIO = "outside"
 
 # option dest -> scenario field
 _OVERRIDES = ("ram_mib", "vcpus", "extra_slots", "extra_slot_mib", "op", "target", "position",
-              "guest_page", "accessed", "passes", "host_thp", "stride_kib")
+              "guest_page", "accessed", "passes", "host_thp", "stride_kib",
+              "busy_cpus")
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
@@ -70,6 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--stride-kib", type=int, dest="stride_kib", help="touch one byte every N KiB (default 4)")
     g.add_argument("--thp", action=argparse.BooleanOptionalAction, dest="host_thp",
                    help="back guest RAM with madvise(MADV_HUGEPAGE)")
+    g.add_argument("--busy-cpus", action=argparse.BooleanOptionalAction, dest="busy_cpus",
+                   help="time the memslot ioctls with the other host CPUs busy-looping (default), "
+                        "so synchronize_srcu_expedited does not pay for waking an idle CPU")
     m.add_argument("--device", default=KVM_DEV, help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_measure)
     register_top_level(sub)

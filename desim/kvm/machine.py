@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from desim.errors import DesimInputError
 from desim.kvm import uapi as u
 from desim.kvm.guest import EXIT_PORT, EXITS, GUEST_MSRS, PAGE_4K, PageTables, set_user_mode, touch_regs
+from desim.kvm.spin import BusyCpus
 from desim.kvm.scenario import GUEST_PAGES, KvmScenario, Layout, layout
 from desim.kvm.stats import StatDesc, delta, scalar
 from desim.kvm.vm import HostMemory, Kvm, KvmError, Vcpu, Vm
@@ -241,20 +242,22 @@ class TouchVm:
         return self._phase(name, before, wall, vcpu_ns=[int(x) for x in per])
 
     def memslot_op(self, name: str = "op") -> PhaseResult:
-        """The scenario's memslot operation, with every vCPU outside ``KVM_RUN``."""
+        """The scenario's memslot operation, with every vCPU outside ``KVM_RUN``
+        (and, with ``busy_cpus``, the other host CPUs spinning: :mod:`desim.kvm.spin`)."""
         sc, lay, vm = self.sc, self.layout, self.vm
         target = lay.target_slot
         before = self.counters()
         ioctls: list[tuple[str, int]] = []
-        t0 = time.perf_counter_ns()
-        if sc.op in ("delete", "recreate"):
-            ioctls.append(("delete", vm.delete_slot(target)))
-            if sc.op == "recreate":
-                plan = lay.slot(target)
-                ioctls.append(("create", vm.create_slot(target, plan.gpa, self.mem[target])))
-        elif sc.op == "move":
-            ioctls.append(("move", vm.move_slot(target, lay.move_gpa)))
-        wall = time.perf_counter_ns() - t0
+        with BusyCpus(sc.busy_cpus):
+            t0 = time.perf_counter_ns()
+            if sc.op in ("delete", "recreate"):
+                ioctls.append(("delete", vm.delete_slot(target)))
+                if sc.op == "recreate":
+                    plan = lay.slot(target)
+                    ioctls.append(("create", vm.create_slot(target, plan.gpa, self.mem[target])))
+            elif sc.op == "move":
+                ioctls.append(("move", vm.move_slot(target, lay.move_gpa)))
+            wall = time.perf_counter_ns() - t0
         return self._phase(name, before, wall, ioctls=ioctls)
 
     def _collect(self, want: str, timeout_s: float) -> list[object]:

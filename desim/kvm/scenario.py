@@ -53,7 +53,11 @@ class KvmScenario:
     page aging would, which disables that prefetch for 4 KiB guest pages.
     ``stride_kib``: the guest touches one byte every ``stride_kib`` KiB (4:
     every page; 32: every 8th page, so no neighbour is ever host-resident and
-    shadow paging can prefetch nothing).
+    shadow paging can prefetch nothing). ``busy_cpus``: the memslot operation
+    is timed with the host's other CPUs running busy loops
+    (:mod:`desim.kvm.spin`), so ``synchronize_srcu_expedited`` does not pay
+    for waking a halted CPU, as on a host whose CPUs run vCPUs; ``False``
+    times it on an otherwise idle host.
     """
 
     name: str = "custom"
@@ -70,6 +74,7 @@ class KvmScenario:
     host_thp: bool = False
     policy: str = "fast"
     stride_kib: int = 4
+    busy_cpus: bool = True
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> DesimInputError:
