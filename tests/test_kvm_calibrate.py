@@ -18,23 +18,39 @@ from desim.profile import load_profile
 
 def _runs(key: str, **m: float) -> list[dict[str, float]]:
     base = {"warm_ns": 0, "retouch_ns": 0, "refaults": 1, "populate_ns": 0, "populate_pf_fixed": 1,
-            "create_ioctl_ns": 0, "zap_ioctl_ns": 0, "op_shadow_zapped": 0}
+            "create_ioctl_ns": 0, "zap_ioctl_ns": 0, "op_shadow_zapped": 0, "op_sptes_4k_dropped": 0,
+            "op_sptes_2m_dropped": 0}
     base.update(m)
     return [dict(base) for _ in range(3)]
 
 
+# a host with known costs: ioctl_fixed 10 us, srcu_sync 20 us (shadow-pvm's 1:2 split, so it is
+# recoverable), memslot_invalidate 15 us, metadata alloc 1.0 / free 0.5 ns per page, rmap + hash
+# probes 12 ns per gfn, 5 us per shadow page and 30 ns per SPTE in a fast zap
+CREATE = lambda n: 10000 + 20000 + 1.0 * n  # noqa: E731
+DELETE_FIXED = 10000 + 2 * 20000 + 15000
+
+
+def _fast(key: str, sp: int, sptes: int, **m: float) -> list[dict[str, float]]:
+    n = cal.MICRO[key].extra_slot_mib << 8
+    return _runs(key, create_ioctl_ns=CREATE(n), op_shadow_zapped=sp, op_sptes_4k_dropped=sptes,
+                 zap_ioctl_ns=DELETE_FIXED + 0.5 * n + 5000 * sp + 30 * sptes, **m)
+
+
 def synthetic() -> dict[str, list[dict[str, float]]]:
-    """Metrics a host with known costs would give (R1 = 2000, prefetch 300, 4K alloc +1500, ...)."""
+    """Metrics the host above would give (plus R1 = 2000, prefetch 300, 4K alloc +1500, ...)."""
     pages_a = cal.MICRO["A"].ram_mib << 8
+    small, big = 512, 65536
     return {
-        "A": _runs("A", warm_ns=20 * pages_a, retouch_ns=20 * pages_a + 4100 * 1000, refaults=1000,
-                   populate_ns=20 * pages_a + 5000 * pages_a, populate_pf_fixed=pages_a,
-                   create_ioctl_ns=30000, zap_ioctl_ns=100000 + 69 * 20000, op_shadow_zapped=69),
-        "B": _runs("B", create_ioctl_ns=30000, zap_ioctl_ns=100000 + 261 * 20000, op_shadow_zapped=261),
-        "C": _runs("C", retouch_ns=2000 * 500, refaults=500, populate_ns=3500 * 500, populate_pf_fixed=500,
-                   create_ioctl_ns=30000),
-        "D": _runs("D", create_ioctl_ns=30000, zap_ioctl_ns=50000 + 512 * 12),
-        "E": _runs("E", create_ioctl_ns=30000, zap_ioctl_ns=50000 + 65536 * 12),
+        "A": _fast("A", 69, 32776, warm_ns=20 * pages_a, retouch_ns=20 * pages_a + 4100 * 1000, refaults=1000,
+                   populate_ns=20 * pages_a + 5000 * pages_a, populate_pf_fixed=pages_a),
+        "B": _fast("B", 261, 131080),
+        "C": _fast("C", 261, 16392, retouch_ns=2000 * 500, refaults=500, populate_ns=3500 * 500,
+                   populate_pf_fixed=500),
+        "F": _fast("F", 37, 16392),
+        "H": _fast("H", 37, 16392),
+        "D": _runs("D", create_ioctl_ns=CREATE(small), zap_ioctl_ns=DELETE_FIXED + 12.5 * small),
+        "E": _runs("E", create_ioctl_ns=CREATE(big), zap_ioctl_ns=DELETE_FIXED + 12.5 * big),
         "T": _runs("T", populate_ns=102000 * 10, populate_pf_fixed=10),
     }
 
@@ -48,10 +64,26 @@ def test_fit_recovers_known_costs():
     assert exit_path == pytest.approx(2000)
     assert c.costs["host_alloc_4k"] - c.costs["faultin_resident"] == pytest.approx(1500)
     assert c.costs["host_alloc_2m"] - c.costs["faultin_resident"] == pytest.approx(100000)
-    assert c.costs["sp_free"] + 512 * c.costs["spte_zap"] == pytest.approx(20000)
+    assert c.costs["sp_free"] == pytest.approx(5000) and c.costs["spte_zap"] == pytest.approx(30)
+    assert c.observations["fast_zap_fixed_ns"] == pytest.approx(DELETE_FIXED)
+    assert c.costs["memslot_alloc_page"] == pytest.approx(1.0)
+    assert c.costs["memslot_free_page"] == pytest.approx(0.5)
     assert c.costs["rmap_probe"] * (1 + 1 / 512) + c.costs["hash_probe"] == pytest.approx(12)
-    # CREATE = fixed + s = 30 us; DELETE fixed = fixed + 2 s = 50 us
     assert c.costs["srcu_sync"] == pytest.approx(20000) and c.costs["ioctl_fixed"] == pytest.approx(10000)
+    assert c.costs["memslot_invalidate"] == pytest.approx(15000)
+
+
+def test_fit_predicts_its_own_inputs():
+    """The simulator, run on the fitted profile, reproduces the DELETE and CREATE ioctls it was fitted on."""
+    from desim.kvm.simbridge import sim_metrics
+
+    base = load_profile("shadow-pvm")
+    c = cal.fit(synthetic(), base)
+    for key in ("D", "E"):
+        sim = sim_metrics(cal.MICRO[key], "shadow-pvm", access_ns=20, costs=c.costs)
+        want = synthetic()[key][0]
+        assert sim["zap_ioctl_ns"] == pytest.approx(want["zap_ioctl_ns"], rel=0.01)
+        assert sim["create_ioctl_ns"] == pytest.approx(want["create_ioctl_ns"], rel=0.01)
 
 
 def test_profile_toml_loads(tmp_path):
@@ -140,3 +172,15 @@ def test_calibrate_on_real_kvm(tmp_path):
     path = tmp_path / "cal.toml"
     path.write_text(cal.profile_toml(c, base, "here"))
     assert load_profile(str(path)).name == "here"
+
+
+def test_drift_is_reported_only_when_the_host_changed_speed():
+    raw = synthetic()
+    steady = {k: [dict(r) for r in v] * 2 for k, v in raw.items()}  # 6 identical runs each
+    assert cal.drift(steady) == []
+    slow = {k: [dict(r) for r in v] for k, v in steady.items()}
+    for r in slow["B"][3:]:
+        r["zap_ioctl_ns"] *= 1.3  # the second half 30% slower
+    warnings = cal.drift(slow)
+    assert len(warnings) == 1 and "cal-B zap_ioctl_ns" in warnings[0] and "+30%" in warnings[0]
+    assert cal.fit(slow, load_profile("shadow-pvm")).warnings == warnings

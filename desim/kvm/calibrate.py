@@ -27,8 +27,8 @@ stated; "2 MiB" and "256 MiB" are the size of the slot deleted and re-created::
     host_alloc_4k       = faultin_resident + (F1 - R1)
     host_alloc_2m       = faultin_resident + (F2M - R1)
     fast zap            = K + sp_free x shadow pages + spte_zap x present SPTEs: least squares over
-                          A, B, C, F (their DELETE ioctls); C has as many shadow pages as B but an
-                          eighth of the SPTEs, which separates the two slopes
+                          the medians of A, B, C, F (their DELETE ioctls); C has as many shadow pages
+                          as B but an eighth of the SPTEs, which separates the two slopes
     memslot_free_page   = free (above)
     memslot_alloc_page  = (CREATE(256 MiB) - CREATE(2 MiB)) / extra pages; the 2 MiB CREATE is the
                           median over A, B, C, D, F
@@ -83,13 +83,14 @@ class Calibration:
     observations: dict[str, float]
     sources: dict[str, str] = field(default_factory=dict)
     raw: dict[str, list[dict[str, int]]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"costs": self.costs, "access_ns": self.access_ns, "observations": self.observations,
-                "sources": self.sources, "runs": self.raw}
+                "sources": self.sources, "warnings": self.warnings, "runs": self.raw}
 
 
-def collect(repeats: int = 5, progress: Callable[[str], None] | None = None,
+def collect(repeats: int = 7, progress: Callable[[str], None] | None = None,
             kvm_path: str = "/dev/kvm") -> dict[str, list[dict[str, int]]]:
     """Metrics of every microscenario, ``repeats`` runs each (interleaved)."""
     if repeats < 1:
@@ -111,6 +112,39 @@ def collect(repeats: int = 5, progress: Callable[[str], None] | None = None,
     return out
 
 
+# the metrics of each microscenario that feed the fit (see the module docstring)
+USED: dict[str, tuple[str, ...]] = {
+    "A": ("retouch_ns", "populate_ns", "zap_ioctl_ns", "create_ioctl_ns"),
+    "B": ("zap_ioctl_ns", "create_ioctl_ns"),
+    "C": ("retouch_ns", "populate_ns", "zap_ioctl_ns", "create_ioctl_ns"),
+    "F": ("zap_ioctl_ns", "create_ioctl_ns"),
+    "H": ("zap_ioctl_ns",),
+    "D": ("zap_ioctl_ns", "create_ioctl_ns"),
+    "E": ("zap_ioctl_ns", "create_ioctl_ns"),
+    "T": ("populate_ns",),
+}
+DRIFT_LIMIT = 0.15
+
+
+def drift(raw: dict[str, list[dict[str, int]]], limit: float = DRIFT_LIMIT) -> list[str]:
+    """Warnings for metrics whose median moved by more than ``limit`` between the first and the
+    second half of the (interleaved) repeats: the host's speed changed during calibration (on
+    these machines bursts of neighbour load slow kernel work by 20-30% for seconds), so the fitted
+    costs carry that error. Needs 4 repeats or more."""
+    out = []
+    for key, runs in raw.items():
+        if len(runs) < 4:
+            continue
+        half = len(runs) // 2
+        for metric in USED.get(key, ()):
+            a = statistics.median(r.get(metric, 0) for r in runs[:half])
+            b = statistics.median(r.get(metric, 0) for r in runs[half:])
+            if a > 0 and b > 0 and abs(b / a - 1) > limit:
+                out.append(f"{MICRO[key].name} {metric}: median {a / 1e3:.1f} us in the first {half} runs, "
+                           f"{b / 1e3:.1f} us in the other {len(runs) - half} ({100 * (b / a - 1):+.0f}%)")
+    return out
+
+
 def _med(runs: list[dict[str, int]], metric: str) -> float:
     return float(statistics.median(r[metric] for r in runs))
 
@@ -120,15 +154,15 @@ def _per_fault(runs: list[dict[str, int]], span: str, count: str) -> float:
 
 
 def _fast_zap_fit(raw: dict[str, list[dict[str, int]]], free: float) -> tuple[float, float, float, float]:
-    """Least squares ``zap = K + P sp + Z sptes`` over :data:`FAST_FIT`; returns K, P, Z and the
-    worst relative residual. Each run is one equation (the metadata free of the slot is taken out)."""
+    """Least squares ``zap = K + P sp + Z sptes`` over the medians of :data:`FAST_FIT` (medians,
+    not single runs, so that one slow run does not pull the slopes); returns K, P, Z and the worst
+    relative residual. The metadata free of the deleted slot is taken out first."""
     rows, ys = [], []
     for key in FAST_FIT:
-        pages = MICRO[key].extra_slot_mib << 8
-        for r in raw[key]:
-            sptes = r.get("op_sptes_4k_dropped", 0) + r.get("op_sptes_2m_dropped", 0)
-            rows.append((1.0, float(r["op_shadow_zapped"]), float(sptes)))
-            ys.append(float(r["zap_ioctl_ns"]) - free * pages)
+        runs = raw[key]
+        sptes = statistics.median(r.get("op_sptes_4k_dropped", 0) + r.get("op_sptes_2m_dropped", 0) for r in runs)
+        rows.append((1.0, _med(runs, "op_shadow_zapped"), float(sptes)))
+        ys.append(_med(runs, "zap_ioctl_ns") - free * (MICRO[key].extra_slot_mib << 8))
     a, y = np.array(rows), np.array(ys)
     (k, p, z), *_ = np.linalg.lstsq(a, y, rcond=None)
     worst = float(np.max(np.abs(a @ np.array([k, p, z]) - y) / np.maximum(y, 1.0)))
@@ -212,10 +246,10 @@ def fit(raw: dict[str, list[dict[str, int]]], base: Any) -> Calibration:
     costs["memslot_invalidate"] = max(0.0, inv)
     src["memslot_invalidate"] = (f"targeted DELETE of an untouched {small >> 8} MiB slot minus its probes = {c2:.0f} ns "
                                  f"= ioctl_fixed + 2 srcu_sync + this (fast-zap fit's fixed part: {k:.0f} ns)")
-    return Calibration(costs, obs["access_ns"], obs, src, raw)
+    return Calibration(costs, obs["access_ns"], obs, src, raw, drift(raw))
 
 
-def calibrate(base: str = "shadow-pvm", repeats: int = 5, progress: Callable[[str], None] | None = None,
+def calibrate(base: str = "shadow-pvm", repeats: int = 7, progress: Callable[[str], None] | None = None,
               kvm_path: str = "/dev/kvm") -> tuple[Calibration, Any]:
     """Measure and fit; returns the calibration and the base HostProfile."""
     from desim.profile import load_profile

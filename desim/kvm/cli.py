@@ -21,6 +21,7 @@ from typing import Any
 
 from desim.errors import DesimInputError
 from desim.kvm.scenario import GUEST_PAGES, OPS, POSITIONS, SCENARIOS, named
+from desim.kvm.validate import VALIDATION_SCENARIOS
 from desim.kvm.vm import KVM_DEV, KvmError
 
 DEFAULT_SCENARIO = "outside"
@@ -88,7 +89,7 @@ def register_top_level(subparsers: argparse._SubParsersAction) -> None:  # type:
     c.add_argument("--base", default="shadow-pvm", help="profile supplying the kernel section and the "
                                                         "costs that cannot be measured (default shadow-pvm)")
     c.add_argument("--name", default=None, help="name of the written profile (default BASE-calibrated)")
-    c.add_argument("--repeats", type=int, default=5, help="runs of each microscenario (median); default 5")
+    c.add_argument("--repeats", type=int, default=7, help="runs of each microscenario (median); default 7")
     c.add_argument("--out", type=Path, required=True, help="profile TOML to write")
     c.add_argument("--json", type=Path, default=None, help="also write the observations and runs as JSON")
     c.add_argument("--quiet", action="store_true")
@@ -97,15 +98,17 @@ def register_top_level(subparsers: argparse._SubParsersAction) -> None:  # type:
 
     v = subparsers.add_parser("validate", help="compare real KVM runs with the simulator, metric by metric")
     v.add_argument("--scenario", action="append", default=None,
-                   help=f"named kvm scenario (repeatable; default: 256 MiB versions of outside, inside, "
-                        f"move, thp); known: {', '.join(SCENARIOS)}")
+                   help=f"named kvm scenario (repeatable; default: 1-vCPU 256 MiB versions of "
+                        f"{', '.join(VALIDATION_SCENARIOS)}); known: {', '.join(SCENARIOS)}")
     v.add_argument("--profile", default="shadow-pvm", help="host profile name or TOML (e.g. from calibrate)")
-    v.add_argument("--repeats", type=int, default=3, help="real runs per policy; default 3")
+    v.add_argument("--repeats", type=int, default=5, help="real runs per policy (median); default 5")
     v.add_argument("--replications", type=int, default=1, help="simulated runs per policy; default 1")
     v.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
     v.add_argument("--max-error", type=float, default=None, metavar="REL",
                    help="exit 1 if refaults, SPTEs zapped or first-touch faults differ by more than "
                         "REL (e.g. 0.01) and more than 16")
+    v.add_argument("--max-time-error", type=float, default=None, metavar="REL",
+                   help="exit 1 if a time (ioctl, phase) differs from the real median by more than REL (e.g. 0.2)")
     v.add_argument("--quiet", action="store_true")
     v.add_argument("--device", default=KVM_DEV, help=argparse.SUPPRESS)
     v.set_defaults(func=cmd_validate)
@@ -131,6 +134,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"guest access time {cal.access_ns:.1f} ns per page; fitted costs (ns):")
     for k, v in cal.costs.items():
         print(f"  {k:18s} {v:12.1f}   {cal.sources.get(k, 'kept from ' + base.name)}")
+    for w in cal.warnings:
+        print(f"warning: host timing drifted during calibration: {w}", file=sys.stderr)
+    if cal.warnings:
+        print("warning: the fitted costs carry that drift; consider running calibrate again", file=sys.stderr)
     args.out.write_text(profile_toml(cal, base, name))
     print(f"wrote {args.out}")
     if args.json is not None:
@@ -140,7 +147,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from desim.kvm.validate import default_scenarios, format_rows, validate, worst_error
+    from desim.kvm.validate import default_scenarios, format_rows, summary, validate, worst_error, worst_time_error
     from desim.profile import load_profile
 
     _check_out(args.out, "--out")
@@ -153,11 +160,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"desim kvm validate: KVM failed: {e}", file=sys.stderr)
         return 1
     print(format_rows(res))
+    print(summary(res))
     if args.out is not None:
         args.out.write_text(json.dumps(res, indent=1) + "\n")
         print(f"wrote {args.out}")
     if args.max_error is not None and worst_error(res) > args.max_error:
         print(f"a structural count is off by more than {args.max_error:.0%}", file=sys.stderr)
+        return 1
+    if args.max_time_error is not None and worst_time_error(res)[0] > args.max_time_error:
+        print(f"a time is off by more than {args.max_time_error:.0%}", file=sys.stderr)
         return 1
     return 0
 
