@@ -26,11 +26,18 @@ from .validation import format_validation_error
 
 
 class Cost(BaseModel):
-    """One cost in ns with its source."""
+    """One cost in ns with its source and, when it was measured, its 95% confidence interval."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     value: float = Field(ge=0)
     source: str = Field(min_length=3)
+    ci95: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _ci_ordered(self) -> "Cost":
+        if self.ci95 is not None and self.ci95[0] > self.ci95[1]:
+            raise ValueError(f"ci95 [{self.ci95[0]}, {self.ci95[1]}]: the low end must not exceed the high end")
+        return self
 
 
 COST_NAMES: dict[str, str] = {

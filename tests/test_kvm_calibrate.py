@@ -184,3 +184,27 @@ def test_drift_is_reported_only_when_the_host_changed_speed():
     warnings = cal.drift(slow)
     assert len(warnings) == 1 and "cal-B zap_ioctl_ns" in warnings[0] and "+30%" in warnings[0]
     assert cal.fit(slow, load_profile("shadow-pvm")).warnings == warnings
+
+
+def test_bootstrap_intervals_bracket_the_fit_and_reach_the_profile(tmp_path):
+    import random
+
+    base = load_profile("shadow-pvm")
+    rnd = random.Random(7)
+    noisy = {k: [{m: (v * rnd.uniform(0.9, 1.1) if m.endswith("_ns") else v) for m, v in r.items()}
+                 for r in runs * 3] for k, runs in synthetic().items()}  # 9 runs, +-10% on every time
+    c = cal.fit(noisy, base)
+    assert set(c.ci95) == set(c.costs)
+    widths = []
+    for k, (lo, hi) in c.ci95.items():
+        assert lo <= hi
+        widths.append(hi - lo)
+    assert any(w > 0 for w in widths)  # noise shows up as width
+    assert cal.fit(noisy, base).ci95 == c.ci95  # deterministic
+    exact = cal.fit(synthetic(), base)
+    assert all(lo == pytest.approx(hi) for lo, hi in exact.ci95.values())  # no noise, no width
+    path = tmp_path / "p.toml"
+    path.write_text(cal.profile_toml(c, base, "noisy"))
+    p = load_profile(str(path))
+    assert p.costs["spte_zap"].ci95 == pytest.approx(c.ci95["spte_zap"], abs=0.01)
+    assert p.costs["ipi_ack"].ci95 is None  # not measured

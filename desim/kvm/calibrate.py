@@ -39,6 +39,11 @@ stated; "2 MiB" and "256 MiB" are the size of the slot deleted and re-created::
     ioctl_fixed, srcu_sync = c1 split in the base profile's proportions (only the sum is seen)
     memslot_invalidate  = c2 - ioctl_fixed - 2 srcu_sync; K of the fast-zap fit is a check of c2
 
+Each fitted cost also gets a 95% interval from a percentile bootstrap over the
+repeats (:func:`bootstrap_ci95`), written as ``ci95 = [low, high]`` next to
+its value, and calibrate warns when the host's speed drifted between the first
+and second half of the repeats (:func:`drift`).
+
 Costs not identifiable here (``ipi_*``, ``invept``, ``root_alloc``, 1 GiB
 host allocation, ``pt_page_alloc``, ``lock_handoff``, ``mmio_emulation``) keep
 the base profile's value and source. Every fitted cost's ``source`` says
@@ -84,10 +89,12 @@ class Calibration:
     sources: dict[str, str] = field(default_factory=dict)
     raw: dict[str, list[dict[str, int]]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    ci95: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"costs": self.costs, "access_ns": self.access_ns, "observations": self.observations,
-                "sources": self.sources, "warnings": self.warnings, "runs": self.raw}
+        return {"costs": self.costs, "ci95": self.ci95, "access_ns": self.access_ns,
+                "observations": self.observations, "sources": self.sources, "warnings": self.warnings,
+                "runs": self.raw}
 
 
 def collect(repeats: int = 7, progress: Callable[[str], None] | None = None,
@@ -169,8 +176,25 @@ def _fast_zap_fit(raw: dict[str, list[dict[str, int]]], free: float) -> tuple[fl
     return float(k), float(p), float(z), worst
 
 
-def fit(raw: dict[str, list[dict[str, int]]], base: Any) -> Calibration:
-    """Costs from the microscenario metrics; ``base`` is the HostProfile supplying splits and the rest."""
+BOOTSTRAP_RESAMPLES = 400
+
+
+def bootstrap_ci95(raw: dict[str, list[dict[str, int]]], base: Any, resamples: int = BOOTSTRAP_RESAMPLES,
+                   seed: int = 0) -> dict[str, tuple[float, float]]:
+    """Percentile-bootstrap 95% intervals of every fitted cost: each resample draws, per
+    microscenario, as many runs as it has with replacement and fits again. Deterministic (``seed``)."""
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(resamples):
+        sample = {k: [runs[i] for i in rng.integers(0, len(runs), len(runs))] for k, runs in raw.items()}
+        for k, v in fit(sample, base, uncertainty=False).costs.items():
+            draws.setdefault(k, []).append(v)
+    return {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) for k, v in draws.items()}
+
+
+def fit(raw: dict[str, list[dict[str, int]]], base: Any, uncertainty: bool = True) -> Calibration:
+    """Costs from the microscenario metrics; ``base`` is the HostProfile supplying splits and the rest.
+    With ``uncertainty``, also their bootstrap 95% intervals (:func:`bootstrap_ci95`) and drift warnings."""
     A, C, D, E, F, H, T = (raw[k] for k in "ACDEFHT")
     pages_a = MICRO["A"].ram_mib << 8
     small, big = MICRO["D"].extra_slot_mib << 8, MICRO["E"].extra_slot_mib << 8
@@ -246,7 +270,9 @@ def fit(raw: dict[str, list[dict[str, int]]], base: Any) -> Calibration:
     costs["memslot_invalidate"] = max(0.0, inv)
     src["memslot_invalidate"] = (f"targeted DELETE of an untouched {small >> 8} MiB slot minus its probes = {c2:.0f} ns "
                                  f"= ioctl_fixed + 2 srcu_sync + this (fast-zap fit's fixed part: {k:.0f} ns)")
-    return Calibration(costs, obs["access_ns"], obs, src, raw, drift(raw))
+    if not uncertainty:
+        return Calibration(costs, obs["access_ns"], obs, src, raw)
+    return Calibration(costs, obs["access_ns"], obs, src, raw, drift(raw), bootstrap_ci95(raw, base))
 
 
 def calibrate(base: str = "shadow-pvm", repeats: int = 7, progress: Callable[[str], None] | None = None,
@@ -275,10 +301,14 @@ def profile_toml(cal: Calibration, base: Any, name: str) -> str:
         lines.append(f"{k} = {_toml_str(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}")
     lines += ["", "[costs]"]
     for k, c in base.costs.items():
+        ci = ""
         if k in cal.costs and k in cal.sources:
             value, source = cal.costs[k], f"{stamp}: {cal.sources[k]}"
+            if k in cal.ci95:
+                lo, hi = cal.ci95[k]
+                ci = f", ci95 = [{round(lo, 2)}, {round(hi, 2)}]"
         else:
             value, source = c.value, c.source
-        lines.append(f"{k} = {{ value = {round(value, 2)}, source = {_toml_str(source)} }}")
+        lines.append(f"{k} = {{ value = {round(value, 2)}{ci}, source = {_toml_str(source)} }}")
     return "\n".join(lines) + "\n"
 

@@ -131,9 +131,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"desim kvm calibrate: KVM failed: {e}", file=sys.stderr)
         return 1
     name = args.name or f"{base.name}-calibrated"
-    print(f"guest access time {cal.access_ns:.1f} ns per page; fitted costs (ns):")
+    print(f"guest access time {cal.access_ns:.1f} ns per page; fitted costs (ns) [bootstrap 95% interval]:")
     for k, v in cal.costs.items():
-        print(f"  {k:18s} {v:12.1f}   {cal.sources.get(k, 'kept from ' + base.name)}")
+        lo, hi = cal.ci95.get(k, (v, v))
+        print(f"  {k:18s} {v:12.1f} [{lo:10.1f}, {hi:10.1f}]  {cal.sources.get(k, 'kept from ' + base.name)}")
     for w in cal.warnings:
         print(f"warning: host timing drifted during calibration: {w}", file=sys.stderr)
     if cal.warnings:
