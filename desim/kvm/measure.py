@@ -24,7 +24,7 @@ import os
 import statistics
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from desim.errors import DesimInputError
@@ -126,7 +126,13 @@ def check_resources(kvm: Kvm, sc: KvmScenario, vms: int) -> None:
 
 
 def run_round(kvm: Kvm, sc: KvmScenario, vms: int, exit: str = "pio") -> list[dict[str, Any]]:
-    """``vms`` VMs of ``sc`` at once, phases in step; one result dict per VM."""
+    """``vms`` VMs of ``sc`` at once, phases in step; one result dict per VM.
+
+    With several VMs their VMM threads issue their memslot ioctls together and keep the CPUs busy
+    themselves, so ``busy_cpus`` is turned off (one spinner set per VM would pin every VMM thread
+    to the same CPU)."""
+    if vms > 1 and sc.busy_cpus:
+        sc = replace(sc, busy_cpus=False)
     barrier = threading.Barrier(vms)
     results: list[dict[str, Any] | None] = [None] * vms
     errors: list[BaseException] = []
@@ -210,20 +216,26 @@ def host_info(kvm: Kvm) -> dict[str, Any]:
 
 
 def measure(sc: KvmScenario, vms: int = 1, repeats: int = 3, progress: Callable[[str], None] | None = None,
-            kvm_path: str = "/dev/kvm", exit: str = "pio") -> Measurement:
+            kvm_path: str = "/dev/kvm", exit: str = "pio", warmup: int = 0) -> Measurement:
     """Run ``sc`` ``repeats`` times per policy with ``vms`` VMs at once.
 
     ``exit`` is how a pass returns to the VMM: ``pio`` (``out`` to port 0x80,
     no fault) or ``mmio`` (a write to a gpa without memslot: one extra
     ``pf_taken`` per vCPU per pass, subtracted as the warm baseline).
+    ``warmup`` rounds run first and are discarded (e.g. so that host THP runs
+    find free huge pages instead of paying for compaction).
     """
     if repeats < 1:
         raise DesimInputError(f"--repeats must be >= 1 (got {repeats})")
+    if warmup < 0:
+        raise DesimInputError(f"warmup must be >= 0 (got {warmup})")
     install_kick_handler()
     t0 = time.monotonic()
     with Kvm(kvm_path) as kvm:
         check_resources(kvm, sc, vms)
         m = Measurement(sc, vms, repeats, exit=exit, host=host_info(kvm))
+        for _ in range(warmup):
+            run_round(kvm, sc, vms, exit)
         for rep in range(repeats):
             order = POLICIES if rep % 2 == 0 else tuple(reversed(POLICIES))
             for pol in order:
