@@ -124,3 +124,44 @@ def plot_lock_wait(results: dict[str, "RunResult"], path: str | Path, title: str
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_validation(rows: list[dict], path: str | Path, title: str = "") -> None:
+    """``desim validate``'s rows as real vs simulated, log-log: counts on the left, times on the
+    right with the ±20% band; real medians carry their min-max as horizontal bars."""
+    panels = [("count", "counts (faults, SPTEs, shadow pages)"), ("ns", "times (ioctls, phases)")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    for ax, (unit, label) in zip(axes, panels):
+        pts = [r for r in rows if r["unit"] == unit and r["real_median"] > 0 and r["sim"] > 0]
+        if not pts:
+            ax.set_axis_off()
+            continue
+        scale = 1e-3 if unit == "ns" else 1.0  # times in us
+        for pol in sorted({r["policy"] for r in pts}):
+            sel = [r for r in pts if r["policy"] == pol]
+            x = np.array([r["real_median"] for r in sel]) * scale
+            lo = np.array([r["real_min"] for r in sel]) * scale
+            hi = np.array([r["real_max"] for r in sel]) * scale
+            y = np.array([r["sim"] for r in sel]) * scale
+            ax.errorbar(x, y, xerr=np.vstack([x - lo, hi - x]), fmt="o", ms=5, alpha=0.8, capsize=2,
+                        color=COLORS.get(pol, "grey"), label=pol)
+        vals = np.array([v for r in pts for v in (r["real_min"], r["real_max"], r["sim"])]) * scale
+        a, b = vals[vals > 0].min() / 1.5, vals.max() * 1.5
+        grid = np.geomspace(a, b, 50)
+        ax.plot(grid, grid, color="black", lw=1)
+        if unit == "ns":
+            ax.fill_between(grid, grid * 0.8, grid * 1.2, color="grey", alpha=0.2, label="±20%")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(a, b)
+        ax.set_ylim(a, b)
+        u = " (us)" if unit == "ns" else ""
+        ax.set_xlabel(f"real KVM, median [min-max]{u}")
+        ax.set_ylabel(f"simulated{u}")
+        ax.set_title(label)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(loc="upper left")
+    fig.suptitle(title or "desim validate: real vs simulated")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

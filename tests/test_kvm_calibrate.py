@@ -56,7 +56,8 @@ def synthetic() -> dict[str, list[dict[str, float]]]:
 
 
 def test_fit_recovers_known_costs():
-    base = load_profile("shadow-pvm")
+    # only the sum ioctl_fixed + srcu_sync is observable; it is split in the base's 1:2 proportions
+    base = load_profile("shadow-pvm").with_overrides(costs={"ioctl_fixed": 1, "srcu_sync": 2})
     c = cal.fit(synthetic(), base)
     assert c.access_ns == pytest.approx(20)
     assert c.costs["prefetch_spte"] == pytest.approx(300)
@@ -208,3 +209,38 @@ def test_bootstrap_intervals_bracket_the_fit_and_reach_the_profile(tmp_path):
     p = load_profile(str(path))
     assert p.costs["spte_zap"].ci95 == pytest.approx(c.ci95["spte_zap"], abs=0.01)
     assert p.costs["ipi_ack"].ci95 is None  # not measured
+
+
+def test_validation_plot_and_summary(tmp_path):
+    from desim.kvm.validate import summary, worst_time_error
+    from desim.plots import plot_validation
+
+    rows = [
+        {"scenario": "s", "policy": "fast", "metric": "refaults", "unit": "count", "real_median": 8193,
+         "real_min": 8193, "real_max": 8193, "sim": 8192, "rel_error": -1 / 8193},
+        {"scenario": "s", "policy": "fast", "metric": "zap_ioctl_ns", "unit": "ns", "real_median": 2.6e6,
+         "real_min": 2.5e6, "real_max": 3.4e6, "sim": 2.5e6, "rel_error": -0.1 / 2.6},
+        {"scenario": "s", "policy": "targeted", "metric": "create_ioctl_ns", "unit": "ns", "real_median": 20e3,
+         "real_min": 19e3, "real_max": 21e3, "sim": 25e3, "rel_error": 0.25},
+        {"scenario": "s", "policy": "targeted", "metric": "create_ioctl_ns", "unit": "ns", "real_median": 0,
+         "real_min": 0, "real_max": 0, "sim": 0, "rel_error": 0.0},
+    ]
+    err, row = worst_time_error({"rows": rows})
+    assert err == pytest.approx(0.25) and row is rows[2]
+    text = summary({"rows": rows})
+    assert "1/2 within 20%" in text and "worst error 25%" in text and "create_ioctl_ns" in text
+    path = tmp_path / "v.png"
+    plot_validation(rows, path)
+    assert path.stat().st_size > 10_000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_validate_refuses_a_bad_plot_name(tmp_path):
+    p = argparse.ArgumentParser(prog="desim")
+    cli.register(p.add_subparsers(dest="command"))
+    a = p.parse_args(["kvm", "validate", "--plot", str(tmp_path / "v.txt")])
+    with pytest.raises(DesimInputError, match="--plot.*png"):
+        a.func(a)
+    a = p.parse_args(["kvm", "validate", "--plot", str(tmp_path / "nodir" / "v.png")])
+    with pytest.raises(DesimInputError, match="does not exist"):
+        a.func(a)
+    assert list(tmp_path.iterdir()) == []

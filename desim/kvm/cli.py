@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -104,6 +105,9 @@ def register_top_level(subparsers: argparse._SubParsersAction) -> None:  # type:
     v.add_argument("--repeats", type=int, default=5, help="real runs per policy (median); default 5")
     v.add_argument("--replications", type=int, default=1, help="simulated runs per policy; default 1")
     v.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
+    v.add_argument("--plot", type=Path, default=None, metavar="FILE",
+                   help="draw real vs simulated (counts and times, log-log, with the ±20%% band) to "
+                        "FILE (.png, .svg or .pdf)")
     v.add_argument("--max-error", type=float, default=None, metavar="REL",
                    help="exit 1 if refaults, SPTEs zapped or first-touch faults differ by more than "
                         "REL (e.g. 0.01) and more than 16")
@@ -152,6 +156,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from desim.profile import load_profile
 
     _check_out(args.out, "--out")
+    _check_out(args.plot, "--plot")
+    if args.plot is not None and args.plot.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise DesimInputError(f"--plot {args.plot}: the file name must end in .png, .svg or .pdf")
     load_profile(args.profile)  # fail early on a bad name or file
     scenarios = [named(n) for n in args.scenario] if args.scenario else default_scenarios()
     progress = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
@@ -165,6 +172,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.out is not None:
         args.out.write_text(json.dumps(res, indent=1) + "\n")
         print(f"wrote {args.out}")
+    if args.plot is not None:
+        from desim.plots import plot_validation
+
+        tmp = args.plot.with_name(f".{args.plot.stem}.tmp{args.plot.suffix}")
+        plot_validation(res["rows"], tmp, f"desim validate, profile {res['profile']}")
+        os.replace(tmp, args.plot)  # never a half-written figure
+        print(f"wrote {args.plot}")
     if args.max_error is not None and worst_error(res) > args.max_error:
         print(f"a structural count is off by more than {args.max_error:.0%}", file=sys.stderr)
         return 1
