@@ -66,13 +66,21 @@ class RamBlock:
     state: np.ndarray  # uint8 per 4 KiB page
     state2m: np.ndarray  # uint8 per 2 MiB unit (hva-aligned)
     state1g: np.ndarray  # uint8 per 1 GiB unit (hva-aligned)
+    backing: str = "4k"  # host page size behind it: "4k", "thp" or "hugetlbfs-1g" (a QEMU memory backend)
 
     @classmethod
-    def new(cls, ua: int, npages: int) -> "RamBlock":
+    def new(cls, ua: int, npages: int, backing: str = "4k") -> "RamBlock":
         upage = ua >> 12
         n2m = ((upage + npages - 1) >> 9) - (upage >> 9) + 1
         n1g = ((upage + npages - 1) >> 18) - (upage >> 18) + 1
-        return cls(ua, npages, np.zeros(npages, np.uint8), np.zeros(n2m, np.uint8), np.zeros(n1g, np.uint8))
+        return cls(ua, npages, np.zeros(npages, np.uint8), np.zeros(n2m, np.uint8), np.zeros(n1g, np.uint8),
+                   backing)
+
+    def prealloc(self) -> None:
+        """Every host page already present (QEMU ``-mem-prealloc``, or an image the VMM wrote):
+        a fault then finds the page resident (``faultin_resident``, no host allocation)."""
+        for arr in (self.state, self.state2m, self.state1g):
+            np.bitwise_or(arr, HOST_RESIDENT, out=arr)
 
     def covers(self, ua: int, npages: int) -> bool:
         return self.ua <= ua and ua + (npages << 12) <= self.ua + (self.npages << 12)
@@ -145,6 +153,7 @@ class Mmu:
     pt_tags: dict[int, dict[int, int]] = field(default_factory=lambda: {1: {}, 2: {}, 3: {}})
     present_leaf: int = 0  # leaf SPTEs present in the current roots
     present_pt: int = 0  # page-table pages present in the current roots (excl. the root)
+    root_live: bool = False  # a vCPU loaded a root with the current tag (vcpu.py _service_requests)
     zap_seq: int = 0  # bumped by every zap: vCPUs recompute cached miss lists
 
     # -- memslots ----------------------------------------------------------
@@ -160,7 +169,7 @@ class Mmu:
                        for s in self.slots.values()):
                     break
                 return b
-        b = RamBlock.new(ua, npages)
+        b = RamBlock.new(ua, npages, self.backing)
         self.blocks.append(b)
         return b
 
@@ -224,7 +233,7 @@ class Mmu:
         rel = gfn - ss.slot.base_gfn
         if ss.mv[rel] & TAG_MASK == tag:
             return True
-        if self.backing == "4k":
+        if ss.block.backing == "4k":
             return False
         upage = (ss.slot.ua >> 12) + rel
         bpage = ss.block.ua >> 12
@@ -252,7 +261,7 @@ class Mmu:
                 continue
             rel = g - ss.slot.base_gfn
             m = (ss.state[rel] & TAG_MASK) == self.root_tag
-            if self.backing != "4k":
+            if ss.block.backing != "4k":
                 if ss.congruent2m:
                     m |= self._huge_mask(ss, rel, PG_LEVEL_2M)
                 if ss.congruent1g:
@@ -275,10 +284,11 @@ class Mmu:
     # -- host backing --------------------------------------------------------
     def host_level(self, ss: SlotSptes, gfn: int) -> int:
         """Size of the host page behind ``gfn`` (``host_pfn_mapping_level``)."""
-        if self.backing == "hugetlbfs-1g" and ss.huge_ok(gfn, PG_LEVEL_1G):
+        backing = ss.block.backing
+        if backing == "hugetlbfs-1g" and ss.huge_ok(gfn, PG_LEVEL_1G):
             return PG_LEVEL_1G
-        if self.backing in ("thp", "hugetlbfs-1g") and ss.huge_ok(gfn, PG_LEVEL_2M):
-            if self.backing == "hugetlbfs-1g" or self.thp_fraction >= 1.0:
+        if backing in ("thp", "hugetlbfs-1g") and ss.huge_ok(gfn, PG_LEVEL_2M):
+            if backing == "hugetlbfs-1g" or self.thp_fraction >= 1.0:
                 return PG_LEVEL_2M
             arr, i = ss.unit_state(gfn, PG_LEVEL_2M)
             # whether THP succeeded for this hva unit is a fixed property of the unit
@@ -360,7 +370,10 @@ class Mmu:
         O(1): the next root tag makes every SPTE obsolete. Returns what the
         obsolete roots hold, for the teardown cost.
         """
-        work = ObsoleteWork(self.present_leaf, self.present_pt)
+        # the root itself is zapped too (kvm_zap_obsolete_pages prepares every obsolete page, and
+        # mmu_shadow_zapped counts it; being in use, it is freed when its last vCPU drops it)
+        work = ObsoleteWork(self.present_leaf, self.present_pt + int(self.root_live))
+        self.root_live = False
         self.mmu_valid_gen ^= 1
         self.present_leaf = 0
         self.present_pt = 0

@@ -98,13 +98,23 @@ class _Model(BaseModel):
 
 
 class MemslotSpec(_Model):
-    """One memslot at VM creation."""
+    """One memslot at VM creation.
+
+    ``backing`` overrides the profile's host page size for this slot's host
+    memory (QEMU gives each memory backend its own: ``memory-backend-ram``
+    with or without THP, ``memory-backend-file`` on hugetlbfs). ``prealloc``:
+    every host page is present before the guest runs (QEMU ``-mem-prealloc``,
+    or a firmware/ROM image the VMM copied in), so no fault pays a host
+    allocation.
+    """
 
     id: int = Field(ge=0, lt=1 << 32)
     gpa: Size = Field(ge=0)
     size: Size = Field(gt=0)
     flags: Flags = 0
     ua: Size | None = Field(default=None, ge=0)
+    backing: Literal["4k", "thp", "hugetlbfs-1g"] | None = None
+    prealloc: bool = False
 
     @model_validator(mode="after")
     def _aligned(self) -> "MemslotSpec":

@@ -311,6 +311,7 @@ class Vcpu:
             yield from vm.lock.take(mode, "root", self)
             yield env.timeout(P.root_alloc)
             self.root_tag = vm.mmu.root_tag
+            vm.mmu.root_live = True
             vm.lock.release(self)
             reqs |= KVM_REQ_TLB_FLUSH  # a new root is loaded with a flush (kvm_mmu_load)
         if reqs & KVM_REQ_TLB_FLUSH:

@@ -53,7 +53,12 @@ class Vm:
         self._next_ua = 0x7F0000000000
         self._ua_by_slot: dict[int, int] = {}
         for s in scenario.vm.memslots:
-            self.mmu.add_slot(Memslot(s.id, s.gpa >> 12, s.size >> 12, s.flags, s.ua or self._fresh_ua(s.id, s.size)))
+            ss = self.mmu.add_slot(Memslot(s.id, s.gpa >> 12, s.size >> 12, s.flags,
+                                           s.ua or self._fresh_ua(s.id, s.size)))
+            if s.backing is not None:
+                ss.block.backing = s.backing
+            if s.prealloc:
+                ss.block.prealloc()
         self.vmm = Vmm(self)
         self.vcpus = [Vcpu(self, i) for i in range(scenario.vm.vcpus)]
         self._slot_update: simpy.Event | None = None

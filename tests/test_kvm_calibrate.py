@@ -104,18 +104,23 @@ def test_simulator_mirrors_the_structure():
     pages = sc.ram_mib << 8
     fast = sim_metrics(sc.with_policy("fast"))
     targ = sim_metrics(sc.with_policy("targeted"))
-    assert fast["refaults"] == pages // 8 and targ["refaults"] == 0
-    assert fast["op_sptes_dropped"] == pages and fast["populate_pf_fixed"] == pages
+    # the guest's code page is one more fault, like the real VM's (8193 for 65536 pages)
+    assert fast["refaults"] == pages // 8 + 1 and targ["refaults"] == 0
+    assert fast["op_sptes_dropped"] == pages + 1 and fast["populate_pf_fixed"] == pages + 1
+    # shadow pages: 16 PTs over RAM, its PD and PDPT, the code page's PT and PD, the root
+    assert fast["op_shadow_zapped"] == pages // 512 + 5
     inside = sim_metrics(replace(sc, position="inside", policy="targeted"))
     assert inside["refaults"] == (sc.extra_slot_mib << 8) // 8
 
 
 def test_to_sim_layout_and_refusals():
     s = to_sim(named("inside"))
-    assert [p.name for p in s.phases] == ["populate:1", "populate:2", "warm:1", "warm:2", "op",
-                                          "retouch:1", "retouch:2"]
-    assert [o.op for o in s.phases[4].memslot_ops] == ["delete", "create"]
-    assert to_sim(named("move")).phases[2].memslot_ops[0].op == "move"
+    assert [p.name for p in s.phases] == ["populate:code", "populate:1", "populate:2", "warm:code", "warm:1",
+                                          "warm:2", "op", "retouch:code", "retouch:1", "retouch:2"]
+    assert [o.op for o in s.phases[6].memslot_ops] == ["delete", "create"]
+    system = s.vm.memslots[0]
+    assert system.id == 0 and system.prealloc and system.backing == "4k"
+    assert to_sim(named("move")).phases[4].memslot_ops[0].op == "move"
     with pytest.raises(DesimInputError, match="accessed"):
         to_sim(named("no-accessed"))
     with pytest.raises(DesimInputError, match="stride"):

@@ -8,8 +8,11 @@ per page taken from the real ``warm`` pass. The result is one row per
 (scenario, policy, metric) with the relative error ``(sim - real) / real``.
 
 Counts (``refaults``, SPTEs and shadow pages zapped, first-touch faults) test
-the model's structure and should agree within a few faults (the real guest
-also maps its code page and page tables); times test the profile's costs.
+the model's structure: faults and shadow pages match exactly (the simulator
+also fetches the guest's code page), SPTEs to within the 7 page-table pages
+the real fault on the code page prefetches (their guest PTEs were written with
+the Accessed bit set, which the simulator's "ever mapped" proxy does not
+know); times test the profile's costs.
 """
 from __future__ import annotations
 
