@@ -149,3 +149,19 @@ def test_probe(kvm, capsys):
     assert {"pf_fixed", "pf_taken", "exits", "mmu_shadow_zapped", "pages_4k"} <= names
     assert main(["probe", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["mmu"] == p["mmu"]
+
+
+def test_interleaved_measurement_keeps_runs_apart(kvm):
+    """measure_interleaved: one Measurement per scenario, every repeat of both policies, THP last."""
+    from desim.kvm.measure import measure_interleaved
+
+    _needs_targeted(kvm)
+    a = named("tiny")
+    b = replace(a, name="tiny-inside", position="inside")
+    ma, mb = measure_interleaved([a, b], repeats=2)
+    for m, sc in ((ma, a), (mb, b)):
+        assert m.scenario is sc
+        assert sorted((r["repeat"], r["policy"]) for r in m.runs) == [
+            (0, "fast"), (0, "targeted"), (1, "fast"), (1, "targeted")]
+    # the structure survives: a slot inside the touched range is re-faulted under both policies
+    assert min(mb.samples("targeted", "refaults")) > 0 and max(ma.samples("targeted", "refaults")) <= SLACK

@@ -53,6 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     m.add_argument("--list", action="store_true", help="list the named scenarios and exit")
     m.add_argument("--vms", type=int, default=1, help="VMs run at once (phases in step); default 1")
     m.add_argument("--repeats", type=int, default=3, help="rounds per policy; default 3")
+    m.add_argument("--warmup", type=int, default=0,
+                   help="rounds run first and discarded (e.g. 1 with --thp, so that host THP runs "
+                        "find free huge pages instead of paying for compaction); default 0")
     m.add_argument("--out", type=Path, help="write all runs and the summary as JSON to this file")
     m.add_argument("--quiet", action="store_true", help="no progress lines")
     m.add_argument("--exit", choices=("pio", "mmio"), default="pio",
@@ -217,7 +220,8 @@ def cmd_measure(args: argparse.Namespace) -> int:
         raise DesimInputError(f"--out {args.out}: directory {args.out.parent} does not exist")
     progress = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     try:
-        m = measure(sc, vms=args.vms, repeats=args.repeats, progress=progress, kvm_path=args.device, exit=args.exit)
+        m = measure(sc, vms=args.vms, repeats=args.repeats, progress=progress, kvm_path=args.device, exit=args.exit,
+                    warmup=args.warmup)
     except KvmError as e:
         print(f"desim kvm measure: KVM failed: {e}", file=sys.stderr)
         return 1

@@ -1,7 +1,8 @@
 """Real versus simulated: run the same scenario on the real KVM and in the simulator, metric by metric.
 
 For each :class:`KvmScenario` and each policy, the real side is
-:func:`desim.kvm.measure.measure` (median and min-max over ``repeats``), the
+:func:`desim.kvm.measure.measure_interleaved` (median and min-max over
+``repeats``, the scenarios' runs interleaved), the
 simulated side :func:`desim.kvm.simbridge.sim_metrics` on a host profile
 (ideally the one ``desim kvm calibrate`` wrote), with the guest's access time
 per page taken from the real ``warm`` pass. The result is one row per
@@ -20,7 +21,7 @@ import statistics
 from dataclasses import replace
 from typing import Any, Callable
 
-from desim.kvm.measure import Measurement, measure
+from desim.kvm.measure import Measurement, measure_interleaved
 from desim.kvm.scenario import POLICIES, KvmScenario, layout, named
 from desim.kvm.simbridge import sim_metrics
 
@@ -65,10 +66,8 @@ def validate(scenarios: list[KvmScenario], profile: str = "shadow-pvm", repeats:
              kvm_path: str = "/dev/kvm") -> dict[str, Any]:
     """Rows comparing real medians with simulated means; see the module docstring."""
     rows: list[dict[str, Any]] = []
-    for sc in scenarios:
-        # host THP: one discarded run first, as in calibrate (the model has no compaction, which the
-        # first THP VM after 4 KiB-heavy ones pays: 2.7 ms instead of 0.19 ms per 2 MiB first touch)
-        real = measure(sc, vms=1, repeats=repeats, kvm_path=kvm_path, warmup=1 if sc.host_thp else 0)
+    measured = measure_interleaved(scenarios, repeats, progress, kvm_path)
+    for sc, real in zip(scenarios, measured):
         # the vCPUs touch their regions in parallel: a pass lasts one vCPU's share of the pages
         pages_per_vcpu = layout(sc).touched_pages(sc.stride_kib << 10) / sc.vcpus
         for pol in POLICIES:
