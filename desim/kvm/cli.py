@@ -22,7 +22,7 @@ from typing import Any
 
 from desim.errors import DesimInputError
 from desim.kvm.scenario import GUEST_PAGES, OPS, POSITIONS, SCENARIOS, named
-from desim.kvm.validate import VALIDATION_SCENARIOS
+from desim.kvm.validate import TWO_VCPU_SCENARIOS, VALIDATION_SCENARIOS
 from desim.kvm.vm import KVM_DEV, KvmError
 
 DEFAULT_SCENARIO = "outside"
@@ -102,8 +102,9 @@ def register_top_level(subparsers: argparse._SubParsersAction) -> None:  # type:
 
     v = subparsers.add_parser("validate", help="compare real KVM runs with the simulator, metric by metric")
     v.add_argument("--scenario", action="append", default=None,
-                   help=f"named kvm scenario (repeatable; default: 1-vCPU 256 MiB versions of "
-                        f"{', '.join(VALIDATION_SCENARIOS)}); known: {', '.join(SCENARIOS)}")
+                   help=f"named kvm scenario (repeatable; default: 256 MiB versions of "
+                        f"{', '.join(VALIDATION_SCENARIOS)} with 1 vCPU and of "
+                        f"{', '.join(TWO_VCPU_SCENARIOS)} with 2); known: {', '.join(SCENARIOS)}")
     v.add_argument("--profile", default="shadow-pvm", help="host profile name or TOML (e.g. from calibrate)")
     v.add_argument("--repeats", type=int, default=5, help="real runs per policy (median); default 5")
     v.add_argument("--replications", type=int, default=1, help="simulated runs per policy; default 1")

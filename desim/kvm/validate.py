@@ -39,19 +39,21 @@ COMPARED: dict[str, str] = {
 
 
 VALIDATION_SCENARIOS = ("outside", "inside", "move", "delete", "many-slots", "guest-2m", "thp")
+TWO_VCPU_SCENARIOS = ("outside", "inside", "move")
 
 
 def default_scenarios() -> list[KvmScenario]:
-    """Small versions (256 MiB, 1 vCPU) of the named scenarios the simulator can mirror
-    (every named one but ``no-accessed``, which it cannot, and ``tiny``).
+    """Small versions (256 MiB) of the named scenarios the simulator can mirror (every named one
+    but ``no-accessed``, which it cannot, and ``tiny``) with one vCPU, and three of them with two
+    vCPUs, whose faults contend for ``mmu_lock`` (the shadow MMU takes it for write).
 
     None of them is a calibration microscenario (:data:`desim.kvm.calibrate.MICRO`): those use
-    64, 128 and 512 MiB of RAM, a 256 MiB slot or a stride, and no MOVE, no guest-2m, no 32 slots.
-
-    One vCPU: on these machines two vCPU threads do not run in parallel (two busy loops take twice
-    as long as one), which the simulator, rightly for a real server, does not model.
+    one vCPU, 64, 128 and 512 MiB of RAM, a 256 MiB slot or a stride, and no MOVE, no guest-2m,
+    no 32 slots.
     """
-    return [replace(named(n), name=f"{n}-256M", ram_mib=256, vcpus=1) for n in VALIDATION_SCENARIOS]
+    one = [replace(named(n), name=f"{n}-256M", ram_mib=256, vcpus=1) for n in VALIDATION_SCENARIOS]
+    two = [replace(named(n), name=f"{n}-256M-2vcpu", ram_mib=256, vcpus=2) for n in TWO_VCPU_SCENARIOS]
+    return one + two
 
 
 def _real_samples(m: Measurement, policy: str, metric: str) -> list[float]:
