@@ -40,7 +40,7 @@ def _fast(key: str, sp: int, sptes: int, **m: float) -> list[dict[str, float]]:
 def synthetic() -> dict[str, list[dict[str, float]]]:
     """Metrics the host above would give (plus R1 = 2000, prefetch 300, 4K alloc +1500, ...)."""
     pages_a = cal.MICRO["A"].ram_mib << 8
-    small, big = 512, 65536
+    small, big = cal.MICRO["D"].extra_slot_mib << 8, cal.MICRO["E"].extra_slot_mib << 8
     return {
         "A": _fast("A", 69, 32776, warm_ns=20 * pages_a, retouch_ns=20 * pages_a + 4100 * 1000, refaults=1000,
                    populate_ns=20 * pages_a + 5000 * pages_a, populate_pf_fixed=pages_a),

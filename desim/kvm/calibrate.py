@@ -6,7 +6,7 @@ memslot ioctls timed with the other host CPUs busy (``busy_cpus``, see
 :mod:`desim.kvm.spin`); the medians of its metrics (:mod:`desim.kvm.measure`)
 are combined as follows, in the simulator's cost model (``desim/vcpu.py``,
 ``desim/zap.py``, ``desim/vmm.py``). Every extra slot is untouched unless
-stated; "2 MiB" and "256 MiB" are the size of the slot deleted and re-created::
+stated; "2 MiB" and "1 GiB" are the size of the slot deleted and re-created::
 
     A  128 MiB, fast, 2 MiB slot      R8 = (retouch - warm) / refaults   (8 SPTEs per fault)
     B  512 MiB, fast, 2 MiB slot
@@ -14,9 +14,9 @@ stated; "2 MiB" and "256 MiB" are the size of the slot deleted and re-created::
        every 8th page touched         neighbour is resident, so nothing to prefetch)
                                       F1 = (populate - warm) / first-touch faults
     F  64 MiB, fast, 2 MiB slot
-    H  64 MiB, fast, 256 MiB slot     free = (Zfast(H) - Zfast(F)) / extra pages
+    H  64 MiB, fast, 1 GiB slot       free = (Zfast(H) - Zfast(F)) / extra pages
     D  64 MiB, targeted, 2 MiB slot   Zt(2 MiB), CREATE(2 MiB)
-    E  64 MiB, targeted, 256 MiB      Zt(256 MiB), CREATE(256 MiB)
+    E  64 MiB, targeted, 1 GiB slot   Zt(1 GiB), CREATE(1 GiB)
     T  512 MiB, fast, host THP,       F2M = (populate - warm) / first-touch faults (one per 2 MiB)
        2 MiB guest pages
 
@@ -30,14 +30,17 @@ stated; "2 MiB" and "256 MiB" are the size of the slot deleted and re-created::
                           the medians of A, B, C, F (their DELETE ioctls); C has as many shadow pages
                           as B but an eighth of the SPTEs, which separates the two slopes
     memslot_free_page   = free (above)
-    memslot_alloc_page  = (CREATE(256 MiB) - CREATE(2 MiB)) / extra pages, from D and E only:
+    memslot_alloc_page  = (CREATE(1 GiB) - CREATE(2 MiB)) / extra pages, from D and E only (per
+                          page, zeroing the rmaps costs more once they outgrow the caches: 1.0 ns
+                          measured with a 256 MiB slot, 1.6 with 1 GiB, 1.4 with 8 GiB; 1 GiB is
+                          closer to real RAM slots). CREATEs after a fast zap are left out:
                           a ~20 us ioctl depends on how warm the CPU caches are. Right after a
                           DELETE (which touched the same memslot, SRCU and allocator state) a 2 MiB
                           CREATE took 19.8 us; after 5 ms of busy userspace work 34.7 us; after
                           streaming 64 MiB through the cache 51 us; after a 10 ms fast zap (which
                           streams through every SPTE) 33 us. The model's fixed costs are the warm
                           values, so they come from CREATEs that follow a targeted DELETE
-    per gfn probes      = rmap_probe + hash_probe = (Zt(256M) - Zt(2M)) / extra pages - free,
+    per gfn probes      = rmap_probe + hash_probe = (Zt(1G) - Zt(2M)) / extra pages - free,
                           split in the base profile's proportions
     c1 = ioctl_fixed + srcu_sync                  = CREATE(2 MiB) - 512 alloc
     c2 = ioctl_fixed + 2 srcu_sync + memslot_invalidate = Zt(2 MiB) - 512 (probes + free)
@@ -74,9 +77,9 @@ MICRO: dict[str, KvmScenario] = {
     "B": KvmScenario(name="cal-B", ram_mib=512, policy="fast"),
     "C": KvmScenario(name="cal-C", ram_mib=512, policy="fast", stride_kib=32),
     "F": KvmScenario(name="cal-F", ram_mib=64, policy="fast", extra_slot_mib=2),
-    "H": KvmScenario(name="cal-H", ram_mib=64, policy="fast", extra_slot_mib=256),
+    "H": KvmScenario(name="cal-H", ram_mib=64, policy="fast", extra_slot_mib=1024),
     "D": KvmScenario(name="cal-D", ram_mib=64, policy="targeted", extra_slot_mib=2),
-    "E": KvmScenario(name="cal-E", ram_mib=64, policy="targeted", extra_slot_mib=256),
+    "E": KvmScenario(name="cal-E", ram_mib=64, policy="targeted", extra_slot_mib=1024),
     "T": KvmScenario(name="cal-T", ram_mib=512, policy="fast", guest_page="2m", host_thp=True),
 }
 FAST_FIT = ("A", "B", "C", "F")

@@ -135,6 +135,7 @@ SCENARIOS: dict[str, KvmScenario] = {
         KvmScenario(name="guest-2m", ram_mib=1024, vcpus=2, guest_page="2m"),
         KvmScenario(name="thp", ram_mib=1024, vcpus=2, guest_page="2m", host_thp=True),
         KvmScenario(name="no-accessed", ram_mib=1024, vcpus=2, accessed=False),
+        KvmScenario(name="big-slot", ram_mib=1024, vcpus=2, extra_slot_mib=8192),
     )
 }
 

@@ -38,7 +38,7 @@ COMPARED: dict[str, str] = {
 }
 
 
-VALIDATION_SCENARIOS = ("outside", "inside", "move", "delete", "many-slots", "guest-2m", "thp")
+VALIDATION_SCENARIOS = ("outside", "inside", "move", "delete", "many-slots", "guest-2m", "thp", "big-slot")
 TWO_VCPU_SCENARIOS = ("outside", "inside", "move")
 
 
@@ -48,8 +48,8 @@ def default_scenarios() -> list[KvmScenario]:
     vCPUs, whose faults contend for ``mmu_lock`` (the shadow MMU takes it for write).
 
     None of them is a calibration microscenario (:data:`desim.kvm.calibrate.MICRO`): those use
-    one vCPU, 64, 128 and 512 MiB of RAM, a 256 MiB slot or a stride, and no MOVE, no guest-2m,
-    no 32 slots.
+    one vCPU, 64, 128 and 512 MiB of RAM, a 1 GiB slot or a stride, and no MOVE, no guest-2m,
+    no 32 slots, no 8 GiB slot (``big-slot``: an untouched slot whose targeted zap probes 2M gfns).
     """
     one = [replace(named(n), name=f"{n}-256M", ram_mib=256, vcpus=1) for n in VALIDATION_SCENARIOS]
     two = [replace(named(n), name=f"{n}-256M-2vcpu", ram_mib=256, vcpus=2) for n in TWO_VCPU_SCENARIOS]
