@@ -35,10 +35,11 @@ stated; "2 MiB" and "1 GiB" are the size of the slot deleted and re-created::
                           measured with a 256 MiB slot, 1.6 with 1 GiB, 1.4 with 8 GiB; 1 GiB is
                           closer to real RAM slots). CREATEs after a fast zap are left out:
                           a ~20 us ioctl depends on how warm the CPU caches are. Right after a
-                          DELETE (which touched the same memslot, SRCU and allocator state) a 2 MiB
-                          CREATE took 19.8 us; after 5 ms of busy userspace work 34.7 us; after
-                          streaming 64 MiB through the cache 51 us; after a 10 ms fast zap (which
-                          streams through every SPTE) 33 us. The model's fixed costs are the warm
+                          targeted DELETE (which ran the same memslot, SRCU and allocator code) a
+                          2 MiB CREATE took 20.5 us; after 5 ms of busy userspace work 31 us; after
+                          streaming 64 MiB through the cache 32-45 us; after a 10 ms fast zap (which
+                          streams through every SPTE) 43 us, and only the first ioctl pays
+                          (benchmarks/bench_kvm_ioctls.py). The model's fixed costs are the warm
                           values, so they come from CREATEs that follow a targeted DELETE
     per gfn probes      = rmap_probe + hash_probe = (Zt(1G) - Zt(2M)) / extra pages - free,
                           split in the base profile's proportions

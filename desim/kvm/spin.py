@@ -2,14 +2,14 @@
 
 Every ``KVM_SET_USER_MEMORY_REGION`` ends in ``synchronize_srcu_expedited``
 (``kvm_swap_active_memslots``, virt/kvm/kvm_main.c), whose grace-period work
-runs from a workqueue (``srcu_funnel_gp_start`` -> ``srcu_gp_wq``,
-kernel/rcu/srcutree.c). When the CPU that work or its wake-up lands on is
-idle, the ioctl also pays for waking that CPU. On these machines (a guest
+runs from a workqueue (``srcu_funnel_gp_start``, kernel/rcu/srcutree.c), and
+some ioctls send IPIs (TLB flushes). When the CPU such work or an IPI lands on
+is idle, the ioctl also pays for waking that CPU. On these machines (a guest
 itself: ``cpuidle`` driver ``haltpoll``, so an idle CPU halts in the outer
-hypervisor) that wake-up costs about 30 us per grace period, three times the
-grace period itself: measured with ``/tmp``-style microbenchmarks of
-CREATE / FLAGS_ONLY / DELETE on an empty VM, one memslot swap took 40 us with
-the other CPU idle and 10 us with it running a busy loop.
+hypervisor) that costs tens of microseconds per ioctl, and varies from run to
+run. ``python benchmarks/bench_kvm_ioctls.py`` measures it: with the other
+CPU idle the harness's targeted DELETE took 169 us and the re-CREATE 71 us,
+with it busy 87 us and 20 us (medians of 5, interleaved).
 
 The simulator models a host whose CPUs are busy running vCPUs, and has no
 C-states. So the harness times memslot operations with one busy-looping child
