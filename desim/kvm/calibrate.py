@@ -31,9 +31,11 @@ stated; "2 MiB" and "1 GiB" are the size of the slot deleted and re-created::
                           as B but an eighth of the SPTEs, which separates the two slopes
     memslot_free_page   = free (above)
     memslot_alloc_page  = (CREATE(1 GiB) - CREATE(2 MiB)) / extra pages, from D and E only (per
-                          page, zeroing the rmaps costs more once they outgrow the caches: 1.0 ns
-                          measured with a 256 MiB slot, 1.6 with 1 GiB, 1.4 with 8 GiB; 1 GiB is
-                          closer to real RAM slots). CREATEs after a fast zap are left out:
+                          page, zeroing the rmaps costs more once they outgrow the caches: about
+                          1.0 ns with a 256 MiB slot (``desim kvm measure --scenario tiny
+                          --extra-slot-mib 256``), 1.4 with 1 GiB and with 8 GiB (``desim validate``'s
+                          big-slot CREATE); 1 GiB is closer to real RAM slots). CREATEs after a fast
+                          zap are left out:
                           a ~20 us ioctl depends on how warm the CPU caches are. Right after a
                           targeted DELETE (which ran the same memslot, SRCU and allocator code) a
                           2 MiB CREATE took 20.5 us; after 5 ms of busy userspace work 31 us; after
