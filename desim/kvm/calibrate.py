@@ -30,13 +30,12 @@ stated; "2 MiB" and "1 GiB" are the size of the slot deleted and re-created::
                           the medians of A, B, C, F (their DELETE ioctls); C has as many shadow pages
                           as B but an eighth of the SPTEs, which separates the two slopes
     memslot_free_page   = free (above)
-    memslot_alloc_page  = (CREATE(1 GiB) - CREATE(2 MiB)) / extra pages, from D and E only (per
-                          page, zeroing the rmaps costs more once they outgrow the caches: about
-                          1.0 ns with a 256 MiB slot (``desim kvm measure --scenario tiny
-                          --extra-slot-mib 256``), 1.4 with 1 GiB and with 8 GiB (``desim validate``'s
-                          big-slot CREATE); 1 GiB is closer to real RAM slots). CREATEs after a fast
-                          zap are left out:
-                          a ~20 us ioctl depends on how warm the CPU caches are. Right after a
+    memslot_alloc_page  = (CREATE(1 GiB) - CREATE(2 MiB)) / extra pages, from D and E. Per page,
+                          zeroing the rmaps costs more once they outgrow the caches: about 1.0 ns
+                          with a 256 MiB slot (``desim kvm measure --scenario tiny --extra-slot-mib
+                          256``), 1.4 with 1 GiB and with 8 GiB (``desim validate``'s big-slot
+                          CREATE); 1 GiB is closer to real RAM slots. CREATEs after a fast zap are
+                          left out, because a ~20 us ioctl depends on how warm the CPU caches are. Right after a
                           targeted DELETE (which ran the same memslot, SRCU and allocator code) a
                           2 MiB CREATE took 20.5 us; after 5 ms of busy userspace work 31 us; after
                           streaming 64 MiB through the cache 32-45 us; after a 10 ms fast zap (which
@@ -222,10 +221,10 @@ def fit(raw: dict[str, list[dict[str, int]]], base: Any, uncertainty: bool = Tru
         "F2M_first_touch_ns": float(statistics.median(
             (r["populate_ns"] - r["warm_ns"]) / max(r["populate_pf_fixed"], 1) for r in T)),
         # only after a targeted DELETE: after a fast zap the caches are colder (see the docstring)
-        "create_2M_ns": _med(D, "create_ioctl_ns"),
-        "create_256M_ns": _med(E, "create_ioctl_ns"),
-        "zap_fast_2M_slot_ns": _med(F, "zap_ioctl_ns"), "zap_fast_256M_slot_ns": _med(H, "zap_ioctl_ns"),
-        "zap_targeted_2M_ns": _med(D, "zap_ioctl_ns"), "zap_targeted_256M_ns": _med(E, "zap_ioctl_ns"),
+        "create_small_ns": _med(D, "create_ioctl_ns"),
+        "create_big_ns": _med(E, "create_ioctl_ns"),
+        "zap_fast_small_slot_ns": _med(F, "zap_ioctl_ns"), "zap_fast_big_slot_ns": _med(H, "zap_ioctl_ns"),
+        "zap_targeted_small_ns": _med(D, "zap_ioctl_ns"), "zap_targeted_big_ns": _med(E, "zap_ioctl_ns"),
     }
     P = {k: c.value for k, c in base.costs.items()}
     costs: dict[str, float] = {}
@@ -244,15 +243,15 @@ def fit(raw: dict[str, list[dict[str, int]]], base: Any, uncertainty: bool = Tru
     f2m = obs["F2M_first_touch_ns"]
     costs["host_alloc_2m"] = max(0.0, costs["faultin_resident"] + f2m - r1)
     src["host_alloc_2m"] = f"faultin_resident + (first-touch fault on a THP {f2m:.0f} ns - re-fault {r1:.0f} ns)"
-    # memslot metadata: free (fast DELETE of 256 vs 2 MiB untouched slots), alloc (CREATE 256 vs 2 MiB)
-    free = max(0.0, (obs["zap_fast_256M_slot_ns"] - obs["zap_fast_2M_slot_ns"]) / (big - small))
+    # memslot metadata: free (fast DELETE of the big vs the small untouched slot), alloc (their CREATEs)
+    free = max(0.0, (obs["zap_fast_big_slot_ns"] - obs["zap_fast_small_slot_ns"]) / (big - small))
     costs["memslot_free_page"] = free
     src["memslot_free_page"] = (f"fast DELETE of an untouched {big >> 8} MiB vs {small >> 8} MiB slot: "
-                                f"{obs['zap_fast_256M_slot_ns']:.0f} vs {obs['zap_fast_2M_slot_ns']:.0f} ns")
-    alloc = max(0.0, (obs["create_256M_ns"] - obs["create_2M_ns"]) / (big - small))
+                                f"{obs['zap_fast_big_slot_ns']:.0f} vs {obs['zap_fast_small_slot_ns']:.0f} ns")
+    alloc = max(0.0, (obs["create_big_ns"] - obs["create_small_ns"]) / (big - small))
     costs["memslot_alloc_page"] = alloc
     src["memslot_alloc_page"] = (f"CREATE of a {big >> 8} MiB vs {small >> 8} MiB slot: "
-                                 f"{obs['create_256M_ns']:.0f} vs {obs['create_2M_ns']:.0f} ns")
+                                 f"{obs['create_big_ns']:.0f} vs {obs['create_small_ns']:.0f} ns")
     # fast zap: fixed part, per shadow page, per present SPTE
     k, per_sp, per_spte, worst = _fast_zap_fit(raw, free)
     obs.update(fast_zap_fixed_ns=k, fast_zap_per_sp_ns=per_sp, fast_zap_per_spte_ns=per_spte,
@@ -263,7 +262,7 @@ def fit(raw: dict[str, list[dict[str, int]]], base: Any, uncertainty: bool = Tru
     src["sp_free"] = how + ": per shadow page (unlink its 512 entries and free it)"
     src["spte_zap"] = how + ": per present SPTE"
     # targeted zap of an untouched slot: per-gfn probes (minus the metadata free), then the fixed part
-    per_gfn = max(0.0, (obs["zap_targeted_256M_ns"] - obs["zap_targeted_2M_ns"]) / (big - small))
+    per_gfn = max(0.0, (obs["zap_targeted_big_ns"] - obs["zap_targeted_small_ns"]) / (big - small))
     probes = max(0.0, per_gfn - free)
     pshare = sum(P[k] for k in PROBES)
     probes_per_gfn = {"rmap_probe": 1 + 1 / 512, "hash_probe": 1.0}
@@ -271,8 +270,8 @@ def fit(raw: dict[str, list[dict[str, int]]], base: Any, uncertainty: bool = Tru
         costs[name] = probes * (P[name] / pshare if pshare else 0.5) / probes_per_gfn[name]
         src[name] = (f"targeted DELETE {per_gfn:.2f} ns per gfn ({small >> 8} vs {big >> 8} MiB untouched slot) "
                      f"minus memslot_free_page, split in {base.name}'s proportions")
-    c1 = obs["create_2M_ns"] - alloc * small
-    c2 = obs["zap_targeted_2M_ns"] - per_gfn * small
+    c1 = obs["create_small_ns"] - alloc * small
+    c2 = obs["zap_targeted_small_ns"] - per_gfn * small
     fshare = P["ioctl_fixed"] / (P["ioctl_fixed"] + P["srcu_sync"]) if P["ioctl_fixed"] + P["srcu_sync"] else 0.5
     costs["ioctl_fixed"], costs["srcu_sync"] = c1 * fshare, c1 * (1 - fshare)
     src["ioctl_fixed"] = src["srcu_sync"] = (f"CREATE of a {small >> 8} MiB slot minus its metadata = {c1:.0f} ns "
