@@ -78,7 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="back guest RAM with madvise(MADV_HUGEPAGE)")
     g.add_argument("--busy-cpus", action=argparse.BooleanOptionalAction, dest="busy_cpus",
                    help="time the memslot ioctls with the other host CPUs busy-looping (default), "
-                        "so synchronize_srcu_expedited does not pay for waking an idle CPU")
+                        "so that the ioctls do not pay for waking an idle CPU (desim/kvm/spin.py)")
     m.add_argument("--device", default=KVM_DEV, help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_measure)
     register_top_level(sub)

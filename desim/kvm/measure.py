@@ -269,31 +269,31 @@ def measure_interleaved(scenarios: list[KvmScenario], repeats: int = 5,
         for sc in scenarios:
             check_resources(kvm, sc, 1)
         host = host_info(kvm)
-        out = {id(sc): Measurement(sc, 1, repeats, host=host) for sc in scenarios}
+        out = [Measurement(sc, 1, repeats, host=host) for sc in scenarios]
 
-        def one_round(sc: KvmScenario, rep: int) -> None:
+        def one_round(i: int, rep: int) -> None:
             order = POLICIES if rep % 2 == 0 else tuple(reversed(POLICIES))
             for pol in order:
-                r = run_round(kvm, sc.with_policy(pol), 1)[0]
-                out[id(sc)].runs.append({"policy": pol, "repeat": rep, "vm": 0, **r})
+                r = run_round(kvm, scenarios[i].with_policy(pol), 1)[0]
+                out[i].runs.append({"policy": pol, "repeat": rep, "vm": 0, **r})
 
-        plain = [sc for sc in scenarios if not sc.host_thp]
+        plain = [i for i, sc in enumerate(scenarios) if not sc.host_thp]
         for rep in range(repeats):
-            for sc in plain:
-                one_round(sc, rep)
+            for i in plain:
+                one_round(i, rep)
             if progress and plain:
                 progress(f"round {rep + 1}/{repeats} of {len(plain)} scenario(s) done")
-        for sc in scenarios:
+        for i, sc in enumerate(scenarios):
             if sc.host_thp:
                 run_round(kvm, sc, 1)  # warm-up, discarded
                 for rep in range(repeats):
-                    one_round(sc, rep)
+                    one_round(i, rep)
                 if progress:
                     progress(f"{sc.name}: {repeats} round(s) done")
     elapsed = time.monotonic() - t0
-    for m in out.values():
+    for m in out:
         m.elapsed_s = elapsed
-    return [out[id(sc)] for sc in scenarios]
+    return out
 
 
 def _fmt(v: float, unit: str) -> str:

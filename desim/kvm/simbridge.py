@@ -71,13 +71,13 @@ def to_sim(sc: KvmScenario, profile: str = "shadow-pvm", access_ns: float = 30.0
         "profile": profile,
         "profile_overrides": {"kernel": {**backing, **(kernel or {})}, "costs": dict(costs or {})},
         "policy": sc.policy,
-        "vm": {"vcpus": sc.vcpus, "memslots": [_memslot(s, sc) for s in lay.slots]},
+        "vm": {"vcpus": sc.vcpus, "memslots": [_memslot(s) for s in lay.slots]},
         "phases": phases,
     }
     return validate_scenario(data, f"kvm scenario {sc.name} (simulated)")
 
 
-def _memslot(plan: Any, sc: KvmScenario) -> dict[str, Any]:
+def _memslot(plan: Any) -> dict[str, Any]:
     """A harness memslot as a simulator one: the system slot holds the code and page tables the
     VMM wrote before the first KVM_RUN (host-resident, 4 KiB pages: TouchVm never asks THP for it)."""
     d: dict[str, Any] = {"id": plan.slot, "gpa": plan.gpa, "size": plan.size}
