@@ -9,12 +9,14 @@ Modules, one concept each:
 * :mod:`~desim.kvm.guest` — the hand-assembled touch loop and identity-mapped page tables;
 * :mod:`~desim.kvm.scenario` — scenarios in the simulator's vocabulary and their layout;
 * :mod:`~desim.kvm.machine` — one scenario VM with a thread per vCPU;
+* :mod:`~desim.kvm.spin` — busy-looping the other CPUs while memslot ioctls are timed;
 * :mod:`~desim.kvm.measure` — phases, metrics, both policies, summaries;
 * :mod:`~desim.kvm.probe` — what the host's KVM offers;
 * :mod:`~desim.kvm.simbridge`, :mod:`~desim.kvm.calibrate`, :mod:`~desim.kvm.validate` — the
   same scenarios in the simulator, fitted host-profile costs, real versus simulated;
 * :mod:`~desim.kvm.cli` — ``desim kvm probe|measure|calibrate|validate``.
 
-Only the standard library is used, except by the simulator bridge (which imports the simulator).
+The harness (everything up to :mod:`~desim.kvm.probe`) uses only the standard library; the
+simulator bridge imports the simulator, and calibrate numpy (least squares, bootstrap).
 """
 from __future__ import annotations
