@@ -99,8 +99,6 @@ def cache_warmth(kvm: Kvm, repeats: int) -> None:
         print(f"   {policy} zap: DELETE {med_us(deletes)}; then CREATE " +
               ", ".join(f"{k} {med_us(v)}" for k, v in creates.items()))
         print(f"   {policy} zap: DELETE, then FLAGS_ONLY x4: " + ", ".join(med_us(v) for v in flags))
-    del arr
-    buf.close()
 
 
 def main() -> int:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Generator
 
 from .errors import DesimInputError
 from .lock import READ, WRITE
-from .mmu import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, SlotSptes
+from .mmu import SlotSptes
 from .tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, kvm_flush_remote_tlbs, kvm_make_all_cpus_request
 
 if TYPE_CHECKING:  # pragma: no cover

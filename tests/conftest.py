@@ -22,3 +22,22 @@ def scenario(vcpus: int = 2, ram_mib: int = 8, phases: list[dict[str, Any]] | No
         data["profile_overrides"] = {"kernel": kernel}
     data.update(top)
     return validate_scenario(data, "test scenario")
+
+
+def kvm_unusable(targeted: bool = True) -> str | None:
+    """Why the real-KVM tests must skip here (``None``: /dev/kvm works and, with ``targeted``,
+    can disable ``KVM_X86_QUIRK_SLOT_ZAP_ALL``, so both policies run)."""
+    import os
+
+    if not os.path.exists("/dev/kvm"):
+        return "/dev/kvm is absent"
+    from desim.kvm import uapi as u
+    from desim.kvm.vm import Kvm
+
+    try:
+        with Kvm() as kvm, kvm.create_vm():
+            if targeted and not kvm.check_extension(u.KVM_CAP_DISABLE_QUIRKS2) & u.KVM_X86_QUIRK_SLOT_ZAP_ALL:
+                return "this KVM cannot disable KVM_X86_QUIRK_SLOT_ZAP_ALL (Linux < 6.12)"
+    except Exception as e:  # noqa: BLE001 - any failure means: skip
+        return f"/dev/kvm is unusable: {e}"
+    return None

@@ -1,7 +1,6 @@
 """experiments/kvm_crossover.py on the real KVM (skipped where /dev/kvm is absent or unusable)."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,27 +8,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import kvm_unusable
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _usable() -> str | None:
-    if not os.path.exists("/dev/kvm"):
-        return "/dev/kvm is absent"
-    from desim.kvm import uapi as u
-    from desim.kvm.vm import Kvm
-
-    try:
-        with Kvm() as k:
-            if not k.check_extension(u.KVM_CAP_DISABLE_QUIRKS2) & u.KVM_X86_QUIRK_SLOT_ZAP_ALL:
-                return "this KVM cannot disable KVM_X86_QUIRK_SLOT_ZAP_ALL"
-    except Exception as e:  # noqa: BLE001
-        return f"/dev/kvm is unusable: {e}"
-    return None
 
 
 @pytest.mark.kvm
 def test_kvm_crossover_quick(tmp_path):
-    why = _usable()
+    why = kvm_unusable()
     if why:
         pytest.skip(why)
     out = tmp_path / "x"

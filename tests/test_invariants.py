@@ -16,7 +16,6 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from desim.memslot import MemslotOp, MrChange
 from desim.metrics import FAULT_CAUSES
 from desim.mmu import TAG_MASK
 from desim.vm import Vm

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import replace
 
 import pytest
@@ -14,6 +13,8 @@ from desim.kvm.scenario import named
 from desim.kvm.simbridge import sim_metrics, to_sim
 from desim.kvm.validate import validate, worst_error
 from desim.profile import load_profile
+
+from conftest import kvm_unusable
 
 
 def _runs(key: str, **m: float) -> list[dict[str, float]]:
@@ -151,15 +152,9 @@ def test_cli_has_calibrate_and_validate(tmp_path):
 
 
 def _kvm_or_skip() -> None:
-    if not os.path.exists("/dev/kvm"):
-        pytest.skip("/dev/kvm is absent")
-    try:
-        from desim.kvm.vm import Kvm
-
-        with Kvm() as k, k.create_vm():
-            pass
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"/dev/kvm is unusable: {e}")
+    why = kvm_unusable()
+    if why:
+        pytest.skip(why)
 
 
 @pytest.mark.kvm

@@ -7,26 +7,17 @@ from dataclasses import replace
 
 import pytest
 
-from desim.errors import DesimInputError
 from desim.kvm import uapi as u
 from desim.kvm.measure import measure, run_once
 from desim.kvm.scenario import named
 from desim.kvm.vm import Kvm, KvmError
 
+from conftest import kvm_unusable
+
 pytestmark = pytest.mark.kvm
 
 
-def _why_unusable() -> str | None:
-    if not os.path.exists("/dev/kvm"):
-        return "/dev/kvm is absent"
-    try:
-        with Kvm() as kvm, kvm.create_vm():
-            return None
-    except (DesimInputError, KvmError, OSError) as e:
-        return f"/dev/kvm is unusable: {e}"
-
-
-_REASON = _why_unusable()
+_REASON = kvm_unusable(targeted=False)
 
 
 @pytest.fixture(scope="module")

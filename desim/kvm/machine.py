@@ -84,7 +84,7 @@ class _VcpuWorker(threading.Thread):
                 self.out.put(("error", e))
 
     def _passes(self, n: int) -> int:
-        v, lay = self.vcpu, self.tvm.layout
+        v = self.vcpu
         assert v is not None
         total = 0
         for _ in range(n):
