@@ -244,3 +244,14 @@ def test_validate_refuses_a_bad_plot_name(tmp_path):
     with pytest.raises(DesimInputError, match="does not exist"):
         a.func(a)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_validate_refuses_what_the_simulator_cannot_mirror_before_running_anything(monkeypatch):
+    from desim.kvm import validate as v
+
+    def boom(*a, **k):  # would touch /dev/kvm
+        raise AssertionError("measured before checking the scenarios")
+
+    monkeypatch.setattr(v, "measure_interleaved", boom)
+    with pytest.raises(DesimInputError, match="accessed"):
+        v.validate([named("outside"), named("no-accessed")])
