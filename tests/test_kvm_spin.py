@@ -39,3 +39,32 @@ def test_disabled_does_nothing():
     before = os.sched_getaffinity(0)
     with BusyCpus(enabled=False) as busy:
         assert busy.procs == [] and os.sched_getaffinity(0) == before
+
+
+@needs_two_cpus
+def test_spinners_die_with_their_parent(tmp_path):
+    """A VMM killed with SIGKILL (no clean-up runs) leaves no spinner behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys\nfrom desim.kvm.spin import BusyCpus\nb = BusyCpus().__enter__()\n"
+            "print(' '.join(str(p.pid) for p in b.procs), flush=True)\nimport time\ntime.sleep(60)\n")
+    vmm = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    pids = [int(x) for x in vmm.stdout.readline().split()]
+    assert pids and all(os.path.exists(f"/proc/{p}") for p in pids)
+    vmm.send_signal(signal.SIGKILL)
+    vmm.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False

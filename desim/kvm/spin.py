@@ -25,8 +25,11 @@ import subprocess
 import sys
 from types import TracebackType
 
-SPIN_CODE = ("import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\n"
-             "sys.stdout.write('r')\nsys.stdout.flush()\nwhile True:\n    pass\n")
+# the child spins until killed, or until its parent is gone (checked every few ms: a VMM killed with
+# SIGKILL must not leave spinners behind)
+SPIN_CODE = ("import os, sys\nppid = os.getppid()\nos.sched_setaffinity(0, {int(sys.argv[1])})\n"
+             "sys.stdout.write('r')\nsys.stdout.flush()\n"
+             "while os.getppid() == ppid:\n    for _ in range(100000):\n        pass\n")
 
 
 def _allowed() -> list[int]:
