@@ -229,6 +229,8 @@ def measure(sc: KvmScenario, vms: int = 1, repeats: int = 3, progress: Callable[
         raise DesimInputError(f"--repeats must be >= 1 (got {repeats})")
     if warmup < 0:
         raise DesimInputError(f"--warmup must be >= 0 (got {warmup})")
+    if vms > 1 and sc.busy_cpus:  # as run_round does: recorded as it is run
+        sc = replace(sc, busy_cpus=False)
     install_kick_handler()
     t0 = time.monotonic()
     with Kvm(kvm_path) as kvm:
