@@ -7,6 +7,7 @@
     desim kvm probe|measure ...          the real KVM of this host (desim.kvm)
     desim calibrate --out PROFILE.toml   fit host-profile costs on the real KVM
     desim validate [--profile P]         real KVM vs simulator, per scenario and metric
+    desim record --kernel K --out F.npz  record a real Linux boot under QEMU TCG (desim.record)
 
 Without a scenario file the built-in default is used. Bad input gives one
 line ``desim: error: ...`` naming the field and exit status 2, and nothing is
@@ -227,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_kvm(sub)
     register_top_level(sub)  # desim calibrate / desim validate
+    from .record.cli import register as register_record
+
+    register_record(sub)  # desim record: real guest boots under QEMU TCG
     return p
 
 
