@@ -191,10 +191,16 @@ class TouchSpec(_Model):
     ``until = "vmm"`` repeats the pattern (more passes, more draws) until the
     phase's VMM script has finished, like the selftests' vCPU loops; the vCPU
     stops at the end of the chunk it is in (at most 4096 accesses later).
+    ``pattern = "recorded"`` replays a recorded real guest boot (``recording``,
+    a file written by ``desim record``; see :mod:`desim.replay`): vCPU i takes
+    the recording's vCPU i, ``part`` picks the firmware, the kernel (from its
+    entry on) or all of it, ``time_map`` and ``ns_per_insn`` / ``time_scale``
+    say how recorded time becomes simulated time, and ``bar_ops`` replays the
+    recorded BAR changes as memslot ioctls made by the vCPU that caused them.
     """
 
     vcpus: int | Literal["all", "bsp", "aps"] = "all"
-    pattern: Literal["sequential", "uniform", "zipf", "hotcold", "trace"] = "sequential"
+    pattern: Literal["sequential", "uniform", "zipf", "hotcold", "trace", "recorded"] = "sequential"
     slot: int | None = None
     gpa: Size | None = Field(default=None, ge=0)
     offset: Size = Field(default=0, ge=0)
@@ -208,12 +214,28 @@ class TouchSpec(_Model):
     hot_probability: float = Field(default=0.9, ge=0, le=1)
     perf_trace: str | None = None
     until: Literal["done", "vmm"] = "done"
+    recording: str | None = None
+    part: Literal["all", "firmware", "kernel"] = "all"
+    time_map: Literal["instructions", "recorded"] = "instructions"
+    ns_per_insn: float = Field(default=0.5, gt=0, le=1000)  # estimate: ~1 instruction per cycle at 2 GHz
+    time_scale: float = Field(default=1.0, gt=0, le=1000)
+    bar_ops: bool = True
 
     @model_validator(mode="after")
     def _region(self) -> "TouchSpec":
         if self.pattern == "trace":
             if not self.perf_trace:
                 raise ValueError("pattern 'trace' needs perf_trace (a perf script file of kvm:kvm_page_fault)")
+            return self
+        if self.pattern == "recorded":
+            if not self.recording:
+                raise ValueError("pattern 'recorded' needs recording (a file written by `desim record`)")
+            from .record.format import load_recording_cached
+
+            try:
+                load_recording_cached(self.recording)
+            except DesimInputError as e:
+                raise ValueError(f"recording: {e}") from None
             return self
         if (self.slot is None) == (self.gpa is None):
             raise ValueError(f"pattern '{self.pattern}' needs exactly one of slot or gpa (the region touched)")
@@ -236,7 +258,7 @@ class PhaseSpec(TouchSpec):
     """
 
     name: str = Field(min_length=1)
-    pattern: Literal["sequential", "uniform", "zipf", "hotcold", "trace", "none"] = "sequential"  # type: ignore[assignment]
+    pattern: Literal["sequential", "uniform", "zipf", "hotcold", "trace", "recorded", "none"] = "sequential"  # type: ignore[assignment]
     touches: list[TouchSpec] = Field(default_factory=list)
     memslot_ops: list[MemslotOpSpec] = Field(default_factory=list)
     memslot_trace: TraceSpec | None = None
@@ -412,8 +434,10 @@ def _resolve_paths(data: dict, base: Path) -> None:
             continue
         fix(ph.get("memslot_trace"), "path")
         fix(ph, "perf_trace")
+        fix(ph, "recording")
         for t in ph.get("touches", []) if isinstance(ph.get("touches"), list) else []:
             fix(t, "perf_trace")
+            fix(t, "recording")
 
 
 def phase_ops(phase: PhaseSpec, rng: np.random.Generator | None = None) -> list[MemslotOp]:

@@ -210,6 +210,16 @@ class Vcpu:
         self._mode_since = env.now
         while True:
             if self._chunk is None or self._pos >= len(self._chunk_list):
+                pause = self.stream.pause() if self.stream is not None else None
+                if pause is not None:
+                    # the workload halts the vCPU (a replayed HLT, or the vCPU thread's own memslot ioctl)
+                    yield from self._pay_carry()
+                    self.mode, self._mode_since = HALTED, env.now
+                    self._srcu_unlock_at(env.now)
+                    yield pause
+                    self.m.time[HALTED] += env.now - self._mode_since
+                    self.mode, self._mode_since = HOST, env.now
+                    continue
                 if not self._next_chunk():
                     yield from self._pay_carry()
                     if self.stream is not None:
@@ -227,6 +237,8 @@ class Vcpu:
                     self.m.time[HALTED] += env.now - self._mode_since
                     self.mode, self._mode_since = HOST, env.now
                     continue
+                if not self._chunk_list:
+                    continue  # an empty chunk: the stream has a pause next
             if self.requests or self.root_tag != mmu.root_tag:
                 yield from self._pay_carry()
                 yield from self._service_requests()

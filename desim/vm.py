@@ -120,6 +120,12 @@ class Vm:
         per_vcpu: dict[int, list[AccessStream]] = {}
         for ti, touch in enumerate(phase.touch_list()):
             active = self._touch_vcpus(touch.vcpus)
+            if touch.pattern == "recorded":
+                from .replay import Replay
+
+                for idx, st in Replay(self, touch, phase.name).streams([v.index for v in active]).items():
+                    per_vcpu.setdefault(idx, []).append(st)
+                continue
             if touch.pattern == "trace":
                 streams = perf_streams(touch.perf_trace, len(active))
                 for v, gfns in zip(active, streams):

@@ -29,6 +29,7 @@ failed recording leaves nothing behind.
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import tempfile
@@ -100,12 +101,27 @@ class Recording:
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez_compressed(f, **buf)
+            os.chmod(tmp, 0o644)
             os.replace(tmp, p)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
         self.path = str(p)
         return p
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(path: str, mtime_ns: int, size: int) -> Recording:
+    return load_recording(path)
+
+
+def load_recording_cached(path: str | Path) -> Recording:
+    """:func:`load_recording`, once per process for an unchanged file (recordings are read-only)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return load_recording(path)  # raises the one-line error
+    return _load_cached(str(path), st.st_mtime_ns, st.st_size)
 
 
 def load_recording(path: str | Path) -> Recording:
