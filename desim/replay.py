@@ -39,6 +39,11 @@ recorded intervals cannot be replayed at face value:
 ``experiments/recorded_time_map.py`` shows how the seed's claims move with
 these choices.
 
+**Replications.** With a list of recordings (boots of the same
+configuration), replication r replays recording r modulo their number: the
+replay itself draws no random numbers, so the variation between
+replications is the variation between real boots.
+
 **Memslots.** A BAR change is replayed as KVM would see it: a RAM-backed BAR
 (or ROM) unmapped is a DELETE of the memslot at that address and size, mapped
 is a CREATE (slot id: the lowest free one, as QEMU's ``kvm_alloc_slot``;
@@ -169,7 +174,8 @@ class Replay:
     def __init__(self, vm: "Vm", touch: "TouchSpec", phase_name: str) -> None:
         self.vm = vm
         self.env = vm.env
-        self.rec = load_recording_cached(touch.recording)
+        files = [touch.recording] if isinstance(touch.recording, str) else list(touch.recording)
+        self.rec = load_recording_cached(files[vm.replication % len(files)])  # replication r: recorded boot r
         self.part = touch.part
         self.bar_ops = touch.bar_ops
         self.t0 = self.env.now

@@ -192,7 +192,10 @@ class TouchSpec(_Model):
     phase's VMM script has finished, like the selftests' vCPU loops; the vCPU
     stops at the end of the chunk it is in (at most 4096 accesses later).
     ``pattern = "recorded"`` replays a recorded real guest boot (``recording``,
-    a file written by ``desim record``; see :mod:`desim.replay`): vCPU i takes
+    a file written by ``desim record``, or a list of recordings of the same
+    configuration: replication r replays recording r modulo their number, so
+    confidence intervals cover boot-to-boot variation; see
+    :mod:`desim.replay`): vCPU i takes
     the recording's vCPU i, ``part`` picks the firmware, the kernel (from its
     entry on) or all of it, ``time_map`` and ``ns_per_insn`` / ``time_scale``
     say how recorded time becomes simulated time, and ``bar_ops`` replays the
@@ -214,7 +217,7 @@ class TouchSpec(_Model):
     hot_probability: float = Field(default=0.9, ge=0, le=1)
     perf_trace: str | None = None
     until: Literal["done", "vmm"] = "done"
-    recording: str | None = None
+    recording: str | list[str] | None = None
     part: Literal["all", "firmware", "kernel"] = "all"
     time_map: Literal["instructions", "recorded"] = "instructions"
     ns_per_insn: float = Field(default=0.5, gt=0, le=1000)  # estimate: ~1 instruction per cycle at 2 GHz
@@ -232,10 +235,12 @@ class TouchSpec(_Model):
                 raise ValueError("pattern 'recorded' needs recording (a file written by `desim record`)")
             from .record.format import load_recording_cached
 
-            try:
-                load_recording_cached(self.recording)
-            except DesimInputError as e:
-                raise ValueError(f"recording: {e}") from None
+            files = [self.recording] if isinstance(self.recording, str) else self.recording
+            for f in files:
+                try:
+                    load_recording_cached(f)
+                except DesimInputError as e:
+                    raise ValueError(f"recording: {e}") from None
             return self
         if (self.slot is None) == (self.gpa is None):
             raise ValueError(f"pattern '{self.pattern}' needs exactly one of slot or gpa (the region touched)")
@@ -427,6 +432,9 @@ def _resolve_paths(data: dict, base: Path) -> None:
             cand = base / d[key]
             if cand.exists():
                 d[key] = str(cand)
+        if isinstance(d, dict) and isinstance(d.get(key), list):
+            d[key] = [str(base / f) if isinstance(f, str) and not Path(f).is_absolute() and (base / f).exists()
+                      else f for f in d[key]]
 
     phases = data.get("phases")
     for ph in phases if isinstance(phases, list) else []:

@@ -136,7 +136,7 @@ def test_the_recorded_boot_6g_replays_and_the_targeted_zap_only_removes_refaults
     assert targeted["faults_after_zap"] < fast["faults_after_zap"]
     assert fast["faults"] - targeted["faults"] == sum(
         fast[f"faults_{c}"] - targeted[f"faults_{c}"] for c in ("after_zap", "retry", "spurious"))
-    rec = load_recording(ROOT / "workloads" / "recordings" / "boot-6g-pc.npz")
+    rec = load_recording(ROOT / "workloads" / "recordings" / "boot-6g-pc-1.npz")
     entry = rec.header["kernel_entry_interval"] * rec.interval_ns
     kernel_deletes = sum(1 for e in rec.bar_events() if e["memslot"] and not e["add"] and e["time_ns"] >= entry)
     assert kernel_deletes >= 3
