@@ -40,7 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     kvm.set_defaults(func=lambda a: (kvm.print_help(), 2)[1])
     sub = kvm.add_subparsers(dest="kvm_command", metavar="{probe,measure,calibrate,validate}")
 
-    p = sub.add_parser("probe", help="what this host's KVM offers (MMU, capabilities, quirks, stats)")
+    p = sub.add_parser("probe", help="what this host's KVM offers (MMU, capabilities, quirks, stats)",
+                       description="Open /dev/kvm and report the API version, the MMU kind (TDP, shadow), the "
+                                   "capabilities and quirks that matter for memslot zapping (e.g. whether "
+                                   "KVM_X86_QUIRK_SLOT_ZAP_ALL can be disabled) and the available KVM stats.")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--device", default=KVM_DEV, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_probe)
@@ -62,14 +65,15 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="how a guest pass returns to the VMM: out to port 0x80 (default) or a write "
                         "to a gpa without memslot (costs one fault per vCPU per pass)")
     g = m.add_argument_group("scenario fields (override the named scenario)")
-    g.add_argument("--ram-mib", type=int, dest="ram_mib")
-    g.add_argument("--vcpus", type=int)
-    g.add_argument("--extra-slots", type=int, dest="extra_slots")
-    g.add_argument("--extra-slot-mib", type=int, dest="extra_slot_mib")
-    g.add_argument("--op", choices=OPS)
+    g.add_argument("--ram-mib", type=int, dest="ram_mib", help="guest RAM touched by the guest (MiB)")
+    g.add_argument("--vcpus", type=int, help="vCPUs of each VM")
+    g.add_argument("--extra-slots", type=int, dest="extra_slots", help="memslots besides the RAM slot")
+    g.add_argument("--extra-slot-mib", type=int, dest="extra_slot_mib", help="size of each extra slot (MiB)")
+    g.add_argument("--op", choices=OPS, help="the memslot operation measured on the target slot")
     g.add_argument("--target", type=int, help="index of the extra slot operated on")
     g.add_argument("--position", choices=POSITIONS, help="target slot inside or outside the touched range")
-    g.add_argument("--guest-page", choices=tuple(GUEST_PAGES), dest="guest_page")
+    g.add_argument("--guest-page", choices=tuple(GUEST_PAGES), dest="guest_page",
+                   help="page size of the guest's own page tables")
     g.add_argument("--accessed", action=argparse.BooleanOptionalAction,
                    help="pre-set Accessed/Dirty bits in guest PTEs")
     g.add_argument("--passes", type=int, help="touch passes in populate and in retouch")
