@@ -5,7 +5,6 @@
     desim profiles                       list the host profiles
     desim show [SCENARIO.toml]           print the resolved scenario and profile
     desim kvm probe|measure ...          the real KVM of this host (desim.kvm)
-    desim docs [--check]                 write (or check) docs/scenario-reference.md
     desim calibrate --out PROFILE.toml   fit host-profile costs on the real KVM
     desim validate [--profile P]         real KVM vs simulator, per scenario and metric
 
