@@ -155,17 +155,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     else:
         runs = ex.replicate(sc, [base, alt], args.replications, args.seed, backend, args.workers, args.store,
                             samples=detail)
+    kept = runs.attrs.pop("samples", None)  # before any filtering: pandas copies attrs along
     table = ex.compare(runs, args.metrics, base, alt, args.confidence)
     wall = time.perf_counter() - t0
     n = int(runs.replication.nunique())
     print(f"{sc.name}: {replications_phrase(n)} (common random numbers), seed {args.seed}, {wall:.1f} s")
     print(ex.format_table(table, base, alt, args.confidence))
     if args.out:
-        kept = runs.attrs.pop("samples", None)
         summary = {"scenario": sc.name, "seed": args.seed, "replications": n,
                    "confidence": args.confidence, "baseline": base, "alternative": alt,
                    "comparison": table.to_dict(orient="records")}
-        files = {"runs.csv": ex.csv_writer(runs), "comparison.csv": ex.csv_writer(table),
+        files = {"runs.csv": ex.csv_writer(runs),
+                 "comparison.csv": ex.csv_writer(table.assign(confidence=args.confidence)),
                  "comparison_long.csv": ex.csv_writer(ex.comparison_long(table, base, alt, args.confidence)),
                  "summary.json": ex.json_writer(summary)}
         if args.parquet:

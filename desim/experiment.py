@@ -152,7 +152,7 @@ def replicate_to_precision(scenario: Scenario, metrics: list[str], target_rel_ha
         k = min(batch, max_reps - done)
         new = replicate(scenario, [baseline, alternative], k, seed, backend, workers, store, progress=False,
                         first_replication=done, samples=samples)
-        kept.update(new.attrs.get("samples", {}))
+        kept.update(new.attrs.pop("samples", {}))
         runs = pd.concat([runs, new], ignore_index=True)
         done += k
         missing = [m for m in metrics if m not in runs.columns]
