@@ -67,9 +67,9 @@ def register(sub) -> None:
     r.add_argument("--initramfs", help="the guest initramfs (default: a busybox one built now)")
     r.add_argument("--workload", action="append", default=[], metavar="CMD",
                    help="a shell command the guest runs after boot (repeatable; with the built initramfs)")
-    r.add_argument("--machine", choices=["pc", "q35"], default="pc")
+    r.add_argument("--machine", choices=["pc", "q35"], default="pc", help="QEMU machine type (default pc)")
     r.add_argument("--ram", type=_size_mib, default=6144, metavar="SIZE", help="guest RAM (default 6G)")
-    r.add_argument("--vcpus", type=_positive_int, default=4)
+    r.add_argument("--vcpus", type=_positive_int, default=4, help="guest vCPUs (default 4)")
     r.add_argument("--device", action="append", default=[], metavar="DEV",
                    help="an extra QEMU -device (repeatable), e.g. secondary-vga or ivshmem-plain,memdev=m0")
     r.add_argument("--object", action="append", default=[], metavar="OBJ",
@@ -78,7 +78,7 @@ def register(sub) -> None:
     r.add_argument("--interval-ms", type=_positive_float, default=10.0,
                    help="recording interval of wall-clock time (default 10 ms)")
     r.add_argument("--timeout", type=_positive_float, default=600.0, help="seconds to wait for the guest's marker")
-    r.add_argument("--qemu", default="qemu-system-x86_64")
+    r.add_argument("--qemu", default="qemu-system-x86_64", help="the QEMU binary (default qemu-system-x86_64)")
     r.add_argument("--plugin-header", default=None, help="QEMU's include/qemu/qemu-plugin.h (see desim.record.build)")
     r.add_argument("--name", default=None, help="the recording's name (default: from --out)")
     r.add_argument("--out", help="the recording file to write (.npz)")
