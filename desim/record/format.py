@@ -1,6 +1,6 @@
 """The recording format: what a real guest boot touched, per vCPU and interval, and its BAR changes.
 
-A recording is one ``.npz`` file (numpy's zip of arrays, zlib-compressed)
+A recording is one ``.npz`` file (numpy's zip of arrays, LZMA-compressed)
 holding a TOML header with the provenance (QEMU version, kernel, command
 line, date, host, interval length, how BARs were classified, the
 cross-check against the RAM file's residency) and these arrays:
@@ -99,8 +99,13 @@ class Recording:
         buf["header"] = np.frombuffer(dumps_toml(self.header).encode(), dtype=np.uint8)
         fd, tmp = tempfile.mkstemp(prefix=".rec-", suffix=".npz", dir=p.parent if str(p.parent) else ".")
         try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(f, **buf)
+            # an npz (a zip of .npy files) compressed with LZMA: np.load reads it like any npz, and
+            # page sets compress ~40% better than with numpy's default deflate
+            with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_LZMA) as zf:
+                for name, arr in buf.items():
+                    b = io.BytesIO()
+                    np.save(b, np.ascontiguousarray(arr), allow_pickle=False)
+                    zf.writestr(name + ".npy", b.getvalue())
             os.chmod(tmp, 0o644)
             os.replace(tmp, p)
         except BaseException:
