@@ -144,6 +144,7 @@ class Vm:
                 from .replay import Replay
 
                 for idx, st in Replay(self, touch, phase.name).streams([v.index for v in active]).items():
+                    planned = None if planned is None else planned + st.total
                     per_vcpu.setdefault(idx, []).append(st)
                 continue
             if touch.pattern == "trace":
