@@ -28,7 +28,7 @@ def test_seed_claims_quick(tmp_path):
     assert "Where the differences come from:" in p.stdout
     for cid in ("6g-thp", "6g-4k", "32g-faults", "32g-boot"):
         assert f"[{cid}]" in p.stdout
-    assert "re-faults" in p.stdout and "per deletion" in p.stdout and "memslot ioctls" in p.stdout
+    assert "re-faults" in p.stdout and "per Linux deletion" in p.stdout and "memslot ioctls" in p.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["quick"] is True and len(summary["claims"]) == len(claims)
     assert set(summary["explanations"]) == {"6g-thp", "6g-4k", "32g-faults", "32g-boot"}
