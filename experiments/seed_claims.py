@@ -184,7 +184,7 @@ def explain(cid: str, metric: str, raw: dict, runs: pd.DataFrame, sc=None) -> li
     facts = recording_facts(sc) if sc is not None else None
     if facts:
         lines.append("  " + facts)
-    if f["sptes_prefetched"] > t["sptes_prefetched"]:
+    if f["sptes_prefetched"] - t["sptes_prefetched"] > max(100, f["faults_after_zap"] // 10):
         lines.append(f"  a re-fault maps its host-resident neighbours too (direct_pte_prefetch, legacy MMU): the fast zap "
                      f"prefetches {f['sptes_prefetched'] - t['sptes_prefetched']:,} more SPTEs, so re-touched pages "
                      "cost fewer faults than pages (first touches allocate host memory and prefetch nothing)")
