@@ -62,7 +62,7 @@ def test_bad_scenario_files(tmp_path, capsys, text, needle):
 def test_missing_file(tmp_path, capsys):
     rc = main(["run", str(tmp_path / "nope.toml"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert rc == 2 and "nope.toml: scenario file not found" in err
+    assert rc == 2 and "nope.toml: cannot read scenario file: no such file" in err
     assert not (tmp_path / "o").exists()
 
 
