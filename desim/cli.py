@@ -10,7 +10,9 @@
 
 Without a scenario file the built-in default is used. Bad input gives one
 line ``desim: error: ...`` naming the field and exit status 2, and nothing is
-written.
+written: every command checks all its arguments, the scenario, its output
+paths (:mod:`desim.outputs`) and the work a run needs (:mod:`desim.limits`)
+before it runs or creates anything.
 """
 from __future__ import annotations
 
@@ -22,6 +24,15 @@ from typing import Any, Sequence
 
 from . import __version__
 from .errors import DesimInputError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors on one line (``desim: error: run: argument --seed: ...``), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sub = self.prog.removeprefix("desim").strip()
+        where = f"{sub}: " if sub else ""
+        self.exit(2, f"desim: error: {where}{_one_line(message)} (see '{self.prog} --help')\n")
 
 
 def _parse_set(items: list[str] | None) -> dict[str, Any]:
@@ -62,11 +73,15 @@ def _int_at_least(lo: int):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .experiment import csv_writer, json_writer, write_outputs
+    from .limits import check_work
+    from .outputs import check_output_dir, csv_writer, json_writer, write_outputs
     from .vm import run_scenario
 
+    if args.out is not None:
+        check_output_dir(args.out, "--out")
     sc = _scenario(args)
     policy = sc.resolved_policy(args.policy)
+    check_work(sc, args.allow_large)
     t0 = time.perf_counter()
     res = run_scenario(sc, policy, args.seed, args.replication)
     wall = time.perf_counter() - t0
@@ -95,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  {name:<22} {r['mean']:>12,.1f} [{r['ci_low']:,.1f}, {r['ci_high']:,.1f}]  "
                   f"warm-up {r['warmup_truncation']} of {r['observations']} observations, "
                   f"lag-1 autocorrelation {r['lag1_autocorrelation']:.2f}{warn}")
-    if args.out:
+    if args.out is not None:
         out = write_outputs(args.out, {"summary.json": json_writer(summary),
                                        "vcpus.csv": csv_writer(pd.DataFrame(res.per_vcpu))})
         print(f"wrote {out}/summary.json and {out}/vcpus.csv")
@@ -104,15 +119,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from . import experiment as ex
+    from .limits import check_work
+    from .outputs import check_output_dir
+    from .preflight import check_metrics, check_scheduler_address
 
     if args.parquet:
-        if not args.out:
+        if args.out is None:
             raise DesimInputError("--parquet writes files: give --out DIR too")
         try:
             import pyarrow  # noqa: F401
         except ImportError:
             raise DesimInputError("--parquet needs pyarrow: pip install 'desim[parquet]'") from None
+    if args.out is not None:
+        check_output_dir(args.out, "--out")
+    if args.store is not None:
+        check_output_dir(args.store, "--store")
+    check_scheduler_address(args.scheduler)
     sc = _scenario(args)
+    check_metrics(args.metrics, [p.name for p in sc.phases])
+    check_work(sc, args.allow_large, concurrent_runs=args.workers if args.scheduler is None else 1)
     backend = args.scheduler or ("local" if args.workers > 1 else "serial")
     base, alt = "fast", "targeted"
     t0 = time.perf_counter()
@@ -133,7 +158,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(f"{sc.name}: {runs.replication.nunique()} paired replications (common random numbers), "
           f"seed {args.seed}, {wall:.1f} s")
     print(ex.format_table(table, base, alt, args.confidence))
-    if args.out:
+    if args.out is not None:
         from .plots import plot_comparison
 
         summary = {"scenario": sc.name, "seed": args.seed, "replications": int(runs.replication.nunique()),
@@ -177,7 +202,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="desim", description="Discrete-event simulator of KVM memslot zapping: "
+    p = _Parser(prog="desim", description="Discrete-event simulator of KVM memslot zapping: "
                                 "fast global zap vs targeted zap.")
     p.add_argument("--version", action="version", version=f"desim {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -188,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a scenario field, e.g. --set vm.vcpus=8 (repeatable)")
         sp.add_argument("--seed", type=_int_at_least(0), default=1, help="base seed (default 1)")
 
+    def large(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--allow-large", action="store_true",
+                        help="run a scenario over the work limits (10^9 guest accesses or 10^6 memslot ioctls "
+                             "per run; see desim.limits); memory is still checked")
+
     r = sub.add_parser("run", help="run one replication of one policy")
     common(r)
     r.add_argument("--policy", choices=["fast", "targeted"], default=None,
@@ -196,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", metavar="DIR", help="write summary.json and vcpus.csv here")
     r.add_argument("--steady", action="store_true",
                    help="steady-state analysis of this one long run: MSER-5 warm-up deletion and batch means")
+    large(r)
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("compare", help="fast vs targeted under common random numbers, with paired CIs")
@@ -213,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", metavar="DIR", help="write runs.csv, comparison.csv, summary.json and plots here")
     c.add_argument("--no-plots", action="store_true", help="with --out: skip the PNG/SVG plots")
     c.add_argument("--parquet", action="store_true", help="with --out: also write the tables as Parquet")
+    large(c)
     c.set_defaults(func=cmd_compare)
 
     pr = sub.add_parser("profiles", help="list the named host profiles")
@@ -240,11 +272,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except DesimInputError as e:
-        print(f"desim: error: {e}", file=sys.stderr)
+        print(f"desim: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("desim: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (``desim run | head``): not an error of desim's
+        _silence_stdout()
+        return 0
+    except OSError as e:  # the filesystem refused a write (disk full, permissions changed mid-run)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"desim: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(msg.split("\n"))
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so that the interpreter's final flush stays quiet."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,7 +9,7 @@ VMM script by :func:`check_memslot`:
 
 * ``__kvm_set_memory_region`` (virt/kvm/kvm_main.c): at most
   ``KVM_MEM_MAX_NR_PAGES`` = 2^31 - 1 pages per slot (include/linux/kvm_host.h;
-  8 TiB of 4 KiB pages), and ``gpa + size`` must not wrap around 2^64;
+  8 TiB of 4 KiB pages), and ``gpa + size`` must not wrap around 2^64 (implied by the next);
 * ``kvm_arch_prepare_memory_region`` (arch/x86/kvm/x86.c): the slot's last gfn
   must not exceed ``kvm_mmu_max_gfn()`` (arch/x86/kvm/mmu.h), i.e.
   ``gpa + size <= 2^max_gpa_bits`` with ``max_gpa_bits = shadow_phys_bits``
@@ -80,9 +80,7 @@ def check_memslot(gpa: int, size: int, phys_bits: int, where: str) -> None:
     if pages > KVM_MEM_MAX_NR_PAGES:
         raise DesimInputError(f"{where}: size {_fmt_bytes(size)} is {pages:,} pages; KVM allows at most "
                               f"KVM_MEM_MAX_NR_PAGES = 2^31 - 1 pages (8 TiB) per memslot (-EINVAL)")
-    end = gpa + size
-    if end > 1 << 64:
-        raise DesimInputError(f"{where}: gpa {gpa:#x} + size {size:#x} wraps around 2^64 (-EINVAL)")
+    end = gpa + size  # KVM also refuses a range that wraps around 2^64; phys_bits <= 52 covers that
     if end > 1 << phys_bits:
         raise DesimInputError(
             f"{where}: gpa {gpa:#x} + size {size:#x} ends at {end:#x}, beyond the {phys_bits}-bit guest "

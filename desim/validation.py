@@ -40,21 +40,39 @@ def _shown(v: Any, limit: int = 60) -> str:
     return s if len(s) <= limit else s[:limit] + "..."
 
 
-def format_validation_error(err: ValidationError, where: str) -> str:
-    """``where: field.path: message`` for the first error (and a count of the others)."""
-    errs = err.errors()
-    first = errs[0]
-    loc = ".".join(str(x) for x in first["loc"]) or "(top level)"
-    msg = first["msg"]
-    kind = first["type"]
+def _is_union_tag(part: Any) -> bool:
+    """A ``loc`` element naming a union member (``constrained-int``, ``literal['all','bsp']``), not a field."""
+    return isinstance(part, str) and (part in ("int", "str", "float", "bool", "none", "list", "dict")
+                                      or "[" in part or part.startswith(("constrained-", "function-")))
+
+
+def _message(e: dict[str, Any]) -> str:
+    kind, msg = e["type"], e["msg"]
     if kind == "extra_forbidden":
-        msg = "unknown field (remove it or check its spelling)"
-    elif kind == "missing":
-        msg = "required field is missing"
-    elif kind in _TYPE_HINTS:
-        msg = f"{_TYPE_HINTS[kind]}, got {_shown(first.get('input'))}"
-    elif kind.startswith(("greater_than", "less_than", "too_short", "too_long", "literal_error")):
-        msg = f"{msg}, got {_shown(first.get('input'))}"
-    msg = msg.removeprefix("Value error, ").replace("\n", " ")
-    more = f" (and {len(errs) - 1} more problem{'s' if len(errs) > 2 else ''})" if len(errs) > 1 else ""
-    return f"{where}: {loc}: {msg}{more}"
+        return "unknown field (remove it or check its spelling)"
+    if kind == "missing":
+        return "required field is missing"
+    if kind in _TYPE_HINTS:
+        return f"{_TYPE_HINTS[kind]}, got {_shown(e.get('input'))}"
+    msg = msg.removeprefix("Value error, ")
+    if kind.startswith(("greater_than", "less_than", "too_short", "too_long", "literal_error")):
+        msg = f"{msg}, got {_shown(e.get('input'))}"
+    return msg
+
+
+def format_validation_error(err: ValidationError, where: str) -> str:
+    """``where: field.path: message`` for the first problem (and a count of the others).
+
+    The alternatives of a union field (``vcpus``: a number or ``"all"``) are
+    one problem: their messages are joined with "or".
+    """
+    groups: dict[str, list[str]] = {}
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"] if not _is_union_tag(x)) or "(top level)"
+        msg = _message(e)
+        if msg not in groups.setdefault(loc, []):
+            groups[loc].append(msg)
+    loc, msgs = next(iter(groups.items()))
+    n = len(groups) - 1
+    more = f" (and {n} more problem{'s' if n > 1 else ''})" if n else ""
+    return f"{where}: {loc}: {' or '.join(msgs)}{more}".replace("\n", " ")
