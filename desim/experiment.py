@@ -26,7 +26,12 @@ import pandas as pd
 from .scenario import Scenario, load_scenario
 from .stats import paired_diff_ci, precision_reached, ratio_ci, t_ci
 from .sweep import ResultStore, Task, execute
-from .outputs import csv_writer, json_writer, write_outputs  # noqa: F401 - part of the experiment API
+from . import outputs as _outputs
+
+# writing results (desim.outputs), part of the experiment API: ex.write_outputs(out, {"runs.csv": ex.csv_writer(df)})
+write_outputs = _outputs.write_outputs
+json_writer = _outputs.json_writer
+csv_writer = _outputs.csv_writer
 
 DEFAULT_METRICS = [
     "faults", "faults_after_zap", "fault_latency_p50_ns", "fault_latency_p99_ns", "vcpu_stall_ns",
