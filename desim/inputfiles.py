@@ -47,25 +47,25 @@ def open_input(path: str | os.PathLike[str], what: str, max_bytes: int) -> Binar
     if name == "":
         raise DesimInputError(f"cannot read {what}: an empty path names no file")
     try:
-        f = open(name, "rb")  # noqa: SIM115 - returned to the caller
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; regular files ignore the flag
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise DesimInputError(f"{_shown_name(name)}: cannot read {what}: no such file") from None
     except IsADirectoryError:
         raise DesimInputError(f"{_shown_name(name)}: cannot read {what}: it is a directory") from None
     except OSError as e:
         raise DesimInputError(f"{_shown_name(name)}: cannot open {what}: {_why(e)}") from None
-    try:
-        st = os.fstat(f.fileno())
-    except OSError as e:  # pragma: no cover - fstat on an open file does not fail in practice
-        f.close()
-        raise DesimInputError(f"{name}: cannot read {what}: {_why(e)}") from None
+    except ValueError:  # a NUL byte in the name
+        raise DesimInputError(f"{_shown_name(name)!r}: cannot open {what}: the name contains a NUL byte") from None
+    f = os.fdopen(fd, "rb")
+    st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         f.close()
-        raise DesimInputError(f"{name}: cannot read {what}: not a regular file (a device, FIFO or directory); "
+        raise DesimInputError(f"{_shown_name(name)}: cannot read {what}: not a regular file (a device, FIFO or directory); "
                               "give a file")
     if st.st_size > max_bytes:
         f.close()
-        raise DesimInputError(f"{name}: cannot read {what}: it is {st.st_size:,} bytes, over the limit of "
+        raise DesimInputError(f"{_shown_name(name)}: cannot read {what}: it is {st.st_size:,} bytes, over the limit of "
                               f"{max_bytes:,} (desim.inputfiles)")
     return _Capped(f, name, what, max_bytes)  # type: ignore[return-value]
 

@@ -30,7 +30,9 @@ would need.
 Beyond :data:`MAX_ACCESSES_PER_RUN` (10^9 accesses: at the ~13 million
 accesses/s a run manages when they hit, and ~65,000 faults/s when they fault,
 measured with ``desim run`` on a 2-core AMD EPYC VM, at least a minute and
-likely hours) or :data:`MAX_MEMSLOT_IOCTLS_PER_RUN` (10^6) a run is refused
+likely hours), :data:`MAX_MEMSLOT_IOCTLS_PER_RUN` (10^6) or
+:data:`MAX_IOCTL_VCPU_WORK_PER_RUN` (10^8 ioctls x vCPUs: a memslot update
+may kick or IPI every vCPU) a run is refused
 unless the caller allows it (``--allow-large`` on the command line). A touch
 with ``until = "vmm"`` is estimated from the time its phase's VMM script takes
 and the touch's ``access_ns``.
@@ -55,6 +57,7 @@ KVM_ADDRESS_SPACE_NUM = 2  # x86: normal and SMM (arch/x86/include/asm/kvm_host.
 SHADOW_PAGING_GPA_BITS = 52  # kvm_mmu_max_gfn(): 52 when !tdp_enabled
 MAX_ACCESSES_PER_RUN = 10**9
 MAX_MEMSLOT_IOCTLS_PER_RUN = 10**6
+MAX_IOCTL_VCPU_WORK_PER_RUN = 10**8  # memslot ioctls x vCPUs: each update may kick or IPI every vCPU
 ZIPF_BYTES_PER_PAGE = 16  # workload.make_stream: an int64 permutation and a float64 CDF per page
 
 
@@ -117,6 +120,7 @@ class WorkEstimate:
     accesses: int
     memslot_ioctls: int
     memory_bytes: int
+    vcpus: int = 1
 
     def describe(self) -> str:
         return (f"{self.accesses:,} guest accesses, {self.memslot_ioctls:,} memslot ioctls, "
@@ -153,7 +157,7 @@ def estimate(sc: "Scenario") -> WorkEstimate:
                 accesses += touch.accesses * k
             if touch.pattern == "zipf":
                 memory += ZIPF_BYTES_PER_PAGE * pages * (1 if touch.sharing == "private" else k)
-    return WorkEstimate(accesses, ioctls, memory)
+    return WorkEstimate(accesses, ioctls, memory, nv)
 
 
 def _block_bytes(size: int) -> int:
@@ -205,4 +209,9 @@ def check_work(sc: "Scenario", allow_large: bool = False, concurrent_runs: int =
         raise DesimInputError(
             f"scenario {sc.name}: one run would issue {est.memslot_ioctls:,} memslot ioctls, over the limit of "
             f"{MAX_MEMSLOT_IOCTLS_PER_RUN:,} per run; lower repeat, or give --allow-large to run it anyway")
+    if est.memslot_ioctls * est.vcpus > MAX_IOCTL_VCPU_WORK_PER_RUN:
+        raise DesimInputError(
+            f"scenario {sc.name}: one run would issue {est.memslot_ioctls:,} memslot ioctls to {est.vcpus:,} vCPUs "
+            f"(each may kick every vCPU), over the limit of {MAX_IOCTL_VCPU_WORK_PER_RUN:.0e} ioctl x vCPU per run; "
+            "lower repeat or vm.vcpus, or give --allow-large to run it anyway")
     return est
