@@ -353,8 +353,19 @@ class Scenario(_Model):
         """A copy with dotted-path fields replaced (``vm.vcpus``, ``phases.0.passes``, ...)."""
         data = self.model_dump()
         for path, value in overrides.items():
-            _set_path(data, path, value)
+            _set_path(data, path, _python_value(value))
         return validate_scenario(data, f"scenario {self.name} with overrides")
+
+
+def _python_value(v: Any) -> Any:
+    """numpy scalars (from a grid built with numpy) as the Python numbers they are; nothing else converted."""
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, list):
+        return [_python_value(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _python_value(x) for k, x in v.items()}
+    return v
 
 
 def _set_path(data: Any, path: str, value: Any) -> None:
