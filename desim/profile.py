@@ -132,12 +132,12 @@ class HostProfile(BaseModel):
             data["kernel"].update(kernel)
         for k, v in (costs or {}).items():
             if k not in COST_NAMES:
-                raise DesimInputError(f"profile.costs.{k}: unknown cost (known: {', '.join(COST_NAMES)})")
+                raise DesimInputError(f"profile_overrides.costs.{k}: unknown cost (known: {', '.join(COST_NAMES)})")
             data["costs"][k] = {"value": v, "source": "override"}
         try:
             return HostProfile.model_validate(data)
         except ValidationError as e:
-            raise DesimInputError(format_validation_error(e, "profile")) from None
+            raise DesimInputError(format_validation_error(e, f"profile {self.name} with profile_overrides")) from None
 
 
 def profile_names() -> list[str]:

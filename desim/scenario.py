@@ -400,8 +400,11 @@ def validate_scenario(data: dict, where: str) -> Scenario:
         sc = Scenario.model_validate(data)
     except ValidationError as e:
         raise DesimInputError(format_validation_error(e, where)) from None
+    try:
+        sc.host_profile()  # profile name and overrides must resolve
+    except DesimInputError as e:
+        raise DesimInputError(f"{where}: {e}") from None
     check_script(sc, where)
-    sc.host_profile()  # profile name and overrides must resolve
     return sc
 
 

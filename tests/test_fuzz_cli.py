@@ -42,6 +42,7 @@ from desim.cli import main
 SCALE = int(os.environ.get("DESIM_FUZZ_SCALE", "1"))
 ROOT = Path(__file__).resolve().parents[1] / "workloads" / "traces"
 OUTCOMES: dict[str, Counter] = defaultdict(Counter)
+EXAMPLES: dict[str, list[str]] = defaultdict(list)  # a few error lines per kind, for the report
 
 
 def _settings(n: int):
@@ -61,7 +62,8 @@ def _small_limits(monkeypatch):
 def teardown_module() -> None:
     path = os.environ.get("DESIM_FUZZ_REPORT")
     if path:
-        Path(path).write_text(json.dumps({k: dict(v) for k, v in OUTCOMES.items()}, indent=1, sort_keys=True))
+        Path(path).write_text(json.dumps({"outcomes": {k: dict(v) for k, v in OUTCOMES.items()},
+                                          "examples": EXAMPLES}, indent=1, sort_keys=True))
 
 
 # ---- running one input -----------------------------------------------------------------------
@@ -95,7 +97,10 @@ def run_cli(category: str, argv: list[str], work: Path, out: Path | None = None,
         assert err.startswith("desim: error: ") and err.endswith("\n") and err.count("\n") == 1, (argv, err)
         assert len(err) < 4000, (argv, err[:200])
         assert _snapshot(work) == before, (argv, "exit 2 but files were written", _snapshot(work) - before)
-        OUTCOMES[category]["exit 2: " + _kind(err)] += 1
+        kind = _kind(err)
+        OUTCOMES[category]["exit 2: " + kind] += 1
+        if len(EXAMPLES[kind]) < 4:
+            EXAMPLES[kind].append(err.strip()[:300])
         return rc
     # exit 0: whatever was asked to be written is complete
     if out is not None and "--help" not in argv and "-h" not in argv:
@@ -125,7 +130,9 @@ def _kind(err: str) -> str:
                           ("over the limit", "work estimate"), ("time_limit_ms", "time limit"),
                           ("override", "--set path"), ("--out", "output path"), ("--store", "output path"),
                           ("--metrics", "--metrics"), ("--scheduler", "--scheduler"),
-                          ("cannot read", "input file"), ("argument", "argparse"), ("trace", "trace content"),
+                          ("as a size", "size syntax"), ("cannot read", "input file"), ("cannot open", "input file"),
+                          ("argument", "argparse"), (".log:", "trace content"),
+                          (".txt:", "trace content"), ("trace", "trace content"), ("input should be", "bad value"),
                           ("no such slot", "VMM script"), ("slot", "memslot"), ("greater than", "bounds"),
                           ("less than", "bounds"), ("required field", "missing field"), ("profile", "profile")]:
         if needle in e:
