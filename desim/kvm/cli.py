@@ -112,10 +112,10 @@ def register_top_level(subparsers: argparse._SubParsersAction) -> None:  # type:
     v.add_argument("--plot", type=_path, default=None, metavar="FILE",
                    help="draw real vs simulated (counts and times, log-log, with the ±20%% band) to "
                         "FILE (.png, .svg or .pdf)")
-    v.add_argument("--max-error", type=float, default=None, metavar="REL",
+    v.add_argument("--max-error", type=_fraction, default=None, metavar="REL",
                    help="exit 1 if refaults, SPTEs zapped or first-touch faults differ by more than "
                         "REL (e.g. 0.01) and more than 16")
-    v.add_argument("--max-time-error", type=float, default=None, metavar="REL",
+    v.add_argument("--max-time-error", type=_fraction, default=None, metavar="REL",
                    help="exit 1 if a time (ioctl, phase) differs from the real median by more than REL (e.g. 0.2)")
     v.add_argument("--quiet", action="store_true")
     v.add_argument("--device", default=KVM_DEV, help=argparse.SUPPRESS)
@@ -133,6 +133,17 @@ def _count(lo: int):
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {n}")
         return n
     return conv
+
+
+def _fraction(v: str) -> float:
+    """argparse type: a finite number >= 0 (a relative error)."""
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {v!r}") from None
+    if not (x >= 0 and x != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {v!r}")
+    return x
 
 
 def _path(v: str) -> Path:
