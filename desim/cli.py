@@ -36,18 +36,21 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parse_set(items: list[str] | None) -> dict[str, Any]:
-    """``--set vm.vcpus=8 --set phases.0.passes=2`` -> overrides (values parsed as TOML)."""
-    import tomllib
+    """``--set vm.vcpus=8 --set phases.0.passes=2`` -> overrides (values parsed as TOML, else kept as text)."""
+    from .inputfiles import parse_toml
 
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise DesimInputError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set vm.vcpus=8")
+            shown = item if len(item) <= 60 else item[:60] + "..."
+            raise DesimInputError(f"--set {shown!r}: expected FIELD=VALUE, e.g. --set vm.vcpus=8")
         k, v = item.split("=", 1)
         try:
-            out[k.strip()] = tomllib.loads(f"x = {v.strip()}")["x"]
-        except tomllib.TOMLDecodeError:
-            out[k.strip()] = v.strip()
+            out[k.strip()] = parse_toml(f"x = {v.strip()}", f"--set {k.strip()}")["x"]
+        except DesimInputError as e:
+            if "nested" in str(e):
+                raise
+            out[k.strip()] = v.strip()  # not a TOML value: a bare string (--set profile=legacy-2020)
     return out
 
 

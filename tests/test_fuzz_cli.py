@@ -351,7 +351,8 @@ def set_args(draw) -> list[str]:
         path = draw(st.sampled_from(SET_PATHS))
         value = draw(st.one_of(st.sampled_from(PLAUSIBLE.get(path, [1])).map(toml_value), HOSTILE.map(toml_value),
                                st.sampled_from(["", "=", "abc", "[1,", "{", "1_000", "0x10", "1e999", "'q'",
-                                                '"x', "1 2", "true false"]),
+                                                '"x', "1 2", "true false", "[" * 40 + "]" * 40,
+                                                "[" * 3000 + "]" * 3000, "{a = {b = {c = 1}}}"]),
                                st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=8)))
         out += ["--set", f"{path}={value}" if draw(st.integers(0, 9)) else path]
     return out
