@@ -137,32 +137,34 @@ def write_outputs(out_dir: str | Path, files: dict[str, Callable[[Path], None]])
     any writer fails, nothing changes at ``out_dir``. Files of an existing
     ``out_dir`` that are not in ``files`` are kept.
     """
-    out = Path(out_dir)
-    parent = out.parent if str(out.parent) else Path(".")
+    given = Path(out_dir)
+    out = Path(os.path.abspath(given))  # "." and "sub/.." name a directory; rename(2) needs its real name
+    parent = out.parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name or 'out'}.tmp.", dir=parent))
     try:
         for name, writer in files.items():
             writer(tmp / name)
         with _locked(parent):
-            try:
-                os.rename(tmp, out)  # atomic; also replaces an empty directory
-                return out
-            except OSError as e:
-                if e.errno == errno.ENOTDIR:
-                    raise DesimInputError(f"{out}: exists and is not a directory") from None
-                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise
+            if not out.is_dir():
+                try:
+                    os.rename(tmp, out)  # atomic
+                    return given
+                except OSError as e:
+                    if e.errno == errno.ENOTDIR:
+                        raise DesimInputError(f"{given}: exists and is not a directory") from None
+                    if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                        raise
             clash = [n for n in files if (out / n).is_dir()]
             if clash:
-                raise DesimInputError(f"{out / clash[0]}: is a directory where a result file goes; remove it")
+                raise DesimInputError(f"{given / clash[0]}: is a directory where a result file goes; remove it")
             for name in files:
                 os.replace(tmp / name, out / name)
             os.rmdir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+    return given
 
 
 def write_file(path: str | Path, writer: Callable[[Path], None]) -> Path:

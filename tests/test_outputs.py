@@ -123,3 +123,13 @@ def test_compare_summary_is_strict_json(tmp_path):
     rows = json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(AssertionError(c)))["comparison"]
     assert any(r["ratio"] is None for r in rows)  # remote_flushes: 0 under both policies
     assert os.listdir(tmp_path) == ["o", "s.toml"] or sorted(os.listdir(tmp_path)) == ["o", "s.toml"]
+
+
+def test_out_may_be_dot_or_dotdot(tmp_path, monkeypatch):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a" / "b")
+    for where in (".", "..", "./", "c/.."):
+        check_output_dir(where)
+        write_outputs(where, {"x.txt": lambda p, w=where: p.write_text(w)})
+    assert (tmp_path / "a" / "b" / "x.txt").read_text() == "c/.." and (tmp_path / "a" / "x.txt").read_text() == ".."
+    assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == ["x.txt"]
