@@ -26,9 +26,8 @@ def check_metrics(names: Iterable[str] | None, phase_names: Iterable[str], flag:
     known = metric_names(list(phase_names))
     unknown = [n for n in names if n not in known]
     if unknown:
-        shown = ", ".join(repr(n if len(n) <= 40 else n[:40] + "...") for n in unknown[:3])
-        raise DesimInputError(f"{flag}: unknown metric{'s' if len(unknown) > 1 else ''} {shown}; "
-                              f"valid: {', '.join(known)}")
+        shown = " ".join(n if len(n) <= 40 else n[:40] + "..." for n in unknown[:3])
+        raise DesimInputError(f"{flag} {shown}: no such metric (known: {', '.join(known)})")
 
 
 def check_scheduler_address(address: str | None, flag: str = "--scheduler") -> None:

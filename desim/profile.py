@@ -79,19 +79,29 @@ class Kernel(BaseModel):
 
     model_config = ConfigDict(**INPUT_MODEL_CONFIG, frozen=True)
     mmu: Literal["tdp", "legacy", "shadow"]
+    """``tdp`` = the TDP MMU (``mmu/tdp_mmu.c``, 5.12+); ``legacy`` = shadow pages for TDP (before 5.12); ``shadow`` = shadow paging of guest page tables."""
     lock: Literal["rwlock", "spinlock"]
+    """``mmu_lock``: a qrwlock (5.12+) or a spinlock."""
     fault_lock: Literal["read", "write"]
+    """How faults take ``mmu_lock`` (``read`` only on the TDP MMU with an rwlock)."""
     preemption: bool
+    """``CONFIG_PREEMPTION``: long zaps yield ``mmu_lock`` to waiters (``rwlock_needbreak``)."""
     pte_prefetch: bool
+    """The legacy/shadow MMU installs neighbouring SPTEs on a fault (``direct_pte_prefetch``)."""
     backing: Literal["4k", "thp", "hugetlbfs-1g"] = "thp"
+    """Host page size backing guest memory (per slot: ``vm.memslots.N.backing``)."""
     thp_fraction: float = Field(default=1.0, ge=0.0, le=1.0)
+    """With ``thp``: the share of 2 MiB regions the host actually backs with a huge page."""
     nx_huge_pages: bool = False
+    """The ``nx_huge_pages`` mitigation: executable huge pages are split to 4 KiB (not modelled yet: accepted, no effect)."""
     eager_page_split: bool = False
+    """Enabling dirty logging splits huge SPTEs in place (``eager_page_split``) instead of zapping them."""
     root_level: int = Field(default=4, ge=4, le=5)
-    # host MAXPHYADDR (CPUID 0x80000008 EAX[7:0], "address sizes" in /proc/cpuinfo): the guest physical
-    # address width of memslots with TDP (kvm_mmu_max_gfn, arch/x86/kvm/mmu.h; see desim.limits).
-    # Default 46: Intel Xeon Scalable servers (Skylake-SP to Sapphire Rapids) report 46 bits physical.
+    """Paging levels of the root (4, or 5 with LA57)."""
     phys_bits: int = Field(default=46, ge=32, le=52)
+    """Host MAXPHYADDR in bits (CPUID 0x80000008 EAX[7:0], "address sizes" in /proc/cpuinfo): with TDP, the
+    guest physical address width memslots must fit in (``kvm_mmu_max_gfn``, arch/x86/kvm/mmu.h; see
+    desim.limits). Default 46: Intel Xeon Scalable servers (Skylake-SP to Sapphire Rapids) report 46."""
 
     @model_validator(mode="after")
     def _consistent(self) -> "Kernel":

@@ -10,7 +10,9 @@ uses :data:`INPUT_MODEL_CONFIG`:
   Sizes and flags keep their documented spellings (``"64KiB"``,
   ``["readonly"]``) through their own parsers, which refuse booleans;
 * ``allow_inf_nan=False`` — NaN and infinities are refused in every float field,
-  with the field named (``costs.vm_exit: must be a finite number``).
+  with the field named (``costs.vm_exit: must be a finite number``);
+* ``use_attribute_docstrings=True`` — a field's docstring is its description
+  (``docs/scenario-reference.md`` is generated from them).
 
 :func:`format_validation_error` turns the first error into one line that names
 the field, says what was wrong and shows the value given.
@@ -21,7 +23,7 @@ from typing import Any
 
 from pydantic import ConfigDict, ValidationError
 
-INPUT_MODEL_CONFIG = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+INPUT_MODEL_CONFIG = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, use_attribute_docstrings=True)
 
 _TYPE_HINTS = {
     "int_type": "must be an integer (write 8, not 8.0, true or \"8\")",

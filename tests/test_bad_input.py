@@ -73,7 +73,7 @@ def test_missing_file(tmp_path, capsys):
     (["compare", "--replications", "0"], "--replications/-n: must be >= 1"),
     (["compare", "--replications", "many"], "must be an integer"),
     (["run", "--seed", "-3"], "must be >= 0"),
-    (["compare", "--confidence", "95"], "--confidence must be between 0 and 1"),
+    (["compare", "--confidence", "95"], "argument --confidence: must be between 0 and 1"),
 ])
 def test_bad_arguments(capsys, argv, needle):
     with pytest.raises(SystemExit) as e:
@@ -171,8 +171,8 @@ def test_non_regular_trace_and_long_profile(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["compare", "--metrics", "nosuch", "-n", "2"], "--metrics: unknown metric 'nosuch'; valid: faults,"),
-    (["compare", "--metrics", "nosuch", "--precision", "0.5", "-n", "2"], "--metrics: unknown metric"),
+    (["compare", "--metrics", "nosuch", "-n", "2"], "--metrics nosuch: no such metric (known: faults,"),
+    (["compare", "--metrics", "nosuch", "--precision", "0.5", "-n", "2"], "--metrics nosuch: no such metric"),
     (["compare", "--scheduler", "tcp://"], "expected a Dask scheduler address"),
     (["compare", "--scheduler", "inproc://x"], "inproc:// address exists only inside"),
     (["compare", "--store", "FILE"], "--store"),
