@@ -128,7 +128,8 @@ def _kind(err: str) -> str:
                           ("kvm_mem_max_nr_pages", "KVM slot size"), ("address space", "KVM gpa width"),
                           ("overlap", "overlap"), ("would need", "memory estimate"),
                           ("over the limit", "work estimate"), ("time_limit_ms", "time limit"),
-                          ("override", "--set path"), ("--out", "output path"), ("--store", "output path"),
+                          ("expected field=value", "--set path"), ("is not an index", "--set path"),
+                          ("does not name a field", "--set path"), ("empty field name", "--set path"), ("--out", "output path"), ("--store", "output path"),
                           ("--metrics", "--metrics"), ("--scheduler", "--scheduler"),
                           ("as a size", "size syntax"), ("cannot read", "input file"), ("cannot open", "input file"),
                           ("argument", "argparse"), (".log:", "trace content"),
@@ -347,9 +348,10 @@ SET_PATHS = FIELD_PATHS + ["phases.-1.name", "phases.9.name", "phases.x.name", "
 @st.composite
 def set_args(draw) -> list[str]:
     out = []
-    for _ in range(draw(st.integers(1, 3))):
-        path = draw(st.sampled_from(SET_PATHS))
-        value = draw(st.one_of(st.sampled_from(PLAUSIBLE.get(path, [1])).map(toml_value), HOSTILE.map(toml_value),
+    for _ in range(draw(st.integers(1, 2))):
+        path = draw(st.sampled_from(SET_PATHS if draw(st.integers(0, 3)) == 0 else FIELD_PATHS))
+        plausible = st.sampled_from(PLAUSIBLE.get(path, [1])).map(toml_value)
+        value = draw(st.one_of(plausible, plausible, HOSTILE.map(toml_value),
                                st.sampled_from(["", "=", "abc", "[1,", "{", "1_000", "0x10", "1e999", "'q'",
                                                 '"x', "1 2", "true false", "[" * 40 + "]" * 40,
                                                 "[" * 3000 + "]" * 3000, "{a = {b = {c = 1}}}"]),
