@@ -174,7 +174,7 @@ def base_scenario() -> dict:
         "phases": [
             {"name": "populate", "pattern": "sequential", "slot": 0},
             {"name": "work", "pattern": "uniform", "slot": 0, "accesses": 2000,
-             "memslot_ops": [{"at_us": 10, "op": "create", "slot": 5, "gpa": "16MiB", "size": "64KiB"},
+             "memslot_ops": [{"at_us": 10, "op": "create", "slot": 5, "gpa": "8TiB", "size": "64KiB"},
                              {"at_us": 50, "op": "delete", "slot": 5}]},
         ],
     }
@@ -216,13 +216,13 @@ HOSTILE = st.one_of(
 PLAUSIBLE = {
     "name": ["other"], "profile": ["legacy-2020", "shadow-pvm", "tdp-icelake"], "policy": ["fast", "targeted"],
     "zap_control": [0, 1], "time_limit_ms": [50.0, 1e6], "description": ["d"], "vm.vcpus": [1, 3, 8],
-    "vm.memslots.0.id": [0, 7], "vm.memslots.0.gpa": [0, "1GiB"], "vm.memslots.0.size": ["4MiB", "16MiB", 8192],
+    "vm.memslots.0.id": [0, 7], "vm.memslots.0.gpa": [0, "1GiB"], "vm.memslots.0.size": ["4MiB", "16MiB", 8192, "16GiB", "4TiB"],
     "vm.memslots.0.flags": [["readonly"], 1], "vm.memslots.0.ua": ["1GiB"],
     "vm.memslots.0.backing": ["4k", "thp", "hugetlbfs-1g"], "vm.memslots.0.prealloc": [True, False],
     "phases.0.name": ["boot"], "phases.0.vcpus": [1, 2, "bsp", "aps"], "phases.0.pattern": ["zipf", "none"],
-    "phases.0.slot": [0], "phases.0.passes": [2, 3], "phases.0.sharing": ["shared"], "phases.0.access_ns": [50],
+    "phases.0.slot": [0], "phases.0.passes": [2, 3, 10**4], "phases.0.sharing": ["shared"], "phases.0.access_ns": [50],
     "phases.0.offset": ["1MiB"], "phases.0.size": ["1MiB"], "phases.0.gpa": ["1MiB"], "phases.0.until": ["done"],
-    "phases.1.accesses": [1, 50_000], "phases.1.pattern": ["zipf", "hotcold", "sequential"],
+    "phases.1.accesses": [1, 50_000, 10**6], "phases.1.pattern": ["zipf", "hotcold", "sequential"],
     "phases.1.zipf_s": [0.8, 2], "phases.1.hot_fraction": [0.5], "phases.1.hot_probability": [0.1],
     "phases.1.vcpus": [1, "all"], "phases.1.name": ["w2"], "phases.1.memslot_ops.0.at_us": [0, 99.5],
     "phases.1.memslot_ops.0.op": ["toggle"], "phases.1.memslot_ops.0.slot": [6],
