@@ -110,6 +110,8 @@ def _plain(v: Any) -> Any:
 
 
 def _backend_cm(backend: Any, workers: int):
+    if isinstance(backend, BackendSpec):
+        return open_backend(backend)
     if not isinstance(backend, str):
         return contextlib.nullcontext(backend)  # an open backend: the caller closes it
     if backend == "serial" or (backend == "local" and workers <= 1):
@@ -129,7 +131,7 @@ def execute(tasks: list[Task], backend: Any = "serial", workers: int = 1, store:
     """Run ``tasks`` and return their results in task order.
 
     ``backend``: ``"serial"``, ``"local"`` (with ``workers``), a scheduler
-    address, or an open backend from :func:`desim.studies.cluster.open_backend`.
+    address, a :class:`~desim.studies.cluster.BackendSpec`, or an open backend from :func:`desim.studies.cluster.open_backend`.
     ``order`` is the submission order (e.g. the most expensive tasks first); it
     changes only the wall time, never the results. ``progress``: see
     :class:`desim.studies.progress.Progress`.

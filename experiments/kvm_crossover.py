@@ -42,7 +42,7 @@ from typing import Any
 
 import pandas as pd
 
-from _common import POLICY_COLORS, ROOT, clean_json, figure_writers, guarded_main, plt_module, write_all
+from desim.studies.toolkit import POLICY_COLORS, clean_json, figure_writers, guarded_main, plt_module, write_all
 
 from desim.errors import DesimInputError  # noqa: E402
 from desim.kvm.measure import measure_interleaved  # noqa: E402
@@ -70,7 +70,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="seconds-long smoke version (64 MiB, two slot sizes)")
-    ap.add_argument("--out", default=str(ROOT / "results" / NAME), help=f"output directory (default results/{NAME})")
+    ap.add_argument("--out", default=f"results/{NAME}", help=f"output directory (default results/{NAME})")
     ap.add_argument("--ram-mib", default=None, help="working-set sizes in MiB, comma-separated (default 64,128)")
     ap.add_argument("--slot-mib", default=None,
                     help="deleted slot sizes in MiB, comma-separated (default 512,1024,2048,4096,8192)")
