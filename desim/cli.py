@@ -7,6 +7,9 @@
     desim kvm probe|measure ...          the real KVM of this host (desim.kvm)
     desim calibrate --out PROFILE.toml   fit host-profile costs on the real KVM
     desim validate [--profile P]         real KVM vs simulator, per scenario and metric
+    desim sweep SWEEP.toml               a sweep file on any backend, into a result store
+    desim results STORE                  a store as tidy tables, per-point CIs, plots
+    desim capacity --vary F --range A:B --metric M --slo X   the largest F meeting an SLO
 
 Without a scenario file the built-in default is used. Bad input gives one
 line ``desim: error: ...`` naming the field and exit status 2, and nothing is
@@ -21,7 +24,7 @@ import time
 from typing import Any, Sequence
 
 from . import __version__
-from .errors import DesimInputError
+from .errors import DesimInputError, DesimRunError
 
 
 def _parse_set(items: list[str] | None) -> dict[str, Any]:
@@ -227,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_kvm(sub)
     register_top_level(sub)  # desim calibrate / desim validate
+    from .cli_studies import register as register_studies
+
+    register_studies(sub)  # desim sweep / results / capacity
     return p
 
 
@@ -242,6 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DesimInputError as e:
         print(f"desim: error: {e}", file=sys.stderr)
         return 2
+    except DesimRunError as e:
+        print(f"desim: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("desim: interrupted", file=sys.stderr)
         return 130

@@ -103,6 +103,8 @@ def point_summary(loaded: Loaded, metrics: list[str], confidence: float = 0.95,
     """Per point and metric: each policy's mean and CI, and (with both policies) the paired CIs."""
     keys = point_keys(loaded)
     runs = loaded.runs
+    # paired CIs need the metric in every run: the others (reported by some runs only) are left out
+    metrics = [m for m in metrics if runs[m].notna().all()]
     per_policy = summarize(runs, keys, metrics, confidence)
     pols = set(runs.policy)
     if {baseline, alternative} <= pols:

@@ -46,6 +46,9 @@ def summarize(runs: pd.DataFrame, keys: list[str], metrics: list[str], confidenc
             if m not in g.columns:
                 continue
             x = g[m].to_numpy(float)
+            x = x[np.isfinite(x)]  # a metric a run does not report (e.g. a lock role never taken)
+            if not len(x):
+                continue
             iv = t_ci(x, confidence)
             rows.append({**dict(zip(keys + ["policy"], gk)), "metric": m, "n": len(x), "mean": iv.estimate,
                          "std": float(x.std(ddof=1)) if len(x) > 1 else math.nan,
