@@ -28,7 +28,7 @@ Points are the full factorial product of the factors, where each ``zip`` group
 counts as one factor whose values advance together; then ``exclude`` drops
 points matching every key of one entry, and ``where`` keeps points for which
 each expression is true (comparisons, arithmetic, ``and``/``or``/``not`` on
-factor paths; sizes such as ``"64MiB"`` compare as bytes). Every point is
+factor paths; sizes such as ``'64MiB'`` -- quoted -- compare as bytes). Every point is
 built and validated before any work starts; a bad factor, value or point is
 one error naming it.
 """
