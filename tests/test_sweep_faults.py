@@ -55,7 +55,7 @@ def store_rows(store: Path) -> pd.DataFrame:
     con = sqlite3.connect(store / "results.sqlite")
     try:
         assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        return pd.read_sql("SELECT key, metric, value FROM metrics ORDER BY key, metric", con)
+        return pd.read_sql("SELECT * FROM runs ORDER BY key", con)
     finally:
         con.close()
 

@@ -22,12 +22,11 @@ Why SQLite in WAL mode rather than a Parquet dataset written in row groups:
   of the primary-key index, not 100,000 files opened one by one (the per-task
   JSON store this replaces).
 * **no new dependency**: ``sqlite3`` is in the standard library, and pandas
-  reads the store directly::
+  reads the store directly (the ``runs`` table: one row per task)::
 
       import sqlite3, pandas as pd
       con = sqlite3.connect("DIR/results.sqlite")
-      metrics = pd.read_sql("SELECT * FROM metrics", con)     # key, metric, value: tidy
-      runs = pd.read_sql("SELECT key, scenario, policy, seed, replication FROM results", con)
+      runs = pd.read_sql("SELECT * FROM runs", con)   # one row per task, one column per metric
 
 Limit: keep the store on the driver's local disk (SQLite's locks are not
 reliable over NFS). Workers never open it: their results travel back to the
@@ -44,9 +43,12 @@ database; :meth:`ResultStore.import_legacy` converts a whole directory.
 Tables:
 
 * ``results(key, model_version, scenario, policy, seed, replication, wall_s,
-  created, checksum, payload)``: one row per task, ``payload`` the JSON run
-  result (metrics, per-vCPU rows, kept samples);
-* ``metrics(key, metric, value)``: every scalar metric, long format;
+  created, checksum, payload)``: one row per task, ``payload`` the run result
+  as zlib-compressed JSON (metrics, per-vCPU rows, kept samples): what a
+  resumed sweep reads back, bit for bit;
+* ``runs(key, scenario, policy, seed, replication, <one REAL column per
+  metric>)``: the same metrics as a wide table for pandas (a metric a run does
+  not report, or NaN, is NULL); a new metric name adds a column;
 * ``sweep_tasks(sweep, point, labels, policy, seed, replication, key)``: which
   task is which (point, policy, replication) of a named sweep, ``labels`` the
   point's factor values as JSON (a task shared by two sweeps is stored once).
@@ -59,6 +61,7 @@ import math
 import sqlite3
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -68,14 +71,15 @@ DB_NAME = "results.sqlite"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
     key TEXT PRIMARY KEY, model_version TEXT, scenario TEXT, policy TEXT, seed INTEGER,
-    replication INTEGER, wall_s REAL, created REAL, checksum TEXT NOT NULL, payload TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS metrics (
-    key TEXT NOT NULL, metric TEXT NOT NULL, value REAL, PRIMARY KEY (key, metric)) WITHOUT ROWID;
+    replication INTEGER, wall_s REAL, created REAL, checksum TEXT NOT NULL, payload BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    key TEXT PRIMARY KEY, scenario TEXT, policy TEXT, seed INTEGER, replication INTEGER);
 CREATE TABLE IF NOT EXISTS sweep_tasks (
     sweep TEXT NOT NULL, point INTEGER NOT NULL, labels TEXT NOT NULL, policy TEXT NOT NULL,
     seed INTEGER NOT NULL, replication INTEGER NOT NULL, key TEXT NOT NULL,
     PRIMARY KEY (sweep, point, policy, seed, replication));
 """
+RUNS_FIXED = ("key", "scenario", "policy", "seed", "replication")
 _CHUNK = 500  # keys per SELECT ... IN (...) (SQLite's default limit on host parameters is 32766)
 
 
@@ -111,6 +115,10 @@ def _dumps(result: dict[str, Any]) -> str:
     return json.dumps(result, separators=(",", ":"))
 
 
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
 def store_path(root: str | Path) -> Path:
     """The database file of a ``--store`` argument (a directory, or a ``.sqlite`` file)."""
     p = Path(root)
@@ -144,6 +152,7 @@ class ResultStore:
             raise DesimInputError(f"--store {root}: cannot create {self.path.parent} ({e.strerror})") from None
         self.warn = warn or (lambda msg: print(f"desim: {msg}", file=sys.stderr))
         self.damaged: list[str] = []
+        self._columns: set[str] | None = None
 
     def close(self) -> None:
         self._con.close()
@@ -182,9 +191,13 @@ class ResultStore:
                 found.update(legacy)
         return found
 
-    def _decode(self, key: str, ck: str, payload: str, expect: dict[str, Any] | None
+    def _decode(self, key: str, ck: str, blob: bytes, expect: dict[str, Any] | None
                 ) -> tuple[dict[str, Any] | None, str | None]:
-        if not isinstance(payload, str) or checksum(key, payload) != ck:
+        try:
+            payload = zlib.decompress(blob).decode()
+        except (zlib.error, TypeError, UnicodeDecodeError):
+            return None, "its payload is not compressed JSON"
+        if checksum(key, payload) != ck:
             return None, "its checksum does not match its content (edited or damaged)"
         try:
             r = json.loads(payload)
@@ -198,7 +211,7 @@ class ResultStore:
         self.warn(f"store {self.path}: entry {key[:16]}... is damaged ({why}): recomputing it")
         with self._transaction():
             self._con.execute("DELETE FROM results WHERE key = ?", (key,))
-            self._con.execute("DELETE FROM metrics WHERE key = ?", (key,))
+            self._con.execute("DELETE FROM runs WHERE key = ?", (key,))
 
     def keys(self) -> set[str]:
         return {k for (k,) in self._con.execute("SELECT key FROM results")}
@@ -212,19 +225,37 @@ class ResultStore:
 
     def put_many(self, items: Iterable[tuple[str, dict[str, Any]]]) -> None:
         """Store results in one transaction (all or nothing); a key already stored is left as it is."""
-        rows, mrows = [], []
+        rows = []
+        wide: dict[tuple[str, ...], list[tuple]] = {}
         now = time.time()
         for key, r in items:
             payload = _dumps(r)
             rows.append((key, r.get("model_version"), r.get("scenario"), r.get("policy"), r.get("seed"),
-                         r.get("replication"), r.get("wall_s"), now, checksum(key, payload), payload))
-            mrows.extend((key, m, float(v) if v is not None and math.isfinite(v) else None)
-                         for m, v in r.get("metrics", {}).items())
+                         r.get("replication"), r.get("wall_s"), now, checksum(key, payload),
+                         zlib.compress(payload.encode(), 1)))
+            ms = {m: v for m, v in r.get("metrics", {}).items() if m not in RUNS_FIXED}
+            names = tuple(ms)
+            wide.setdefault(names, []).append(
+                (key, r.get("scenario"), r.get("policy"), r.get("seed"), r.get("replication"),
+                 *(float(v) if v is not None and math.isfinite(v) else None for v in ms.values())))
         if not rows:
             return
         with self._transaction():
             self._con.executemany("INSERT OR IGNORE INTO results VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
-            self._con.executemany("INSERT OR IGNORE INTO metrics VALUES (?,?,?)", mrows)
+            for names, vals in wide.items():
+                self._add_columns(names)
+                cols = ",".join(_quote(c) for c in RUNS_FIXED + names)
+                self._con.executemany(f"INSERT OR IGNORE INTO runs ({cols}) VALUES "
+                                      f"({','.join('?' * (len(RUNS_FIXED) + len(names)))})", vals)
+
+    def _add_columns(self, names: tuple[str, ...]) -> None:
+        """Give ``runs`` a column per new metric (inside the write transaction: no other writer races us)."""
+        if self._columns is None or not set(names) <= self._columns:
+            self._columns = {row[1] for row in self._con.execute("PRAGMA table_info(runs)")}
+            for n in names:
+                if n not in self._columns:
+                    self._con.execute(f"ALTER TABLE runs ADD COLUMN {_quote(n)} REAL")
+                    self._columns.add(n)
 
     def record_sweep(self, sweep: str, rows: Iterable[tuple[int, dict[str, Any], str, int, int, str]]) -> None:
         """Name the tasks of a sweep: (point, labels, policy, seed, replication, key) per task."""
