@@ -180,12 +180,12 @@ def test_sigint_exits_cleanly_without_dask_tracebacks(tmp_path):
     (tmp_path / "s.toml").write_text(SWEEP.replace("3000", "300000"))
     p = desim("sweep", str(tmp_path / "s.toml"), "--workers", "2", "--out", str(tmp_path / "out"),
               "--no-progress", start_new_session=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (tmp_path / "out" / "store" / "results.sqlite").exists():
-        time.sleep(0.2)
-    time.sleep(2.0)  # the cluster is up and tasks run
+    first = p.stderr.readline()  # printed once the cluster is up (a Ctrl-C before that is ignored)
+    assert "Dask scheduler at" in first or "Dask dashboard at" in first, first
+    time.sleep(1.5)  # tasks run
     os.killpg(p.pid, signal.SIGINT)  # like Ctrl-C: the whole process group
     _, err = p.communicate(timeout=60)
+    err = first + err
     assert p.returncode == 130, err
     assert "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == "desim: interrupted"

@@ -23,6 +23,8 @@ A cluster with no worker for ``no_worker_timeout`` seconds (every worker
 killed, jobs never started) stops the run with one line; what finished is in
 the store. Ctrl-C stops it cleanly: the embedded cluster's processes ignore
 SIGINT (the driver shuts them down), and Dask's shutdown chatter is silenced.
+(They inherit "ignore" from the driver, which therefore ignores SIGINT itself
+for the second or two the cluster takes to start: a Ctrl-C then is lost.)
 """
 from __future__ import annotations
 
