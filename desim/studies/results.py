@@ -143,7 +143,9 @@ def plot_vs_factor(loaded: Loaded, metric: str, factor: str, confidence: float =
         raise DesimInputError(f"--plot {metric}: not a metric in this store (e.g. {', '.join(loaded.metrics[:8])})")
     x = _numeric(loaded.runs[factor])
     runs = loaded.runs.assign(**{"_x": x})
-    others = [f for f in loaded.factors if f != factor]
+    # other factors define the series, except those that move with the x factor (a zip group)
+    others = [f for f in loaded.factors if f != factor
+              and not (runs.groupby(factor)[f].nunique() == 1).all()]
     runs["_series"] = runs["policy"].astype(str) + runs[others].astype(str).apply(
         lambda r: "".join(f", {k}={v}" for k, v in r.items()), axis=1) if others else runs["policy"].astype(str)
     summary = summarize(runs, ["_series", "_x"], [metric], confidence)
@@ -153,16 +155,23 @@ def plot_vs_factor(loaded: Loaded, metric: str, factor: str, confidence: float =
 
         plt = plt_module()
         fig, ax = plt.subplots(figsize=(8, 5))
-        for j, (name, g) in enumerate(summary.groupby("_series", sort=False)):
+        combos: list[str] = []
+        for name, g in summary.groupby("_series", sort=False):
             g = g.sort_values("_x")
-            pol = str(name).split(",")[0]
-            color = POLICY_COLORS.get(pol) if not others else f"C{j}"
+            pol, _, rest = str(name).partition(", ")
+            if rest not in combos:
+                combos.append(rest)
+            # colour: the policy (or, with other factors, their values); fast drawn wide and dashed
+            # under targeted, so that equal lines stay visible
+            color = POLICY_COLORS.get(pol, "grey") if not others else f"C{combos.index(rest)}"
+            wide = pol == "fast"
             m = g["mean"].to_numpy(float)
             lo = np.where(np.isfinite(g["ci_low"]), g["ci_low"], m)
             hi = np.where(np.isfinite(g["ci_high"]), g["ci_high"], m)
-            ax.plot(g["_x"], m, marker="o", ms=4, color=color, label=str(name),
-                    ls="-" if pol == "targeted" else "--")
-            ax.fill_between(g["_x"].to_numpy(float), lo, hi, color=color, alpha=0.2, lw=0)
+            ax.plot(g["_x"], m, marker="s" if wide else "o", ms=6 if wide else 4, color=color, label=str(name),
+                    ls="--" if wide else "-", lw=2.8 if wide else 1.4, alpha=0.6 if wide else 1.0,
+                    zorder=2 if wide else 3)
+            ax.fill_between(g["_x"].to_numpy(float), lo, hi, color=color, alpha=0.15, lw=0)
         xs = np.unique(summary["_x"].to_numpy(float))
         if len(xs) > 2 and xs.min() > 0 and xs.max() / xs.min() >= 16:
             ax.set_xscale("log", base=2)
