@@ -148,6 +148,10 @@ class SerialBackend:
     def describe(self) -> str:
         return "serial (this process)"
 
+    def map_calls(self, fn: Callable, argss: list[tuple]) -> list:
+        """``[fn(*a) for a in argss]`` (a generic job that is not a sweep task)."""
+        return [fn(*a) for a in argss]
+
 
 class DaskBackend:
     """A Dask client (and the cluster it owns, if any) that runs batches of tasks."""
@@ -167,6 +171,11 @@ class DaskBackend:
 
     def describe(self) -> str:
         return f"{self.kind} ({self.client.scheduler.address})"
+
+    def map_calls(self, fn: Callable, argss: list[tuple]) -> list:
+        """``[fn(*a) for a in argss]`` on the cluster, results in order (with retries)."""
+        futs = [self.client.submit(fn, *a, pure=False, retries=self.spec.retries) for a in argss]
+        return [self._result(f) for f in futs]
 
     def run(self, tasks: list, todo: list[int], finish: Finish) -> None:
         from distributed import wait
