@@ -59,6 +59,7 @@ class Progress:
 
             self._bar = tqdm(total=self.total, desc=desc, unit="task", file=self.stream, leave=False,
                              dynamic_ncols=True)
+            self._bar.set_postfix_str(f"points 0/{len(self.per_point)}")
         elif mode == "lines":
             self._thread = threading.Thread(target=self._tick, args=(interval,), daemon=True)
             self._thread.start()
