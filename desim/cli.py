@@ -295,8 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DesimRunError as e:
         print(f"desim: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("desim: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print("desim: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)  # what finished, where
         return 130
 
 

@@ -15,3 +15,7 @@ class DesimInputError(Exception):
 class DesimRunError(Exception):
     """A run that cannot go on (no cluster worker left, a task failed for good): the message says
     what finished and where it is kept. The CLI prints it on one line and exits with status 1."""
+
+
+class DesimInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a multi-task run; the message says what finished and where it is kept."""

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from . import model_fingerprint
-from .errors import DesimRunError
+from .errors import DesimInterrupted, DesimRunError
 from .scenario import Scenario, validate_scenario
 from .studies.cluster import BackendSpec, open_backend
 from .studies.progress import Progress
@@ -167,13 +167,20 @@ def execute(tasks: list[Task], backend: Any = "serial", workers: int = 1, store:
         with _backend_cm(backend, workers) as be:
             be.run(tasks, todo, finish)
     except DesimRunError as e:
-        done = sum(r is not None for r in results)
-        where = f" and are in the store {store.path}" if store is not None else " (no --store: they are lost)"
-        raise DesimRunError(f"{e}; {done} of {len(tasks)} tasks finished{where}; "
-                            f"run the same command again to compute the rest") from None
+        raise DesimRunError(f"{e}; {_what_finished(results, store)}") from None
+    except KeyboardInterrupt:
+        raise DesimInterrupted(_what_finished(results, store)) from None
     finally:
         bar.close()
     return results  # type: ignore[return-value]
+
+
+def _what_finished(results: list, store: ResultStore | None) -> str:
+    done = sum(r is not None for r in results)
+    if store is None:
+        return f"{done} of {len(results)} tasks had finished (no --store: not kept)"
+    return (f"{done} of {len(results)} tasks finished and are in the store {store.path}; "
+            f"run the same command again to compute the rest")
 
 
 def grid(base: Scenario, axes: dict[str, Iterable[Any]]) -> list[tuple[dict[str, Any], Scenario]]:

@@ -173,6 +173,7 @@ def test_a_cluster_with_no_worker_stops_with_one_line(tmp_path):
         assert time.monotonic() - t0 < 30
     msg = str(ei.value)
     assert "no worker for 2 s" in msg and "0 of 2 tasks finished" in msg and str(tmp_path) in msg
+    assert "run the same command again" in msg
     assert "\n" not in msg
 
 
@@ -188,7 +189,8 @@ def test_sigint_exits_cleanly_without_dask_tracebacks(tmp_path):
     err = first + err
     assert p.returncode == 130, err
     assert "Traceback" not in err, err
-    assert err.strip().splitlines()[-1] == "desim: interrupted"
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("desim: interrupted: ") and "tasks finished and are in the store" in last, err
 
 
 def test_missing_dask_or_jobqueue_is_one_line(monkeypatch):

@@ -110,8 +110,8 @@ def guarded_main(main: Callable[[], int]) -> None:
     except DesimRunError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print("interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         code = 130
     sys.exit(code)
 
