@@ -101,3 +101,18 @@ def test_check_result_wants_numbers():
     assert check_result(ok) is None
     assert "metric 'faults' is str" in check_result({**ok, "metrics": {"faults": "3"}})
     assert "its seed is 1" in check_result(ok, {"seed": 2})
+
+
+def test_desim_results_converts_a_legacy_store(tmp_path, capsys):
+    from desim.cli import main
+
+    tasks = [_task(0), _task(1)]
+    for t, r in zip(tasks, execute(tasks, progress=False)):
+        p = tmp_path / t.key()[:2] / f"{t.key()}.json"
+        p.parent.mkdir(exist_ok=True)
+        p.write_text(json.dumps(r))
+    assert main(["results", str(tmp_path), "--table", "runs"]) == 0
+    cap = capsys.readouterr()
+    assert "converted the per-task JSON store" in cap.err and "2 entries" in cap.err
+    assert cap.out.startswith("scenario,policy,seed,replication,") and len(cap.out.splitlines()) == 3
+    assert (tmp_path / "results.sqlite").is_file()
