@@ -47,6 +47,21 @@ def _scenario_digest(scenario_json: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+_DIGEST_BY_ID: dict[int, tuple[dict, str]] = {}
+
+
+def _digest_of(scenario: dict[str, Any]) -> str:
+    """:func:`_scenario_digest`, remembered per scenario dict object (a sweep point's tasks share one)."""
+    hit = _DIGEST_BY_ID.get(id(scenario))
+    if hit is not None and hit[0] is scenario:
+        return hit[1]
+    digest = _scenario_digest(json.dumps(scenario, sort_keys=True, default=str))
+    if len(_DIGEST_BY_ID) >= 4096:
+        _DIGEST_BY_ID.clear()
+    _DIGEST_BY_ID[id(scenario)] = (scenario, digest)  # holding the dict keeps its id from being reused
+    return digest
+
+
 @dataclass(frozen=True)
 class Task:
     """One replication of one policy on one scenario point.
@@ -68,7 +83,7 @@ class Task:
     tag: str = ""
 
     def key(self) -> str:
-        digest = _scenario_digest(json.dumps(self.scenario, sort_keys=True, default=str))
+        digest = _digest_of(self.scenario)
         blob = json.dumps({"model": model_fingerprint(), "scenario": digest, "policy": self.policy,
                            "seed": self.seed, "replication": self.replication, "tag": self.tag,
                            "samples": self.samples is not None}, sort_keys=True)
