@@ -76,6 +76,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     store_dir = Path(args.store) if args.store else out / "store"
     _check_out(str(out))
     _check_out(str(store_dir), "--store")
+    script = None
+    if args.dry_run and backend.jobqueue:
+        from .studies.cluster import job_script
+
+        script = job_script(backend)  # a bad option fails here, before anything is printed
     print(f"sweep {spec.name}: {len(spec.points)} points x {len(spec.policies)} policies "
           f"({', '.join(spec.policies)}), " + (f"{spec.replications} replications" if spec.precision is None else
                                                f"replications until ±{spec.precision:.1%} on "
@@ -89,10 +94,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print("  point  " + "  ".join(n.ljust(w) for n, w in zip(names, widths)))
             for p in spec.points:
                 print(f"  {p.index:>5}  " + "  ".join(str(p.labels[n]).ljust(w) for n, w in zip(names, widths)))
-        if backend.jobqueue:
-            from .studies.cluster import job_script
-
-            print(f"\n{backend.jobqueue} job script ({backend.workers} job(s)):\n{job_script(backend)}")
+        if script is not None:
+            print(f"\n{backend.jobqueue} job script ({backend.workers} job(s)):\n{script}")
         print("dry run: nothing ran, nothing written")
         return 0
     from .experiment import write_outputs

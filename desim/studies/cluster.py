@@ -332,8 +332,19 @@ def _start(spec: BackendSpec) -> DaskBackend:
         cluster = cls(**spec.jobqueue_opts)
         cluster.scale(jobs=spec.workers)
     except (TypeError, ValueError, KeyError) as e:
-        raise DesimInputError(f"--jobqueue {spec.jobqueue} with options {spec.jobqueue_opts}: {e}") from None
+        raise _jobqueue_error(spec, e) from None
     return DaskBackend(spec, Client(cluster), cluster)
+
+
+def _jobqueue_error(spec: BackendSpec, e: Exception) -> DesimInputError:
+    """dask-jobqueue's (multi-line) complaint as one line, with the fix when we know it."""
+    text = " ".join(str(e).split())
+    if "cores and memory" in text:
+        return DesimInputError(f"--jobqueue {spec.jobqueue}: say what one job gets, e.g. --jobqueue-opt cores=1 "
+                               f"--jobqueue-opt memory=4GB")
+    if len(text) > 240:
+        text = text[:240] + " ..."
+    return DesimInputError(f"--jobqueue {spec.jobqueue} with options {spec.jobqueue_opts}: {text}")
 
 
 def job_script(spec: BackendSpec) -> str:
@@ -348,4 +359,4 @@ def job_script(spec: BackendSpec) -> str:
             finally:
                 cluster.close()
     except (TypeError, ValueError, KeyError) as e:
-        raise DesimInputError(f"--jobqueue {spec.jobqueue} with options {spec.jobqueue_opts}: {e}") from None
+        raise _jobqueue_error(spec, e) from None
