@@ -44,18 +44,12 @@ def _backend(args: argparse.Namespace):
 
 
 def _check_out(path: str | None, what: str = "--out") -> None:
+    """An output directory that can be created or written into (desim.outputs), checked before any work."""
     if path is None:
         return
-    p = Path(path)
-    if str(path).strip() == "":
-        raise DesimInputError(f"{what} '': give a directory name")
-    if p.exists() and not p.is_dir():
-        raise DesimInputError(f"{what} {p}: exists and is not a directory")
-    for parent in p.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise DesimInputError(f"{what} {p}: {parent} is not a directory")
-            break
+    from .outputs import check_output_dir
+
+    check_output_dir(path, what)
 
 
 def _parse_set(items: list[str] | None) -> dict[str, Any]:

@@ -52,6 +52,7 @@ from desim.studies.toolkit import (POLICY_COLORS, add_run_options, clean_json, f
                                    guarded_main, plt_module, write_all)
 
 from desim.errors import DesimInputError  # noqa: E402
+from desim.outputs import check_output_dir  # noqa: E402
 from desim.kvm.measure import measure_interleaved  # noqa: E402
 from desim.kvm.scenario import KvmScenario, layout  # noqa: E402
 from desim.kvm.simbridge import sim_metrics  # noqa: E402
@@ -96,6 +97,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if a.repeats < 1:
         raise DesimInputError(f"--repeats must be >= 1 (got {a.repeats})")
     load_profile(a.profile)  # a bad name or file fails before any VM runs
+    check_output_dir(a.out, "--out")  # so does an output directory that cannot be written
+    if a.store is not None:
+        check_output_dir(a.store, "--store")
     return a
 
 

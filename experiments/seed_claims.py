@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="legacy-2020", help="host profile (default: the seed's era)")
     ap.add_argument("--out", default=str(ROOT / "results" / "seed_claims"))
     C.add_run_options(ap)  # --workers --scheduler --progress --store, as in every experiment script
-    args = C.parse_args(ap, argv)
+    args = C.parse_args(ap, argv)  # --out and --store checked before any run, as desim does
     n = args.replications or (2 if args.quick else 10)
 
     t0 = time.perf_counter()

@@ -82,8 +82,14 @@ def parse_args(ap: argparse.ArgumentParser, argv: Sequence[str] | None = None) -
     if args.workers < 1:
         ap.error("--workers must be >= 1")
     args.backend = BackendSpec(workers=args.workers, scheduler=args.scheduler)
+    from ..outputs import check_output_dir  # output paths checked before any work, as by desim
+
     try:
         args.backend.check()
+        if getattr(args, "out", None) is not None:
+            check_output_dir(args.out, "--out")
+        if getattr(args, "store", None) is not None:
+            check_output_dir(args.store, "--store")
     except DesimInputError as e:
         ap.error(str(e))
     return args
