@@ -104,6 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from . import experiment as ex
+    from .tails import TAILS_TAG, format_tails, latency_samples, tails_table
 
     if args.parquet:
         if not args.out:
@@ -126,13 +127,28 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                                   max_reps=args.replications, backend=backend,
                                                   workers=args.workers, store=args.store, progress=prog)
         print(f"stopped by {stopped} after {runs.replication.nunique()} replications")
+        results = None
     else:
-        runs = ex.replicate(sc, [base, alt], args.replications, args.seed, backend, args.workers, args.store)
+        results = None if args.no_tails else ex.replicate_results(
+            sc, [base, alt], args.replications, args.seed, backend, args.workers, args.store,
+            samples=latency_samples, tag=TAILS_TAG)
+        runs = (ex.runs_table(results) if results is not None else
+                ex.replicate(sc, [base, alt], args.replications, args.seed, backend, args.workers, args.store))
     table = ex.compare(runs, args.metrics, base, alt, args.confidence)
+    if not args.no_tails and results is None:
+        # --precision chose the number of replications: run them again, keeping their latencies
+        results = ex.replicate_results(sc, [base, alt], int(runs.replication.nunique()), args.seed, backend,
+                                       args.workers, args.store, samples=latency_samples, tag=TAILS_TAG)
     wall = time.perf_counter() - t0
     print(f"{sc.name}: {runs.replication.nunique()} paired replications (common random numbers), "
           f"seed {args.seed}, {wall:.1f} s")
     print(ex.format_table(table, base, alt, args.confidence))
+    tails = tail_samples = None
+    if results is not None:
+        tail_samples = {p: {r["replication"]: r["samples"] for r in results if r["policy"] == p} for p in (base, alt)}
+        tails = tails_table(tail_samples, base, alt, args.confidence, seed=args.seed)
+        print()
+        print(format_tails(tails, base, alt, args.confidence))
     if args.out:
         from .plots import plot_comparison
 
@@ -141,6 +157,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                    "comparison": table.to_dict(orient="records")}
         files = {"runs.csv": ex.csv_writer(runs), "comparison.csv": ex.csv_writer(table),
                  "summary.json": ex.json_writer(summary)}
+        if tails is not None:
+            files["tails.csv"] = ex.csv_writer(tails)
         if args.parquet:
             files["runs.parquet"] = lambda p: runs.to_parquet(p, index=False)
             files["comparison.parquet"] = lambda p: table.to_parquet(p, index=False)
@@ -155,6 +173,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 files[f"fault_latency_cdf.{ext}"] = lambda p: plot_fault_latency_cdf(rep0, p, title=sc.name)
                 files[f"faults_over_time.{ext}"] = lambda p: plot_faults_over_time(rep0, p, title=sc.name)
                 files[f"lock_wait.{ext}"] = lambda p: plot_lock_wait(rep0, p, title=sc.name)
+                if tails is not None:
+                    from .tailplots import plot_around_ops, plot_latency_percentiles
+
+                    files[f"latency_percentiles.{ext}"] = lambda p: plot_latency_percentiles(
+                        tails, p, (base, alt), title=sc.name)
+                    files[f"latency_around_ops.{ext}"] = lambda p: plot_around_ops(tail_samples, p, title=sc.name)
         out = ex.write_outputs(args.out, files)
         print(f"wrote {', '.join(sorted(files))} to {out}")
     return 0
@@ -213,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", metavar="DIR", help="write runs.csv, comparison.csv, summary.json and plots here")
     c.add_argument("--no-plots", action="store_true", help="with --out: skip the PNG/SVG plots")
     c.add_argument("--parquet", action="store_true", help="with --out: also write the tables as Parquet")
+    c.add_argument("--no-tails", action="store_true",
+                   help="skip the latency-tails table (percentile CIs, per phase, around DELETE/MOVE) and its plots")
     c.set_defaults(func=cmd_compare)
 
     pr = sub.add_parser("profiles", help="list the named host profiles")

@@ -50,13 +50,21 @@ def replicate(scenario: Scenario, policies: Iterable[str] = ("fast", "targeted")
 
     One row per (policy, replication), one column per metric.
     """
+    return runs_table(replicate_results(scenario, policies, replications, seed, backend, workers, store,
+                                        progress, first_replication))
+
+
+def replicate_results(scenario: Scenario, policies: Iterable[str] = ("fast", "targeted"), replications: int = 10,
+                      seed: int = 1, backend: str = "serial", workers: int = 1, store: str | Path | None = None,
+                      progress: bool | None = None, first_replication: int = 0,
+                      samples: Callable[[Any], dict[str, Any]] | None = None, tag: str = "") -> list[dict[str, Any]]:
+    """:func:`replicate`'s plain results (one dict per run, in task order), with optional ``samples``."""
     policies = list(policies)
     data = scenario.model_dump()
-    tasks = [Task(data, p, seed, r) for r in range(first_replication, first_replication + replications)
-             for p in policies]
-    results = execute(tasks, backend=backend, workers=workers,
-                      store=ResultStore(store) if store is not None else None, progress=progress)
-    return runs_table(results)
+    tasks = [Task(data, p, seed, r, samples=samples, tag=tag)
+             for r in range(first_replication, first_replication + replications) for p in policies]
+    return execute(tasks, backend=backend, workers=workers,
+                   store=ResultStore(store) if store is not None else None, progress=progress)
 
 
 def runs_table(results: list[dict[str, Any]]) -> pd.DataFrame:

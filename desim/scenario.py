@@ -293,6 +293,7 @@ class Scenario(_Model):
     vm: VmSpec
     phases: list[PhaseSpec] = Field(min_length=1)
     time_limit_ms: float = Field(default=600_000.0, gt=0)
+    costs: Literal["sampled", "mean"] = "sampled"  # desim.costs: draw costs with a dist, or use every mean
 
     @field_validator("zap_control")
     @classmethod
