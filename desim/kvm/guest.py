@@ -46,7 +46,8 @@ PAGE_1G = 1 << 30
 #   rdx = stride in bytes (4096: one write per 4 KiB page)
 #   rcx = exit address: a gpa outside every memslot (used by the MMIO exit)
 #   r9  = pass counter, incremented at the start of every pass; its low byte
-#         is what each page receives and what the exit carries to the VMM.
+#         is what each page receives and what the exit carries to the VMM;
+#   r11 = the stride again (the timed loop's copy: rdtsc clobbers rdx).
 _LOOP_BODY = bytes([
     0x49, 0xFF, 0xC1,        # 00 start: inc  r9               ; pass += 1
     0x48, 0x89, 0xF8,        # 03        mov  rax, rdi         ; cursor = base
@@ -73,6 +74,48 @@ TOUCH_LOOP_MMIO = _LOOP_BODY + _EXIT_MMIO + _LOOP_BACK
 TOUCH_LOOP_PIO = _LOOP_BODY + _EXIT_PIO + _LOOP_BACK
 TOUCH_LOOP = TOUCH_LOOP_MMIO
 EXITS = {"mmio": TOUCH_LOOP_MMIO, "pio": TOUCH_LOOP_PIO}
+
+# The timed touch loop: the same passes, each touch bracketed by ``lfence; rdtsc``
+# (LFENCE waits until the earlier instructions, the touching store and the page
+# fault it may take, have completed locally; Intel SDM vol. 2B "RDTSC", AMD APM
+# vol. 3 "RDTSC"). RDTSC at CPL 3 needs CR4.TSD = 0, which set_user_mode keeps.
+# The result goes into the touched page itself, which the touch just mapped, so
+# timing adds no fault: offset LATENCY_OFFSET receives the touch's latency in TSC
+# cycles (u32: the difference of the low halves, exact below 2^32 cycles), offset
+# TSC_OFFSET the TSC before the touch (u64), from which the VMM places the access
+# in host time. RDTSC clobbers rax and rdx, so this loop keeps its cursor in r10
+# and its stride in r11 (touch_regs sets r11 = rdx = stride); rbx is scratch.
+LATENCY_OFFSET = 8
+TSC_OFFSET = 16
+_TIMED_BODY = bytes([
+    0x49, 0xFF, 0xC1,        # 00 start: inc  r9               ; pass += 1
+    0x49, 0x89, 0xFA,        # 03        mov  r10, rdi         ; cursor = base
+    0x4C, 0x8D, 0x04, 0x37,  # 06        lea  r8, [rdi+rsi]    ; end = base + size
+    0x4D, 0x39, 0xC2,        # 0a loop:  cmp  r10, r8
+    0x73, 0x2E,              # 0d        jae  done (+0x2e -> 0x3d)
+    0x0F, 0xAE, 0xE8,        # 0f        lfence
+    0x0F, 0x31,              # 12        rdtsc                 ; edx:eax = TSC
+    0x48, 0xC1, 0xE2, 0x20,  # 14        shl  rdx, 32
+    0x48, 0x09, 0xD0,        # 18        or   rax, rdx
+    0x48, 0x89, 0xC3,        # 1b        mov  rbx, rax         ; t0
+    0x45, 0x88, 0x0A,        # 1e        mov  byte [r10], r9b  ; the touch (may fault)
+    0x0F, 0xAE, 0xE8,        # 21        lfence
+    0x0F, 0x31,              # 24        rdtsc
+    0x48, 0xC1, 0xE2, 0x20,  # 26        shl  rdx, 32
+    0x48, 0x09, 0xD0,        # 2a        or   rax, rdx
+    0x48, 0x29, 0xD8,        # 2d        sub  rax, rbx         ; cycles of the touch
+    0x41, 0x89, 0x42, 0x08,  # 30        mov  dword [r10+8], eax
+    0x49, 0x89, 0x5A, 0x10,  # 34        mov  qword [r10+16], rbx
+    0x4D, 0x01, 0xDA,        # 38        add  r10, r11         ; next page
+    0xEB, 0xCD,              # 3b        jmp  loop (-0x33 -> 0x0a)
+])
+# the same 5-byte exits at 0x3d, then back to start
+_TIMED_BACK = bytes([
+    0xEB, 0xBC,              # 42        jmp  start (-0x44 -> 0x00)
+])
+TIMED_LOOP_MMIO = _TIMED_BODY + _EXIT_MMIO + _TIMED_BACK
+TIMED_LOOP_PIO = _TIMED_BODY + _EXIT_PIO + _TIMED_BACK
+TIMED_EXITS = {"mmio": TIMED_LOOP_MMIO, "pio": TIMED_LOOP_PIO}
 EXIT_PORT = 0x80
 ENTRY = 0x0  # offset of ``start`` in the touch loop
 
@@ -224,4 +267,4 @@ RFLAGS = 0x2 | 0x200 | 0x3000  # reserved bit 1, IF, IOPL 3 (so ``out`` is legal
 
 def touch_regs(base: int, size: int, exit_gpa: int, stride: int = PAGE_4K) -> KvmRegs:
     """``struct kvm_regs`` for the touch loop over ``[base, base + size)``."""
-    return KvmRegs(rip=ENTRY, rflags=RFLAGS, rdi=base, rsi=size, rdx=stride, rcx=exit_gpa, r9=0)
+    return KvmRegs(rip=ENTRY, rflags=RFLAGS, rdi=base, rsi=size, rdx=stride, rcx=exit_gpa, r9=0, r11=stride)
