@@ -60,7 +60,7 @@ def not_preempted(lat: np.ndarray, run_delay_ns: float) -> np.ndarray:
     runnable threads than CPUs, the VMM or another vCPU). That wait landed inside
     some accesses; it is attributed to the slowest ones (of those slower than
     :data:`STALL_NS`): they are dropped while
-    their summed latency stays within the wait (plus 5% or :data:`STALL_NS`),
+    their summed latency stays within the wait (plus :data:`STALL_NS`),
     and the slowest is dropped anyway if it is at least half the wait.
     """
     keep = np.ones(len(lat), dtype=bool)
@@ -71,7 +71,7 @@ def not_preempted(lat: np.ndarray, run_delay_ns: float) -> np.ndarray:
         return keep
     order = slow[np.argsort(lat[slow])[::-1]]
     cum = np.cumsum(lat[order])
-    drop = order[cum <= run_delay_ns + max(0.05 * run_delay_ns, STALL_NS)]
+    drop = order[cum <= run_delay_ns + STALL_NS]
     if len(drop) == 0 and lat[order[0]] >= 0.5 * run_delay_ns:
         drop = order[:1]
     keep[drop] = False
@@ -123,6 +123,7 @@ class TimedRun:
 
     metrics: dict[str, int]
     samples: dict[str, np.ndarray] = field(default_factory=dict)
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # per phase, the kernel's counter deltas
     longest_stall_ns: float = 0.0      # slowest access overlapping the DELETE/MOVE, preempted ones dropped
     longest_stall_raw_ns: float = 0.0  # the same, all accesses
     during_accesses: int = 0           # accesses overlapping the DELETE/MOVE ioctl
@@ -164,6 +165,7 @@ def run_timed(kvm: Kvm, sc: KvmScenario, exit: str = "pio", during: bool = True,
         phases["retouch"] = tv.touch(sc.passes, "retouch")
         khz = tv.tsc_khz
     run = TimedRun(derive(sc, phases), tsc_khz=khz)
+    run.counts = {k: dict(ph.delta) for k, ph in phases.items()}
     run.samples["first_touch"], d1 = _pass_ns(phases["populate"], 0)
     run.samples["hit"], d2 = _pass_ns(phases["warm"], 0)
     ret, d3 = _pass_ns(phases["retouch"], 0)

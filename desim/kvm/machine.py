@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from desim.errors import DesimInputError
 from desim.kvm import uapi as u
 from desim.kvm.guest import (
-    EXIT_PORT, EXITS, GUEST_MSRS, LATENCY_OFFSET, PAGE_4K, TIMED_EXITS, TSC_OFFSET, PageTables, set_user_mode,
-    touch_regs,
+    EXIT_PORT, EXITS, GUEST_MSRS, LATENCY_OFFSET, PAGE_4K, RESULT_SLOTS, TIMED_EXITS, TSC_OFFSET, PageTables,
+    result_offset, set_user_mode, touch_regs,
 )
 from desim.kvm.spin import BusyCpus
 from desim.kvm.scenario import GUEST_PAGES, KvmScenario, Layout, layout
@@ -99,7 +99,6 @@ class _VcpuWorker(threading.Thread):
         self.passes_done = 0
         self.timings: list[PassTiming] = []  # the current command's passes (timed guest)
         self.stop = threading.Event()  # ends a command of UNTIL_STOPPED passes
-        self.record = threading.Event()  # UNTIL_STOPPED: read the timings of passes that end after this is set
         self.in_run = threading.Event()  # set while the thread is in KVM_RUN
 
     def run(self) -> None:
@@ -118,17 +117,17 @@ class _VcpuWorker(threading.Thread):
     def _passes(self, n: int) -> int:
         """``n`` passes (or, with :data:`UNTIL_STOPPED`, passes until :attr:`stop` is set).
 
-        With :data:`UNTIL_STOPPED` the timed guest's pages are read only for
-        passes that end after :attr:`record` is set: reading a pass takes far
-        longer than running it, and the vCPU must be in ``KVM_RUN`` when the
-        VMM's ioctl starts.
+        With the timed guest, the results of the last ``RESULT_SLOTS - 1``
+        passes are read after the last one (the guest keeps a ring of 64 result
+        slots per page): between passes the vCPU is back in ``KVM_RUN`` at
+        once, as it must be when the VMM's ioctl runs meanwhile.
         """
         v = self.vcpu
         assert v is not None
         total = 0
-        self.timings = []
-        done = 0
         timed = self.tvm.timed
+        ran: list[tuple[int, int, int]] = []  # (pass number, host ns before KVM_RUN, run-queue wait)
+        done = 0
         while done < n or (n == UNTIL_STOPPED and not self.stop.is_set()):
             d0 = run_delay_ns() if timed else 0
             t0 = time.perf_counter_ns()
@@ -141,11 +140,13 @@ class _VcpuWorker(threading.Thread):
             got = self._pass_byte(reason)
             if got != self.passes_done & 0xFF:
                 raise KvmError(f"vCPU {self.index}: pass {self.passes_done} ended with pass byte {got}")
-            if timed and (n != UNTIL_STOPPED or self.record.is_set()):
-                d1 = run_delay_ns()
-                pt = self.tvm.read_timings(self.index, t0)
-                pt.run_delay_ns = d1 - d0
-                self.timings.append(pt)
+            if timed:
+                ran.append((self.passes_done, t0, run_delay_ns() - d0))
+        self.timings = []
+        for pass_no, t0, delay in ran[-(RESULT_SLOTS - 1):]:
+            pt = self.tvm.read_timings(self.index, t0, pass_no)
+            pt.run_delay_ns = delay
+            self.timings.append(pt)
         return total
 
     def _pass_byte(self, reason: int) -> int:
@@ -265,8 +266,9 @@ class TouchVm:
             self.tsc_khz = v.tsc_khz()
         return v
 
-    def read_timings(self, index: int, host_ns: int) -> PassTiming:
-        """What the timed guest wrote into vCPU ``index``'s touched pages in its last pass.
+    def read_timings(self, index: int, host_ns: int, pass_no: int) -> PassTiming:
+        """What the timed guest wrote into vCPU ``index``'s touched pages in pass ``pass_no``
+        (one of the last 63: the guest's ring of result slots).
 
         Reads the host's mapping of guest memory (pages the pass just touched,
         so already resident: reading faults nothing in, on the host or in KVM).
@@ -282,9 +284,10 @@ class TouchVm:
             if first >= hi:
                 continue
             n = -(-(hi - first) // stride)
-            mv = self.mem[plan.slot].view(first - plan.gpa, (n - 1) * stride + TSC_OFFSET + 8)
-            cycles.extend(mv.cast("I")[LATENCY_OFFSET // 4::stride // 4].tolist()[:n])
-            tsc.extend(mv.cast("Q")[TSC_OFFSET // 8::stride // 8].tolist()[:n])
+            off = result_offset(pass_no)
+            mv = self.mem[plan.slot].view(first - plan.gpa, (n - 1) * stride + off + 16)
+            cycles.extend(mv.cast("I")[(off + LATENCY_OFFSET) // 4::stride // 4].tolist()[:n])
+            tsc.extend(mv.cast("Q")[(off + TSC_OFFSET) // 8::stride // 8].tolist()[:n])
         return PassTiming(host_ns, cycles, tsc)
 
     # --- phases -------------------------------------------------------------
@@ -327,16 +330,15 @@ class TouchVm:
         Each vCPU runs passes back to back until told to stop; once every vCPU
         has finished one pass and all are in ``KVM_RUN``, the VMM thread waits
         ``delay_ns`` and issues the operation, then lets each vCPU finish
-        ``passes_after`` more passes. Timings are kept from the pass that was
-        running when the operation ended on (:meth:`_VcpuWorker._passes`): an
-        operation longer than a pass loses its first passes' timings. With the timed guest, the accesses that
+        ``passes_after`` more passes. The timed guest's results of the last 63
+        passes are read at the end (:meth:`_VcpuWorker._passes`): an operation
+        that lasts longer than 60 passes loses the timings of its first ones. With the timed guest, the accesses that
         overlap the ioctls (:attr:`PhaseResult.windows`) are the stalls a vCPU
         sees while the DELETE/MOVE runs.
         """
         before = self.counters()
         for w in self.workers:
             w.stop.clear()
-            w.record.clear()
         start_passes = [w.passes_done for w in self.workers]
         t0 = time.perf_counter_ns()
         for w in self.workers:
@@ -359,8 +361,6 @@ class TouchVm:
         windows: list[tuple[str, int, int]] = []
         # no spinners: the running vCPUs keep the host's CPUs busy (what busy_cpus imitates)
         self._apply_op(ioctls, windows)
-        for w in self.workers:
-            w.record.set()
         after = [w.passes_done for w in self.workers]
         start_passes = after
         wait_passes(passes_after)
