@@ -58,7 +58,7 @@ def test_timing_changes_no_kernel_counter(kvm, policy, exit, vcpus):
 
 def test_latency_classes_match_the_fault_counts(kvm):
     sc = KvmScenario(name="timed-classes", ram_mib=32, vcpus=1, policy="fast", stride_kib=32)
-    r = run_timed(kvm, sc, during=True)
+    r = run_timed(kvm, sc, during=False)
     n = 32 * 256 // 8  # every 8th 4 KiB page
     assert len(r.samples["hit"]) + r.preempted >= n - 1
     assert r.tsc_khz > 100_000  # a real TSC, > 100 MHz
@@ -68,7 +68,19 @@ def test_latency_classes_match_the_fault_counts(kvm):
     # the stalls of the first retouch pass are the kernel's re-faults (pf_taken), give or take a few
     # host interrupts that made a hit slower than STALL_NS
     assert abs(r.refault_stalls - r.refault_pf_taken) <= max(16, 0.02 * r.refault_pf_taken)
-    # some access overlapped the DELETE (whether the host's scheduler stretched it depends on the load)
+
+
+@pytest.mark.parametrize("policy", ["fast", "targeted"])
+def test_accesses_overlap_the_delete_that_runs_meanwhile(kvm, policy):
+    sc = KvmScenario(name="timed-during", ram_mib=64, vcpus=1, policy=policy, op="delete")
+    # the VMM issues the DELETE once the vCPU is in KVM_RUN; on a loaded host the vCPU thread can
+    # still be off its CPU for the whole ioctl, so a run may see no access overlap it: three tries
+    for _ in range(3):
+        r = run_timed(kvm, sc, during=True)
+        if r.longest_stall_raw_ns > 0:
+            break
+    # whether the host's scheduler stretched an access depends on the neighbours' load: the raw
+    # longest stall includes such waits, the other one drops them
     assert r.longest_stall_raw_ns >= r.longest_stall_ns and r.longest_stall_raw_ns > 0
 
 

@@ -3,7 +3,9 @@
 The timed touch loop (:data:`desim.kvm.guest.TIMED_EXITS`) brackets every touch
 with ``lfence; rdtsc`` and leaves the cycles, and the TSC before the touch, in
 the touched page, where :meth:`desim.kvm.machine.TouchVm.read_timings` reads
-them after each pass. Cycles become nanoseconds with the guest TSC frequency
+them after the passes. An access's latency is the time from the end of the
+previous touch to the end of its own (:func:`access_times`), so a stall that
+lands between two brackets counts too. Cycles become nanoseconds with the guest TSC frequency
 from ``KVM_GET_TSC_KHZ`` (on these hosts the PVM guest's user mode reads the
 host TSC natively: ``constant_tsc nonstop_tsc tsc_known_freq``, 2445426 kHz,
 the same as the host's ``tsc: Detected`` rate).
@@ -37,7 +39,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from desim.kvm.machine import PhaseResult, TouchVm
+from desim.kvm.machine import PassTiming, PhaseResult, TouchVm
 from desim.kvm.measure import derive
 from desim.kvm.scenario import KvmScenario
 from desim.kvm.vm import Kvm
@@ -50,6 +52,24 @@ ZAP_IOCTLS = ("delete", "move")
 
 def cycles_ns(cycles: Any, tsc_khz: int) -> np.ndarray:
     return np.asarray(cycles, dtype=np.float64) * (1e6 / tsc_khz)
+
+
+def access_times(p: PassTiming, tsc_khz: int) -> tuple[np.ndarray, np.ndarray]:
+    """(start TSC in ns, latency in ns) of each access of one pass.
+
+    An access lasts from the end of the previous touch to the end of its own:
+    the rdtsc pair brackets the touch itself, but a kick, a host interrupt or
+    preemption can also land on the loop's few instructions between two
+    brackets, and the guest sees that time too. The first access of a pass is
+    its bracket alone. (A hit so measured includes the loop's own ~10 ns.)
+    """
+    tsc = np.asarray(p.tsc, dtype=np.int64)
+    end = tsc + np.asarray(p.cycles, dtype=np.int64)
+    if len(end) == 0:
+        return np.zeros(0), np.zeros(0)
+    start = np.concatenate([tsc[:1], end[:-1]])
+    scale = 1e6 / tsc_khz
+    return start * scale, (end - start) * scale
 
 
 def not_preempted(lat: np.ndarray, run_delay_ns: float) -> np.ndarray:
@@ -84,7 +104,7 @@ def _pass_ns(ph: PhaseResult, pass_index: int, clean: bool = True) -> tuple[np.n
     for t in ph.timings:
         if len(t) <= pass_index:
             continue
-        lat = cycles_ns(t[pass_index].cycles, ph.tsc_khz)
+        lat = access_times(t[pass_index], ph.tsc_khz)[1]
         if clean:
             k = not_preempted(lat, t[pass_index].run_delay_ns)
             dropped += int((~k).sum())
@@ -105,8 +125,8 @@ def during_op(ph: PhaseResult, clean: bool = True) -> tuple[np.ndarray, float, i
             continue
         offset = min(p.tsc[0] * (1e6 / ph.tsc_khz) - p.host_ns for p in passes if len(p.tsc))
         for p in passes:
-            start = np.asarray(p.tsc, dtype=np.float64) * (1e6 / ph.tsc_khz) - offset
-            lat = cycles_ns(p.cycles, ph.tsc_khz)
+            start, lat = access_times(p, ph.tsc_khz)
+            start -= offset
             keep = not_preempted(lat, p.run_delay_ns) if clean else np.ones(len(lat), dtype=bool)
             for a, b in wins:
                 sel = (start < b) & (start + lat > a) & keep
@@ -178,10 +198,8 @@ def run_timed(kvm: Kvm, sc: KvmScenario, exit: str = "pio", during: bool = True,
     if during:
         with TouchVm(kvm, sc, exit=exit, timed=True) as tv:
             tv.touch(sc.passes, "populate")
-            warm = tv.touch(1, "warm")
-            # issue the op a quarter into a pass of hits (every vCPU runs one pass in parallel)
-            delay = max(20_000, min(warm.vcpu_ns) // 4) if warm.vcpu_ns else 100_000
-            ph = tv.memslot_op_during_passes("op-during", delay_ns=int(delay))
+            tv.touch(1, "warm")
+            ph = tv.memslot_op_during_passes("op-during")
         run.samples["during_op"], run.longest_stall_ns, run.during_accesses = during_op(ph)
         _, run.longest_stall_raw_ns, _ = during_op(ph, clean=False)
     return run
