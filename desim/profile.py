@@ -39,7 +39,8 @@ class Dist(BaseModel):
       ``value`` scales the whole table). ``desim calibrate`` writes ``value`` =
       the table's mean.
 
-    ``ci95_sigma`` is the 95% interval of a fitted ``sigma`` (bootstrap).
+    ``ci95_sigma`` / ``ci95_ns`` are the 95% intervals of a fitted ``sigma`` or of
+    each quantile (bootstrap); ``source`` says where the shape comes from.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -48,6 +49,7 @@ class Dist(BaseModel):
     ci95_sigma: tuple[float, float] | None = None
     p: list[float] | None = None
     ns: list[float] | None = None
+    ci95_ns: list[tuple[float, float]] | None = None
     source: str = ""
 
     @model_validator(mode="after")

@@ -255,3 +255,39 @@ def test_validate_refuses_what_the_simulator_cannot_mirror_before_running_anythi
     monkeypatch.setattr(v, "measure_interleaved", boom)
     with pytest.raises(DesimInputError, match="accessed"):
         v.validate([named("outside"), named("no-accessed")])
+
+
+def test_fitted_distributions_recover_a_known_shape_and_reach_the_profile(tmp_path):
+    """Synthetic rdtsc samples built from the model's own sum: the fit gets the tables back."""
+    import numpy as np
+
+    from desim.kvm import fitdist
+
+    base = load_profile("shadow-pvm")
+    costs = {k: c.value for k, c in base.costs.items()}
+    rng = np.random.default_rng(3)
+    access = 20.0
+    const = costs["vm_exit"] + costs["vm_entry"] + costs["spte_install"] + access
+    runs = []
+    for _ in range(4):
+        u = rng.random(20_000)
+        fh = 700 * np.exp(0.3 * rng.standard_normal(20_000))  # the known fault_handle shape
+        alloc = 2300 + 1500 * u ** 4  # and host_alloc_4k's
+        runs.append({"refault": const + costs["faultin_resident"] + fh,
+                     "first_touch": const + np.quantile(fh, u) + alloc})
+    t = fitdist.fit_tables(runs, costs, access)
+    p = np.array(fitdist.P_GRID[1:-1])
+    assert np.allclose(t["fault_handle"][1:-1], 700 * np.exp(0.3 * np.sqrt(2) * __import__("scipy").special.erfinv(
+        2 * p - 1)), rtol=0.04)
+    assert np.allclose(t["host_alloc_4k"][1:-1], 2300 + 1500 * p ** 4, rtol=0.03)  # comonotone: exact
+    d = fitdist.fit_dists(runs, costs, access, "synthetic", resamples=20)
+    lo, hi = np.array(d["fault_handle"]["ci95_ns"]).T
+    assert np.all(lo <= np.array(d["fault_handle"]["ns"]) + 1e-6) and np.all(np.array(d["fault_handle"]["ns"]) <= hi + 1e-6)
+    c = cal.fit(synthetic(), base)
+    c.dists = d
+    path = tmp_path / "p.toml"
+    path.write_text(cal.profile_toml(c, base, "with-dists"))
+    prof = load_profile(str(path))
+    assert prof.costs["fault_handle"].dist.kind == "quantiles"
+    assert prof.costs["host_alloc_4k"].dist.ns == d["host_alloc_4k"]["ns"]
+    assert prof.costs["spte_zap"].dist is None

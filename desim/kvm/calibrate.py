@@ -54,6 +54,11 @@ repeats (:func:`bootstrap_ci95`), written as ``ci95 = [low, high]`` next to
 its value, and calibrate warns when the host's speed drifted between the first
 and second half of the repeats (:func:`drift`).
 
+The two costs that carry a fault's variation, ``fault_handle`` and
+``host_alloc_4k``, also get the shape of their distribution (an empirical
+quantile table with a bootstrap 95% interval per quantile) from per-access
+rdtsc latencies of microscenario C: :mod:`desim.kvm.fitdist`.
+
 Costs not identifiable here (``ipi_*``, ``invept``, ``root_alloc``, 1 GiB
 host allocation, ``pt_page_alloc``, ``lock_handoff``, ``mmio_emulation``) keep
 the base profile's value and source. Every fitted cost's ``source`` says
@@ -100,11 +105,12 @@ class Calibration:
     raw: dict[str, list[dict[str, int]]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     ci95: dict[str, tuple[float, float]] = field(default_factory=dict)
+    dists: dict[str, dict[str, Any]] = field(default_factory=dict)  # cost -> Dist fields (desim.kvm.fitdist)
 
     def to_dict(self) -> dict[str, Any]:
         return {"costs": self.costs, "ci95": self.ci95, "access_ns": self.access_ns,
                 "observations": self.observations, "sources": self.sources, "warnings": self.warnings,
-                "runs": self.raw}
+                "dists": self.dists, "runs": self.raw}
 
 
 def collect(repeats: int = 7, progress: Callable[[str], None] | None = None,
@@ -291,8 +297,17 @@ def calibrate(base: str = "shadow-pvm", repeats: int = 7, progress: Callable[[st
     """Measure and fit; returns the calibration and the base HostProfile."""
     from desim.profile import load_profile
 
+    from desim.kvm.fitdist import DIST_SCENARIO, collect_latency, fit_dists
+
     prof = load_profile(base)
-    return fit(collect(repeats, progress, kvm_path), prof), prof
+    cal = fit(collect(repeats, progress, kvm_path), prof)
+    # the shape of the fault-path costs, from the timed guest on microscenario C
+    with Kvm(kvm_path) as kvm:
+        lat = collect_latency(MICRO[DIST_SCENARIO], repeats, kvm, progress)
+    costs = {k: cal.costs.get(k, c.value) for k, c in prof.costs.items()}
+    stamp = f"measured: desim kvm calibrate, {os.uname().release}, {time.strftime('%Y-%m-%d')}"
+    cal.dists = fit_dists(lat, costs, cal.access_ns, stamp)
+    return cal, prof
 
 
 def _toml_str(s: str) -> str:
@@ -320,6 +335,15 @@ def profile_toml(cal: Calibration, base: Any, name: str) -> str:
                 ci = f", ci95 = [{round(lo, 2)}, {round(hi, 2)}]"
         else:
             value, source = c.value, c.source
-        lines.append(f"{k} = {{ value = {round(value, 2)}{ci}, source = {_toml_str(source)} }}")
+        dist = _dist_toml(cal.dists[k]) if k in cal.dists else ""
+        lines.append(f"{k} = {{ value = {round(value, 2)}{ci}, source = {_toml_str(source)}{dist} }}")
     return "\n".join(lines) + "\n"
+
+
+def _dist_toml(d: dict[str, Any]) -> str:
+    """``, dist = { ... }``: an inline TOML table of a fitted distribution."""
+    parts = []
+    for k, v in d.items():
+        parts.append(f"{k} = {_toml_str(v) if isinstance(v, str) else str(v)}")
+    return ", dist = { " + ", ".join(parts) + " }"
 
