@@ -68,3 +68,42 @@ def plot_around_ops(samples: dict[str, dict[int, dict[str, Any]]], path: str | P
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+STAT_MARKERS = {"p50": "o", "p90": "s", "p99": "^", "p99.9": "v", "longest": "*"}
+
+
+def plot_validation_tails(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """Real vs simulated latency percentiles (log-log), one marker per statistic, with the ±20% band
+    (p50/p90) and the ±35% band (p99, p99.9, longest stall); misses are labelled."""
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    vals = [v for r in rows for v in (r["real"], r["sim"]) if v > 0]
+    lo, hi = (min(vals) / 1.5, max(vals) * 1.5) if vals else (1.0, 10.0)
+    x = np.geomspace(lo, hi, 50)
+    ax.plot(x, x, color="grey", lw=1)
+    ax.fill_between(x, x * 0.8, x * 1.2, color="grey", alpha=0.25, lw=0, label="±20% (p50, p90)")
+    ax.fill_between(x, x * 0.65, x * 1.35, color="grey", alpha=0.1, lw=0, label="±35% (p99, p99.9, longest)")
+    for stat, marker in STAT_MARKERS.items():
+        for pol in ("fast", "targeted"):
+            sel = [r for r in rows if r["stat"] == stat and r["policy"] == pol and r["real"] > 0 and r["sim"] > 0]
+            if sel:
+                ax.scatter([r["real"] for r in sel], [r["sim"] for r in sel], marker=marker, s=36,
+                           color=COLORS.get(pol), alpha=0.8, label=f"{stat} {pol}")
+    for r in rows:
+        if not r["within"] and r["real"] > 0 and r["sim"] > 0:
+            ax.annotate(f"{r['scenario']} {r['class']} {r['stat']}", (r["real"], r["sim"]), fontsize=6,
+                        alpha=0.7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("real (rdtsc in the guest), ns")
+    ax.set_ylabel("simulated, ns")
+    n = sum(r["within"] for r in rows)
+    ax.set_title(title or "Latency tails: real vs simulated", fontsize=10)
+    ax.text(0.02, 0.98, f"{n}/{len(rows)} within target", transform=ax.transAxes, va="top", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right", ncol=2)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -271,13 +271,14 @@ def test_fitted_distributions_recover_a_known_shape_and_reach_the_profile(tmp_pa
     runs = []
     for _ in range(4):
         u = rng.random(20_000)
-        fh = 700 * np.exp(0.3 * rng.standard_normal(20_000))  # the known fault_handle shape
+        # the known fault_handle shape, its median the profile's value (so the proportions hold)
+        fh = costs["fault_handle"] * np.exp(0.3 * rng.standard_normal(20_000))
         alloc = 2300 + 1500 * u ** 4  # and host_alloc_4k's
         runs.append({"refault": const + costs["faultin_resident"] + fh,
                      "first_touch": const + np.quantile(fh, u) + alloc})
     t = fitdist.fit_tables(runs, costs, access)
     p = np.array(fitdist.P_GRID[1:-1])
-    assert np.allclose(t["fault_handle"][1:-1], 700 * np.exp(0.3 * np.sqrt(2) * __import__("scipy").special.erfinv(
+    assert np.allclose(t["fault_handle"][1:-1], costs["fault_handle"] * np.exp(0.3 * np.sqrt(2) * __import__("scipy").special.erfinv(
         2 * p - 1)), rtol=0.04)
     assert np.allclose(t["host_alloc_4k"][1:-1], 2300 + 1500 * p ** 4, rtol=0.03)  # comonotone: exact
     d = fitdist.fit_dists(runs, costs, access, "synthetic", resamples=20)

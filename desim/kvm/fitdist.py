@@ -10,12 +10,17 @@ every 8th page: a re-fault installs one SPTE, nothing to prefetch):
 * ``fault_handle`` from the re-faults after C's fast zap. The simulator's
   re-fault access is ``vm_exit + fault_handle + faultin_resident +
   spte_install + vm_entry + access_ns`` (``desim/vcpu.py``, no contention with
-  one vCPU), so the quantiles of ``fault_handle`` are those of the measured
-  latency minus the other, constant, terms (clipped at 0). The exit path's
-  whole variation is put on ``fault_handle`` (one sum is all rdtsc sees).
+  one vCPU). The measured median (minus ``access_ns``) is split in the
+  profile's proportions of those five costs, as calibrate splits its
+  wall-time mean; the other four are taken as constant, so the quantiles of
+  ``fault_handle`` are the measured ones minus their share (clipped at 0): the
+  exit path's whole variation goes to ``fault_handle`` (one sum is all rdtsc
+  sees). Only rdtsc numbers enter a table, so it stays consistent when the
+  wall-time means were fitted on a quieter or busier day.
 * ``host_alloc_4k`` from C's first touches, ``vm_exit + fault_handle +
   host_alloc_4k + spte_install + vm_entry + access_ns``: quantile by
-  quantile, first touch minus re-fault plus ``faultin_resident``. That
+  quantile, first touch minus re-fault plus ``faultin_resident`` (its share
+  of the measured re-fault median). That
   difference is exact if a fault slow in one part is as slow in the other
   (comonotone); the simulator draws the two independently, so its first-touch
   spread comes out somewhat wider in the upper middle (checked on these hosts:
@@ -39,6 +44,8 @@ from typing import Any, Callable
 import numpy as np
 
 from desim.kvm.latency import STALL_NS, run_timed
+
+EXIT_PATH = ("vm_exit", "vm_entry", "fault_handle", "faultin_resident", "spte_install")  # as calibrate
 from desim.kvm.scenario import KvmScenario
 
 P_GRID = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 1.0)
@@ -73,11 +80,16 @@ def fit_tables(runs: list[dict[str, np.ndarray]], costs: dict[str, float], acces
     refault = np.concatenate([r["refault"] for r in runs])
     first = np.concatenate([r["first_touch"] for r in runs])
     first = first[first > STALL_NS]
-    exit_entry = costs["vm_exit"] + costs["vm_entry"] + costs["spte_install"] + access_ns
+    # the re-fault's median split in the profile's proportions of the exit path (as calibrate splits
+    # its wall-time mean R1); everything but fault_handle is taken as constant
+    path = sum(costs[k] for k in EXIT_PATH)
+    med = float(np.median(refault)) - access_ns
+    others = med * (1.0 - costs["fault_handle"] / path)
+    faultin = med * costs["faultin_resident"] / path
     ref_q = quantile_table(refault)
-    fh = np.maximum.accumulate(np.maximum(ref_q - exit_entry - costs["faultin_resident"], 0.0))
+    fh = np.maximum.accumulate(np.maximum(ref_q - access_ns - others, 0.0))
     # first touch = re-fault - faultin_resident + host_alloc_4k, quantile by quantile
-    alloc = np.maximum.accumulate(np.maximum(quantile_table(first) - ref_q + costs["faultin_resident"], 0.0))
+    alloc = np.maximum.accumulate(np.maximum(quantile_table(first) - ref_q + faultin, 0.0))
     return {"fault_handle": fh, "host_alloc_4k": alloc}
 
 
