@@ -82,8 +82,10 @@ EXITS = {"mmio": TOUCH_LOOP_MMIO, "pio": TOUCH_LOOP_PIO}
 # The result goes into the touched page itself, which the touch just mapped, so
 # timing adds no fault: a ring of RESULT_SLOTS 16-byte slots from RESULT_BASE,
 # slot (pass & 63) for this pass, holds the touch's latency in TSC cycles (u32 at
-# +0: exact below 2^32 cycles) and the TSC before the touch (u64 at +8), from
-# which the VMM places the access in host time. The ring keeps the last 64
+# +0: exact below 2^32 cycles), the pass number (u32 at +4: a slot whose pass
+# does not match was not written, e.g. a touch that found no memslot) and the
+# TSC before the touch (u64 at +8), from which the VMM places the access in
+# host time. The ring keeps the last 64
 # passes readable, so the VMM can let vCPUs run passes back to back and read them
 # afterwards. RDTSC clobbers rax and rdx, so this loop keeps its cursor in r10,
 # its stride in r11 (touch_regs sets r11 = rdx = stride) and the slot offset in
@@ -93,6 +95,7 @@ EXITS = {"mmio": TOUCH_LOOP_MMIO, "pio": TOUCH_LOOP_PIO}
 RESULT_BASE = 16
 RESULT_SLOTS = 64
 LATENCY_OFFSET = 0  # within a slot
+PASS_OFFSET = 4     # within a slot: the low 32 bits of the pass counter that wrote it
 TSC_OFFSET = 8      # within a slot
 _TIMED_BODY = bytes([
     0x49, 0xFF, 0xC1,        # 00 start: inc  r9               ; pass += 1
@@ -103,7 +106,7 @@ _TIMED_BODY = bytes([
     0x4E, 0x8D, 0x24, 0xE5, 0x08, 0x00, 0x00, 0x00,  # 12  lea r12, [r12*8+8]
     0x4E, 0x8D, 0x24, 0x65, 0x00, 0x00, 0x00, 0x00,  # 1a  lea r12, [r12*2]  ; slot = 16 + 16 * (pass & 63)
     0x4D, 0x39, 0xC2,        # 22 loop:  cmp  r10, r8
-    0x73, 0x2F,              # 25        jae  done (+0x2f -> 0x56)
+    0x73, 0x34,              # 25        jae  done (+0x34 -> 0x5b)
     0x0F, 0xAE, 0xE8,        # 27        lfence
     0x0F, 0x31,              # 2a        rdtsc                 ; edx:eax = TSC
     0x48, 0xC1, 0xE2, 0x20,  # 2c        shl  rdx, 32
@@ -116,13 +119,14 @@ _TIMED_BODY = bytes([
     0x48, 0x09, 0xD0,        # 42        or   rax, rdx
     0x48, 0x29, 0xD8,        # 45        sub  rax, rbx         ; cycles of the touch
     0x43, 0x89, 0x04, 0x22,  # 48        mov  dword [r10+r12], eax
-    0x4B, 0x89, 0x5C, 0x22, 0x08,  # 4c  mov  qword [r10+r12+8], rbx
-    0x4D, 0x01, 0xDA,        # 51        add  r10, r11         ; next page
-    0xEB, 0xCC,              # 54        jmp  loop (-0x34 -> 0x22)
+    0x47, 0x89, 0x4C, 0x22, 0x04,  # 4c  mov  dword [r10+r12+4], r9d   ; the pass that wrote the slot
+    0x4B, 0x89, 0x5C, 0x22, 0x08,  # 51  mov  qword [r10+r12+8], rbx
+    0x4D, 0x01, 0xDA,        # 56        add  r10, r11         ; next page
+    0xEB, 0xC7,              # 59        jmp  loop (-0x39 -> 0x22)
 ])
-# the same 5-byte exits at 0x56, then back to start
+# the same 5-byte exits at 0x5b, then back to start
 _TIMED_BACK = bytes([
-    0xEB, 0xA3,              # 5b        jmp  start (-0x5d -> 0x00)
+    0xEB, 0x9E,              # 60        jmp  start (-0x62 -> 0x00)
 ])
 TIMED_LOOP_MMIO = _TIMED_BODY + _EXIT_MMIO + _TIMED_BACK
 TIMED_LOOP_PIO = _TIMED_BODY + _EXIT_PIO + _TIMED_BACK

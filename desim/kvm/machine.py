@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from desim.errors import DesimInputError
 from desim.kvm import uapi as u
 from desim.kvm.guest import (
-    EXIT_PORT, EXITS, GUEST_MSRS, LATENCY_OFFSET, PAGE_4K, RESULT_SLOTS, TIMED_EXITS, TSC_OFFSET, PageTables,
+    EXIT_PORT, EXITS, GUEST_MSRS, LATENCY_OFFSET, PAGE_4K, PASS_OFFSET, RESULT_SLOTS, TIMED_EXITS, TSC_OFFSET,
+    PageTables,
     result_offset, set_user_mode, touch_regs,
 )
 from desim.kvm.spin import BusyCpus
@@ -100,6 +101,7 @@ class _VcpuWorker(threading.Thread):
         self.timings: list[PassTiming] = []  # the current command's passes (timed guest)
         self.stop = threading.Event()  # ends a command of UNTIL_STOPPED passes
         self.in_run = threading.Event()  # set while the thread is in KVM_RUN
+        self.holes = 0  # touches that found no memslot (KVM_EXIT_MMIO inside the touched range)
 
     def run(self) -> None:
         try:
@@ -133,6 +135,9 @@ class _VcpuWorker(threading.Thread):
             t0 = time.perf_counter_ns()
             self.in_run.set()
             reason = v.run()
+            while self._hole_write(reason):
+                self.holes += 1  # a write to a slot the VMM is re-creating: dropped, as a VMM drops it
+                reason = v.run()
             self.in_run.clear()
             total += time.perf_counter_ns() - t0
             self.passes_done += 1
@@ -148,6 +153,16 @@ class _VcpuWorker(threading.Thread):
             pt.run_delay_ns = delay
             self.timings.append(pt)
         return total
+
+    def _hole_write(self, reason: int) -> bool:
+        """A ``KVM_EXIT_MMIO`` write inside this vCPU's touched region: the touch ran while the
+        slot under it was deleted (``memslot_op_during_passes`` of a slot inside the touched
+        range). Nothing to complete for a write; the next ``KVM_RUN`` continues the pass."""
+        if reason != u.KVM_EXIT_MMIO:
+            return False
+        rp = self.vcpu.run_page  # type: ignore[union-attr]
+        base, size = self.tvm.layout.regions[self.index]
+        return bool(rp.mmio_is_write) and base <= rp.mmio_phys_addr < base + size
 
     def _pass_byte(self, reason: int) -> int:
         """The pass counter's low byte carried by the exit; KvmError if it is the wrong exit."""
@@ -286,8 +301,14 @@ class TouchVm:
             n = -(-(hi - first) // stride)
             off = result_offset(pass_no)
             mv = self.mem[plan.slot].view(first - plan.gpa, (n - 1) * stride + off + 16)
-            cycles.extend(mv.cast("I")[(off + LATENCY_OFFSET) // 4::stride // 4].tolist()[:n])
-            tsc.extend(mv.cast("Q")[(off + TSC_OFFSET) // 8::stride // 8].tolist()[:n])
+            c = mv.cast("I")[(off + LATENCY_OFFSET) // 4::stride // 4].tolist()[:n]
+            p = mv.cast("I")[(off + PASS_OFFSET) // 4::stride // 4].tolist()[:n]
+            t = mv.cast("Q")[(off + TSC_OFFSET) // 8::stride // 8].tolist()[:n]
+            mine = pass_no & 0xFFFFFFFF
+            # a slot another pass wrote: this touch found no memslot (its stores went to MMIO)
+            keep = [i for i in range(n) if p[i] == mine]
+            cycles.extend(c[i] for i in keep)
+            tsc.extend(t[i] for i in keep)
         return PassTiming(host_ns, cycles, tsc)
 
     # --- phases -------------------------------------------------------------
