@@ -130,17 +130,27 @@ COST_NAMES: dict[str, str] = {
 class Kernel(BaseModel):
     """Kernel configuration that selects code paths."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
     mmu: Literal["tdp", "legacy", "shadow"]
+    """``tdp`` = the TDP MMU (``mmu/tdp_mmu.c``, 5.12+); ``legacy`` = shadow pages for TDP (before 5.12); ``shadow`` = shadow paging of guest page tables."""
     lock: Literal["rwlock", "spinlock"]
+    """``mmu_lock``: a qrwlock (5.12+) or a spinlock."""
     fault_lock: Literal["read", "write"]
+    """How faults take ``mmu_lock`` (``read`` only on the TDP MMU with an rwlock)."""
     preemption: bool
+    """``CONFIG_PREEMPTION``: long zaps yield ``mmu_lock`` to waiters (``rwlock_needbreak``)."""
     pte_prefetch: bool
+    """The legacy/shadow MMU installs neighbouring SPTEs on a fault (``direct_pte_prefetch``)."""
     backing: Literal["4k", "thp", "hugetlbfs-1g"] = "thp"
+    """Host page size backing guest memory (per slot: ``vm.memslots.N.backing``)."""
     thp_fraction: float = Field(default=1.0, ge=0.0, le=1.0)
+    """With ``thp``: the share of 2 MiB regions the host actually backs with a huge page."""
     nx_huge_pages: bool = False
+    """The ``nx_huge_pages`` mitigation: executable huge pages are split to 4 KiB (not modelled yet: accepted, no effect)."""
     eager_page_split: bool = False
+    """Enabling dirty logging splits huge SPTEs in place (``eager_page_split``) instead of zapping them."""
     root_level: int = Field(default=4, ge=4, le=5)
+    """Paging levels of the root (4, or 5 with LA57)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> "Kernel":

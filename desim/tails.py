@@ -163,6 +163,22 @@ def latency_samples(res: "RunResult") -> dict[str, Any]:
     return out
 
 
+class WithTails:
+    """A ``Task.samples`` hook: another hook's samples (or none) plus :func:`latency_samples`.
+
+    A module-level class, so that it pickles for Dask workers; ``tag`` names
+    both parts (part of a stored result's key)."""
+
+    def __init__(self, other: Any = None) -> None:
+        self.other = other
+        self.tag = f"{getattr(other, '__name__', 'none')}+{TAILS_TAG}"
+
+    def __call__(self, res: "RunResult") -> dict[str, Any]:
+        out = dict(self.other(res)) if self.other is not None else {}
+        out.update(latency_samples(res))
+        return out
+
+
 def _hists_by_rep(samples: dict[int, dict[str, Any]], key: str, reps: list[int]) -> np.ndarray:
     return np.array([_dense(samples[r].get(key, [])) for r in reps])
 
