@@ -61,7 +61,8 @@ def collect_latency(sc: KvmScenario, repeats: int, kvm: Any,
     for rep in range(repeats):
         r = run_timed(kvm, sc, during=False)
         out.append({"first_touch": r.samples["first_touch"], "refault": r.samples["refault"],
-                    "preempted": np.array([r.preempted])})
+                    "retouch": r.samples["retouch"], "hit": r.samples["hit"],
+                    "refaults": np.array([r.metrics["refaults"]]), "preempted": np.array([r.preempted])})
         if progress:
             progress(f"calibrate: latency run {rep + 1}/{repeats}: re-fault p50 "
                      f"{np.median(r.samples['refault']):.0f} ns, first touch p50 "
@@ -118,3 +119,24 @@ def fit_dists(runs: list[dict[str, np.ndarray]], costs: dict[str, float], access
         d["source"] = f"{source}: quantiles of {what}, {len(runs)} runs of calibration scenario C; p = 1 is the p99.99"
         out[k] = d
     return out
+
+
+def rdtsc_fault_means(c_runs: list[dict[str, np.ndarray]], a_runs: list[dict[str, np.ndarray]],
+                      access_ns: float) -> dict[str, float]:
+    """Per-fault means from rdtsc, for calibrate's R1, F1 and R8 (``desim.kvm.calibrate``).
+
+    ``R1`` = mean re-fault of C (one SPTE each) minus ``access_ns``; ``F1`` = mean first touch of
+    C minus ``access_ns``; ``R8`` = A's first retouch pass (a re-fault installs 8 SPTEs, the other
+    accesses hit): (its summed latency - hits x mean hit) / re-faults, minus ``access_ns``. Accesses
+    the host's scheduler stretched are already dropped (:func:`desim.kvm.latency.not_preempted`),
+    which wall times cannot do: on a loaded host they inflate a wall-time mean several times.
+    """
+    ref = np.concatenate([r["refault"] for r in c_runs])
+    first = np.concatenate([r["first_touch"] for r in c_runs])
+    r8 = []
+    for r in a_runs:
+        n, k = len(r["retouch"]), int(r["refaults"][0])
+        if k > 0:
+            r8.append((float(r["retouch"].sum()) - (n - k) * float(np.mean(r["hit"]))) / k)
+    return {"R1": float(ref.mean()) - access_ns, "F1": float(first.mean()) - access_ns,
+            "R8": float(np.mean(r8)) - access_ns if r8 else float("nan")}
