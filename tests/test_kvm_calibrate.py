@@ -292,3 +292,28 @@ def test_fitted_distributions_recover_a_known_shape_and_reach_the_profile(tmp_pa
     assert prof.costs["fault_handle"].dist.kind == "quantiles"
     assert prof.costs["host_alloc_4k"].dist.ns == d["host_alloc_4k"]["ns"]
     assert prof.costs["spte_zap"].dist is None
+
+
+def test_rdtsc_means_replace_the_wall_time_fault_path():
+    """R1, F1 and R8 from per-access samples; the exit path split as fit() splits the wall-time R1."""
+    import numpy as np
+
+    from desim.kvm import fitdist
+
+    base = load_profile("shadow-pvm")
+    access = 20.0
+    c = [{"refault": np.full(1000, 2500.0 + access), "first_touch": np.full(1000, 4300.0 + access)}]
+    # A: 800 hits of 20 ns and 100 re-faults of 5300 ns (8 SPTEs each)
+    a = [{"retouch": np.concatenate([np.full(800, access), np.full(100, 5300.0 + access)]),
+          "hit": np.full(800, access), "refaults": np.array([100])}]
+    rd = fitdist.rdtsc_fault_means(c, a, access)
+    assert rd == pytest.approx({"R1": 2500.0, "F1": 4300.0, "R8": 5300.0})
+    calib = cal.fit(synthetic(), base)
+    cal.apply_rdtsc_means(calib, base, rd)
+    assert sum(calib.costs[k] for k in cal.EXIT_PATH) == pytest.approx(2500.0)
+    assert calib.costs["host_alloc_4k"] == pytest.approx(calib.costs["faultin_resident"] + 1800.0)
+    assert calib.costs["prefetch_spte"] == pytest.approx(400.0)
+    assert "rdtsc" in calib.sources["vm_exit"]
+    far = cal.fit(synthetic(), base)
+    cal.apply_rdtsc_means(far, base, {"R1": rd["R1"] / 3, "F1": rd["F1"], "R8": rd["R8"]})
+    assert any("R1 per fault" in w for w in far.warnings)  # wall time 3x the rdtsc mean: said
