@@ -34,7 +34,8 @@ def metric_names(phase_names: list[str] | tuple[str, ...] = ()) -> list[str]:
     keeps it equal to what runs report.
     """
     names = ["faults", *(f"faults_{c}" for c in FAULT_CAUSES)]
-    names += [f"fault_latency_{s}_ns" for s in ("mean", "p50", "p95", "p99", "max")]
+    names += [f"fault_latency_{s}_ns" for s in ("mean", "p50", "p95", "p99", "max", "p90", "p999")]
+    names += [f"access_latency_{s}_ns" for s in ("p50", "p90", "p99", "p999")] + ["access_stall_max_ns"]
     names += ["accesses", "mmio_exits", *(f"host_page_allocs_{k}" for k in HOST_PAGE_SIZES)]
     names += ["pt_pages_allocated", "sptes_installed", "sptes_prefetched", "sptes_zapped", "pt_pages_freed",
               "ipis_sent", "remote_flushes", "zaps_fast", "zaps_targeted", "zap_duration_total_ns",
