@@ -398,6 +398,8 @@ class Scenario(_Model):
     """The phases, run one after another (``[[phases]]``)."""
     time_limit_ms: float = Field(default=600_000.0, gt=0)
     """Simulated time after which the run is refused as unfinished."""
+    costs: Literal["sampled", "mean"] = "sampled"
+    """Costs with a distribution (``dist`` in the profile) are drawn per event (``sampled``, from named streams: ``desim/costs.py``), or every cost is its mean (``mean``: the constant-cost model)."""
 
     @field_validator("zap_control")
     @classmethod
