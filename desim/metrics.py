@@ -62,6 +62,7 @@ class Metrics:
     zaps: dict[str, int] = field(default_factory=dict)
     zap_duration: array = field(default_factory=lambda: array("d"))
     lock_breaks: int = 0
+    resched_yields: int = 0  # lock breaks for need_resched() (a competing task), a subset of lock_breaks
     ioctl_ops: list[str] = field(default_factory=list)
     ioctl_latency: array = field(default_factory=lambda: array("d"))
     ioctl_time: array = field(default_factory=lambda: array("d"))
@@ -132,6 +133,7 @@ class Metrics:
         out["zap_duration_total_ns"] = float(zd.sum())
         out["zap_duration_max_ns"] = float(zd.max()) if len(zd) else 0.0
         out["lock_breaks"] = self.lock_breaks
+        out["resched_yields"] = self.resched_yields
         il = np.frombuffer(self.ioctl_latency, dtype=np.float64)
         out["memslot_ioctls"] = len(il)
         out["memslot_ioctl_mean_ns"] = float(il.mean()) if len(il) else 0.0

@@ -7,7 +7,8 @@ configuration that changes *which* code runs, not how long it takes: the MMU
 (``tdp`` = ``arch/x86/kvm/mmu/tdp_mmu.c``; ``legacy`` = the shadow-page MMU used
 for TDP before 5.12; ``shadow`` = shadow paging of guest page tables), the lock
 (``rwlock`` or ``spinlock``), whether faults take ``mmu_lock`` for read or
-write, ``CONFIG_PREEMPTION`` (lock breaking), host backing and NX huge pages.
+write, the preemption model and kernel version (which decide when a zap breaks
+the lock, see :mod:`desim.sched`), host backing and NX huge pages.
 
 Named profiles ship in ``desim/profiles/*.toml``; a path to a TOML file works
 wherever a name does.
@@ -22,6 +23,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import DesimInputError
+from .sched import needbreak_on_contention
 from .validation import format_validation_error
 
 
@@ -76,7 +78,13 @@ class Kernel(BaseModel):
     mmu: Literal["tdp", "legacy", "shadow"]
     lock: Literal["rwlock", "spinlock"]
     fault_lock: Literal["read", "write"]
-    preemption: bool
+    # preemption model booted (PREEMPT_DYNAMIC: the preempt= boot option, dmesg "Dynamic Preempt: ...")
+    preempt: Literal["none", "voluntary", "full", "lazy"]
+    preempt_dynamic: bool = True  # built with CONFIG_PREEMPT_DYNAMIC (which selects CONFIG_PREEMPTION)
+    version: str = Field(default="6.12", pattern=r"^\d+\.\d+(\.\d+)?$")  # "major.minor[.patch]"
+    hz: int = Field(default=250, ge=100, le=1000)  # CONFIG_HZ: the scheduler tick
+    sched_base_slice_ns: float = Field(default=3_000_000.0, gt=0)  # sysctl_sched_base_slice, scaled
+    competing_task: bool = False  # another runnable task shares the mmu_lock holder's CPU
     pte_prefetch: bool
     backing: Literal["4k", "thp", "hugetlbfs-1g"] = "thp"
     thp_fraction: float = Field(default=1.0, ge=0.0, le=1.0)
@@ -84,8 +92,33 @@ class Kernel(BaseModel):
     eager_page_split: bool = False
     root_level: int = Field(default=4, ge=4, le=5)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: object) -> object:
+        if isinstance(data, dict) and "preemption" in data:
+            raise ValueError("preemption: replaced by preempt = 'none' | 'voluntary' | 'full' | 'lazy' and version "
+                             "(lock breaks for waiters depend on both since 6.11); e.g. preempt = 'full' for the "
+                             "old preemption = true")
+        return data
+
+    @property
+    def version_tuple(self) -> tuple[int, int]:
+        major, minor = self.version.split(".")[:2]
+        return int(major), int(minor)
+
+    @property
+    def needbreak_on_contention(self) -> bool:
+        """``rwlock_needbreak`` honours waiters (:func:`desim.sched.needbreak_on_contention`)."""
+        return needbreak_on_contention(self)
+
     @model_validator(mode="after")
     def _consistent(self) -> "Kernel":
+        if self.preempt == "lazy" and self.version_tuple < (6, 13):
+            raise ValueError(f"preempt='lazy' needs version >= 6.13 (PREEMPT_LAZY was added in 6.13; "
+                             f"version is {self.version})")
+        if self.preempt_dynamic and self.version_tuple < (5, 12):
+            raise ValueError(f"preempt_dynamic=true needs version >= 5.12 (PREEMPT_DYNAMIC was added in 5.12; "
+                             f"version is {self.version}); set preempt_dynamic = false")
         if self.fault_lock == "read" and self.lock == "spinlock":
             raise ValueError("fault_lock='read' needs lock='rwlock' (a spinlock has no read side)")
         if self.fault_lock == "read" and self.mmu != "tdp":

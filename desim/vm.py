@@ -23,6 +23,7 @@ from .memslot import Memslot, MemslotOp
 from .metrics import Metrics
 from .mmu import Mmu
 from .profile import HostProfile
+from .sched import NeedResched
 from .scenario import PhaseSpec, Scenario, TouchSpec, phase_ops
 from .streams import stream
 from .vcpu import Vcpu
@@ -46,7 +47,9 @@ class Vm:
         self.policy_name = policy
         self.policy = make_policy(policy)
         self.metrics = Metrics(scenario.vm.vcpus)
-        self.lock = MmuLock(self.env, kind=k.lock, preemption=k.preemption, handoff_ns=self.P.lock_handoff)
+        self.lock = MmuLock(self.env, kind=k.lock, preemption=k.needbreak_on_contention,
+                            handoff_ns=self.P.lock_handoff)
+        self.need_resched = NeedResched.from_kernel(k)
         self.fault_lock_mode = k.fault_lock
         self.mmu = Mmu(backing=k.backing, thp_fraction=k.thp_fraction)
         self.audit = Audit(self) if audit else None

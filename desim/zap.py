@@ -24,14 +24,22 @@ Policies live in :data:`ZAP_POLICIES`; adding one needs nothing else changed.
   one remote flush, ``write_unlock``. Upper-level SPTEs and other slots'
   SPTEs survive.
 
+Lock breaks (:func:`hold_with_lockbreak`): the kernel's walks check
+``need_resched() || rwlock_needbreak(&kvm->mmu_lock)`` every iteration
+(``tdp_mmu_iter_cond_resched``, ``__walk_slot_rmaps``,
+``kvm_mmu_zap_memslot_pages_and_flush``; ``kvm_zap_obsolete_pages`` every
+``BATCH_ZAP_PAGES`` pages through ``cond_resched_rwlock_write``). Which of the
+two can be true depends on the preemption model and the kernel version
+(:mod:`desim.sched`): on 6.11+ booted ``none``/``voluntary`` a zap never breaks
+the lock for a waiter, only for ``need_resched``.
+
 Simplifications: the per-SPTE and per-probe work is charged as time in
 slices of ``ZAP_SLICE`` units; a lock break can only happen at a slice end
-(the kernel checks ``rwlock_needbreak`` every iteration). Without
-``CONFIG_PREEMPTION`` ``needbreak`` is false and ``need_resched`` is not
-modelled, so a zap never breaks the lock.
+(the kernel checks every iteration).
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Generator
 
 from .errors import DesimInputError
@@ -49,17 +57,23 @@ KVM_ZAP_ONLY_MEMSLOT_SPTES = 1 << 0  # the seed's include/uapi/linux/kvm.h
 
 def hold_with_lockbreak(vm: "Vm", token: object, mode: str, role: str, units: int, unit_ns: float,
                         slice_units: int) -> Generator:
-    """Hold ``mmu_lock`` (already taken) for ``units * unit_ns``, breaking it when contended.
+    """Hold ``mmu_lock`` (already taken) for ``units * unit_ns``, yielding it when the kernel would.
 
-    Models ``cond_resched_rwlock_write`` / ``cond_resched_rwlock_read`` /
-    ``tdp_mmu_iter_cond_resched``: at each check, if ``rwlock_needbreak``, drop
-    the lock, let the waiters in (FIFO) and queue again behind them.
+    Models ``cond_resched_rwlock_write`` / ``cond_resched_rwlock_read``
+    (kernel/sched/core.c) as called by ``tdp_mmu_iter_cond_resched`` and the
+    rmap / hash walks: at each check, if ``rwlock_needbreak`` (waiters, and a
+    preemptible model: :attr:`MmuLock.needbreak`) or ``need_resched()`` (a
+    competing task used up the holder's slice: :class:`desim.sched.NeedResched`),
+    drop the lock, let the waiters in (FIFO) and queue again behind them; after
+    a ``need_resched`` yield the holder first waits for its CPU back.
     """
     env = vm.env
     lock = vm.lock
     if units <= 0 or unit_ns <= 0:
         return
-    if not lock.preemption:
+    resched = vm.need_resched
+    resched_at = resched.at(env.now)
+    if not lock.preemption and resched_at == math.inf:
         yield env.timeout(units * unit_ns)
         return
     left = units
@@ -67,10 +81,17 @@ def hold_with_lockbreak(vm: "Vm", token: object, mode: str, role: str, units: in
         step = min(slice_units, left)
         yield env.timeout(step * unit_ns)
         left -= step
-        if left > 0 and lock.needbreak():
+        if left <= 0:
+            break
+        scheduler = env.now >= resched_at
+        if scheduler or lock.needbreak():
             vm.metrics.lock_breaks += 1
             lock.release(token)
+            if scheduler:
+                vm.metrics.resched_yields += 1
+                yield env.timeout(resched.off_cpu_ns)
             yield from lock.take(mode, role, token)
+            resched_at = resched.at(env.now)
 
 
 class ZapPolicy:
