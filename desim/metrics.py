@@ -63,6 +63,7 @@ class Metrics:
     zap_duration: array = field(default_factory=lambda: array("d"))
     lock_breaks: int = 0
     resched_yields: int = 0  # lock breaks for need_resched() (a competing task), a subset of lock_breaks
+    yield_flushes: int = 0  # remote flushes a zap did before yielding mmu_lock (part of remote_flushes)
     ioctl_ops: list[str] = field(default_factory=list)
     ioctl_latency: array = field(default_factory=lambda: array("d"))
     ioctl_time: array = field(default_factory=lambda: array("d"))
@@ -134,6 +135,7 @@ class Metrics:
         out["zap_duration_max_ns"] = float(zd.max()) if len(zd) else 0.0
         out["lock_breaks"] = self.lock_breaks
         out["resched_yields"] = self.resched_yields
+        out["yield_flushes"] = self.yield_flushes
         il = np.frombuffer(self.ioctl_latency, dtype=np.float64)
         out["memslot_ioctls"] = len(il)
         out["memslot_ioctl_mean_ns"] = float(il.mean()) if len(il) else 0.0

@@ -56,7 +56,8 @@ KVM_ZAP_ONLY_MEMSLOT_SPTES = 1 << 0  # the seed's include/uapi/linux/kvm.h
 
 
 def hold_with_lockbreak(vm: "Vm", token: object, mode: str, role: str, units: int, unit_ns: float,
-                        slice_units: int) -> Generator:
+                        slice_units: int, zapped: int = 0, flush_on_yield: bool = False,
+                        flush_pending: bool = False) -> Generator:
     """Hold ``mmu_lock`` (already taken) for ``units * unit_ns``, yielding it when the kernel would.
 
     Models ``cond_resched_rwlock_write`` / ``cond_resched_rwlock_read``
@@ -66,17 +67,31 @@ def hold_with_lockbreak(vm: "Vm", token: object, mode: str, role: str, units: in
     competing task used up the holder's slice: :class:`desim.sched.NeedResched`),
     drop the lock, let the waiters in (FIFO) and queue again behind them; after
     a ``need_resched`` yield the holder first waits for its CPU back.
+
+    Flush before yielding (``flush_on_yield``, the write-locked targeted zap):
+    ``tdp_mmu_iter_cond_resched(kvm, &iter, flush, shared)`` calls
+    ``kvm_flush_remote_tlbs`` before it drops the lock if it zapped anything
+    since the last flush, as do ``__walk_slot_rmaps(..., flush_on_yield)`` and
+    ``kvm_mmu_zap_memslot_pages_and_flush`` (``kvm_mmu_remote_flush_or_zap``):
+    a vCPU let in must not keep using a zapped SPTE from its TLB. Each such
+    flush is a round of IPIs and acks under the lock. ``zapped`` SPTEs are
+    taken as spread evenly over the ``units`` of the walk; ``flush_pending``
+    carries a flush owed by an earlier walk under the same hold. The fast zap's
+    yields (``kvm_zap_obsolete_pages``, ``tdp_mmu_zap_root``) do not flush:
+    obsolete roots are unreachable. Returns whether a flush is still owed (the
+    caller's final flush).
     """
     env = vm.env
     lock = vm.lock
     if units <= 0 or unit_ns <= 0:
-        return
+        return flush_pending or zapped > 0
     resched = vm.need_resched
     resched_at = resched.at(env.now)
     if not lock.preemption and resched_at == math.inf:
         yield env.timeout(units * unit_ns)
-        return
+        return flush_pending or zapped > 0
     left = units
+    flushed = 0  # zapped SPTEs covered by a flush so far
     while left > 0:
         step = min(slice_units, left)
         yield env.timeout(step * unit_ns)
@@ -85,6 +100,11 @@ def hold_with_lockbreak(vm: "Vm", token: object, mode: str, role: str, units: in
             break
         scheduler = env.now >= resched_at
         if scheduler or lock.needbreak():
+            done = zapped * (units - left) // units
+            if flush_on_yield and (flush_pending or done > flushed):
+                yield from kvm_flush_remote_tlbs(vm)
+                vm.metrics.yield_flushes += 1
+                flushed, flush_pending = done, False
             vm.metrics.lock_breaks += 1
             lock.release(token)
             if scheduler:
@@ -92,6 +112,7 @@ def hold_with_lockbreak(vm: "Vm", token: object, mode: str, role: str, units: in
                 yield env.timeout(resched.off_cpu_ns)
             yield from lock.take(mode, role, token)
             resched_at = resched.at(env.now)
+    return flush_pending or zapped > flushed
 
 
 class ZapPolicy:
@@ -170,14 +191,18 @@ class TargetedZap(ZapPolicy):
             probes = npages + (npages >> 9) + (npages >> 18) + 2
             units = probes
             unit_ns = (probes * P.rmap_probe + zapped * P.spte_zap) / probes
-        yield from hold_with_lockbreak(vm, token, WRITE, "zap", units, unit_ns, ZAP_SLICE)
+        # tdp_mmu_zap_leafs / __walk_slot_rmaps flush before each yield if they zapped anything
+        pending = yield from hold_with_lockbreak(vm, token, WRITE, "zap", units, unit_ns, ZAP_SLICE,
+                                                 zapped=zapped, flush_on_yield=True)
         if kernel.mmu == "shadow":
-            # kvm_mmu_zap_memslot_pages_and_flush: for_each_gfn_valid_sp_with_gptes per gfn
-            yield from hold_with_lockbreak(vm, token, WRITE, "zap", npages, P.hash_probe, ZAP_SLICE)
+            # kvm_mmu_zap_memslot_pages_and_flush: for_each_gfn_valid_sp_with_gptes per gfn; the leaf walk's
+            # flush is owed until its first yield (kvm_mmu_remote_flush_or_zap) or its end
+            pending = yield from hold_with_lockbreak(vm, token, WRITE, "zap", npages, P.hash_probe, ZAP_SLICE,
+                                                     flush_on_yield=True, flush_pending=pending)
         vm.mmu.zap_slot_leafs(ss)
         if vm.audit is not None and zapped:
             vm.audit.sptes_zapped(env.now)
-        if zapped:
+        if pending:
             yield from kvm_flush_remote_tlbs(vm)
         lock.release(token)
         vm.metrics.sptes_zapped += zapped

@@ -86,3 +86,26 @@ def test_a_competing_task_makes_even_preempt_none_yield_once_per_slice():
     # the zap of 65,536 SPTEs takes ~2 ms at 30 ns each: one or two slices of 1 ms
     assert m["resched_yields"] >= 1 and m["lock_breaks"] == m["resched_yields"]
     assert _big_delete(preempt="none", version="6.18")["lock_breaks"] == 0
+
+
+def test_targeted_zap_flushes_before_each_yield_the_fast_zap_does_not():
+    """tdp_mmu_iter_cond_resched(..., flush): a remote flush (IPIs to the vCPUs in guest mode, waited for
+    under the lock) before every lock break that follows zapped SPTEs; the final flush only for what was
+    zapped after the last one. kvm_zap_obsolete_pages / tdp_mmu_zap_root yield without flushing."""
+    m = _big_delete(preempt="full", version="6.18")
+    assert m["lock_breaks"] > 0
+    assert m["yield_flushes"] == m["lock_breaks"]  # every SPTE of the slot is present: each break flushes
+    assert m["remote_flushes"] == m["yield_flushes"] + 1
+    # (the waiters spin on mmu_lock in the host, so these flushes need few IPIs: only guest-mode vCPUs get one)
+    quiet = _big_delete(preempt="voluntary", version="6.18")
+    assert quiet["yield_flushes"] == 0 and quiet["remote_flushes"] == 1
+    # legacy MMU, fast zap: lock breaks every BATCH_ZAP_PAGES shadow pages, no flush at any of them
+    data = {"name": "fastbreak", "profile": "legacy-2020",
+            "profile_overrides": {"kernel": {"backing": "4k", "preempt": "full"}},
+            "vm": {"vcpus": 2, "memslots": [{"id": 0, "gpa": 0, "size": "4MiB"},
+                                            {"id": 1, "gpa": "4MiB", "size": "64MiB"}]},
+            "phases": [{"name": "populate", "vcpus": "bsp", "slot": 1, "access_ns": 50},
+                       {"name": "work", "pattern": "uniform", "slot": 0, "accesses": 40000, "access_ns": 200,
+                        "memslot_ops": [{"at_us": 100, "op": "delete", "slot": 1}]}]}
+    fast = run_scenario(validate_scenario(data, "test"), "fast").metrics
+    assert fast["lock_breaks"] > 0 and fast["yield_flushes"] == 0
