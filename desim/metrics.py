@@ -64,6 +64,7 @@ class Metrics:
     lock_breaks: int = 0
     resched_yields: int = 0  # lock breaks for need_resched() (a competing task), a subset of lock_breaks
     yield_flushes: int = 0  # remote flushes a zap did before yielding mmu_lock (part of remote_flushes)
+    zap_spte_visits: int = 0  # entries the TDP MMU zap walks visited (tdp_mmu_zap_leafs, tdp_mmu_zap_root)
     ioctl_ops: list[str] = field(default_factory=list)
     ioctl_latency: array = field(default_factory=lambda: array("d"))
     ioctl_time: array = field(default_factory=lambda: array("d"))
@@ -136,6 +137,7 @@ class Metrics:
         out["lock_breaks"] = self.lock_breaks
         out["resched_yields"] = self.resched_yields
         out["yield_flushes"] = self.yield_flushes
+        out["zap_spte_visits"] = self.zap_spte_visits
         il = np.frombuffer(self.ioctl_latency, dtype=np.float64)
         out["memslot_ioctls"] = len(il)
         out["memslot_ioctl_mean_ns"] = float(il.mean()) if len(il) else 0.0

@@ -131,10 +131,17 @@ class SlotSptes:
 
 @dataclass
 class ObsoleteWork:
-    """What a zap left to tear down: counts of SPTEs and page-table pages."""
+    """What a zap left to tear down: counts of SPTEs and page-table pages.
+
+    ``pt_pages`` counts every page-table page including the root;
+    ``tables_by_level`` the non-root ones by level (1 = PT, 2 = PD, 3 = PDPT)
+    and ``root`` whether a root was in use, for the TDP MMU's walk cost.
+    """
 
     leaf_sptes: int = 0
     pt_pages: int = 0
+    tables_by_level: dict[int, int] = field(default_factory=dict)
+    root: int = 0
 
 
 @dataclass
@@ -153,6 +160,7 @@ class Mmu:
     pt_tags: dict[int, dict[int, int]] = field(default_factory=lambda: {1: {}, 2: {}, 3: {}})
     present_leaf: int = 0  # leaf SPTEs present in the current roots
     present_pt: int = 0  # page-table pages present in the current roots (excl. the root)
+    present_pt_level: dict[int, int] = field(default_factory=lambda: {1: 0, 2: 0, 3: 0})  # the same by level
     root_live: bool = False  # a vCPU loaded a root with the current tag (vcpu.py _service_requests)
     zap_seq: int = 0  # bumped by every zap: vCPUs recompute cached miss lists
 
@@ -326,6 +334,7 @@ class Mmu:
                 if d.get(key) != tag:
                     d[key] = tag
                     allocated += 1
+                    self.present_pt_level[lvl] += 1
             self.present_pt += allocated
         rel = gfn - ss.slot.base_gfn
         if level == PG_LEVEL_4K:
@@ -372,11 +381,13 @@ class Mmu:
         """
         # the root itself is zapped too (kvm_zap_obsolete_pages prepares every obsolete page, and
         # mmu_shadow_zapped counts it; being in use, it is freed when its last vCPU drops it)
-        work = ObsoleteWork(self.present_leaf, self.present_pt + int(self.root_live))
+        work = ObsoleteWork(self.present_leaf, self.present_pt + int(self.root_live),
+                            dict(self.present_pt_level), int(self.root_live))
         self.root_live = False
         self.mmu_valid_gen ^= 1
         self.present_leaf = 0
         self.present_pt = 0
+        self.present_pt_level = {1: 0, 2: 0, 3: 0}
         self.root_tag += 1
         if self.root_tag > MAX_TAG:
             self._clear_all_tags()
@@ -420,6 +431,29 @@ class Mmu:
         if hi - lo + 1 > len(d):
             return sum(1 for k, t in d.items() if lo <= k <= hi and t == tag)
         return sum(1 for k in range(lo, hi + 1) if d.get(k) == tag)
+
+    def tdp_walk_visits(self, lo: int, hi: int) -> int:
+        """Entries ``for_each_tdp_pte_min_level(iter, root, PG_LEVEL_4K, lo, hi)`` visits (tdp_iter.c).
+
+        The iterator visits, at every level, each entry of the range inside a
+        *present* table (present or not: a non-present entry is read and
+        skipped, a present non-leaf one is descended into), so a PT page
+        overlapping the range costs up to 512 visits whatever it maps.
+        Counted from the page-table pages present in the current roots.
+        """
+        if hi <= lo:
+            return 0
+        tag = self.root_tag
+        visits = ((hi - 1) >> 27) - (lo >> 27) + 1  # root entries (512 GiB each)
+        for lvl, table_shift, entry_shift in ((3, 27, 18), (2, 18, 9), (1, 9, 0)):
+            d = self.pt_tags[lvl]
+            k0, k1 = lo >> table_shift, (hi - 1) >> table_shift
+            keys = (k for k, t in d.items() if k0 <= k <= k1 and t == tag) if k1 - k0 + 1 > len(d) else (
+                k for k in range(k0, k1 + 1) if d.get(k) == tag)
+            for k in keys:
+                a, b = max(lo, k << table_shift), min(hi, (k + 1) << table_shift)
+                visits += ((b - 1) >> entry_shift) - (a >> entry_shift) + 1
+        return visits
 
     def zap_slot_leafs(self, ss: SlotSptes) -> dict[int, int]:
         """``kvm_unmap_gfn_range`` over the whole slot: clear its leaf SPTEs, keep non-leaf ones."""
@@ -479,6 +513,7 @@ class Mmu:
             if d.get(key) != tag:
                 d[key] = tag
                 allocated += 1
+                self.present_pt_level[lvl] += 1
         self.present_pt += allocated
         return allocated
 

@@ -115,6 +115,27 @@ def hold_with_lockbreak(vm: "Vm", token: object, mode: str, role: str, units: in
     return flush_pending or zapped > flushed
 
 
+def tdp_zap_root_visits(tables_by_level: dict[int, int], root_level: int, root: int) -> int:
+    """Entries ``tdp_mmu_zap_root`` visits tearing down one root (arch/x86/kvm/mmu/tdp_mmu.c).
+
+    It zaps in passes of decreasing granularity, ``__tdp_mmu_zap_root`` at
+    4 KiB, 2 MiB, 1 GiB and the root's level, each a full walk
+    (``for_each_tdp_pte_min_level``) over every entry of every present table at
+    or above that pass's level: a PT page is walked once, a PD page twice, a
+    PDPT page three times and the root four times, 512 entries each.
+    Simplification: the walk is bounded at host MAXPHYADDR
+    (``tdp_mmu_max_gfn_exclusive``), which the model ignores (all 512 root
+    entries are counted); a 5-level root's PML4 pages count as one.
+    """
+    if not root:
+        return 0
+    tables = {lvl: n for lvl, n in tables_by_level.items()}
+    if root_level == 5:
+        tables[4] = 1 if any(tables.values()) else 0
+    tables[root_level] = 1
+    return 512 * sum(sum(n for lvl, n in tables.items() if lvl >= m) for m in (1, 2, 3, root_level))
+
+
 class ZapPolicy:
     """Base class: ``kvm_arch_flush_shadow_memslot`` for one memslot."""
 
@@ -143,11 +164,16 @@ class FastZap(ZapPolicy):
         if vm.profile.kernel.mmu == "tdp":
             # the legacy list holds no TDP MMU page: kvm_zap_obsolete_pages finds nothing to zap
             lock.release(token)
-            # kvm_tdp_mmu_zap_invalidated_roots: read lock, zap and free with yielding
+            # kvm_tdp_mmu_zap_invalidated_roots: read lock, tdp_mmu_zap_root with yielding
             yield from lock.take(READ, "teardown", token)
-            units = work.leaf_sptes + work.pt_pages
-            unit_ns = (work.leaf_sptes * leaf_cost + work.pt_pages * P.sp_free) / units if units else 0.0
-            yield from hold_with_lockbreak(vm, token, READ, "teardown", units, unit_ns, ZAP_SLICE)
+            visits = tdp_zap_root_visits(work.tables_by_level, vm.profile.kernel.root_level, work.root)
+            tables = sum(work.tables_by_level.values())
+            # each leaf and each table's parent entry: one cmpxchg + handle_changed_spte; each non-root table:
+            # handle_removed_pt's 512 atomic writes and call_rcu (sp_free)
+            cost = visits * P.spte_visit + (work.leaf_sptes + tables) * leaf_cost + tables * P.sp_free
+            vm.metrics.zap_spte_visits += visits
+            yield from hold_with_lockbreak(vm, token, READ, "teardown", visits, cost / visits if visits else 0.0,
+                                           ZAP_SLICE)
             lock.release(token)
         else:
             # kvm_zap_obsolete_pages: shadow pages in batches of BATCH_ZAP_PAGES; each prepare-zap
@@ -181,10 +207,11 @@ class TargetedZap(ZapPolicy):
         zapped = sum(vm.mmu.slot_leaf_counts(ss).values())
         vm.metrics.zaps["targeted"] = vm.metrics.zaps.get("targeted", 0) + 1
         if kernel.mmu == "tdp":
-            # tdp_mmu_unmap_gfn_range: walk from the root down to the range's present page tables
-            # and leaves (at least one entry per level, even for an empty range)
-            units = kernel.root_level + pt_pages + zapped
-            unit_ns = P.spte_zap
+            # kvm_tdp_mmu_unmap_gfn_range -> tdp_mmu_zap_leafs: the iterator visits every entry of the
+            # range in every present table (512 per PT page), zapping the present leaves
+            units = vm.mmu.tdp_walk_visits(ss.slot.base_gfn, ss.slot.end_gfn)
+            unit_ns = (units * P.spte_visit + zapped * P.spte_zap) / units
+            vm.metrics.zap_spte_visits += units
         else:
             # slot_handle_level(..., PG_LEVEL_4K, KVM_MAX_HUGEPAGE_LEVEL): probe every gfn's rmap
             # at each level (4K, 2M, 1G units of the slot), zapping what is present

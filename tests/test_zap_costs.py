@@ -1,0 +1,70 @@
+"""Zap costs as the kernel's walks incur them (desim/zap.py, desim/mmu.py tdp_walk_visits).
+
+tdp_mmu_zap_leafs visits every entry of the range in each present table, not only what it zaps;
+tdp_mmu_zap_root walks every present table once per zap level (4K, 2M, 1G, root) and handle_removed_pt
+writes all 512 entries of each removed table.
+"""
+from __future__ import annotations
+
+import pytest
+
+from desim.memslot import Memslot
+from desim.mmu import PG_LEVEL_4K, Mmu
+from desim.profile import load_profile
+from desim.scenario import validate_scenario
+from desim.vm import run_scenario
+from desim.zap import tdp_zap_root_visits
+
+
+def test_walk_visits_count_the_whole_page_table_not_the_leaf():
+    m = Mmu(backing="4k")
+    ss = m.add_slot(Memslot(1, 0x40000, 0x40000, 0, 0x7F0000000000))  # 1 GiB at 1 GiB
+    assert m.tdp_walk_visits(0x40000, 0x80000) == 1  # nothing mapped: one root entry
+    m.install(ss, 0x40000, PG_LEVEL_4K)
+    # root entry + 1 PDPT entry (the 1 GiB) + 512 PD entries + 512 PT entries
+    assert m.tdp_walk_visits(0x40000, 0x80000) == 1 + 1 + 512 + 512
+    m.install(ss, 0x40000 + 511, PG_LEVEL_4K)
+    assert m.tdp_walk_visits(0x40000, 0x80000) == 1 + 1 + 512 + 512  # same table: no more visits
+    m.install(ss, 0x40000 + 512, PG_LEVEL_4K)
+    assert m.tdp_walk_visits(0x40000, 0x80000) == 1 + 1 + 512 + 2 * 512
+    # a range inside one PT page visits only its own entries there
+    assert m.tdp_walk_visits(0x40000 + 8, 0x40000 + 16) == 1 + 1 + 1 + 8
+
+
+def test_zap_root_walks_each_table_once_per_pass_at_or_below_its_level():
+    # 1 PDPT, 2 PDs, 10 PTs, 4-level root: passes 4K (all), 2M (no PTs), 1G (PDPT+root), root (root)
+    assert tdp_zap_root_visits({1: 10, 2: 2, 3: 1}, 4, 1) == 512 * ((1 + 1 + 2 + 10) + (1 + 1 + 2) + (1 + 1) + 1)
+    assert tdp_zap_root_visits({1: 10, 2: 2, 3: 1}, 4, 0) == 0
+
+
+def _sparse_delete(profile: str, policy: str) -> dict:
+    """A 1 GiB slot with one 4 KiB page touched in every 2 MiB region, deleted."""
+    data = {"name": "sparse", "profile": profile, "profile_overrides": {"kernel": {"backing": "4k"}},
+            "vm": {"vcpus": 1, "memslots": [{"id": 0, "gpa": 0, "size": "4MiB"},
+                                            {"id": 1, "gpa": "1GiB", "size": "1GiB"}]},
+            "phases": [{"name": "touch", "pattern": "none",
+                        "touches": [{"gpa": f"{1024 + 2 * i}MiB", "size": "4KiB"} for i in range(512)]},
+                       {"name": "delete", "pattern": "none",
+                        "memslot_ops": [{"at_us": 0, "op": "delete", "slot": 1}]}]}
+    return run_scenario(validate_scenario(data, "test"), policy).metrics
+
+
+def test_targeted_zap_of_a_sparse_slot_pays_for_the_walk():
+    P = load_profile("tdp-icelake")
+    m = _sparse_delete("tdp-icelake", "targeted")
+    assert m["sptes_zapped"] == 512
+    visits = 1 + 1 + 512 + 512 * 512
+    assert m["zap_spte_visits"] == visits
+    walk = visits * P.ns("spte_visit") + 512 * P.ns("spte_zap")
+    # the former model charged (root_level + PT pages + zapped) x spte_zap = 1,028 x 30 ns = 31 us
+    assert m["zap_duration_total_ns"] >= walk > 500_000
+
+
+def test_fast_zap_teardown_pays_512_atomic_writes_per_table():
+    P = load_profile("tdp-icelake")
+    assert P.ns("sp_free") >= 4000  # handle_removed_pt: 512 locked xchg (was 150 ns)
+    m = _sparse_delete("tdp-icelake", "fast")
+    # 512 PT pages + 1 PD + 1 PDPT for slot 1, and the 4 MiB slot 0 was never touched
+    tables = 512 + 1 + 1
+    assert m["pt_pages_freed"] == tables + 1  # + the root
+    assert m["lock_hold_teardown_ns"] >= tables * P.ns("sp_free")
