@@ -11,7 +11,13 @@ re-fault of a gfn that was mapped before and lost its SPTE to a zap,
 *retry* a fault that ended in ``RET_PF_RETRY`` (memslot INVALID during a
 DELETE/MOVE, or a stale fault whose root became obsolete) and *spurious* a
 fault that found the SPTE already installed by another vCPU
-(``RET_PF_SPURIOUS``).
+(``RET_PF_SPURIOUS``) and *mmio* an access to a gpa without a memslot that
+found no MMIO SPTE (with ``mmio_caching`` it installs one; without, every MMIO
+access is such a fault). Faults are EPT violations (``kvm:kvm_page_fault``
+from ``handle_ept_violation``), as the seed counts them. An access that hits an
+MMIO SPTE is an EPT *misconfiguration* (``handle_ept_misconfig``), counted
+apart in ``ept_misconfigs``: emulated at once if the SPTE's generation is
+current, else refreshed through the fault path (``mmio_spte_refreshes``).
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-FAULT_CAUSES = ("first_touch", "after_zap", "retry", "spurious")
+FAULT_CAUSES = ("first_touch", "after_zap", "retry", "spurious", "mmio")
 VCPU_STATES = ("guest", "host", "halted")
 
 
@@ -64,6 +70,10 @@ class Metrics:
     lock_breaks: int = 0
     resched_yields: int = 0  # lock breaks for need_resched() (a competing task), a subset of lock_breaks
     yield_flushes: int = 0  # remote flushes a zap did before yielding mmu_lock (part of remote_flushes)
+    ept_misconfigs: int = 0  # accesses that hit an MMIO SPTE (valid or stale generation)
+    mmio_spte_refreshes: int = 0  # of those, stale: check_mmio_spte failed, re-installed under mmu_lock
+    memslot_swaps: int = 0  # kvm_swap_active_memslots: each kicks every vCPU (kvm_arch_memslots_updated)
+    mmio_gen_wraps: int = 0  # MMIO generation wrap-arounds (each forced kvm_mmu_zap_all_fast)
     zap_spte_visits: int = 0  # entries the TDP MMU zap walks visited (tdp_mmu_zap_leafs, tdp_mmu_zap_root)
     ioctl_ops: list[str] = field(default_factory=list)
     ioctl_latency: array = field(default_factory=lambda: array("d"))
@@ -138,6 +148,11 @@ class Metrics:
         out["resched_yields"] = self.resched_yields
         out["yield_flushes"] = self.yield_flushes
         out["zap_spte_visits"] = self.zap_spte_visits
+        out["ept_violations"] = out["faults"]
+        out["ept_misconfigs"] = self.ept_misconfigs
+        out["mmio_spte_refreshes"] = self.mmio_spte_refreshes
+        out["memslot_swaps"] = self.memslot_swaps
+        out["mmio_gen_wraps"] = self.mmio_gen_wraps
         il = np.frombuffer(self.ioctl_latency, dtype=np.float64)
         out["memslot_ioctls"] = len(il)
         out["memslot_ioctl_mean_ns"] = float(il.mean()) if len(il) else 0.0

@@ -47,6 +47,10 @@ MAX_TAG = TAG_MASK
 PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G = 1, 2, 3
 LEVEL_SHIFT = {PG_LEVEL_4K: 0, PG_LEVEL_2M: 9, PG_LEVEL_1G: 18}
 PTE_PREFETCH_NUM = 8  # arch/x86/kvm/mmu/mmu.c
+# arch/x86/kvm/mmu/spte.h: MMIO SPTEs carry 8 + 11 bits of the memslot generation
+MMIO_SPTE_GEN_MASK = (1 << 19) - 1
+# x86 kvm_arch_nr_memslot_as_ids() with SMM: generations advance by 2 per swap (kvm_swap_active_memslots)
+KVM_ADDRESS_SPACE_NUM = 2
 
 
 def _mix(x: int) -> float:
@@ -163,6 +167,9 @@ class Mmu:
     present_pt_level: dict[int, int] = field(default_factory=lambda: {1: 0, 2: 0, 3: 0})  # the same by level
     root_live: bool = False  # a vCPU loaded a root with the current tag (vcpu.py _service_requests)
     zap_seq: int = 0  # bumped by every zap: vCPUs recompute cached miss lists
+    # kvm_memslots(kvm)->generation of address space 0, and the MMIO SPTEs: gfn -> (root tag, generation)
+    memslots_generation: int = 0
+    mmio_sptes: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     # -- memslots ----------------------------------------------------------
     def _reindex(self) -> None:
@@ -401,6 +408,7 @@ class Mmu:
                 np.bitwise_and(arr, KEEP_BITS, out=arr)
         for d in self.pt_tags.values():
             d.clear()
+        self.mmio_sptes.clear()
 
     def _huge_range(self, ss: SlotSptes, level: int) -> np.ndarray | None:
         """The block's huge-unit bytes for the units lying entirely inside the slot (a view)."""
@@ -431,6 +439,37 @@ class Mmu:
         if hi - lo + 1 > len(d):
             return sum(1 for k, t in d.items() if lo <= k <= hi and t == tag)
         return sum(1 for k in range(lo, hi + 1) if d.get(k) == tag)
+
+    # -- MMIO SPTEs and the memslot generation -----------------------------------
+    def swap_memslots(self) -> bool:
+        """``kvm_swap_active_memslots``: the generation advances; True if the MMIO generation wrapped.
+
+        ``kvm_mmu_invalidate_mmio_sptes`` (mmu.c) strips the address-space bit
+        and zaps everything (``kvm_mmu_zap_all_fast``) when what is left of the
+        generation in ``MMIO_SPTE_GEN_MASK`` is 0: once every 2^18 swaps.
+        """
+        self.memslots_generation += KVM_ADDRESS_SPACE_NUM
+        gen = self.memslots_generation & MMIO_SPTE_GEN_MASK & ~(KVM_ADDRESS_SPACE_NUM - 1)
+        return gen == 0
+
+    def mmio_spte(self, gfn: int) -> str:
+        """The MMIO SPTE of ``gfn`` in the current roots: ``"none"``, ``"valid"`` or ``"stale"``.
+
+        ``check_mmio_spte``: valid iff its generation equals the memslots'
+        (``MMIO_SPTE_GEN_MASK`` bits); every memslot update makes it stale.
+        """
+        e = self.mmio_sptes.get(gfn)
+        if e is None or e[0] != self.root_tag:
+            return "none"
+        return "valid" if e[1] == self.memslots_generation & MMIO_SPTE_GEN_MASK else "stale"
+
+    def install_mmio(self, gfn: int) -> int:
+        """``make_mmio_spte`` in the fault path: an MMIO SPTE with the current generation; returns the
+        page-table pages allocated on the way."""
+        allocated = 0 if gfn in self.mmio_sptes and self.mmio_sptes[gfn][0] == self.root_tag else \
+            self.install_tables(gfn)
+        self.mmio_sptes[gfn] = (self.root_tag, self.memslots_generation & MMIO_SPTE_GEN_MASK)
+        return allocated
 
     def tdp_walk_visits(self, lo: int, hi: int) -> int:
         """Entries ``for_each_tdp_pte_min_level(iter, root, PG_LEVEL_4K, lo, hi)`` visits (tdp_iter.c).

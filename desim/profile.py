@@ -87,6 +87,7 @@ class Kernel(BaseModel):
     sched_base_slice_ns: float = Field(default=3_000_000.0, gt=0)  # sysctl_sched_base_slice, scaled
     competing_task: bool = False  # another runnable task shares the mmu_lock holder's CPU
     pte_prefetch: bool
+    mmio_caching: bool = True  # kvm.mmio_caching: MMIO SPTEs (EPT misconfig fast path) or a full fault per access
     backing: Literal["4k", "thp", "hugetlbfs-1g"] = "thp"
     thp_fraction: float = Field(default=1.0, ge=0.0, le=1.0)
     nx_huge_pages: bool = False

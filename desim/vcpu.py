@@ -291,7 +291,10 @@ class Vcpu:
         P = vm.P
         ss = vm.mmu.slot_of(gfn)
         if ss is None:
-            return P.mmio_emulation
+            # handle_mmio_page_fault's fast path on a valid MMIO SPTE, else the page-fault path first
+            if vm.profile.kernel.mmio_caching and vm.mmu.mmio_spte(gfn) == "valid":
+                return P.mmio_emulation
+            return P.fault_handle + P.mmio_emulation
         hlevel = vm.mmu.host_level(ss, gfn)
         if vm.mmu.host_resident(ss, gfn, hlevel):
             return P.fault_handle + P.faultin_resident
@@ -332,10 +335,7 @@ class Vcpu:
         mmu = vm.mmu
         ss = mmu.slot_of(gfn)
         if ss is None:
-            # no memslot: emulated MMIO (handle_mmio_page_fault / KVM_EXIT_MMIO), the access is done
-            self.m.mmio_exits += 1
-            self._consume(1)
-            return None
+            return self._mmio_begin(gfn, start)
         if ss.slot.invalid:
             return "retry"
         hlevel = mmu.host_level(ss, gfn)
@@ -348,6 +348,62 @@ class Vcpu:
             return ev, ctx
         self._fault_locked(ctx, 0.0)
         return None
+
+    def _mmio_begin(self, gfn: int, start: float):
+        """An access to a gpa without a memslot: emulated MMIO (``KVM_EXIT_MMIO`` or an in-kernel device).
+
+        With ``mmio_caching`` (``enable_mmio_caching``): a valid MMIO SPTE
+        makes the access an EPT misconfiguration handled locklessly
+        (``handle_mmio_page_fault`` -> ``check_mmio_spte`` -> ``RET_PF_EMULATE``);
+        a stale one (its generation predates the last memslot update) fails
+        ``check_mmio_spte`` and takes the page-fault path, as does an access
+        with no SPTE (an EPT violation): under ``mmu_lock`` the fault installs
+        an MMIO SPTE with the current generation (``make_mmio_spte`` in
+        ``tdp_mmu_map_handle_target_level`` / ``mmu_set_spte``). Without it,
+        ``kvm_handle_noslot_fault`` returns ``RET_PF_EMULATE`` at once: every
+        access is an EPT violation, no lock, no SPTE.
+        Simplification: a memslot created over a gfn that holds an MMIO SPTE
+        is faulted in as an EPT violation (the kernel sees a misconfiguration).
+        """
+        vm = self.vm
+        self.m.mmio_exits += 1
+        state = vm.mmu.mmio_spte(gfn) if vm.profile.kernel.mmio_caching else "off"
+        if state == "valid" or state == "stale":
+            vm.metrics.ept_misconfigs += 1
+        if state == "valid" or state == "off":
+            self._consume(1)
+            if state == "off":
+                vm.metrics.record_fault(self.index, "mmio", start, self.env.now + self.vm.P.vm_entry - start)
+            return None
+        if state == "stale":
+            vm.metrics.mmio_spte_refreshes += 1
+        ctx = (None, gfn, state == "none", self.root_tag, start)
+        ev = vm.lock.acquire(vm.fault_lock_mode, "fault", self)
+        if ev is not None:
+            return ev, ctx
+        self._fault_locked(ctx, 0.0)
+        return None
+
+    def _mmio_locked(self, ctx: tuple, handoff: float) -> None:
+        """The MMIO fault under ``mmu_lock``: install the MMIO SPTE (unless the root went obsolete)."""
+        _, gfn, violation, root_tag, start = ctx
+        vm = self.vm
+        P = vm.P
+        mmu = vm.mmu
+        hold = handoff
+        if root_tag == mmu.root_tag and mmu.slot_of(gfn) is None:
+            allocated = mmu.install_mmio(gfn)
+            vm.metrics.pt_pages_allocated += allocated
+            hold += P.spte_install + allocated * P.pt_page_alloc
+        if hold:
+            vm.lock.release_after(self, hold)
+            self._carry = hold
+            self.m.stall_ns += hold
+        else:
+            vm.lock.release(self)
+        self._consume(1)
+        if violation:
+            vm.metrics.record_fault(self.index, "mmio", start, self.env.now + hold + P.vm_entry - start)
 
     def _retry_wait(self, start: float) -> Generator:
         """RET_PF_RETRY on an INVALID slot: re-enter and fault again until the VMM's second swap."""
@@ -371,6 +427,9 @@ class Vcpu:
 
     def _fault_locked(self, ctx: tuple, handoff: float) -> None:
         """The part of the fault under ``mmu_lock``: staleness checks, SPTE install, prefetch."""
+        if ctx[0] is None:
+            self._mmio_locked(ctx, handoff)
+            return
         ss, gfn, hlevel, root_tag, start = ctx
         vm = self.vm
         P = vm.P

@@ -145,49 +145,54 @@ class ZapPolicy:
         raise NotImplementedError
 
 
+def zap_all_fast(vm: "Vm") -> Generator:
+    """``kvm_mmu_zap_all_fast`` (the fast policy, and an MMIO-generation wrap under any policy)."""
+    env, lock, P = vm.env, vm.lock, vm.P
+    token = vm.vmm
+    start = env.now
+    yield from lock.take(WRITE, "zap", token)
+    work = vm.mmu.zap_all_fast()
+    if vm.audit is not None:
+        vm.audit.sptes_zapped(env.now)
+    vm.metrics.zaps["fast"] = vm.metrics.zaps.get("fast", 0) + 1
+    yield from kvm_make_all_cpus_request(vm, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)
+    leaf_cost = P.spte_zap
+    if vm.profile.kernel.mmu == "tdp":
+        # the legacy list holds no TDP MMU page: kvm_zap_obsolete_pages finds nothing to zap
+        lock.release(token)
+        # kvm_tdp_mmu_zap_invalidated_roots: read lock, tdp_mmu_zap_root with yielding
+        yield from lock.take(READ, "teardown", token)
+        visits = tdp_zap_root_visits(work.tables_by_level, vm.profile.kernel.root_level, work.root)
+        tables = sum(work.tables_by_level.values())
+        # each leaf and each table's parent entry: one cmpxchg + handle_changed_spte; each non-root table:
+        # handle_removed_pt's 512 atomic writes and call_rcu (sp_free)
+        cost = visits * P.spte_visit + (work.leaf_sptes + tables) * leaf_cost + tables * P.sp_free
+        vm.metrics.zap_spte_visits += visits
+        yield from hold_with_lockbreak(vm, token, READ, "teardown", visits, cost / visits if visits else 0.0,
+                                       ZAP_SLICE)
+        lock.release(token)
+    else:
+        # kvm_zap_obsolete_pages: shadow pages in batches of BATCH_ZAP_PAGES; each prepare-zap
+        # unlinks the page's children (its present SPTEs)
+        pages = work.pt_pages
+        per_page = P.sp_free + (work.leaf_sptes * leaf_cost / pages if pages else 0.0)
+        yield from hold_with_lockbreak(vm, token, WRITE, "zap", pages, per_page, BATCH_ZAP_PAGES)
+        if pages:
+            # kvm_mmu_commit_zap_page -> kvm_flush_remote_tlbs
+            yield from kvm_flush_remote_tlbs(vm)
+        lock.release(token)
+    vm.metrics.sptes_zapped += work.leaf_sptes
+    vm.metrics.pt_pages_freed += work.pt_pages
+    vm.metrics.zap_duration.append(env.now - start)
+
+
 class FastZap(ZapPolicy):
     """``kvm_mmu_zap_all_fast``: obsolete every root, re-fault everything later."""
 
     name = "fast"
 
     def flush_shadow_memslot(self, vm: "Vm", ss: SlotSptes) -> Generator:
-        env, lock, P = vm.env, vm.lock, vm.P
-        token = vm.vmm
-        start = env.now
-        yield from lock.take(WRITE, "zap", token)
-        work = vm.mmu.zap_all_fast()
-        if vm.audit is not None:
-            vm.audit.sptes_zapped(env.now)
-        vm.metrics.zaps["fast"] = vm.metrics.zaps.get("fast", 0) + 1
-        yield from kvm_make_all_cpus_request(vm, KVM_REQ_MMU_FREE_OBSOLETE_ROOTS)
-        leaf_cost = P.spte_zap
-        if vm.profile.kernel.mmu == "tdp":
-            # the legacy list holds no TDP MMU page: kvm_zap_obsolete_pages finds nothing to zap
-            lock.release(token)
-            # kvm_tdp_mmu_zap_invalidated_roots: read lock, tdp_mmu_zap_root with yielding
-            yield from lock.take(READ, "teardown", token)
-            visits = tdp_zap_root_visits(work.tables_by_level, vm.profile.kernel.root_level, work.root)
-            tables = sum(work.tables_by_level.values())
-            # each leaf and each table's parent entry: one cmpxchg + handle_changed_spte; each non-root table:
-            # handle_removed_pt's 512 atomic writes and call_rcu (sp_free)
-            cost = visits * P.spte_visit + (work.leaf_sptes + tables) * leaf_cost + tables * P.sp_free
-            vm.metrics.zap_spte_visits += visits
-            yield from hold_with_lockbreak(vm, token, READ, "teardown", visits, cost / visits if visits else 0.0,
-                                           ZAP_SLICE)
-            lock.release(token)
-        else:
-            # kvm_zap_obsolete_pages: shadow pages in batches of BATCH_ZAP_PAGES; each prepare-zap
-            # unlinks the page's children (its present SPTEs)
-            pages = work.pt_pages
-            per_page = P.sp_free + (work.leaf_sptes * leaf_cost / pages if pages else 0.0)
-            yield from hold_with_lockbreak(vm, token, WRITE, "zap", pages, per_page, BATCH_ZAP_PAGES)
-            if pages:
-                # kvm_mmu_commit_zap_page -> kvm_flush_remote_tlbs
-                yield from kvm_flush_remote_tlbs(vm)
-            lock.release(token)
-        vm.metrics.sptes_zapped += work.leaf_sptes
-        vm.metrics.pt_pages_freed += work.pt_pages
-        vm.metrics.zap_duration.append(env.now - start)
+        yield from zap_all_fast(vm)
 
 
 class TargetedZap(ZapPolicy):
