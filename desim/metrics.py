@@ -74,6 +74,7 @@ class Metrics:
     mmio_spte_refreshes: int = 0  # of those, stale: check_mmio_spte failed, re-installed under mmu_lock
     memslot_swaps: int = 0  # kvm_swap_active_memslots: each kicks every vCPU (kvm_arch_memslots_updated)
     mmio_gen_wraps: int = 0  # MMIO generation wrap-arounds (each forced kvm_mmu_zap_all_fast)
+    hash_probes: int = 0  # mmu_page_hash probes of targeted zaps (kvm_mmu_zap_memslot_pages_and_flush)
     zap_spte_visits: int = 0  # entries the TDP MMU zap walks visited (tdp_mmu_zap_leafs, tdp_mmu_zap_root)
     ioctl_ops: list[str] = field(default_factory=list)
     ioctl_latency: array = field(default_factory=lambda: array("d"))
@@ -148,6 +149,7 @@ class Metrics:
         out["resched_yields"] = self.resched_yields
         out["yield_flushes"] = self.yield_flushes
         out["zap_spte_visits"] = self.zap_spte_visits
+        out["hash_probes"] = self.hash_probes
         out["ept_violations"] = out["faults"]
         out["ept_misconfigs"] = self.ept_misconfigs
         out["mmio_spte_refreshes"] = self.mmio_spte_refreshes

@@ -19,8 +19,9 @@ Policies live in :data:`ZAP_POLICIES`; adding one needs nothing else changed.
   6.12+: ``KVM_X86_QUIRK_SLOT_ZAP_ALL`` disabled): ``write_lock``, zap the
   slot's *leaf* SPTEs (``kvm_unmap_gfn_range``; the seed's
   ``slot_handle_all_level(kvm_zap_rmapp)`` probes every gfn's rmap at every
-  level, so the cost is proportional to the slot's size), for the shadow MMU
-  also the per-gfn hash walk of ``kvm_mmu_zap_memslot_pages_and_flush``,
+  level, so the cost is proportional to the slot's size), for the legacy and
+  shadow MMUs on 6.12+ also the per-gfn hash walk of
+  ``kvm_mmu_zap_memslot_pages_and_flush`` (:func:`hash_walk_probes`),
   one remote flush, ``write_unlock``. Upper-level SPTEs and other slots'
   SPTEs survive.
 
@@ -51,6 +52,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .vm import Vm
 
 BATCH_ZAP_PAGES = 10  # arch/x86/kvm/mmu/mmu.c
+KVM_MMU_HASH_BUCKETS = 1 << 12  # 1 << KVM_MMU_HASH_SHIFT (arch/x86/include/asm/kvm_host.h)
+HASH_WALK_SINCE = (6, 12)  # kvm_mmu_zap_memslot_pages_and_flush came with KVM_X86_QUIRK_SLOT_ZAP_ALL
 ZAP_SLICE = 512  # SPTEs or gfns charged between two needbreak checks (one page table's worth)
 KVM_ZAP_ONLY_MEMSLOT_SPTES = 1 << 0  # the seed's include/uapi/linux/kvm.h
 
@@ -134,6 +137,23 @@ def tdp_zap_root_visits(tables_by_level: dict[int, int], root_level: int, root: 
         tables[4] = 1 if any(tables.values()) else 0
     tables[root_level] = 1
     return 512 * sum(sum(n for lvl, n in tables.items() if lvl >= m) for m in (1, 2, 3, root_level))
+
+
+def hash_walk_probes(npages: int, shadow_pages: int) -> int:
+    """Hash-chain probes of ``kvm_mmu_zap_memslot_pages_and_flush`` over a slot (arch/x86/kvm/mmu/mmu.c).
+
+    For each gfn of the slot, ``for_each_gfn_valid_sp_with_gptes`` walks the
+    bucket ``mmu_page_hash[kvm_page_table_hashfn(gfn)]`` (``KVM_MMU_HASH_SHIFT``
+    = 12: 4096 buckets, ``hash_64`` spreads the shadow pages evenly): one load of
+    the bucket head plus one probe per shadow page chained there, on average
+    ``shadow_pages / 4096``. Skipped entirely when ``active_mmu_pages`` is empty.
+    Simplification: shadow pages that shadow guest page tables inside the slot
+    (and are zapped with their children) are not modelled: guest page tables
+    are not part of the model.
+    """
+    if shadow_pages <= 0 or npages <= 0:
+        return 0
+    return npages + (npages * shadow_pages) // KVM_MMU_HASH_BUCKETS
 
 
 class ZapPolicy:
@@ -226,10 +246,13 @@ class TargetedZap(ZapPolicy):
         # tdp_mmu_zap_leafs / __walk_slot_rmaps flush before each yield if they zapped anything
         pending = yield from hold_with_lockbreak(vm, token, WRITE, "zap", units, unit_ns, ZAP_SLICE,
                                                  zapped=zapped, flush_on_yield=True)
-        if kernel.mmu == "shadow":
+        if kernel.mmu != "tdp" and kernel.version_tuple >= HASH_WALK_SINCE:
             # kvm_mmu_zap_memslot_pages_and_flush: for_each_gfn_valid_sp_with_gptes per gfn; the leaf walk's
             # flush is owed until its first yield (kvm_mmu_remote_flush_or_zap) or its end
-            pending = yield from hold_with_lockbreak(vm, token, WRITE, "zap", npages, P.hash_probe, ZAP_SLICE,
+            probes = hash_walk_probes(npages, vm.mmu.present_pt + int(vm.mmu.root_live))
+            vm.metrics.hash_probes += probes
+            pending = yield from hold_with_lockbreak(vm, token, WRITE, "zap", npages,
+                                                     probes * P.hash_probe / npages, ZAP_SLICE,
                                                      flush_on_yield=True, flush_pending=pending)
         vm.mmu.zap_slot_leafs(ss)
         if vm.audit is not None and zapped:

@@ -68,3 +68,32 @@ def test_fast_zap_teardown_pays_512_atomic_writes_per_table():
     tables = 512 + 1 + 1
     assert m["pt_pages_freed"] == tables + 1  # + the root
     assert m["lock_hold_teardown_ns"] >= tables * P.ns("sp_free")
+
+
+def test_hash_walk_costs_one_probe_plus_a_chain_per_gfn():
+    from desim.zap import hash_walk_probes
+    assert hash_walk_probes(1000, 0) == 0  # list_empty(&kvm->arch.active_mmu_pages): no walk
+    assert hash_walk_probes(1000, 1) == 1000
+    assert hash_walk_probes(1000, 4096) == 2000  # one shadow page per bucket on average
+    assert hash_walk_probes(1 << 18, 40960) == (1 << 18) * 11
+
+
+def _shadow_delete(version: str, touch_mib: int) -> dict:
+    data = {"name": "hash", "profile": "shadow-pvm", "profile_overrides": {"kernel": {"version": version}},
+            "vm": {"vcpus": 1, "memslots": [{"id": 0, "gpa": 0, "size": "64MiB"},
+                                            {"id": 1, "gpa": "1GiB", "size": "256MiB"}]},
+            "phases": [{"name": "touch", "slot": 0, "size": f"{touch_mib}MiB"},
+                       {"name": "delete", "pattern": "none",
+                        "memslot_ops": [{"at_us": 0, "op": "delete", "slot": 1}]}]}
+    return run_scenario(validate_scenario(data, "test"), "targeted").metrics
+
+
+def test_shadow_targeted_zap_hash_walk_grows_with_shadow_pages():
+    small, big = _shadow_delete("6.18", 2), _shadow_delete("6.18", 64)
+    npages = 256 << 8
+    # the shadow pages of slot 0 (PT pages, PD, PDPT, root) lengthen every bucket chain
+    assert small["hash_probes"] == npages + npages * (1 + 1 + 1 + 1) // 4096
+    assert big["hash_probes"] == npages + npages * (32 + 1 + 1 + 1) // 4096
+    assert big["zap_duration_total_ns"] > small["zap_duration_total_ns"]
+    # before 6.12 (the seed's targeted zap) there is no hash walk
+    assert _shadow_delete("6.11", 64)["hash_probes"] == 0
