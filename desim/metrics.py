@@ -13,7 +13,9 @@ DELETE/MOVE, or a stale fault whose root became obsolete) and *spurious* a
 fault that found the SPTE already installed by another vCPU
 (``RET_PF_SPURIOUS``) and *mmio* an access to a gpa without a memslot that
 found no MMIO SPTE (with ``mmio_caching`` it installs one; without, every MMIO
-access is such a fault). Faults are EPT violations (``kvm:kvm_page_fault``
+access is such a fault), and *nx* an instruction fetch from a page that a
+non-executable huge SPTE maps (NX huge pages, desim/nx.py: the huge page is
+split; its other pages then re-fault as *after_zap*). Faults are EPT violations (``kvm:kvm_page_fault``
 from ``handle_ept_violation``), as the seed counts them. An access that hits an
 MMIO SPTE is an EPT *misconfiguration* (``handle_ept_misconfig``), counted
 apart in ``ept_misconfigs``: emulated at once if the SPTE's generation is
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-FAULT_CAUSES = ("first_touch", "after_zap", "retry", "spurious", "mmio")
+FAULT_CAUSES = ("first_touch", "after_zap", "retry", "spurious", "mmio", "nx")
 VCPU_STATES = ("guest", "host", "halted")
 
 
@@ -74,6 +76,8 @@ class Metrics:
     mmio_spte_refreshes: int = 0  # of those, stale: check_mmio_spte failed, re-installed under mmu_lock
     memslot_swaps: int = 0  # kvm_swap_active_memslots: each kicks every vCPU (kvm_arch_memslots_updated)
     mmio_gen_wraps: int = 0  # MMIO generation wrap-arounds (each forced kvm_mmu_zap_all_fast)
+    nx_4k_maps: int = 0  # faults mapped at 4 KiB on huge-capable memory because of NX huge pages
+    nx_recovered: int = 0  # NX huge page splits zapped by the recovery worker
     hash_probes: int = 0  # mmu_page_hash probes of targeted zaps (kvm_mmu_zap_memslot_pages_and_flush)
     zap_spte_visits: int = 0  # entries the TDP MMU zap walks visited (tdp_mmu_zap_leafs, tdp_mmu_zap_root)
     ioctl_ops: list[str] = field(default_factory=list)
@@ -150,6 +154,8 @@ class Metrics:
         out["yield_flushes"] = self.yield_flushes
         out["zap_spte_visits"] = self.zap_spte_visits
         out["hash_probes"] = self.hash_probes
+        out["nx_4k_maps"] = self.nx_4k_maps
+        out["nx_recovered"] = self.nx_recovered
         out["ept_violations"] = out["faults"]
         out["ept_misconfigs"] = self.ept_misconfigs
         out["mmio_spte_refreshes"] = self.mmio_spte_refreshes

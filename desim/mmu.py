@@ -36,6 +36,7 @@ import numpy as np
 
 from .errors import DesimInputError
 from .memslot import KVM_MEMSLOT_INVALID, Memslot
+from .nx import ExecRanges
 
 TAG_MASK = 0x3F
 EVER_MAPPED = 0x40
@@ -169,6 +170,11 @@ class Mmu:
     zap_seq: int = 0  # bumped by every zap: vCPUs recompute cached miss lists
     # kvm_memslots(kvm)->generation of address space 0, and the MMIO SPTEs: gfn -> (root tag, generation)
     memslots_generation: int = 0
+    # NX huge pages (desim/nx.py): code ranges when kvm.nx_huge_pages is on, and the split 2 MiB regions
+    # (gfn >> 9 -> root tag), in split order (possible_nx_huge_pages is a FIFO list)
+    nx_exec: ExecRanges | None = None
+    nx_split: dict[int, int] = field(default_factory=dict)
+    nx_fetch_splits: int = 0  # fetches that found a (non-executable) huge SPTE and split it
     mmio_sptes: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     # -- memslots ----------------------------------------------------------
@@ -250,6 +256,8 @@ class Mmu:
             return True
         if ss.block.backing == "4k":
             return False
+        if self.nx_exec is not None and self.nx_exec.is_exec(gfn):
+            return False  # NX huge pages: a huge SPTE is not executable, the fetch faults (desim/nx.py)
         upage = (ss.slot.ua >> 12) + rel
         bpage = ss.block.ua >> 12
         if ss.congruent2m and ss.mv2m[(upage >> 9) - (bpage >> 9)] & TAG_MASK == tag:
@@ -277,10 +285,14 @@ class Mmu:
             rel = g - ss.slot.base_gfn
             m = (ss.state[rel] & TAG_MASK) == self.root_tag
             if ss.block.backing != "4k":
+                huge = np.zeros(len(g), dtype=bool)
                 if ss.congruent2m:
-                    m |= self._huge_mask(ss, rel, PG_LEVEL_2M)
+                    huge |= self._huge_mask(ss, rel, PG_LEVEL_2M)
                 if ss.congruent1g:
-                    m |= self._huge_mask(ss, rel, PG_LEVEL_1G)
+                    huge |= self._huge_mask(ss, rel, PG_LEVEL_1G)
+                if self.nx_exec is not None and huge.any():
+                    huge &= ~self.nx_exec.mask(g)
+                m |= huge
             out[sel] = m
         return out
 
@@ -439,6 +451,56 @@ class Mmu:
         if hi - lo + 1 > len(d):
             return sum(1 for k, t in d.items() if lo <= k <= hi and t == tag)
         return sum(1 for k in range(lo, hi + 1) if d.get(k) == tag)
+
+    # -- NX huge pages ---------------------------------------------------------------
+    def nx_level(self, ss: SlotSptes, gfn: int, level: int) -> int:
+        """The mapping level after ``disallowed_hugepage_adjust``: 4 KiB for a code page or a split region.
+
+        A fetch from a page under a present huge SPTE splits it: the huge SPTE
+        goes (its other pages re-fault at 4 KiB) and the region is tracked as an
+        NX huge page split."""
+        if self.nx_exec is None or level == PG_LEVEL_4K:
+            return level
+        region = gfn >> 9
+        if self.nx_split.get(region) == self.root_tag:
+            return PG_LEVEL_4K
+        if not self.nx_exec.is_exec(gfn):
+            return level
+        if ss.congruent2m and ss.huge_ok(gfn, PG_LEVEL_2M):
+            arr, i = ss.unit_state(gfn, PG_LEVEL_2M)
+            if arr[i] & TAG_MASK == self.root_tag:
+                arr[i] &= KEEP_BITS
+                self.present_leaf -= 1
+                self.zap_seq += 1
+                self.nx_fetch_splits += 1
+        self.nx_split.pop(region, None)
+        self.nx_split[region] = self.root_tag
+        return PG_LEVEL_4K
+
+    def nx_split_regions(self) -> list[int]:
+        """Split regions in the current roots, oldest first (stale ones, from before a fast zap, dropped)."""
+        self.nx_split = {r: t for r, t in self.nx_split.items() if t == self.root_tag}
+        return list(self.nx_split)
+
+    def nx_recover(self, region: int) -> int:
+        """``kvm_recover_nx_huge_pages`` for one split: zap its page table (and its 4 KiB SPTEs) so
+        the region can be mapped huge again; returns the leaf SPTEs zapped."""
+        self.nx_split.pop(region, None)
+        ss = self.slot_of(region << 9)
+        zapped = 0
+        if ss is not None:
+            lo = max(region << 9, ss.slot.base_gfn) - ss.slot.base_gfn
+            hi = min((region + 1) << 9, ss.slot.end_gfn) - ss.slot.base_gfn
+            seg = ss.state[lo:hi]
+            zapped = int(np.count_nonzero((seg & TAG_MASK) == self.root_tag))
+            np.bitwise_and(seg, KEEP_BITS, out=seg)
+        if self.pt_tags[1].get(region) == self.root_tag:
+            del self.pt_tags[1][region]
+            self.present_pt -= 1
+            self.present_pt_level[1] -= 1
+        self.present_leaf -= zapped
+        self.zap_seq += 1
+        return zapped
 
     # -- MMIO SPTEs and the memslot generation -----------------------------------
     def swap_memslots(self) -> bool:

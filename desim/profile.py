@@ -90,7 +90,10 @@ class Kernel(BaseModel):
     mmio_caching: bool = True  # kvm.mmio_caching: MMIO SPTEs (EPT misconfig fast path) or a full fault per access
     backing: Literal["4k", "thp", "hugetlbfs-1g"] = "thp"
     thp_fraction: float = Field(default=1.0, ge=0.0, le=1.0)
+    # kvm.nx_huge_pages (desim/nx.py): on by default ("auto") only on CPUs with X86_BUG_ITLB_MULTIHIT
     nx_huge_pages: bool = False
+    nx_recovery_ratio: int = Field(default=60, ge=1)  # kvm.nx_huge_pages_recovery_ratio
+    nx_recovery_period_ms: float = Field(default=0.0, ge=0)  # kvm.nx_huge_pages_recovery_period_ms (0: 1 h / ratio)
     eager_page_split: bool = False
     root_level: int = Field(default=4, ge=4, le=5)
 

@@ -188,6 +188,8 @@ class TouchSpec(_Model):
     it when the vCPU gets there (an unmapped gpa is an MMIO exit).
     ``pattern = "trace"`` replays the pages of a ``perf script`` trace of
     ``kvm:kvm_page_fault`` events, vCPU i taking the trace's vCPU i.
+    ``exec_fraction`` is the share of the region's pages that hold code (the
+    guest executes from them; what NX huge pages act on, see desim/nx.py).
     ``until = "vmm"`` repeats the pattern (more passes, more draws) until the
     phase's VMM script has finished, like the selftests' vCPU loops; the vCPU
     stops at the end of the chunk it is in (at most 4096 accesses later).
@@ -208,6 +210,7 @@ class TouchSpec(_Model):
     hot_probability: float = Field(default=0.9, ge=0, le=1)
     perf_trace: str | None = None
     until: Literal["done", "vmm"] = "done"
+    exec_fraction: float = Field(default=0.0, ge=0, le=1)  # share of the region's pages that are code
 
     @model_validator(mode="after")
     def _region(self) -> "TouchSpec":

@@ -444,8 +444,14 @@ class Vcpu:
             hold = 0.0
         else:
             kernel = vm.profile.kernel
-            level = PG_LEVEL_4K if ss.slot.dirty_logging else hlevel
-            cause = "after_zap" if ss.mv[gfn - ss.slot.base_gfn] & EVER_MAPPED else "first_touch"
+            splits = mmu.nx_fetch_splits
+            level = PG_LEVEL_4K if ss.slot.dirty_logging else mmu.nx_level(ss, gfn, hlevel)
+            if mmu.nx_exec is not None and level < hlevel:
+                metrics.nx_4k_maps += 1
+            if mmu.nx_fetch_splits != splits:
+                cause = "nx"  # a fetch from a page that a non-executable huge SPTE maps
+            else:
+                cause = "after_zap" if ss.mv[gfn - ss.slot.base_gfn] & EVER_MAPPED else "first_touch"
             allocated = mmu.install(ss, gfn, level)
             prefetched = 0
             if kernel.pte_prefetch and level == PG_LEVEL_4K:

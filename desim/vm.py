@@ -22,6 +22,7 @@ from .lock import MmuLock
 from .memslot import Memslot, MemslotOp
 from .metrics import Metrics
 from .mmu import Mmu
+from .nx import ExecRanges, nx_huge_page_recovery_worker
 from .profile import HostProfile
 from .sched import NeedResched
 from .scenario import PhaseSpec, Scenario, TouchSpec, phase_ops
@@ -51,7 +52,8 @@ class Vm:
                             handoff_ns=self.P.lock_handoff)
         self.need_resched = NeedResched.from_kernel(k)
         self.fault_lock_mode = k.fault_lock
-        self.mmu = Mmu(backing=k.backing, thp_fraction=k.thp_fraction)
+        self.mmu = Mmu(backing=k.backing, thp_fraction=k.thp_fraction,
+                       nx_exec=ExecRanges() if k.nx_huge_pages else None)
         self.audit = Audit(self) if audit else None
         self._next_ua = 0x7F0000000000
         self._ua_by_slot: dict[int, int] = {}
@@ -131,6 +133,8 @@ class Vm:
                     per_vcpu.setdefault(v.index, []).append(st)
                 continue
             lo, n = self._touch_region(phase, touch)
+            if touch.exec_fraction > 0 and self.mmu.nx_exec is not None:
+                self.mmu.nx_exec.add(lo, n, touch.exec_fraction)
             for i, v in enumerate(active):
                 a, m = (lo, n) if touch.sharing == "shared" else split_region(lo, n, len(active), i)
                 if m <= 0:
@@ -177,6 +181,8 @@ class Vm:
 
     def run(self) -> "RunResult":
         main = self.env.process(self._run_phases())
+        if self.profile.kernel.nx_huge_pages:
+            self.env.process(nx_huge_page_recovery_worker(self))
         limit = self.scenario.time_limit_ms * 1e6
         self.env.run(until=simpy.AnyOf(self.env, [main, self.env.timeout(limit)]))
         if not main.triggered:
