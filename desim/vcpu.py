@@ -279,6 +279,16 @@ class Vcpu:
                     yield from self._retry_wait(g1)
                     continue
                 ev, ctx = res
+                if ctx[0] == "host":
+                    # the host allocation's contention, then mmu_lock
+                    t0 = env.now
+                    yield ev
+                    self.m.stall_ns += env.now - t0
+                    self.m.time[HOST] += env.now - t0
+                    res = self._fault_acquire(ctx[1])
+                    if res is None:
+                        continue
+                    ev, ctx = res
                 t0 = env.now
                 handoff = yield ev
                 self.m.stall_ns += env.now - t0
@@ -339,10 +349,21 @@ class Vcpu:
         if ss.slot.invalid:
             return "retry"
         hlevel = mmu.host_level(ss, gfn)
+        ctx = (ss, gfn, hlevel, self.root_tag, start)
         if not mmu.host_resident(ss, gfn, hlevel):
             mmu.make_resident(ss, gfn, hlevel)
             vm.metrics.host_page_allocs[_HOST_ALLOC[hlevel][1]] += 1
-        ctx = (ss, gfn, hlevel, self.root_tag, start)
+            # zone->lock, lru_lock and memory-bandwidth contention of the host allocation (desim/hostmm.py),
+            # from when the allocation started
+            t_alloc = self.env.now - getattr(vm.P, _HOST_ALLOC[hlevel][0])
+            extra = vm.hostmm.first_touch(self.index, t_alloc, hlevel)
+            if extra > 0:
+                return self.env.timeout(extra), ("host", ctx)
+        return self._fault_acquire(ctx)
+
+    def _fault_acquire(self, ctx: tuple):
+        """Take ``mmu_lock`` for the fault: None when done at once, else ``(event, ctx)`` to wait on."""
+        vm = self.vm
         ev = vm.lock.acquire(vm.fault_lock_mode, "fault", self)
         if ev is not None:
             return ev, ctx

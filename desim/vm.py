@@ -18,6 +18,7 @@ import simpy
 from . import model_fingerprint
 from .audit import Audit
 from .errors import DesimInputError
+from .hostmm import LRU_BATCH_NEW, LRU_BATCH_OLD, LRU_BATCH_SINCE, HostMm
 from .lock import MmuLock
 from .memslot import Memslot, MemslotOp
 from .metrics import Metrics
@@ -51,6 +52,8 @@ class Vm:
         self.lock = MmuLock(self.env, kind=k.lock, preemption=k.needbreak_on_contention,
                             handoff_ns=self.P.lock_handoff)
         self.need_resched = NeedResched.from_kernel(k)
+        self.hostmm = HostMm(self.P.zone_lock_page, self.P.lru_lock_page, self.P.clear_page_4k, self.P.membw_4k,
+                             lru_batch=LRU_BATCH_NEW if k.version_tuple >= LRU_BATCH_SINCE else LRU_BATCH_OLD)
         self.fault_lock_mode = k.fault_lock
         self.mmu = Mmu(backing=k.backing, thp_fraction=k.thp_fraction,
                        nx_exec=ExecRanges() if k.nx_huge_pages else None)
@@ -194,6 +197,7 @@ class Vm:
             v._set_mode(v.mode)  # close the time accounting
         lock_summary = self.lock.summary()
         summary = self.metrics.summary(lock_summary)
+        summary.update(self.hostmm.summary())
         return RunResult(scenario=self.scenario.name, policy=self.policy_name, seed=self.seed,
                          replication=self.replication, model_version=model_fingerprint(),
                          metrics=summary, per_vcpu=self.metrics.per_vcpu_rows(), raw=self.metrics,
