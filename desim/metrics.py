@@ -78,6 +78,7 @@ class Metrics:
     mmio_gen_wraps: int = 0  # MMIO generation wrap-arounds (each forced kvm_mmu_zap_all_fast)
     nx_4k_maps: int = 0  # faults mapped at 4 KiB on huge-capable memory because of NX huge pages
     nx_recovered: int = 0  # NX huge page splits zapped by the recovery worker
+    obsolete_root_flushes: int = 0  # remote flushes by the last vCPU dropping an obsolete shadow root
     hash_probes: int = 0  # mmu_page_hash probes of targeted zaps (kvm_mmu_zap_memslot_pages_and_flush)
     zap_spte_visits: int = 0  # entries the TDP MMU zap walks visited (tdp_mmu_zap_leafs, tdp_mmu_zap_root)
     ioctl_ops: list[str] = field(default_factory=list)
@@ -154,6 +155,7 @@ class Metrics:
         out["yield_flushes"] = self.yield_flushes
         out["zap_spte_visits"] = self.zap_spte_visits
         out["hash_probes"] = self.hash_probes
+        out["obsolete_root_flushes"] = self.obsolete_root_flushes
         out["nx_4k_maps"] = self.nx_4k_maps
         out["nx_recovered"] = self.nx_recovered
         out["ept_violations"] = out["faults"]

@@ -170,6 +170,9 @@ class Mmu:
     zap_seq: int = 0  # bumped by every zap: vCPUs recompute cached miss lists
     # kvm_memslots(kvm)->generation of address space 0, and the MMIO SPTEs: gfn -> (root tag, generation)
     memslots_generation: int = 0
+    # shadow / legacy MMU: obsolete roots still loaded by vCPUs (root tag -> vCPUs holding it); the last
+    # vCPU to drop one frees it (mmu_free_root_page -> kvm_mmu_commit_zap_page: a remote flush)
+    obsolete_roots: dict[int, int] = field(default_factory=dict)
     # NX huge pages (desim/nx.py): code ranges when kvm.nx_huge_pages is on, and the split 2 MiB regions
     # (gfn >> 9 -> root tag), in split order (possible_nx_huge_pages is a FIFO list)
     nx_exec: ExecRanges | None = None
@@ -402,6 +405,8 @@ class Mmu:
         # mmu_shadow_zapped counts it; being in use, it is freed when its last vCPU drops it)
         work = ObsoleteWork(self.present_leaf, self.present_pt + int(self.root_live),
                             dict(self.present_pt_level), int(self.root_live))
+        if self.root_live:
+            self.obsolete_roots[self.root_tag] = 0  # users are counted by the caller (vCPUs holding it)
         self.root_live = False
         self.mmu_valid_gen ^= 1
         self.present_leaf = 0
@@ -421,6 +426,7 @@ class Mmu:
         for d in self.pt_tags.values():
             d.clear()
         self.mmio_sptes.clear()
+        self.obsolete_roots.clear()
 
     def _huge_range(self, ss: SlotSptes, level: int) -> np.ndarray | None:
         """The block's huge-unit bytes for the units lying entirely inside the slot (a view)."""

@@ -49,7 +49,7 @@ import simpy
 
 from .lock import READ, WRITE
 from .mmu import EVER_MAPPED, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
-from .tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KVM_REQ_TLB_FLUSH
+from .tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KVM_REQ_TLB_FLUSH, kvm_flush_remote_tlbs
 
 if TYPE_CHECKING:  # pragma: no cover
     from .vm import Vm
@@ -322,6 +322,16 @@ class Vcpu:
             # MMU allocates roots under the read lock (kvm_tdp_mmu_alloc_root), the others under write
             mode = READ if vm.profile.kernel.mmu == "tdp" else WRITE
             yield from vm.lock.take(mode, "root", self)
+            users = vm.mmu.obsolete_roots.get(self.root_tag)
+            if users is not None and mode == WRITE:
+                # mmu_free_root_page: --root_count; the last user of an invalid root zaps it for real,
+                # and kvm_mmu_commit_zap_page flushes every vCPU's TLB (under the write lock)
+                if users <= 1:
+                    del vm.mmu.obsolete_roots[self.root_tag]
+                    vm.metrics.obsolete_root_flushes += 1
+                    yield from kvm_flush_remote_tlbs(vm)
+                else:
+                    vm.mmu.obsolete_roots[self.root_tag] = users - 1
             yield env.timeout(P.root_alloc)
             self.root_tag = vm.mmu.root_tag
             vm.mmu.root_live = True

@@ -171,7 +171,10 @@ def zap_all_fast(vm: "Vm") -> Generator:
     token = vm.vmm
     start = env.now
     yield from lock.take(WRITE, "zap", token)
+    old_tag = vm.mmu.root_tag
     work = vm.mmu.zap_all_fast()
+    if old_tag in vm.mmu.obsolete_roots:
+        vm.mmu.obsolete_roots[old_tag] = sum(1 for v in vm.vcpus if v.root_tag == old_tag)
     if vm.audit is not None:
         vm.audit.sptes_zapped(env.now)
     vm.metrics.zaps["fast"] = vm.metrics.zaps.get("fast", 0) + 1
