@@ -79,6 +79,7 @@ class Metrics:
     nx_4k_maps: int = 0  # faults mapped at 4 KiB on huge-capable memory because of NX huge pages
     nx_recovered: int = 0  # NX huge page splits zapped by the recovery worker
     obsolete_root_flushes: int = 0  # remote flushes by the last vCPU dropping an obsolete shadow root
+    gpte_sp_zapped: int = 0  # shadow pages of guest page tables in a deleted slot, zapped with their children
     hash_probes: int = 0  # mmu_page_hash probes of targeted zaps (kvm_mmu_zap_memslot_pages_and_flush)
     zap_spte_visits: int = 0  # entries the TDP MMU zap walks visited (tdp_mmu_zap_leafs, tdp_mmu_zap_root)
     ioctl_ops: list[str] = field(default_factory=list)
@@ -155,6 +156,7 @@ class Metrics:
         out["yield_flushes"] = self.yield_flushes
         out["zap_spte_visits"] = self.zap_spte_visits
         out["hash_probes"] = self.hash_probes
+        out["gpte_sp_zapped"] = self.gpte_sp_zapped
         out["obsolete_root_flushes"] = self.obsolete_root_flushes
         out["nx_4k_maps"] = self.nx_4k_maps
         out["nx_recovered"] = self.nx_recovered

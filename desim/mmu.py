@@ -458,6 +458,41 @@ class Mmu:
             return sum(1 for k, t in d.items() if lo <= k <= hi and t == tag)
         return sum(1 for k in range(lo, hi + 1) if d.get(k) == tag)
 
+    # -- shadow pages of guest page tables ---------------------------------------------
+    def zap_gpte_shadow_pages(self, ss: SlotSptes, gpt_base: int) -> tuple[int, int]:
+        """Shadow pages whose guest page table lies in ``ss`` (``for_each_gfn_valid_sp_with_gptes`` +
+        ``kvm_mmu_prepare_zap_page``): zap them and their children, wherever those map.
+
+        The guest's last-level table for 2 MiB region ``r`` is at gfn ``gpt_base + r``; each present PT
+        shadow page of a region whose table gfn is in the slot goes, with its 4 KiB SPTEs (which map
+        other slots' memory: they re-fault). Simplification: only last-level tables; the guest's upper
+        levels are not placed. Returns (shadow pages zapped, leaf SPTEs zapped).
+        """
+        lo, hi = ss.slot.base_gfn - gpt_base, ss.slot.end_gfn - gpt_base
+        if hi <= 0:
+            return 0, 0
+        tag = self.root_tag
+        d = self.pt_tags[1]
+        regions = [r for r, t in d.items() if t == tag and lo <= r < hi]
+        children = 0
+        for r in regions:
+            del d[r]
+            self.present_pt -= 1
+            self.present_pt_level[1] -= 1
+            other = self.slot_of(r << 9)
+            if other is None:
+                continue
+            a = max(r << 9, other.slot.base_gfn) - other.slot.base_gfn
+            b = min((r + 1) << 9, other.slot.end_gfn) - other.slot.base_gfn
+            seg = other.state[a:b]
+            n = int(np.count_nonzero((seg & TAG_MASK) == tag))
+            np.bitwise_and(seg, KEEP_BITS, out=seg)
+            children += n
+        self.present_leaf -= children
+        if regions:
+            self.zap_seq += 1
+        return len(regions), children
+
     # -- NX huge pages ---------------------------------------------------------------
     def nx_level(self, ss: SlotSptes, gfn: int, level: int) -> int:
         """The mapping level after ``disallowed_hugepage_adjust``: 4 KiB for a code page or a split region.

@@ -260,8 +260,14 @@ class PhaseSpec(TouchSpec):
 
 
 class VmSpec(_Model):
+    """The VM's shape. ``guest_page_tables`` (shadow paging only): the gpa of the guest's last-level page
+    tables for its linear map, one 4 KiB table per 2 MiB of guest-physical memory in gpa order (table i
+    maps gpa [i x 2 MiB, (i + 1) x 2 MiB)); a targeted zap of a slot holding some of them zaps their shadow
+    pages and children (desim/zap.py ``zap_gpte_shadow_pages``). Unset: guest page tables not modelled."""
+
     vcpus: int = Field(ge=1, le=4096)
     memslots: list[MemslotSpec] = Field(default_factory=list)
+    guest_page_tables: Size | None = Field(default=None, ge=0)
 
     @field_validator("memslots")
     @classmethod

@@ -147,9 +147,8 @@ def hash_walk_probes(npages: int, shadow_pages: int) -> int:
     = 12: 4096 buckets, ``hash_64`` spreads the shadow pages evenly): one load of
     the bucket head plus one probe per shadow page chained there, on average
     ``shadow_pages / 4096``. Skipped entirely when ``active_mmu_pages`` is empty.
-    Simplification: shadow pages that shadow guest page tables inside the slot
-    (and are zapped with their children) are not modelled: guest page tables
-    are not part of the model.
+    The shadow pages it finds (those shadowing guest page tables inside the
+    slot) are zapped with their children: :meth:`desim.mmu.Mmu.zap_gpte_shadow_pages`.
     """
     if shadow_pages <= 0 or npages <= 0:
         return 0
@@ -257,6 +256,16 @@ class TargetedZap(ZapPolicy):
             pending = yield from hold_with_lockbreak(vm, token, WRITE, "zap", npages,
                                                      probes * P.hash_probe / npages, ZAP_SLICE,
                                                      flush_on_yield=True, flush_pending=pending)
+            gpt = vm.scenario.vm.guest_page_tables
+            if kernel.mmu == "shadow" and gpt is not None:
+                pages, children = vm.mmu.zap_gpte_shadow_pages(ss, gpt >> 12)
+                if pages:
+                    # kvm_mmu_prepare_zap_page on each: unlink its children, then commit (the flush below)
+                    yield env.timeout(pages * P.sp_free + children * P.spte_zap)
+                    vm.metrics.gpte_sp_zapped += pages
+                    vm.metrics.sptes_zapped += children
+                    vm.metrics.pt_pages_freed += pages
+                    pending = pending or children > 0
         vm.mmu.zap_slot_leafs(ss)
         if vm.audit is not None and zapped:
             vm.audit.sptes_zapped(env.now)
