@@ -13,17 +13,22 @@ Policies live in :data:`ZAP_POLICIES`; adding one needs nothing else changed.
   ``cond_resched_rwlock_write`` lock breaks, ``kvm_mmu_commit_zap_page``
   (a remote flush), ``write_unlock``; then, TDP MMU only,
   ``kvm_tdp_mmu_zap_invalidated_roots`` tears the invalid roots down under the
-  *read* lock, yielding when contended. Every vCPU then loads a new empty root
-  and re-faults everything it touches, in every memslot.
+  *read* lock (``tdp_mmu_zap_root``: :func:`tdp_zap_root_visits` entries
+  visited, ``handle_removed_pt`` per table), yielding when contended. Every
+  vCPU then loads a new empty root and re-faults everything it touches, in
+  every memslot.
 * ``targeted`` — the seed's ``kvm_mmu_zap_memslot`` (``KVM_ZAP_ONLY_MEMSLOT_SPTES``;
   6.12+: ``KVM_X86_QUIRK_SLOT_ZAP_ALL`` disabled): ``write_lock``, zap the
   slot's *leaf* SPTEs (``kvm_unmap_gfn_range``; the seed's
   ``slot_handle_all_level(kvm_zap_rmapp)`` probes every gfn's rmap at every
   level, so the cost is proportional to the slot's size), for the legacy and
   shadow MMUs on 6.12+ also the per-gfn hash walk of
-  ``kvm_mmu_zap_memslot_pages_and_flush`` (:func:`hash_walk_probes`),
-  one remote flush, ``write_unlock``. Upper-level SPTEs and other slots'
-  SPTEs survive.
+  ``kvm_mmu_zap_memslot_pages_and_flush`` (:func:`hash_walk_probes`, and the
+  shadow pages of guest page tables in the slot with their children), one
+  remote flush, ``write_unlock``. The TDP MMU's walk (``tdp_mmu_zap_leafs``)
+  visits every entry of the range in each present table
+  (:meth:`desim.mmu.Mmu.tdp_walk_visits`), not only what it zaps.
+  Upper-level SPTEs and other slots' SPTEs survive.
 
 Lock breaks (:func:`hold_with_lockbreak`): the kernel's walks check
 ``need_resched() || rwlock_needbreak(&kvm->mmu_lock)`` every iteration
@@ -32,7 +37,8 @@ Lock breaks (:func:`hold_with_lockbreak`): the kernel's walks check
 ``BATCH_ZAP_PAGES`` pages through ``cond_resched_rwlock_write``). Which of the
 two can be true depends on the preemption model and the kernel version
 (:mod:`desim.sched`): on 6.11+ booted ``none``/``voluntary`` a zap never breaks
-the lock for a waiter, only for ``need_resched``.
+the lock for a waiter, only for ``need_resched``. The targeted zap flushes
+remote TLBs before each break that follows zapped SPTEs; the fast zap does not.
 
 Simplifications: the per-SPTE and per-probe work is charged as time in
 slices of ``ZAP_SLICE`` units; a lock break can only happen at a slice end
