@@ -22,10 +22,14 @@ paging structure, reduced to what decides the cost of a fault or a zap:
   per PDPT page (512 GiB), PD page (1 GiB) and PT page (2 MiB). A targeted zap
   keeps them, as the seed says ("upper level SPTEs are retained").
 
+Also kept: the memslot generation and MMIO SPTEs (``check_mmio_spte``), the
+NX-huge-page splits (desim/nx.py) and, for shadow paging, which PT shadow
+pages shadow guest page tables in a slot (``vm.guest_page_tables``).
+
 Simplifications: one address space (no SMM), one set of roots shared by all
-vCPUs (true of the TDP MMU; shadow paging has roots per guest CR3), no
-write-protection or dirty bitmap (dirty logging only forces 4 KiB mappings),
-and guest page tables are not modelled for shadow paging.
+vCPUs (true of the TDP MMU; shadow paging has roots per guest CR3 and
+``prev_roots``: not modelled, nor the write-protection faults on guest page
+tables), no dirty bitmap (dirty logging only forces 4 KiB mappings).
 """
 from __future__ import annotations
 
