@@ -61,14 +61,30 @@ def _int_at_least(lo: int):
     return conv
 
 
+def _fraction(example: str):
+    """argparse type: a number strictly between 0 and 1 (the subcommand's usage is printed on error)."""
+    def conv(v: str) -> float:
+        try:
+            x = float(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, e.g. {example}; got {v!r}") from None
+        if not 0 < x < 1:
+            raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), e.g. {example}; got {v}")
+        return x
+    return conv
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .experiment import csv_writer, json_writer, write_outputs
     from .vm import run_scenario
 
     sc = _scenario(args)
     policy = sc.resolved_policy(args.policy)
+    from .progress import RunProgress
+
     t0 = time.perf_counter()
-    res = run_scenario(sc, policy, args.seed, args.replication)
+    with RunProgress(f"{sc.name} {policy}", enabled=not args.quiet) as prog:
+        res = run_scenario(sc, policy, args.seed, args.replication, progress=prog.update)
     wall = time.perf_counter() - t0
     import pandas as pd
 
@@ -104,6 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from . import experiment as ex
+    from .report import replications_phrase
 
     if args.parquet:
         if not args.out:
@@ -112,49 +129,61 @@ def cmd_compare(args: argparse.Namespace) -> int:
             import pyarrow  # noqa: F401
         except ImportError:
             raise DesimInputError("--parquet needs pyarrow: pip install 'desim[parquet]'") from None
+    if args.precision_metrics and not args.precision:
+        raise DesimInputError("--precision-metrics says what --precision watches: give --precision REL too")
     sc = _scenario(args)
     backend = args.scheduler or ("local" if args.workers > 1 else "serial")
     base, alt = "fast", "targeted"
+    detail = None
+    if args.out and not args.no_plots:
+        from .detail import detail_samples as detail
     t0 = time.perf_counter()
     if args.precision:
-        metrics = args.metrics or ["faults", "completion_ns"]
+        metrics = args.precision_metrics or ex.PRECISION_METRICS
 
-        def prog(n: int, rhw: dict[str, float]) -> None:
-            worst = max(rhw.values()) if rhw else float("inf")
-            print(f"  {n} replications: worst relative half-width {worst:.2%}", file=sys.stderr)
+        def prog(n: int, dec) -> None:
+            rhw = dec.rel_half_widths
+            worst = max(rhw, key=lambda m: rhw[m])
+            state = (f"within target since {dec.n_solution}, confirming (look-ahead {ex.LOOK_AHEAD})"
+                     if dec.n_solution is not None else f"target +-{args.precision:.2%}")
+            print(f"  {n} replications: worst ratio CI +-{rhw[worst]:.2%} ({worst}); {state}", file=sys.stderr)
         runs, stopped = ex.replicate_to_precision(sc, metrics, args.precision, seed=args.seed,
                                                   max_reps=args.replications, backend=backend,
-                                                  workers=args.workers, store=args.store, progress=prog)
-        print(f"stopped by {stopped} after {runs.replication.nunique()} replications")
+                                                  workers=args.workers, store=args.store,
+                                                  confidence=args.confidence, progress=prog, samples=detail)
+        print(ex.precision_stop_reason(runs, metrics, args.precision, stopped, base, alt, args.confidence))
     else:
-        runs = ex.replicate(sc, [base, alt], args.replications, args.seed, backend, args.workers, args.store)
+        runs = ex.replicate(sc, [base, alt], args.replications, args.seed, backend, args.workers, args.store,
+                            samples=detail)
+    kept = runs.attrs.pop("samples", None)  # before any filtering: pandas copies attrs along
     table = ex.compare(runs, args.metrics, base, alt, args.confidence)
     wall = time.perf_counter() - t0
-    print(f"{sc.name}: {runs.replication.nunique()} paired replications (common random numbers), "
-          f"seed {args.seed}, {wall:.1f} s")
+    n = int(runs.replication.nunique())
+    print(f"{sc.name}: {replications_phrase(n)} (common random numbers), seed {args.seed}, {wall:.1f} s")
     print(ex.format_table(table, base, alt, args.confidence))
     if args.out:
-        from .plots import plot_comparison
-
-        summary = {"scenario": sc.name, "seed": args.seed, "replications": int(runs.replication.nunique()),
+        summary = {"scenario": sc.name, "seed": args.seed, "replications": n,
                    "confidence": args.confidence, "baseline": base, "alternative": alt,
                    "comparison": table.to_dict(orient="records")}
-        files = {"runs.csv": ex.csv_writer(runs), "comparison.csv": ex.csv_writer(table),
+        files = {"runs.csv": ex.csv_writer(runs),
+                 "comparison.csv": ex.csv_writer(table.assign(confidence=args.confidence)),
+                 "comparison_long.csv": ex.csv_writer(ex.comparison_long(table, base, alt, args.confidence)),
                  "summary.json": ex.json_writer(summary)}
         if args.parquet:
             files["runs.parquet"] = lambda p: runs.to_parquet(p, index=False)
             files["comparison.parquet"] = lambda p: table.to_parquet(p, index=False)
         if not args.no_plots:
-            from .plots import plot_fault_latency_cdf, plot_faults_over_time, plot_lock_wait
-            from .vm import run_scenario
+            from .plots import plot_comparison, plot_fault_latency_cdf, plot_faults_over_time, plot_lock_wait
 
-            # detailed plots from replication 0 of each policy (re-run: same seed, same numbers)
-            rep0 = {p: run_scenario(sc, p, args.seed, 0) for p in (base, alt)}
+            by_policy = {p: [kept[(p, r)] for r in sorted(runs.replication.unique())] for p in (base, alt)}
+            title = f"{sc.name} ({replications_phrase(n)})"
             for ext in ("png", "svg"):
-                files[f"comparison.{ext}"] = lambda p: plot_comparison(table, p, base, alt, title=sc.name)
-                files[f"fault_latency_cdf.{ext}"] = lambda p: plot_fault_latency_cdf(rep0, p, title=sc.name)
-                files[f"faults_over_time.{ext}"] = lambda p: plot_faults_over_time(rep0, p, title=sc.name)
-                files[f"lock_wait.{ext}"] = lambda p: plot_lock_wait(rep0, p, title=sc.name)
+                files[f"comparison.{ext}"] = lambda p: plot_comparison(table, p, base, alt, title=title,
+                                                                       confidence=args.confidence)
+                files[f"fault_latency_cdf.{ext}"] = lambda p: plot_fault_latency_cdf(by_policy, p, title=title)
+                files[f"faults_over_time.{ext}"] = lambda p: plot_faults_over_time(by_policy, p, title=title)
+                files[f"lock_wait.{ext}"] = lambda p: plot_lock_wait(runs, p, title=title,
+                                                                     confidence=args.confidence)
         out = ex.write_outputs(args.out, files)
         print(f"wrote {', '.join(sorted(files))} to {out}")
     return 0
@@ -178,7 +207,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="desim", description="Discrete-event simulator of KVM memslot zapping: "
-                                "fast global zap vs targeted zap.")
+                                "fast global zap vs targeted zap.",
+                                epilog="desim COMMAND --help describes each command. run, compare and show take "
+                                       "a scenario file (default: the built-in one) and --set FIELD=VALUE.")
     p.add_argument("--version", action="version", version=f"desim {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -188,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a scenario field, e.g. --set vm.vcpus=8 (repeatable)")
         sp.add_argument("--seed", type=_int_at_least(0), default=1, help="base seed (default 1)")
 
-    r = sub.add_parser("run", help="run one replication of one policy")
+    r = sub.add_parser("run", help="run one replication of one policy",
+                       description="Run one replication of one zap policy and print its metrics. Progress: a "
+                                   "bar on a terminal, a line every 10 s otherwise (--quiet: none).")
     common(r)
     r.add_argument("--policy", choices=["fast", "targeted"], default=None,
                    help="zap policy (default: the scenario's, else fast)")
@@ -196,29 +229,44 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", metavar="DIR", help="write summary.json and vcpus.csv here")
     r.add_argument("--steady", action="store_true",
                    help="steady-state analysis of this one long run: MSER-5 warm-up deletion and batch means")
+    r.add_argument("--quiet", action="store_true", help="no progress bar or progress lines on stderr")
     r.set_defaults(func=cmd_run)
 
-    c = sub.add_parser("compare", help="fast vs targeted under common random numbers, with paired CIs")
+    c = sub.add_parser("compare", help="fast vs targeted under common random numbers, with paired CIs",
+                       description="Run both zap policies on the same guest behaviour (replication r draws "
+                                   "the same accesses under both) and print means, paired differences and "
+                                   "ratios with confidence intervals.")
     common(c)
     c.add_argument("--replications", "-n", type=_int_at_least(1), default=10,
                    help="replications per policy (the maximum with --precision; default 10)")
-    c.add_argument("--precision", type=float, default=None, metavar="REL",
-                   help="add replications until every metric's ratio CI half-width is below REL (e.g. 0.02)")
+    c.add_argument("--precision", type=_fraction("0.02"), default=None, metavar="REL",
+                   help="add replications (2 at a time, up to -n) until the targeted/fast ratio CI of every "
+                        "watched metric is within +-REL of the ratio (e.g. 0.02), confirmed over 5 more "
+                        "replications (look-ahead); says why it stopped")
+    c.add_argument("--precision-metrics", nargs="+", default=None, metavar="METRIC",
+                   help="the metrics --precision watches (default: faults completion_ns)")
     c.add_argument("--metrics", nargs="+", default=None, help="metrics to compare (default: a standard set)")
-    c.add_argument("--confidence", type=float, default=0.95)
+    c.add_argument("--confidence", type=_fraction("0.95"), default=0.95, metavar="LEVEL",
+                   help="confidence level of every CI (default 0.95)")
     c.add_argument("--workers", type=_int_at_least(1), default=1,
                    help="parallel worker processes on a local Dask cluster (default 1: in-process)")
     c.add_argument("--scheduler", default=None, metavar="ADDRESS", help="an existing Dask scheduler tcp://...")
     c.add_argument("--store", default=None, metavar="DIR", help="keep each replication's result here (resumable)")
-    c.add_argument("--out", metavar="DIR", help="write runs.csv, comparison.csv, summary.json and plots here")
+    c.add_argument("--out", metavar="DIR", help="write runs.csv, comparison.csv, comparison_long.csv, "
+                                                 "summary.json and plots here")
     c.add_argument("--no-plots", action="store_true", help="with --out: skip the PNG/SVG plots")
     c.add_argument("--parquet", action="store_true", help="with --out: also write the tables as Parquet")
     c.set_defaults(func=cmd_compare)
 
-    pr = sub.add_parser("profiles", help="list the named host profiles")
+    pr = sub.add_parser("profiles", help="list the named host profiles",
+                        description="List the host profiles shipped with desim (costs in ns with their sources, "
+                                    "and kernel configuration); use one with profile = NAME in a scenario or "
+                                    "--set profile=NAME. desim show prints a profile in full.")
     pr.set_defaults(func=cmd_profiles)
 
-    sh = sub.add_parser("show", help="print the resolved scenario and host profile")
+    sh = sub.add_parser("show", help="print the resolved scenario and host profile",
+                        description="Print the scenario (after --set overrides and defaults) and its host "
+                                    "profile as JSON.")
     common(sh)
     sh.set_defaults(func=cmd_show)
 
@@ -233,10 +281,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "confidence", 0.5) is not None and not 0 < getattr(args, "confidence", 0.5) < 1:
-        parser.error("--confidence must be between 0 and 1, e.g. 0.95")
-    if getattr(args, "precision", None) is not None and not 0 < args.precision < 1:
-        parser.error("--precision must be a fraction between 0 and 1, e.g. 0.02")
     try:
         return int(args.func(args) or 0)
     except DesimInputError as e:

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import pandas as pd
 
+from .errors import DesimInputError
 from .scenario import Scenario, load_scenario
 from .stats import Interval, paired_diff_ci, precision_reached, ratio_ci, t_ci
 from .sweep import ResultStore, Task, execute
@@ -45,28 +46,52 @@ def load(path: str | Path | None = None) -> Scenario:
 
 def replicate(scenario: Scenario, policies: Iterable[str] = ("fast", "targeted"), replications: int = 10,
               seed: int = 1, backend: str = "serial", workers: int = 1, store: str | Path | None = None,
-              progress: bool | None = None, first_replication: int = 0) -> pd.DataFrame:
+              progress: bool | None = None, first_replication: int = 0,
+              samples: Callable[[Any], dict[str, Any]] | None = None) -> pd.DataFrame:
     """Run every policy for replications ``first_replication ..`` and return a tidy table.
 
-    One row per (policy, replication), one column per metric.
+    One row per (policy, replication), one column per metric. With
+    ``samples`` (a :class:`desim.sweep.Task` hook such as :func:`detail_samples`)
+    ``table.attrs["samples"]`` maps (policy, replication) to what it kept.
     """
     policies = list(policies)
     data = scenario.model_dump()
-    tasks = [Task(data, p, seed, r) for r in range(first_replication, first_replication + replications)
-             for p in policies]
+    tag = "detail-1" if samples is not None else ""
+    tasks = [Task(data, p, seed, r, samples=samples, tag=tag)
+             for r in range(first_replication, first_replication + replications) for p in policies]
     results = execute(tasks, backend=backend, workers=workers,
                       store=ResultStore(store) if store is not None else None, progress=progress)
-    return runs_table(results)
+    table = runs_table(results)
+    if samples is not None:
+        table.attrs["samples"] = {(r["policy"], r["replication"]): r.get("samples", {}) for r in results}
+    return table
 
 
 def runs_table(results: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per run: ``scenario``, ``policy``, ``seed``, ``replication``, then the metrics.
+
+    A lock role that never took ``mmu_lock`` in a run (e.g. ``teardown`` under
+    the targeted zap) has no statistics there: its ``lock_*`` columns are 0, not
+    missing, and a metric that is an integer in every run stays an integer
+    column (pandas would make it float to hold a NaN).
+    """
     rows = []
+    ints: set[str] = set()
+    floats: set[str] = set()
     for r in results:
-        row = {"scenario": r["scenario"], "point": r.get("point", 0), "policy": r["policy"], "seed": r["seed"],
+        row = {"scenario": r["scenario"], "policy": r["policy"], "seed": r["seed"],
                "replication": r["replication"]}
+        for k, v in r["metrics"].items():
+            (ints if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else floats).add(k)
         row.update(r["metrics"])
         rows.append(row)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    for col in df.columns:
+        if col.startswith("lock_") and df[col].isna().any():
+            df[col] = df[col].fillna(0)
+        if col in ints and col not in floats and not df[col].isna().any():
+            df[col] = df[col].astype("int64")
+    return df
 
 
 def _paired(runs: pd.DataFrame, metric: str, baseline: str, alternative: str) -> tuple[np.ndarray, np.ndarray]:
@@ -100,61 +125,120 @@ def compare(runs: pd.DataFrame, metrics: list[str] | None = None, baseline: str 
     return pd.DataFrame(rows)
 
 
+PRECISION_METRICS = ["faults", "completion_ns"]  # what --precision watches unless told otherwise
+LOOK_AHEAD = 5  # Hoad, Robinson & Davies (2010): kLimit
+
+
 def replicate_to_precision(scenario: Scenario, metrics: list[str], target_rel_half_width: float = 0.02,
                            baseline: str = "fast", alternative: str = "targeted", seed: int = 1,
                            min_reps: int = 3, max_reps: int = 100, batch: int = 2, backend: str = "serial",
                            workers: int = 1, store: str | Path | None = None, confidence: float = 0.95,
-                           progress: Callable[[int, dict[str, float]], None] | None = None
+                           progress: Callable[[int, Any], None] | None = None,
+                           samples: Callable[[Any], dict[str, Any]] | None = None
                            ) -> tuple[pd.DataFrame, str]:
     """Add replications in batches until every metric's paired ratio CI is within the target.
 
     Returns (runs, stopped_by) with stopped_by "precision" or "max_reps". The
     stopping rule is :func:`desim.stats.precision_reached` (Hoad, Robinson &
-    Davies 2010, with look-ahead), applied to the per-replication ratio.
+    Davies 2010, with a look-ahead of :data:`LOOK_AHEAD` replications),
+    applied to the per-replication ratio; :func:`precision_stop_reason` says in
+    words why it stopped. ``progress(n, decision)`` gets the
+    :class:`desim.stats.StopDecision` after each batch.
     """
     runs = pd.DataFrame()
+    kept: dict[Any, Any] = {}
     done = 0
     while True:
         k = min(batch, max_reps - done)
         new = replicate(scenario, [baseline, alternative], k, seed, backend, workers, store, progress=False,
-                        first_replication=done)
+                        first_replication=done, samples=samples)
+        kept.update(new.attrs.pop("samples", {}))
         runs = pd.concat([runs, new], ignore_index=True)
         done += k
+        missing = [m for m in metrics if m not in runs.columns]
+        if missing:
+            known = ", ".join(c for c in runs.columns if c not in ("scenario", "policy", "seed", "replication"))
+            raise DesimInputError(f"--precision-metrics {' '.join(missing)}: no such metric (known: {known})")
         pairs = {m: _paired(runs, m, baseline, alternative) for m in metrics}
         values = {m: list(zip(a, b)) for m, (a, b) in pairs.items()}
         if done >= min_reps:
             dec = precision_reached(values, target_rel_half_width, confidence, min_reps=min_reps,
-                                    compare="ratio", ratio_method="delta")
+                                    look_ahead=LOOK_AHEAD, compare="ratio", ratio_method="delta")
             if progress is not None:
-                progress(done, {m: iv.relative_half_width for m, iv in dec.intervals.items()})
+                progress(done, dec)
             if dec.stop:
-                keep = runs.replication < dec.n
-                return runs[keep].reset_index(drop=True), "precision"
+                runs = runs[runs.replication < dec.n].reset_index(drop=True)
+                if samples is not None:
+                    runs.attrs["samples"] = {k: v for k, v in kept.items() if k[1] < dec.n}
+                return runs, "precision"
         if done >= max_reps:
+            if samples is not None:
+                runs.attrs["samples"] = kept
             return runs, "max_reps"
+
+
+def precision_stop_reason(runs: pd.DataFrame, metrics: list[str], target_rel_half_width: float,
+                          stopped_by: str, baseline: str = "fast", alternative: str = "targeted",
+                          confidence: float = 0.95, min_reps: int = 3) -> str:
+    """Why :func:`replicate_to_precision` stopped, in one sentence a user can act on."""
+    pairs = {m: _paired(runs, m, baseline, alternative) for m in metrics}
+    dec = precision_reached({m: list(zip(a, b)) for m, (a, b) in pairs.items()}, target_rel_half_width,
+                            confidence, min_reps=min_reps, look_ahead=LOOK_AHEAD, compare="ratio",
+                            ratio_method="delta")
+    n = int(runs.replication.nunique())
+    watched = ", ".join(metrics)
+    rhw = dec.rel_half_widths
+    worst = max(rhw, key=lambda m: rhw[m]) if rhw else None
+    worst_txt = f"{worst} +-{rhw[worst]:.2%}" if worst is not None else "no CI yet"
+    if stopped_by == "precision":
+        return (f"stopped after {n} replications: the {alternative}/{baseline} ratio CI of every watched "
+                f"metric ({watched}) was within +-{target_rel_half_width:.2%} at {dec.n_solution} and stayed "
+                f"there for {n - (dec.n_solution or n)} more (look-ahead, Hoad, Robinson & Davies 2010: an "
+                f"early lucky CI does not stop the run); now worst {worst_txt}")
+    if dec.n_solution is not None:
+        return (f"stopped at the maximum of {n} replications (-n): the target +-{target_rel_half_width:.2%} was "
+                f"reached at {dec.n_solution}, but the {LOOK_AHEAD}-replication look-ahead that confirms it "
+                f"had not finished; raise -n to confirm")
+    return (f"stopped at the maximum of {n} replications (-n) before the target: worst {worst_txt} > "
+            f"+-{target_rel_half_width:.2%} (watched: {watched}); raise -n or relax --precision")
 
 
 def format_table(table: pd.DataFrame, baseline: str = "fast", alternative: str = "targeted",
                  confidence: float = 0.95) -> str:
-    """A human-readable comparison table."""
-    pct = int(round(confidence * 100))
-    lines = [f"{'metric':<26} {baseline:>14} {alternative:>14} {'difference [' + str(pct) + '% CI]':>40} "
-             f"{'ratio [' + str(pct) + '% CI]':>26}"]
+    """A human-readable comparison table (see :func:`desim.report.format_table`)."""
+    from .report import format_table as fmt_table
+
+    return fmt_table(table, baseline, alternative, confidence)
+
+
+def comparison_long(table: pd.DataFrame, baseline: str = "fast", alternative: str = "targeted",
+                    confidence: float = 0.95) -> pd.DataFrame:
+    """The comparison as a long (tidy) table: one row per metric and statistic.
+
+    Columns: ``metric``, ``unit`` (``ns`` or ``count``), ``statistic``
+    (``mean`` of one policy, ``difference`` = alternative - baseline, paired,
+    or ``ratio`` = alternative / baseline, ratio of means), ``policy`` (the
+    policy, or ``targeted-fast`` / ``targeted/fast``), ``estimate``, ``ci_low``,
+    ``ci_high``, ``confidence`` and ``n`` (paired replications). A CI that
+    cannot be computed (n = 1, a baseline of 0) is empty.
+    """
+    from .report import metric_unit
+
+    rows = []
     for _, r in table.iterrows():
-        def num(x: float) -> str:
-            if not np.isfinite(x):
-                return "n/a"
-            ax = abs(x)
-            return f"{x:.4g}" if ax < 1e6 else f"{x:.4e}"
-        diff = f"{num(r['diff'])} [{num(r['diff_low'])}, {num(r['diff_high'])}]"
-        if np.isfinite(r["ratio"]):
-            lo, hi = r["ratio_low"], r["ratio_high"]
-            ratio = f"{r['ratio']:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else "")
-        else:
-            ratio = "n/a"
-        lines.append(f"{r['metric']:<26} {num(r['mean_' + baseline]):>14} {num(r['mean_' + alternative]):>14} "
-                     f"{diff:>40} {ratio:>26}")
-    return "\n".join(lines)
+        base = {"metric": r["metric"], "unit": metric_unit(r["metric"])}
+        for pol in (baseline, alternative):
+            m, hw = r[f"mean_{pol}"], r[f"hw_{pol}"]
+            rows.append({**base, "statistic": "mean", "policy": pol, "estimate": m, "ci_low": m - hw,
+                         "ci_high": m + hw})
+        rows.append({**base, "statistic": "difference", "policy": f"{alternative}-{baseline}",
+                     "estimate": r["diff"], "ci_low": r["diff_low"], "ci_high": r["diff_high"]})
+        rows.append({**base, "unit": "ratio", "statistic": "ratio", "policy": f"{alternative}/{baseline}",
+                     "estimate": r["ratio"], "ci_low": r["ratio_low"], "ci_high": r["ratio_high"]})
+        for row in rows[-4:]:
+            row.update(confidence=confidence, n=int(r["n"]))
+    cols = ["metric", "unit", "statistic", "policy", "estimate", "ci_low", "ci_high", "confidence", "n"]
+    return pd.DataFrame(rows, columns=cols)
 
 
 def write_outputs(out_dir: str | Path, files: dict[str, Callable[[Path], None]]) -> Path:
@@ -190,8 +274,10 @@ def json_writer(obj: Any) -> Callable[[Path], None]:
 
 
 def csv_writer(df: pd.DataFrame) -> Callable[[Path], None]:
+    """Write ``df`` as CSV with 12 significant digits: sums of float ns carry no noise
+    (``2824500.000000462`` is written ``2824500``) and nothing real is lost."""
     def w(p: Path) -> None:
-        df.to_csv(p, index=False)
+        df.to_csv(p, index=False, float_format="%.12g")
     return w
 
 

@@ -79,27 +79,43 @@ COST_NAMES: dict[str, str] = {
 class Kernel(BaseModel):
     """Kernel configuration that selects code paths."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
     mmu: Literal["tdp", "legacy", "shadow"]
+    """``tdp`` = the TDP MMU (``mmu/tdp_mmu.c``, 5.12+); ``legacy`` = shadow pages for TDP (before 5.12); ``shadow`` = shadow paging of guest page tables."""
     lock: Literal["rwlock", "spinlock"]
+    """``mmu_lock``: a qrwlock (5.12+) or a spinlock."""
     fault_lock: Literal["read", "write"]
-    # preemption model booted (PREEMPT_DYNAMIC: the preempt= boot option, dmesg "Dynamic Preempt: ...")
+    """How faults take ``mmu_lock`` (``read`` only on the TDP MMU with an rwlock)."""
     preempt: Literal["none", "voluntary", "full", "lazy"]
-    preempt_dynamic: bool = True  # built with CONFIG_PREEMPT_DYNAMIC (which selects CONFIG_PREEMPTION)
-    version: str = Field(default="6.12", pattern=r"^\d+\.\d+(\.\d+)?$")  # "major.minor[.patch]"
-    hz: int = Field(default=250, ge=100, le=1000)  # CONFIG_HZ: the scheduler tick
-    sched_base_slice_ns: float = Field(default=3_000_000.0, gt=0)  # sysctl_sched_base_slice, scaled
-    competing_task: bool = False  # another runnable task shares the mmu_lock holder's CPU
+    """The preemption model booted (``PREEMPT_DYNAMIC``: the ``preempt=`` boot option; dmesg "Dynamic Preempt: ..."). Since 6.11 only ``full`` and ``lazy`` break ``mmu_lock`` for waiters (desim/sched.py)."""
+    preempt_dynamic: bool = True
+    """Built with ``CONFIG_PREEMPT_DYNAMIC``, which selects ``CONFIG_PREEMPTION``: before 6.11 every model then breaks locks for waiters."""
+    version: str = Field(default="6.12", pattern=r"^\d+\.\d+(\.\d+)?$")
+    """Kernel version, ``major.minor[.patch]`` (a 6.10.y stable kernel with the c793a62823d1 backport: give ``6.11``)."""
+    hz: int = Field(default=250, ge=100, le=1000)
+    """``CONFIG_HZ``: the scheduler tick, when ``need_resched`` can be set."""
+    sched_base_slice_ns: float = Field(default=3_000_000.0, gt=0)
+    """``sysctl_sched_base_slice`` as scaled by the CPU count: how long the ``mmu_lock`` holder runs before a competing task gets the CPU."""
+    competing_task: bool = False
+    """Another runnable task shares the CPU of the thread holding ``mmu_lock`` (overcommit): ``need_resched`` yields once per slice."""
     pte_prefetch: bool
-    mmio_caching: bool = True  # kvm.mmio_caching: MMIO SPTEs (EPT misconfig fast path) or a full fault per access
+    """The legacy/shadow MMU installs neighbouring SPTEs on a fault (``direct_pte_prefetch``)."""
+    mmio_caching: bool = True
+    """``kvm.mmio_caching``: MMIO SPTEs make repeated MMIO accesses EPT misconfigurations (fast path); off, each is a fault."""
     backing: Literal["4k", "thp", "hugetlbfs-1g"] = "thp"
+    """Host page size backing guest memory (per slot: ``vm.memslots.N.backing``)."""
     thp_fraction: float = Field(default=1.0, ge=0.0, le=1.0)
-    # kvm.nx_huge_pages (desim/nx.py): on by default ("auto") only on CPUs with X86_BUG_ITLB_MULTIHIT
+    """With ``thp``: the share of 2 MiB regions the host actually backs with a huge page."""
     nx_huge_pages: bool = False
-    nx_recovery_ratio: int = Field(default=60, ge=1)  # kvm.nx_huge_pages_recovery_ratio
-    nx_recovery_period_ms: float = Field(default=0.0, ge=0)  # kvm.nx_huge_pages_recovery_period_ms (0: 1 h / ratio)
+    """``kvm.nx_huge_pages`` (default on only for CPUs with iTLB multihit): code is mapped at 4 KiB and fetches split huge pages (desim/nx.py)."""
+    nx_recovery_ratio: int = Field(default=60, ge=1)
+    """``kvm.nx_huge_pages_recovery_ratio``: each recovery run zaps 1/ratio of the NX splits."""
+    nx_recovery_period_ms: float = Field(default=0.0, ge=0)
+    """``kvm.nx_huge_pages_recovery_period_ms`` (0: one hour / ratio, 60 s by default)."""
     eager_page_split: bool = False
+    """Enabling dirty logging splits huge SPTEs in place (``eager_page_split``) instead of zapping them."""
     root_level: int = Field(default=4, ge=4, le=5)
+    """Paging levels of the root (4, or 5 with LA57)."""
 
     @model_validator(mode="before")
     @classmethod

@@ -94,7 +94,9 @@ Flags = Annotated[int, BeforeValidator(parse_flags)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # a field's docstring (the string under it) is its description: docs/scenario-reference.md is
+    # generated from them (python -m desim.docs)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class MemslotSpec(_Model):
@@ -109,12 +111,19 @@ class MemslotSpec(_Model):
     """
 
     id: int = Field(ge=0, lt=1 << 32)
+    """Slot id (``kvm_userspace_memory_region.slot``; bits 16+ are the address space, e.g. SMM)."""
     gpa: Size = Field(ge=0)
+    """Guest-physical start address (4 KiB aligned)."""
     size: Size = Field(gt=0)
+    """Size of the slot (4 KiB aligned)."""
     flags: Flags = 0
+    """``KVM_MEM_*`` flags: an integer or a list of ``"readonly"``, ``"log_dirty"``."""
     ua: Size | None = Field(default=None, ge=0)
+    """Host virtual address of the slot's memory (default: a fresh 1 GiB-aligned range per slot id)."""
     backing: Literal["4k", "thp", "hugetlbfs-1g"] | None = None
+    """Host page size backing this slot (default: the profile's ``kernel.backing``)."""
     prealloc: bool = False
+    """Every host page present before the guest runs (``-mem-prealloc``, a copied ROM image): no first-touch host allocation."""
 
     @model_validator(mode="after")
     def _aligned(self) -> "MemslotSpec":
@@ -135,16 +144,27 @@ class MemslotOpSpec(_Model):
     """
 
     at_us: float = Field(ge=0)
+    """Time of the (first) ioctl, from the start of the phase."""
     op: Literal["create", "delete", "move", "flags", "toggle"]
+    """``KVM_MR_CREATE``/``DELETE``/``MOVE``/``FLAGS_ONLY``; ``toggle`` = create, then delete ``hold_us`` later."""
     slot: int = Field(ge=0, lt=1 << 32)
+    """The slot id operated on."""
     gpa: Size | None = Field(default=None, ge=0)
+    """New guest-physical address (create, move, toggle)."""
     size: Size | None = Field(default=None, gt=0)
+    """Size of a created slot (create, toggle)."""
     flags: Flags = 0
+    """``KVM_MEM_*`` flags of a created slot, or the new flags (``flags`` op)."""
     ua: Size | None = Field(default=None, ge=0)
+    """Host virtual address of a created slot (default: the slot id's usual range)."""
     hold_us: float = Field(default=0.0, ge=0)
+    """``toggle`` only: how long the slot stays mapped before its delete."""
     repeat: int = Field(default=1, ge=1, le=1_000_000)
+    """How many times the op runs."""
     every_us: float = Field(default=0.0, ge=0)
+    """Period of the repeats (with ``poisson``: the mean gap)."""
     poisson: bool = False
+    """Exponentially distributed gaps of mean ``every_us``, drawn from the VMM's own random stream."""
 
     @model_validator(mode="after")
     def _fields(self) -> "MemslotOpSpec":
@@ -173,11 +193,17 @@ class TraceSpec(_Model):
     """
 
     path: str
+    """The trace file (relative to the scenario file or the working directory)."""
     format: Literal["qemu"] = "qemu"
+    """``qemu``: QEMU trace-events ``kvm_set_user_memory`` (see workloads/traces/README.md)."""
     timing: Literal["scaled", "ordered"] = "scaled"
+    """``scaled``: the trace's timestamps times ``scale``; ``ordered``: only the order, one op every ``gap_us``."""
     scale: float = Field(default=1.0, gt=0)
+    """Factor applied to the trace's timestamps (``scaled``)."""
     gap_us: float = Field(default=100.0, ge=0)
+    """Time between two ops (``ordered``)."""
     address_space: int | None = 0
+    """Keep only the ops of this address space (slot >> 16; 0 = normal memory, 1 = SMM); empty: all."""
 
 
 class TouchSpec(_Model):
@@ -196,21 +222,37 @@ class TouchSpec(_Model):
     """
 
     vcpus: int | Literal["all", "bsp", "aps"] = "all"
+    """Which vCPUs touch: all, the boot processor (vCPU 0), the others, or the first N."""
     pattern: Literal["sequential", "uniform", "zipf", "hotcold", "trace"] = "sequential"
+    """How pages are picked: in order, uniformly, Zipf-popular, hot/cold, or replayed from ``perf_trace``."""
     slot: int | None = None
+    """The memslot whose range is touched (or give ``gpa``)."""
     gpa: Size | None = Field(default=None, ge=0)
+    """Start of a guest-physical range touched (with ``size``), resolved to memslots when touched."""
     offset: Size = Field(default=0, ge=0)
+    """Start of the touched range inside ``slot``."""
     size: Size | None = Field(default=None, gt=0)
+    """Size of the touched range (default: the rest of the slot)."""
     sharing: Literal["private", "shared"] = "private"
+    """``private``: each vCPU touches its own share of the range; ``shared``: all vCPUs the whole range."""
     passes: int = Field(default=1, ge=1)
+    """``sequential``: how many times each page is touched, in order."""
     accesses: int = Field(default=0, ge=0)
+    """``uniform``/``zipf``/``hotcold``: accesses per vCPU."""
     access_ns: float = Field(default=100.0, gt=0)
+    """Guest time per access between faults."""
     zipf_s: float = Field(default=1.1, gt=0)
+    """``zipf``: the exponent of page popularity."""
     hot_fraction: float = Field(default=0.1, gt=0, le=1)
+    """``hotcold``: the share of the range's pages that is hot."""
     hot_probability: float = Field(default=0.9, ge=0, le=1)
+    """``hotcold``: the share of accesses that go to the hot pages."""
     perf_trace: str | None = None
+    """``trace``: a ``perf script`` file of ``kvm:kvm_page_fault`` events (vCPU i replays the trace's vCPU i)."""
     until: Literal["done", "vmm"] = "done"
-    exec_fraction: float = Field(default=0.0, ge=0, le=1)  # share of the region's pages that are code
+    """``vmm``: repeat the pattern until the phase's VMM script has finished (like the selftests' vCPU loops)."""
+    exec_fraction: float = Field(default=0.0, ge=0, le=1)
+    """The share of the range's pages that hold code the guest executes (what NX huge pages act on; a fixed hash of the gfn picks them)."""
 
     @model_validator(mode="after")
     def _region(self) -> "TouchSpec":
@@ -239,10 +281,15 @@ class PhaseSpec(TouchSpec):
     """
 
     name: str = Field(min_length=1)
+    """Name of the phase (metrics ``phase_<name>_ns``; names the random streams)."""
     pattern: Literal["sequential", "uniform", "zipf", "hotcold", "trace", "none"] = "sequential"  # type: ignore[assignment]
+    """The phase's own touch (as in ``[[phases.touches]]``); ``none``: the phase has no touch of its own."""
     touches: list[TouchSpec] = Field(default_factory=list)
+    """More touches, run one after another by each vCPU they name (``[[phases.touches]]``)."""
     memslot_ops: list[MemslotOpSpec] = Field(default_factory=list)
+    """The VMM's memslot ioctls during the phase (``[[phases.memslot_ops]]``)."""
     memslot_trace: TraceSpec | None = None
+    """A real memslot trace the VMM replays during the phase (``[phases.memslot_trace]``)."""
 
     @model_validator(mode="after")
     def _region(self) -> "PhaseSpec":  # type: ignore[override]
@@ -260,14 +307,14 @@ class PhaseSpec(TouchSpec):
 
 
 class VmSpec(_Model):
-    """The VM's shape. ``guest_page_tables`` (shadow paging only): the gpa of the guest's last-level page
-    tables for its linear map, one 4 KiB table per 2 MiB of guest-physical memory in gpa order (table i
-    maps gpa [i x 2 MiB, (i + 1) x 2 MiB)); a targeted zap of a slot holding some of them zaps their shadow
-    pages and children (desim/zap.py ``zap_gpte_shadow_pages``). Unset: guest page tables not modelled."""
+    """The VM's shape at creation."""
 
     vcpus: int = Field(ge=1, le=4096)
+    """Number of vCPUs."""
     memslots: list[MemslotSpec] = Field(default_factory=list)
+    """The memslots at VM creation (``[[vm.memslots]]``); ids unique, ranges disjoint."""
     guest_page_tables: Size | None = Field(default=None, ge=0)
+    """Shadow paging: gpa of the guest's last-level page tables for its linear map, one 4 KiB table per 2 MiB of guest-physical memory in gpa order; a targeted zap of a slot holding some of them zaps their shadow pages and children. Unset: not modelled."""
 
     @field_validator("memslots")
     @classmethod
@@ -286,22 +333,35 @@ class VmSpec(_Model):
 
 
 class ProfileOverrides(_Model):
+    """Changes to the named host profile for this scenario."""
+
     kernel: dict[str, Any] = Field(default_factory=dict)
+    """Kernel configuration fields to replace (see "Host profile: kernel" below)."""
     costs: dict[str, float] = Field(default_factory=dict)
+    """Cost values to replace, in ns (see "Host profile: costs" below); their source becomes "override"."""
 
 
 class Scenario(_Model):
     """A complete, validated scenario."""
 
     name: str = "scenario"
+    """Name shown in tables and results."""
     description: str = ""
+    """One line on what the scenario models."""
     profile: str = "tdp-icelake"
+    """Host profile: a shipped name (``desim profiles``) or a path to a profile TOML."""
     profile_overrides: ProfileOverrides = Field(default_factory=ProfileOverrides)
+    """Changes to the profile (``[profile_overrides.kernel]``, ``[profile_overrides.costs]``)."""
     policy: Literal["fast", "targeted"] | None = None
+    """Zap policy when the command line gives none (default: fast, x86's default)."""
     zap_control: int | None = None
+    """The seed's ``KVM_CAP_MEMSLOT_ZAP_CONTROL`` flags instead of ``policy``: 1 = ``KVM_ZAP_ONLY_MEMSLOT_SPTES``; other bits are refused (``-EINVAL``)."""
     vm: VmSpec
+    """The VM (``[vm]``)."""
     phases: list[PhaseSpec] = Field(min_length=1)
+    """The phases, run one after another (``[[phases]]``)."""
     time_limit_ms: float = Field(default=600_000.0, gt=0)
+    """Simulated time after which the run is refused as unfinished."""
 
     @field_validator("zap_control")
     @classmethod

@@ -8,9 +8,10 @@ phase is the workload's completion time ("boot time" for a boot workload).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Generator
+from typing import Any, Callable, Generator
 
 import numpy as np
 import simpy
@@ -32,6 +33,19 @@ from .vcpu import Vcpu
 from .vmm import Vmm
 from .workload import AccessStream, ChainedStream, RepeatingStream, make_stream, perf_streams, split_region
 from .zap import make_policy
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """Where a run is: simulated time, phase, an estimate of the fraction done, faults so far
+    (what :meth:`Vm.run` reports at checkpoints; :mod:`desim.progress` shows it)."""
+
+    sim_ns: float
+    phase: str
+    phase_index: int
+    phases: int
+    fraction: float
+    faults: int
 
 
 class Vm:
@@ -71,6 +85,11 @@ class Vm:
         self.vcpus = [Vcpu(self, i) for i in range(scenario.vm.vcpus)]
         self._slot_update: simpy.Event | None = None
         self._vmm_running = False
+        # where the run is, for progress reports only (never read by the model)
+        self._phase_index = 0
+        self._phase_planned: int | None = 0  # accesses the phase's streams will make (None: open-ended)
+        self._phase_accesses0 = 0
+        self._phase_ops = (0, 0)  # (ioctls recorded before the phase, ops in the phase's script)
 
     # -- host virtual addresses for slots that do not give one ------------------
     def _fresh_ua(self, slot_id: int, size: int) -> int:
@@ -126,11 +145,13 @@ class Vm:
     def _start_streams(self, phase: PhaseSpec, on_done) -> int:
         """Build every vCPU's stream for the phase (its touches in order) and wake the vCPUs."""
         per_vcpu: dict[int, list[AccessStream]] = {}
+        planned: int | None = 0
         for ti, touch in enumerate(phase.touch_list()):
             active = self._touch_vcpus(touch.vcpus)
             if touch.pattern == "trace":
                 streams = perf_streams(touch.perf_trace, len(active))
                 for v, gfns in zip(active, streams):
+                    planned = None if planned is None else planned + len(gfns)
                     st = make_stream("gfns", 0, 0, rng=None, gfns=gfns)
                     st.access_ns = touch.access_ns
                     per_vcpu.setdefault(v.index, []).append(st)
@@ -151,15 +172,22 @@ class Vm:
                     st.access_ns = touch.access_ns
                     return st
                 st = RepeatingStream(factory, lambda: self._vmm_running) if touch.until == "vmm" else factory()
+                if touch.until == "vmm":
+                    planned = None
+                elif planned is not None:
+                    planned += m * touch.passes if touch.pattern == "sequential" else touch.accesses
                 per_vcpu.setdefault(v.index, []).append(st)
         for idx, streams in sorted(per_vcpu.items()):
             st = streams[0] if len(streams) == 1 else ChainedStream(streams)
             self.vcpus[idx].assign(st, on_done)
+        self._phase_planned = planned
         return len(per_vcpu)
 
     def _run_phases(self) -> Generator:
         env = self.env
-        for phase in self.scenario.phases:
+        for pi, phase in enumerate(self.scenario.phases):
+            self._phase_index = pi
+            self._phase_accesses0 = sum(v.accesses for v in self.metrics.vcpus)
             done_ev = env.event()
             pending = {"n": 0}
 
@@ -170,7 +198,9 @@ class Vm:
 
             vmm_rng = stream(self.seed, self.replication, f"vmm/{phase.name}")
             self._vmm_running = True
-            vmm_proc = env.process(self.vmm.run_script(phase_ops(phase, vmm_rng)))
+            script = phase_ops(phase, vmm_rng)
+            self._phase_ops = (len(self.metrics.ioctl_ops), len(script))
+            vmm_proc = env.process(self.vmm.run_script(script))
             vmm_proc.callbacks.append(self._vmm_finished)
             pending["n"] = self._start_streams(phase, one_done)
             if pending["n"]:
@@ -182,11 +212,45 @@ class Vm:
     def _vmm_finished(self, _ev: simpy.Event) -> None:
         self._vmm_running = False
 
-    def run(self) -> "RunResult":
+    # -- progress -------------------------------------------------------------------
+    def status(self) -> RunStatus:
+        """Where the run is now (for progress reports; see :mod:`desim.progress`)."""
+        phases = self.scenario.phases
+        done_acc = sum(v.accesses for v in self.metrics.vcpus) - self._phase_accesses0
+        before, nops = self._phase_ops
+        if self._phase_planned:
+            frac = done_acc / self._phase_planned
+        elif nops:
+            frac = (len(self.metrics.ioctl_ops) - before) / nops
+        else:
+            frac = 0.0
+        frac = min(max(frac, 0.0), 1.0)
+        faults = sum(v.total_faults for v in self.metrics.vcpus)
+        return RunStatus(self.env.now, phases[self._phase_index].name, self._phase_index, len(phases),
+                         (self._phase_index + frac) / len(phases), faults)
+
+    def _checkpoints(self, progress: Callable[[RunStatus], None]) -> Generator:
+        """Report ``status()`` at simulated-time checkpoints, spaced so that one comes every
+        0.05-0.5 s of wall time. It only reads the model, so results do not change."""
+        step = 100_000.0  # 100 us simulated, to start with
+        last = time.perf_counter()
+        while True:
+            yield self.env.timeout(step)
+            now = time.perf_counter()
+            if now - last < 0.05:
+                step *= 2
+            elif now - last > 0.5:
+                step = max(step / 2, 1_000.0)
+            last = now
+            progress(self.status())
+
+    def run(self, progress: Callable[[RunStatus], None] | None = None) -> "RunResult":
         main = self.env.process(self._run_phases())
         if self.profile.kernel.nx_huge_pages:
             self.env.process(nx_huge_page_recovery_worker(self))
         limit = self.scenario.time_limit_ms * 1e6
+        if progress is not None:
+            self.env.process(self._checkpoints(progress))
         self.env.run(until=simpy.AnyOf(self.env, [main, self.env.timeout(limit)]))
         if not main.triggered:
             raise DesimInputError(f"scenario {self.scenario.name}: did not finish within time_limit_ms = "
@@ -234,6 +298,10 @@ def _plain(v: Any) -> Any:
 
 
 def run_scenario(scenario: Scenario, policy: str | None = None, seed: int = 0, replication: int = 0,
-                 audit: bool = False) -> RunResult:
-    """Run one replication of ``scenario`` under ``policy`` (default: the scenario's, else fast)."""
-    return Vm(scenario, scenario.resolved_policy(policy), seed, replication, audit=audit).run()
+                 audit: bool = False, progress: Callable[[RunStatus], None] | None = None) -> RunResult:
+    """Run one replication of ``scenario`` under ``policy`` (default: the scenario's, else fast).
+
+    ``progress`` receives a :class:`desim.progress.RunStatus` at simulated-time
+    checkpoints; the results are the same with or without it.
+    """
+    return Vm(scenario, scenario.resolved_policy(policy), seed, replication, audit=audit).run(progress)

@@ -44,7 +44,9 @@ so the paired difference is the work phase's). The *crossover* per profile is
 the smallest size S whose paired 95% CI of (targeted - fast) lies entirely
 above 0 for completion time, for ioctl latency, and for either ("none in
 range" if no size qualifies); the JSON also says whether targeted stays above
-fast at every larger size.
+fast at every larger size. The point S = RAM is *degenerate* (no guest
+accesses in the work phase): the tables mark it with ``*`` and a
+``degenerate`` column, the plot greys it out, and it never counts as a crossover.
 
     python experiments/slot_size_crossover.py [--quick] [--out DIR] [--replications N] [--workers W] [--seed S]
         [--ram-mib 1024] [--sizes 64KiB,1MiB,...] [--vcpus 4] [--accesses 50000] [--at-us 1000]
@@ -75,6 +77,13 @@ ACCESS_NS = 200.0
 HOT_FRACTION = 0.1
 HOT_PROBABILITY = 0.9
 CROSSOVER_METRICS = {"completion_ns": "completion time", "memslot_ioctl_mean_ns": "ioctl latency"}
+DEGENERATE = ("the slot is the whole RAM: the work phase has no guest accesses, so nothing is re-faulted and "
+              "the point measures the ioctl alone; flagged and left out of the crossover")
+
+
+def degenerate(size: int, ram: int) -> str:
+    """Why the point at this slot size cannot answer the question ("" if it can)."""
+    return DEGENERATE if size >= ram else ""
 
 METRICS = ["memslot_ioctl_mean_ns", "zap_duration_total_ns", "faults", "faults_after_zap", "work_faults",
            "sptes_zapped", "work_fault_latency_p99_ns", "work_fault_latency_max_ns", "lock_wait_fault_ns",
@@ -165,6 +174,7 @@ def plot(summary: pd.DataFrame, comparison: pd.DataFrame, cross: dict, sizes: li
               (axes[0, 1], "zap_duration_total_ns", "zap duration (kvm_arch_flush_shadow_memslot)", 1e3, "µs"),
               (axes[1, 0], "faults_after_zap", "re-faults after the zap (SPTEs lost and needed again)", 1.0,
                "faults")]
+    bad = [s for s in sizes if degenerate(s, ram)]
     for ax, metric, name, scale, unit in panels:
         C.log2_xaxis(ax, sizes, labels, fontsize=7, min_gap=0.9)
         plt.setp(ax.get_xticklabels(), rotation=40, ha="right")
@@ -176,14 +186,25 @@ def plot(summary: pd.DataFrame, comparison: pd.DataFrame, cross: dict, sizes: li
                          C.policy_mmu_label, scale=scale, dodge=0.04)
         if metric == "faults_after_zap":
             ax.set_ylim(bottom=0)
-        ax.set_xlabel("size of the deleted slot (log2 scale)")
+        else:
+            # a CI reaching 0 (few replications) runs off the bottom instead of stretching the axis to 1e-3
+            m = summary.loc[(summary.metric == metric) & ~summary.slot_bytes.isin(bad), "mean"].to_numpy(float)
+            m = m[np.isfinite(m) & (m > 0)] / scale
+            if len(m):
+                ax.set_ylim(bottom=m.min() / 3)
+        for b in bad:
+            ax.axvspan(b / 2 ** 0.25, b * 2 ** 0.25, color="grey", alpha=0.15, lw=0)
+        ax.set_xlabel("size of the deleted slot (log2 scale)" + ("; grey: degenerate point (*)" if bad else ""))
         ax.set_ylabel(f"{name.split(' (')[0]} ({unit}, {'symlog' if metric == 'faults_after_zap' else 'log'})")
         ax.set_title(name)
         ax.grid(alpha=0.3, which="both")
     ax = axes[1, 1]  # linear x: the crossover sits where the log axis is most crowded
     mmu_color = {"tdp-icelake": "black", "legacy-2020": "#6a4c93", "shadow-pvm": "#8a5a00"}
+    for b in bad:
+        ax.axvspan(b / C.MiB - ram / C.MiB * 0.015, b / C.MiB + ram / C.MiB * 0.015, color="grey", alpha=0.15, lw=0)
     for k, prof in enumerate(dict.fromkeys(comparison.profile)):
-        c = comparison[(comparison.profile == prof) & (comparison.metric == "completion_ns")].sort_values("slot_bytes")
+        c = comparison[(comparison.profile == prof) & (comparison.metric == "completion_ns")
+                       & ~comparison.slot_bytes.isin(bad)].sort_values("slot_bytes")
         x = c["slot_bytes"].to_numpy(float) / C.MiB
         d = c["diff"].to_numpy(float) / 1e6
         lo = np.nan_to_num(d - c["diff_low"].to_numpy(float) / 1e6, posinf=0)
@@ -195,15 +216,24 @@ def plot(summary: pd.DataFrame, comparison: pd.DataFrame, cross: dict, sizes: li
         xc = cross.get(prof, {}).get("completion_ns", {}).get("crossover_bytes")
         if xc:
             ax.axvline(xc / C.MiB, color=col, ls=":", lw=1.2)
-            ax.annotate(f"crossover\n{C.fmt_bytes(xc)}", (xc / C.MiB, 1 - 0.1 * k), xycoords=("data", "axes fraction"),
-                        xytext=(-4, -4), textcoords="offset points", ha="right", va="top", fontsize=8, color=col)
+            ax.annotate(f"crossover {C.fmt_bytes(xc)}", (xc / C.MiB, 0.97 - 0.09 * k),
+                        xycoords=("data", "axes fraction"), xytext=(-5, 0), textcoords="offset points", ha="right",
+                        va="top", fontsize=8, color=col,
+                        bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="none", alpha=0.85))
     ax.axhline(0, color="grey", lw=1)
     ax.set_xlim(0, ram / C.MiB * 1.03)
     ax.set_xlabel("size of the deleted slot (MiB, linear scale)")
     ax.set_ylabel("targeted − fast completion time (ms)")
     ax.set_title("completion time: targeted − fast (paired 95% CI)\nabove 0: targeted costs more")
+    ax.set_ylim(top=ax.get_ylim()[1] + 0.12 * (ax.get_ylim()[1] - ax.get_ylim()[0]))  # room for the labels
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    handles, lab = ax.get_legend_handles_labels()
+    if bad:
+        from matplotlib.patches import Patch
+
+        handles.append(Patch(color="grey", alpha=0.3, label="whole RAM deleted: no guest accesses "
+                                                           "(degenerate *, left out)"))
+    ax.legend(handles=handles, fontsize=8, loc="lower right")
     handles, lab = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, lab, loc="lower center", ncol=4, frameon=False, fontsize=10)
     fig.suptitle(title, fontsize=13)
@@ -245,7 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     keys = ["slot_bytes", "profile"]
     summary = C.summarize(runs, keys, METRICS)
     comparison = C.compare_points(runs, keys, METRICS)
-    cross_table, cross = crossovers(comparison, profiles, sizes)
+    why = {s: degenerate(s, ram) for s in sizes}
+    for df in (runs, summary, comparison):
+        df["degenerate"] = df["slot_bytes"].map(lambda s: bool(why[s]))
+    good = [s for s in sizes if not why[s]]
+    cross_table, cross = crossovers(comparison, profiles, good)
+
+    def size_label(s: int) -> str:
+        return C.fmt_bytes(s) + (" *" if why[s] else "")
 
     print(f"\n{NAME}: {len(runs)} runs in {grid.wall_s:.1f} s ({C.fmt_bytes(ram)} RAM, {args.vcpus} vCPUs, "
           f"{args.op}; {args.replications} paired replications per point, seed {args.seed})\n")
@@ -256,15 +293,18 @@ def main(argv: list[str] | None = None) -> int:
                                       ("work_fault_latency_max_ns", "max fault latency in the work phase", 1e3, "µs"),
                                       ("completion_ns", "completion time", 1e6, "ms")]:
         print(C.format_wide(summary, "slot_bytes", ["profile", "policy"], metric, scale, unit, name,
-                            row_fmt=C.fmt_bytes, series_fmt=C.short_series))
+                            row_fmt=size_label, series_fmt=C.short_series))
         print()
+    if any(why.values()):
+        print(f"* {DEGENERATE}\n")
     print("completion time, targeted − fast [ms, paired 95% CI]")
     for prof in profiles:
         c = comparison[(comparison.profile == prof) & (comparison.metric == "completion_ns")]
-        cells = [f"{C.fmt_bytes(r.slot_bytes)}: {r.diff / 1e6:+.3g} [{r.diff_low / 1e6:+.3g}, {r.diff_high / 1e6:+.3g}]"
+        cells = [f"{size_label(r.slot_bytes)}: {r.diff / 1e6:+.3g} [{r.diff_low / 1e6:+.3g}, {r.diff_high / 1e6:+.3g}]"
                  for r in c.itertuples()]
         print(f"  {prof}: " + "; ".join(cells))
-    print("\ncrossover (smallest slot size where targeted's CI lies above fast's, paired):")
+    print("\ncrossover (smallest slot size where targeted's CI lies above fast's, paired"
+          + ("; degenerate points * left out" if any(why.values()) else "") + "):")
     for r in cross_table.itertuples():
         more = ""
         if pd.notna(r.previous_size_bytes):
@@ -282,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
              "comparison.csv": ex.csv_writer(comparison), "crossover.csv": ex.csv_writer(cross_table),
              "summary.json": ex.json_writer(C.json_summary(
                  NAME, args, grid, summary, ram_bytes=ram, sizes=sizes, profiles=profiles, op=args.op,
-                 crossover=cross,
+                 crossover=cross, degenerate_points={C.fmt_bytes(s): w for s, w in why.items() if w},
                  comparison=comparison)),
              **C.figure_writers(fig, NAME)}
     out = C.write_all(args.out, files)

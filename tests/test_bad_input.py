@@ -71,7 +71,7 @@ def test_missing_file(tmp_path, capsys):
     (["compare", "--replications", "0"], "--replications/-n: must be >= 1"),
     (["compare", "--replications", "many"], "must be an integer"),
     (["run", "--seed", "-3"], "must be >= 0"),
-    (["compare", "--confidence", "95"], "--confidence must be between 0 and 1"),
+    (["compare", "--confidence", "95"], "argument --confidence: must be between 0 and 1"),
 ])
 def test_bad_arguments(capsys, argv, needle):
     with pytest.raises(SystemExit) as e:

@@ -140,3 +140,16 @@ def test_preemption_lock_breaks_follow_the_model(preemption):
     mx = targeted.groupby(["profile", "model"]).work_fault_latency_max_ns.mean()
     for prof, model in (("tdp-icelake", "full"), ("tdp-icelake", "voluntary-6.10"), ("legacy-2020", "full")):
         assert mx[(prof, model)] < mx[(prof, "voluntary")]
+
+
+def test_slot_size_flags_the_whole_ram_point_and_never_calls_it_a_crossover(slot_size):
+    """--quick's 16 MiB point deletes the whole RAM: no guest accesses, so it is flagged and left out."""
+    proc, out = slot_size
+    for f in ("runs.csv", "summary.csv", "comparison.csv"):
+        t = pd.read_csv(out / f)
+        assert set(t.loc[t.degenerate, "slot_bytes"]) == {16 * MiB}, f
+    cross = pd.read_csv(out / "crossover.csv")
+    assert not (cross.crossover_bytes == 16 * MiB).any()
+    assert "16 MiB *" in proc.stdout and "left out of the crossover" in proc.stdout
+    js = json.loads((out / "summary.json").read_text())
+    assert list(js["degenerate_points"]) == ["16 MiB"]

@@ -40,7 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     kvm.set_defaults(func=lambda a: (kvm.print_help(), 2)[1])
     sub = kvm.add_subparsers(dest="kvm_command", metavar="{probe,measure,calibrate,validate}")
 
-    p = sub.add_parser("probe", help="what this host's KVM offers (MMU, capabilities, quirks, stats)")
+    p = sub.add_parser("probe", help="what this host's KVM offers (MMU, capabilities, quirks, stats)",
+                       description="Open /dev/kvm and report the API version, the MMU kind (TDP, shadow), the "
+                                   "capabilities and quirks that matter for memslot zapping (e.g. whether "
+                                   "KVM_X86_QUIRK_SLOT_ZAP_ALL can be disabled) and the available KVM stats.")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--device", default=KVM_DEV, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_probe)
@@ -62,14 +65,15 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="how a guest pass returns to the VMM: out to port 0x80 (default) or a write "
                         "to a gpa without memslot (costs one fault per vCPU per pass)")
     g = m.add_argument_group("scenario fields (override the named scenario)")
-    g.add_argument("--ram-mib", type=int, dest="ram_mib")
-    g.add_argument("--vcpus", type=int)
-    g.add_argument("--extra-slots", type=int, dest="extra_slots")
-    g.add_argument("--extra-slot-mib", type=int, dest="extra_slot_mib")
-    g.add_argument("--op", choices=OPS)
+    g.add_argument("--ram-mib", type=int, dest="ram_mib", help="guest RAM touched by the guest (MiB)")
+    g.add_argument("--vcpus", type=int, help="vCPUs of each VM")
+    g.add_argument("--extra-slots", type=int, dest="extra_slots", help="memslots besides the RAM slot")
+    g.add_argument("--extra-slot-mib", type=int, dest="extra_slot_mib", help="size of each extra slot (MiB)")
+    g.add_argument("--op", choices=OPS, help="the memslot operation measured on the target slot")
     g.add_argument("--target", type=int, help="index of the extra slot operated on")
     g.add_argument("--position", choices=POSITIONS, help="target slot inside or outside the touched range")
-    g.add_argument("--guest-page", choices=tuple(GUEST_PAGES), dest="guest_page")
+    g.add_argument("--guest-page", choices=tuple(GUEST_PAGES), dest="guest_page",
+                   help="page size of the guest's own page tables")
     g.add_argument("--accessed", action=argparse.BooleanOptionalAction,
                    help="pre-set Accessed/Dirty bits in guest PTEs")
     g.add_argument("--passes", type=int, help="touch passes in populate and in retouch")
@@ -81,26 +85,42 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "so that the ioctls do not pay for waking an idle CPU (desim/kvm/spin.py)")
     m.add_argument("--device", default=KVM_DEV, help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_measure)
-    register_top_level(sub)
+    register_top_level(sub, alias_of="desim")
     return kvm
 
 
-def register_top_level(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add ``calibrate`` and ``validate`` (under ``desim kvm``; ``desim`` may add them at its top level too)."""
-    c = subparsers.add_parser("calibrate", help="fit host-profile costs from microscenarios on the real KVM",
-                              description="Run microscenarios on the real KVM and write a host profile "
-                                          "whose measurable costs are fitted (see desim.kvm.calibrate).")
+def register_top_level(subparsers: argparse._SubParsersAction,  # type: ignore[type-arg]
+                       alias_of: str | None = None) -> None:
+    """Add ``calibrate`` and ``validate``.
+
+    Their home is the top level (``desim calibrate``, ``desim validate``);
+    ``desim kvm`` registers them again with ``alias_of="desim"``, which says in
+    their help that they are aliases of the top-level commands.
+    """
+    def said(cmd: str, text: str) -> str:
+        return text if alias_of is None else f"alias of '{alias_of} {cmd}': {text}"
+
+    c = subparsers.add_parser("calibrate", help=said("calibrate", "fit host-profile costs from microscenarios "
+                                                                  "on the real KVM"),
+                              description=said("calibrate", "Run microscenarios on the real KVM and write a "
+                                               "host profile whose measurable costs are fitted "
+                                               "(see desim.kvm.calibrate)."))
     c.add_argument("--base", default="shadow-pvm", help="profile supplying the kernel section and the "
                                                         "costs that cannot be measured (default shadow-pvm)")
     c.add_argument("--name", default=None, help="name of the written profile (default BASE-calibrated)")
     c.add_argument("--repeats", type=int, default=7, help="runs of each microscenario (median); default 7")
     c.add_argument("--out", type=Path, required=True, help="profile TOML to write")
     c.add_argument("--json", type=Path, default=None, help="also write the observations and runs as JSON")
-    c.add_argument("--quiet", action="store_true")
+    c.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     c.add_argument("--device", default=KVM_DEV, help=argparse.SUPPRESS)
     c.set_defaults(func=cmd_calibrate)
 
-    v = subparsers.add_parser("validate", help="compare real KVM runs with the simulator, metric by metric")
+    v = subparsers.add_parser("validate", help=said("validate", "compare real KVM runs with the simulator, "
+                                                                "metric by metric"),
+                              description=said("validate", "Run named scenarios on this host's real KVM under "
+                                               "both zap policies and in the simulator with a host profile, "
+                                               "and print real vs simulated per scenario and metric (counts "
+                                               "exact, times within a relative error)."))
     v.add_argument("--scenario", action="append", default=None,
                    help=f"named kvm scenario (repeatable; default: 256 MiB versions of "
                         f"{', '.join(VALIDATION_SCENARIOS)} with 1 vCPU and of "
@@ -117,7 +137,7 @@ def register_top_level(subparsers: argparse._SubParsersAction) -> None:  # type:
                         "REL (e.g. 0.01) and more than 16")
     v.add_argument("--max-time-error", type=float, default=None, metavar="REL",
                    help="exit 1 if a time (ioctl, phase) differs from the real median by more than REL (e.g. 0.2)")
-    v.add_argument("--quiet", action="store_true")
+    v.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     v.add_argument("--device", default=KVM_DEV, help=argparse.SUPPRESS)
     v.set_defaults(func=cmd_validate)
 
