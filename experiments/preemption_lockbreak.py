@@ -31,19 +31,19 @@ Models (``--models``; each sets ``profile_overrides.kernel``):
 
 The VM (assumptions; sizes are options):
 
-* ``--vcpus`` vCPUs (default 8; quick 4), host backing 4 KiB pages (host THP
+* ``--vcpus`` vCPUs (default 8; quick 2), host backing 4 KiB pages (host THP
   off, so every guest page is one SPTE and the big slot holds 262,144 leaf
   SPTEs per GiB).
 * Slot 0, the vCPUs' working memory (``--work-mib``, default 64 MiB; quick
   4 MiB) at gpa 0; slot 1, the big slot (``--big-mib``, default 1 GiB; quick
-  32 MiB), right above it.
+  16 MiB), right above it.
 * Phase "populate": vCPU 0 alone first-touches all of slot 1 (sequentially), so
   no other fault competes for ``mmu_lock`` in that phase and every lock wait of
   a fault is from the next phase.
 * Phase "work": every vCPU makes 2 x (pages of its share) uniformly random
   accesses (200 ns each) to its own share of slot 0, so it first-touches
   ~86% of its pages and keeps faulting throughout; ``--at-us`` into the phase
-  (default 500 µs; quick 100 µs) the VMM deletes slot 1. The targeted zap
+  (default 500 µs; quick 50 µs) the VMM deletes slot 1. The targeted zap
   walks slot 1 under the write lock; the fast zap obsoletes every root under
   the write lock and then (TDP MMU) tears the old roots down under the read
   lock or (legacy MMU) zaps the obsolete pages under the write lock.
@@ -273,11 +273,11 @@ def plot_cdfs(samples_by_cfg: dict[tuple[str, str, str], np.ndarray], profiles: 
 
 def main(argv: list[str] | None = None) -> int:
     ap = C.make_parser(__doc__.split("\n\n")[0], NAME, default_reps=10)
-    ap.add_argument("--vcpus", type=int, default=None, help="vCPUs (default 8; quick 4)")
-    ap.add_argument("--big-mib", type=float, default=None, help="size of the deleted slot (default 1024; quick 32)")
+    ap.add_argument("--vcpus", type=int, default=None, help="vCPUs (default 8; quick 2)")
+    ap.add_argument("--big-mib", type=float, default=None, help="size of the deleted slot (default 1024; quick 16)")
     ap.add_argument("--work-mib", type=float, default=None, help="the vCPUs' working memory (default 64; quick 4)")
     ap.add_argument("--at-us", type=float, default=None,
-                    help="DELETE time into the work phase (default 500; quick 100)")
+                    help="DELETE time into the work phase (default 500; quick 50)")
     ap.add_argument("--profiles", default=",".join(PROFILES))
     ap.add_argument("--models", default=",".join(MODELS),
                     help=f"preemption models (default all: {', '.join(MODELS)})")
@@ -285,10 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     models = [m for m in args.models.split(",") if m]
     if not models or any(m not in MODELS for m in models):
         ap.error(f"--models: choose from {', '.join(MODELS)}")
-    vcpus = C.pick(args.vcpus, args.quick, 4, 8)
-    big = int(C.pick(args.big_mib, args.quick, 32, 1024) * C.MiB) // 4096 * 4096
+    vcpus = C.pick(args.vcpus, args.quick, 2, 8)
+    big = int(C.pick(args.big_mib, args.quick, 16, 1024) * C.MiB) // 4096 * 4096
     work = int(C.pick(args.work_mib, args.quick, 4, 64) * C.MiB) // 4096 * 4096
-    at_us = C.pick(args.at_us, args.quick, 100.0, 500.0)
+    at_us = C.pick(args.at_us, args.quick, 50.0, 500.0)
     profiles = [p for p in args.profiles.split(",") if p]
     if vcpus < 1 or big <= 0 or at_us < 0 or (work >> 12) < vcpus:
         ap.error("need --vcpus >= 1, --big-mib > 0, --at-us >= 0 and at least one page of --work-mib per vCPU")
