@@ -32,7 +32,7 @@ FAULT_CAUSES = ("first_touch", "after_zap", "retry", "spurious", "mmio", "nx")
 VCPU_STATES = ("guest", "host", "halted")
 HOST_PAGE_SIZES = ("4k", "2m", "1g")
 # who takes mmu_lock: a vCPU's fault, a vCPU loading a fresh root, a zap, the teardown of obsolete roots
-LOCK_ROLES = ("fault", "root", "zap", "teardown")
+LOCK_ROLES = ("fault", "root", "zap", "teardown", "nx_recovery")
 
 
 def metric_names(phase_names: list[str] | tuple[str, ...] = ()) -> list[str]:
@@ -46,7 +46,11 @@ def metric_names(phase_names: list[str] | tuple[str, ...] = ()) -> list[str]:
     names += ["accesses", "mmio_exits", *(f"host_page_allocs_{k}" for k in HOST_PAGE_SIZES)]
     names += ["pt_pages_allocated", "sptes_installed", "sptes_prefetched", "sptes_zapped", "pt_pages_freed",
               "ipis_sent", "remote_flushes", "zaps_fast", "zaps_targeted", "zap_duration_total_ns",
-              "zap_duration_max_ns", "lock_breaks", "memslot_ioctls", "memslot_ioctl_mean_ns",
+              "zap_duration_max_ns", "lock_breaks", "resched_yields", "yield_flushes", "zap_spte_visits",
+              "ept_violations", "ept_misconfigs", "mmio_spte_refreshes", "memslot_swaps", "mmio_gen_wraps",
+              "hash_probes", "gpte_sp_zapped", "obsolete_root_flushes", "nx_4k_maps", "nx_recovered",
+              "zone_lock_wait_ns", "zone_lock_contended", "lru_lock_wait_ns", "lru_lock_contended",
+              "membw_stretch_ns", "memslot_ioctls", "memslot_ioctl_mean_ns",
               "memslot_ioctl_max_ns", "memslot_ioctl_total_ns", "srcu_syncs", "srcu_wait_ns"]
     names += [f"vcpu_{s}_ns" for s in VCPU_STATES] + ["vcpu_stall_ns", "completion_ns"]
     names += [f"phase_{p}_ns" for p in phase_names]
