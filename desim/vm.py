@@ -18,6 +18,7 @@ import simpy
 
 from . import model_fingerprint
 from .audit import Audit
+from .engine import make_environment
 from .errors import DesimInputError
 from .lock import MmuLock
 from .memslot import Memslot, MemslotOp
@@ -49,11 +50,12 @@ class Vm:
     """One simulated VM."""
 
     def __init__(self, scenario: Scenario, policy: str, seed: int = 0, replication: int = 0,
-                 profile: HostProfile | None = None, audit: bool = False) -> None:
+                 profile: HostProfile | None = None, audit: bool = False, engine: str | None = None) -> None:
         self.scenario = scenario
         self.seed = seed
         self.replication = replication
-        self.env = simpy.Environment()
+        # the event loop (desim.engine): both engines run this same model and give identical results
+        self.env = make_environment(engine)
         self.profile = profile or scenario.host_profile()
         k = self.profile.kernel
         self.P = SimpleNamespace(**{name: c.value for name, c in self.profile.costs.items()})
@@ -285,10 +287,14 @@ def _plain(v: Any) -> Any:
 
 
 def run_scenario(scenario: Scenario, policy: str | None = None, seed: int = 0, replication: int = 0,
-                 audit: bool = False, progress: Callable[[RunStatus], None] | None = None) -> RunResult:
+                 audit: bool = False, progress: Callable[[RunStatus], None] | None = None,
+                 engine: str | None = None) -> RunResult:
     """Run one replication of ``scenario`` under ``policy`` (default: the scenario's, else fast).
 
     ``progress`` receives a :class:`desim.progress.RunStatus` at simulated-time
-    checkpoints; the results are the same with or without it.
+    checkpoints; the results are the same with or without it. ``engine`` is ``fast`` or
+    ``reference`` (:mod:`desim.engine`; None: ``$DESIM_ENGINE``, else the default); the
+    results are the same on both.
     """
-    return Vm(scenario, scenario.resolved_policy(policy), seed, replication, audit=audit).run(progress)
+    return Vm(scenario, scenario.resolved_policy(policy), seed, replication, audit=audit,
+              engine=engine).run(progress)
