@@ -21,6 +21,7 @@ import time
 from typing import Any, Sequence
 
 from . import __version__
+from .engine_cli import add_engine_option, engine_from_args
 from .errors import DesimInputError
 
 
@@ -231,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steady-state analysis of this one long run: MSER-5 warm-up deletion and batch means")
     r.add_argument("--quiet", action="store_true", help="no progress bar or progress lines on stderr")
     r.set_defaults(func=cmd_run)
+    add_engine_option(r)
 
     c = sub.add_parser("compare", help="fast vs targeted under common random numbers, with paired CIs",
                        description="Run both zap policies on the same guest behaviour (replication r draws "
@@ -257,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-plots", action="store_true", help="with --out: skip the PNG/SVG plots")
     c.add_argument("--parquet", action="store_true", help="with --out: also write the tables as Parquet")
     c.set_defaults(func=cmd_compare)
+    add_engine_option(c)
 
     pr = sub.add_parser("profiles", help="list the named host profiles",
                         description="List the host profiles shipped with desim (costs in ns with their sources, "
@@ -282,7 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with engine_from_args(args):
+            return int(args.func(args) or 0)
     except DesimInputError as e:
         print(f"desim: error: {e}", file=sys.stderr)
         return 2
