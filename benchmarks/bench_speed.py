@@ -12,7 +12,7 @@ Rows (each a median of ``--repeats`` runs, interleaved: SimPy, reference, fast, 
 * ``contended``: 32 vCPUs populating 512 MiB on the legacy MMU (``legacy-2020``: every fault takes
   ``mmu_lock`` exclusively), guests faulting back to back (1 ns per access), per engine.
 * ``peak RSS / GiB``: peak resident set (``ru_maxrss`` of a fresh subprocess, minus that of the
-  same subprocess importing desim only) per simulated GiB for a 16 GiB VM on THP, and the SPTE
+  same subprocess importing desim only) per simulated GiB for a 64 GiB VM on THP, and the SPTE
   state's own bytes per 4 KiB guest page.
 * ``--boot``: wall time of ``workloads/boot/boot-32g-churn.toml`` (one replication, fast zap)
   per engine.
@@ -147,7 +147,7 @@ def main() -> None:
     ap.add_argument("--largest", action="store_true", help="also run the largest VM (--largest-tib)")
     ap.add_argument("--largest-tib", type=float, default=32.0)
     ap.add_argument("--largest-vcpus", type=int, default=896)
-    ap.add_argument("--memory-gib", type=int, default=16)
+    ap.add_argument("--memory-gib", type=int, default=64)
     args = ap.parse_args()
     ram = (64 if args.quick else 512) * MiB
     un_sc = sc(1, ram, "tdp-icelake", "4k", 50.0)
@@ -175,7 +175,7 @@ def main() -> None:
                   f"{med(x, 3):>14.3f}")
     for eng in ENGINES:
         per_gib, per_page = memory(args.memory_gib, eng)
-        print(f"{'peak RSS per simulated GiB':<34} {eng:<10} {per_gib / MiB:>12.2f} MiB  "
+        print(f"{'peak RSS per simulated GiB':<34} {eng:<10} {per_gib / 1024:>12,.0f} KiB  "
               f"(SPTE state {per_page:.4f} bytes per 4 KiB page; {args.memory_gib} GiB VM on THP)")
     if args.boot:
         for eng in ENGINES:

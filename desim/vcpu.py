@@ -61,6 +61,15 @@ _HOST_ALLOC = {PG_LEVEL_4K: ("host_alloc_4k", "4k"), PG_LEVEL_2M: ("host_alloc_2
                PG_LEVEL_1G: ("host_alloc_1g", "1g")}
 
 
+def _as_sequence(chunk: np.ndarray):
+    """The chunk's gfns as Python ints for scalar reads: a ``range`` for a run of consecutive gfns
+    (a sequential pattern: nothing per access), else a list."""
+    n = len(chunk)
+    if n > 1 and int(chunk[-1]) - int(chunk[0]) == n - 1 and bool((np.diff(chunk) == 1).all()):
+        return range(int(chunk[0]), int(chunk[-1]) + 1)
+    return chunk.tolist()
+
+
 class Vcpu:
     """One vCPU of a :class:`~desim.vm.Vm`."""
 
@@ -160,7 +169,7 @@ class Vcpu:
         if chunk is None:
             return False
         self._chunk = chunk
-        self._chunk_list = chunk.tolist()
+        self._chunk_list = _as_sequence(chunk)
         self.access_ns = self.stream.access_ns
         self.vm.metrics.accesses_assigned += len(chunk)
         self._pos = 0
