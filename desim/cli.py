@@ -10,7 +10,9 @@
 
 Without a scenario file the built-in default is used. Bad input gives one
 line ``desim: error: ...`` naming the field and exit status 2, and nothing is
-written.
+written: every command checks all its arguments, the scenario, its output
+paths (:mod:`desim.outputs`) and the work a run needs (:mod:`desim.limits`)
+before it runs or creates anything.
 """
 from __future__ import annotations
 
@@ -25,19 +27,35 @@ from .engine_cli import add_engine_option, engine_from_args
 from .errors import DesimInputError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors on one line, exit status 2: the problem, then the subcommand's usage.
+
+    ``desim: error: run: argument --seed: must be >= 0, got -3 (usage: desim run [-h] ...; desim run --help)``
+    """
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sub = self.prog.removeprefix("desim").strip()
+        where = f"{sub}: " if sub else ""
+        usage = _one_line(self.format_usage()).strip()
+        self.exit(2, f"desim: error: {where}{_one_line(message)} ({usage}; {self.prog} --help)\n")
+
+
 def _parse_set(items: list[str] | None) -> dict[str, Any]:
-    """``--set vm.vcpus=8 --set phases.0.passes=2`` -> overrides (values parsed as TOML)."""
-    import tomllib
+    """``--set vm.vcpus=8 --set phases.0.passes=2`` -> overrides (values parsed as TOML, else kept as text)."""
+    from .inputfiles import parse_toml
 
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise DesimInputError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set vm.vcpus=8")
+            shown = item if len(item) <= 60 else item[:60] + "..."
+            raise DesimInputError(f"--set {shown!r}: expected FIELD=VALUE, e.g. --set vm.vcpus=8")
         k, v = item.split("=", 1)
         try:
-            out[k.strip()] = tomllib.loads(f"x = {v.strip()}")["x"]
-        except tomllib.TOMLDecodeError:
-            out[k.strip()] = v.strip()
+            out[k.strip()] = parse_toml(f"x = {v.strip()}", f"--set {k.strip()}")["x"]
+        except DesimInputError as e:
+            if "nested" in str(e):
+                raise
+            out[k.strip()] = v.strip()  # not a TOML value: a bare string (--set profile=legacy-2020)
     return out
 
 
@@ -76,11 +94,15 @@ def _fraction(example: str):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .experiment import csv_writer, json_writer, write_outputs
+    from .limits import check_work
+    from .outputs import check_output_dir, csv_writer, json_writer, write_outputs
     from .vm import run_scenario
 
+    if args.out is not None:
+        check_output_dir(args.out, "--out")
     sc = _scenario(args)
     policy = sc.resolved_policy(args.policy)
+    check_work(sc, args.allow_large)
     from .progress import RunProgress
 
     t0 = time.perf_counter()
@@ -112,7 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"  {name:<22} {r['mean']:>12,.1f} [{r['ci_low']:,.1f}, {r['ci_high']:,.1f}]  "
                   f"warm-up {r['warmup_truncation']} of {r['observations']} observations, "
                   f"lag-1 autocorrelation {r['lag1_autocorrelation']:.2f}{warn}")
-    if args.out:
+    if args.out is not None:
         out = write_outputs(args.out, {"summary.json": json_writer(summary),
                                        "vcpus.csv": csv_writer(pd.DataFrame(res.per_vcpu))})
         print(f"wrote {out}/summary.json and {out}/vcpus.csv")
@@ -121,10 +143,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from . import experiment as ex
+    from .limits import check_work
+    from .outputs import check_output_dir
+    from .preflight import check_metrics, check_scheduler_address
     from .report import replications_phrase
 
     if args.parquet:
-        if not args.out:
+        if args.out is None:
             raise DesimInputError("--parquet writes files: give --out DIR too")
         try:
             import pyarrow  # noqa: F401
@@ -132,11 +157,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise DesimInputError("--parquet needs pyarrow: pip install 'desim[parquet]'") from None
     if args.precision_metrics and not args.precision:
         raise DesimInputError("--precision-metrics says what --precision watches: give --precision REL too")
+    if args.out is not None:
+        check_output_dir(args.out, "--out")
+    if args.store is not None:
+        check_output_dir(args.store, "--store")
+    check_scheduler_address(args.scheduler)
     sc = _scenario(args)
+    check_metrics(args.metrics, [p.name for p in sc.phases])
+    check_metrics(args.precision_metrics, [p.name for p in sc.phases], "--precision-metrics")
+    check_work(sc, args.allow_large, concurrent_runs=args.workers if args.scheduler is None else 1)
     backend = args.scheduler or ("local" if args.workers > 1 else "serial")
     base, alt = "fast", "targeted"
     detail = None
-    if args.out and not args.no_plots:
+    if args.out is not None and not args.no_plots:
         from .detail import detail_samples as detail
     t0 = time.perf_counter()
     if args.precision:
@@ -162,7 +195,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     n = int(runs.replication.nunique())
     print(f"{sc.name}: {replications_phrase(n)} (common random numbers), seed {args.seed}, {wall:.1f} s")
     print(ex.format_table(table, base, alt, args.confidence))
-    if args.out:
+    if args.out is not None:
         summary = {"scenario": sc.name, "seed": args.seed, "replications": n,
                    "confidence": args.confidence, "baseline": base, "alternative": alt,
                    "comparison": table.to_dict(orient="records")}
@@ -207,10 +240,10 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="desim", description="Discrete-event simulator of KVM memslot zapping: "
-                                "fast global zap vs targeted zap.",
-                                epilog="desim COMMAND --help describes each command. run, compare and show take "
-                                       "a scenario file (default: the built-in one) and --set FIELD=VALUE.")
+    p = _Parser(prog="desim", description="Discrete-event simulator of KVM memslot zapping: "
+                "fast global zap vs targeted zap.",
+                epilog="desim COMMAND --help describes each command. run, compare and show take "
+                       "a scenario file (default: the built-in one) and --set FIELD=VALUE.")
     p.add_argument("--version", action="version", version=f"desim {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -219,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", metavar="FIELD=VALUE",
                         help="override a scenario field, e.g. --set vm.vcpus=8 (repeatable)")
         sp.add_argument("--seed", type=_int_at_least(0), default=1, help="base seed (default 1)")
+
+    def large(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--allow-large", action="store_true",
+                        help="run a scenario over the work limits (10^9 guest accesses or 10^6 memslot ioctls "
+                             "per run; see desim.limits); memory is still checked")
 
     r = sub.add_parser("run", help="run one replication of one policy",
                        description="Run one replication of one zap policy and print its metrics. Progress: a "
@@ -231,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--steady", action="store_true",
                    help="steady-state analysis of this one long run: MSER-5 warm-up deletion and batch means")
     r.add_argument("--quiet", action="store_true", help="no progress bar or progress lines on stderr")
+    large(r)
     r.set_defaults(func=cmd_run)
     add_engine_option(r)
 
@@ -258,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "summary.json and plots here")
     c.add_argument("--no-plots", action="store_true", help="with --out: skip the PNG/SVG plots")
     c.add_argument("--parquet", action="store_true", help="with --out: also write the tables as Parquet")
+    large(c)
     c.set_defaults(func=cmd_compare)
     add_engine_option(c)
 
@@ -288,11 +328,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         with engine_from_args(args):
             return int(args.func(args) or 0)
     except DesimInputError as e:
-        print(f"desim: error: {e}", file=sys.stderr)
+        print(f"desim: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("desim: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (``desim run | head``): not an error of desim's
+        _silence_stdout()
+        return 0
+    except OSError as e:  # the filesystem refused a write (disk full, permissions changed mid-run)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"desim: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(msg.split())
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so that the interpreter's final flush stays quiet."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

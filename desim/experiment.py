@@ -17,10 +17,6 @@ of means is what "-14% EPT violations" means).
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -29,8 +25,14 @@ import pandas as pd
 
 from .errors import DesimInputError
 from .scenario import Scenario, load_scenario
-from .stats import Interval, paired_diff_ci, precision_reached, ratio_ci, t_ci
+from .stats import paired_diff_ci, precision_reached, ratio_ci, t_ci
 from .sweep import ResultStore, Task, execute
+from . import outputs as _outputs
+
+# writing results (desim.outputs), part of the experiment API: ex.write_outputs(out, {"runs.csv": ex.csv_writer(df)})
+write_outputs = _outputs.write_outputs
+json_writer = _outputs.json_writer
+csv_writer = _outputs.csv_writer
 
 DEFAULT_METRICS = [
     "faults", "faults_after_zap", "fault_latency_p50_ns", "fault_latency_p99_ns", "vcpu_stall_ns",
@@ -239,56 +241,6 @@ def comparison_long(table: pd.DataFrame, baseline: str = "fast", alternative: st
             row.update(confidence=confidence, n=int(r["n"]))
     cols = ["metric", "unit", "statistic", "policy", "estimate", "ci_low", "ci_high", "confidence", "n"]
     return pd.DataFrame(rows, columns=cols)
-
-
-def write_outputs(out_dir: str | Path, files: dict[str, Callable[[Path], None]]) -> Path:
-    """Write result files atomically: into a temporary directory, then renamed into place.
-
-    ``files`` maps a file name to a function writing it to the given path. If
-    any writer fails, nothing appears at ``out_dir``.
-    """
-    out = Path(out_dir)
-    parent = out.parent if str(out.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
-    try:
-        for name, writer in files.items():
-            writer(tmp / name)
-        if out.exists():
-            # keep files of earlier runs that we are not replacing
-            for p in tmp.iterdir():
-                os.replace(p, out / p.name)
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def json_writer(obj: Any) -> Callable[[Path], None]:
-    def w(p: Path) -> None:
-        p.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
-    return w
-
-
-def csv_writer(df: pd.DataFrame) -> Callable[[Path], None]:
-    """Write ``df`` as CSV with 12 significant digits: sums of float ns carry no noise
-    (``2824500.000000462`` is written ``2824500``) and nothing real is lost."""
-    def w(p: Path) -> None:
-        df.to_csv(p, index=False, float_format="%.12g")
-    return w
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, Interval):
-        return o.to_dict()
-    raise TypeError(type(o).__name__)
 
 
 def steady_state(result: Any, bins: int = 400, n_batches: int = 20, confidence: float = 0.95) -> dict[str, Any]:

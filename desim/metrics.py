@@ -22,6 +22,31 @@ import numpy as np
 
 FAULT_CAUSES = ("first_touch", "after_zap", "retry", "spurious")
 VCPU_STATES = ("guest", "host", "halted")
+HOST_PAGE_SIZES = ("4k", "2m", "1g")
+# who takes mmu_lock: a vCPU's fault, a vCPU loading a fresh root, a zap, the teardown of obsolete roots
+LOCK_ROLES = ("fault", "root", "zap", "teardown")
+
+
+def metric_names(phase_names: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Every metric :meth:`Metrics.summary` can report for a scenario with these phases.
+
+    The catalogue that ``--metrics`` is checked against before any run; a test
+    keeps it equal to what runs report.
+    """
+    names = ["faults", *(f"faults_{c}" for c in FAULT_CAUSES)]
+    names += [f"fault_latency_{s}_ns" for s in ("mean", "p50", "p95", "p99", "max")]
+    names += ["accesses", "mmio_exits", *(f"host_page_allocs_{k}" for k in HOST_PAGE_SIZES)]
+    names += ["pt_pages_allocated", "sptes_installed", "sptes_prefetched", "sptes_zapped", "pt_pages_freed",
+              "ipis_sent", "remote_flushes", "zaps_fast", "zaps_targeted", "zap_duration_total_ns",
+              "zap_duration_max_ns", "lock_breaks", "memslot_ioctls", "memslot_ioctl_mean_ns",
+              "memslot_ioctl_max_ns", "memslot_ioctl_total_ns", "srcu_syncs", "srcu_wait_ns"]
+    names += [f"vcpu_{s}_ns" for s in VCPU_STATES] + ["vcpu_stall_ns", "completion_ns"]
+    names += [f"phase_{p}_ns" for p in phase_names]
+    for role in LOCK_ROLES:
+        names += [f"lock_wait_{role}_ns", f"lock_hold_{role}_ns", f"lock_acquisitions_{role}",
+                  f"lock_contended_{role}"]
+    names += ["lock_mean_holders", "lock_mean_waiters"]
+    return names
 
 
 @dataclass
@@ -50,7 +75,7 @@ class Metrics:
     fault_latency: array = field(default_factory=lambda: array("d"))
     fault_time: array = field(default_factory=lambda: array("d"))
     fault_is_refault: array = field(default_factory=lambda: array("b"))
-    host_page_allocs: dict[str, int] = field(default_factory=lambda: {"4k": 0, "2m": 0, "1g": 0})
+    host_page_allocs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(HOST_PAGE_SIZES, 0))
     pt_pages_allocated: int = 0
     sptes_installed: int = 0
     sptes_prefetched: int = 0

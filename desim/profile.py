@@ -14,24 +14,29 @@ wherever a name does.
 """
 from __future__ import annotations
 
-import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import DesimInputError
-from .validation import format_validation_error
+from .validation import INPUT_MODEL_CONFIG, format_validation_error
+from .inputfiles import MAX_TOML_BYTES, parse_toml, read_text
+
+
+def _list_as_tuple(v: Any) -> Any:
+    """TOML has arrays, not tuples: ``ci95 = [lo, hi]`` is read as a pair (strict mode wants a tuple)."""
+    return tuple(v) if isinstance(v, list) else v
 
 
 class Cost(BaseModel):
     """One cost in ns with its source and, when it was measured, its 95% confidence interval."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(**INPUT_MODEL_CONFIG, frozen=True)
     value: float = Field(ge=0)
     source: str = Field(min_length=3)
-    ci95: tuple[float, float] | None = None
+    ci95: Annotated[tuple[float, float], BeforeValidator(_list_as_tuple)] | None = None
 
     @model_validator(mode="after")
     def _ci_ordered(self) -> "Cost":
@@ -72,7 +77,7 @@ COST_NAMES: dict[str, str] = {
 class Kernel(BaseModel):
     """Kernel configuration that selects code paths."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(**INPUT_MODEL_CONFIG, frozen=True)
     mmu: Literal["tdp", "legacy", "shadow"]
     """``tdp`` = the TDP MMU (``mmu/tdp_mmu.c``, 5.12+); ``legacy`` = shadow pages for TDP (before 5.12); ``shadow`` = shadow paging of guest page tables."""
     lock: Literal["rwlock", "spinlock"]
@@ -93,6 +98,10 @@ class Kernel(BaseModel):
     """Enabling dirty logging splits huge SPTEs in place (``eager_page_split``) instead of zapping them."""
     root_level: int = Field(default=4, ge=4, le=5)
     """Paging levels of the root (4, or 5 with LA57)."""
+    phys_bits: int = Field(default=46, ge=32, le=52)
+    """Host MAXPHYADDR in bits (CPUID 0x80000008 EAX[7:0], "address sizes" in /proc/cpuinfo): with TDP, the
+    guest physical address width memslots must fit in (``kvm_mmu_max_gfn``, arch/x86/kvm/mmu.h; see
+    desim.limits). Default 46: Intel Xeon Scalable servers (Skylake-SP to Sapphire Rapids) report 46."""
 
     @model_validator(mode="after")
     def _consistent(self) -> "Kernel":
@@ -106,7 +115,7 @@ class Kernel(BaseModel):
 class HostProfile(BaseModel):
     """Costs (ns) and kernel configuration of one host."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(**INPUT_MODEL_CONFIG, frozen=True)
     name: str
     description: str = ""
     kernel: Kernel
@@ -133,12 +142,12 @@ class HostProfile(BaseModel):
             data["kernel"].update(kernel)
         for k, v in (costs or {}).items():
             if k not in COST_NAMES:
-                raise DesimInputError(f"profile.costs.{k}: unknown cost (known: {', '.join(COST_NAMES)})")
+                raise DesimInputError(f"profile_overrides.costs.{k}: unknown cost (known: {', '.join(COST_NAMES)})")
             data["costs"][k] = {"value": v, "source": "override"}
         try:
             return HostProfile.model_validate(data)
         except ValidationError as e:
-            raise DesimInputError(format_validation_error(e, "profile")) from None
+            raise DesimInputError(format_validation_error(e, f"profile {self.name} with profile_overrides")) from None
 
 
 def profile_names() -> list[str]:
@@ -149,23 +158,28 @@ def load_profile(name_or_path: str | Path) -> HostProfile:
     """Load a named profile (``tdp-icelake``) or a TOML file path."""
     text: str
     where: str
-    p = Path(name_or_path)
-    if str(name_or_path) in profile_names():
-        where = f"profile {name_or_path}"
-        text = resources.files("desim.profiles").joinpath(f"{name_or_path}.toml").read_text()
-    elif p.suffix == ".toml" or p.exists():
-        if not p.is_file():
-            raise DesimInputError(f"{p}: profile file not found")
-        where = str(p)
-        text = p.read_text()
+    if not isinstance(name_or_path, (str, Path)):
+        raise DesimInputError(f"profile {name_or_path!r}: must be a profile name or a .toml path (a string)")
+    name = str(name_or_path)
+    if name in profile_names():
+        where = f"profile {name}"
+        text = resources.files("desim.profiles").joinpath(f"{name}.toml").read_text()
+    elif name.endswith(".toml") or _exists(name):
+        where = name
+        text = read_text(name, "profile file", MAX_TOML_BYTES)
     else:
+        shown = name if len(name) <= 80 else name[:80] + "..."
         raise DesimInputError(
-            f"profile '{name_or_path}': unknown (named profiles: {', '.join(profile_names())}; or give a .toml path)")
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise DesimInputError(f"{where}: not valid TOML: {e}") from None
+            f"profile '{shown}': unknown (named profiles: {', '.join(profile_names())}; or give a .toml path)")
+    data = parse_toml(text, where)
     try:
         return HostProfile.model_validate(data)
     except ValidationError as e:
         raise DesimInputError(format_validation_error(e, where)) from None
+
+
+def _exists(name: str) -> bool:
+    try:
+        return Path(name).exists()
+    except (OSError, ValueError):  # a name too long for the OS, or with a NUL byte
+        return False

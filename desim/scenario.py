@@ -31,19 +31,20 @@ capability can be given instead as ``zap_control = 1``
 from __future__ import annotations
 
 import re
-import tomllib
 
 import numpy as np
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_validator, model_validator
 
 from .errors import DesimInputError
+from .inputfiles import MAX_TOML_BYTES, parse_toml, read_text
+from .limits import KVM_ADDRESS_SPACE_NUM, KVM_MEM_MAX_NR_PAGES, check_memslot, guest_phys_bits
 from .memslot import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, MemslotOp, MrChange, PAGE_SIZE
 from .profile import HostProfile, load_profile
-from .validation import format_validation_error
+from .validation import INPUT_MODEL_CONFIG, format_validation_error
 from .zap import ZAP_POLICIES, policy_from_zap_control
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
@@ -52,12 +53,8 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 
 
 def parse_size(v: Any) -> int:
     """``4096``, ``"0x1000"``, ``"64KiB"``, ``"6 GiB"`` -> bytes (binary units)."""
-    if isinstance(v, bool):
-        raise ValueError("a size must be a number of bytes or a string like '64KiB'")
-    if isinstance(v, int):
+    if isinstance(v, int) and not isinstance(v, bool):
         return v
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
     if isinstance(v, str):
         s = v.strip().lower().replace("_", "")
         if s.startswith("0x"):
@@ -68,7 +65,9 @@ def parse_size(v: Any) -> int:
         m = re.fullmatch(r"(-?\d+(?:\.\d+)?)\s*([a-z]*)", s)
         if m and m.group(2) in _UNITS:
             return int(float(m.group(1)) * _UNITS[m.group(2)])
-    raise ValueError(f"cannot read {v!r} as a size (use bytes, hex '0x...', or units like '64KiB', '6GiB')")
+    shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:40] + "..."
+    raise ValueError(f"cannot read {shown} as a size (use an integer number of bytes, hex '0x...', "
+                     "or units like '64KiB', '6GiB')")
 
 
 Size = Annotated[int, BeforeValidator(parse_size)]
@@ -93,10 +92,16 @@ def parse_flags(v: Any) -> int:
 Flags = Annotated[int, BeforeValidator(parse_flags)]
 
 
+def _max_pages(size: int) -> None:
+    if size // PAGE_SIZE > KVM_MEM_MAX_NR_PAGES:
+        raise ValueError(f"size {size:#x} is {size // PAGE_SIZE:,} pages; KVM allows at most "
+                         "KVM_MEM_MAX_NR_PAGES = 2^31 - 1 pages (8 TiB) per memslot (-EINVAL)")
+
+
 class _Model(BaseModel):
-    # a field's docstring (the string under it) is its description: docs/scenario-reference.md is
-    # generated from them (python -m desim.docs)
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    # strict types, no NaN/inf, no unknown fields (desim.validation); a field's docstring (the string
+    # under it) is its description: docs/scenario-reference.md is generated from them (python -m desim.docs)
+    model_config = INPUT_MODEL_CONFIG
 
 
 class MemslotSpec(_Model):
@@ -130,6 +135,7 @@ class MemslotSpec(_Model):
         for name in ("gpa", "size") + (("ua",) if self.ua is not None else ()):
             if getattr(self, name) % PAGE_SIZE:
                 raise ValueError(f"{name} must be a multiple of 4 KiB (KVM returns -EINVAL)")
+        _max_pages(self.size)
         return self
 
 
@@ -182,6 +188,8 @@ class MemslotOpSpec(_Model):
             v = getattr(self, name)
             if v is not None and v % PAGE_SIZE:
                 raise ValueError(f"{name} must be a multiple of 4 KiB")
+        if self.size is not None:
+            _max_pages(self.size)
         return self
 
 
@@ -202,7 +210,7 @@ class TraceSpec(_Model):
     """Factor applied to the trace's timestamps (``scaled``)."""
     gap_us: float = Field(default=100.0, ge=0)
     """Time between two ops (``ordered``)."""
-    address_space: int | None = 0
+    address_space: int | None = Field(default=0, ge=0, lt=KVM_ADDRESS_SPACE_NUM)
     """Keep only the ops of this address space (slot >> 16; 0 = normal memory, 1 = SMM); empty: all."""
 
 
@@ -219,7 +227,7 @@ class TouchSpec(_Model):
     stops at the end of the chunk it is in (at most 4096 accesses later).
     """
 
-    vcpus: int | Literal["all", "bsp", "aps"] = "all"
+    vcpus: Annotated[int, Field(ge=1, le=4096)] | Literal["all", "bsp", "aps"] = "all"
     """Which vCPUs touch: all, the boot processor (vCPU 0), the others, or the first N."""
     pattern: Literal["sequential", "uniform", "zipf", "hotcold", "trace"] = "sequential"
     """How pages are picked: in order, uniformly, Zipf-popular, hot/cold, or replayed from ``perf_trace``."""
@@ -276,7 +284,7 @@ class PhaseSpec(TouchSpec):
     its script.
     """
 
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=200)
     """Name of the phase (metrics ``phase_<name>_ns``; names the random streams)."""
     pattern: Literal["sequential", "uniform", "zipf", "hotcold", "trace", "none"] = "sequential"  # type: ignore[assignment]
     """The phase's own touch (as in ``[[phases.touches]]``); ``none``: the phase has no touch of its own."""
@@ -367,6 +375,17 @@ class Scenario(_Model):
                 raise ValueError(str(e)) from None
         return v
 
+    @field_validator("phases")
+    @classmethod
+    def _unique_names(cls, v: list[PhaseSpec]) -> list[PhaseSpec]:
+        seen: set[str] = set()
+        for p in v:
+            if p.name in seen:
+                raise ValueError(f"phase name {p.name!r} appears twice (each phase needs its own name: it names "
+                                 "the phase's random streams and its phase_<name>_ns metric)")
+            seen.add(p.name)
+        return v
+
     @model_validator(mode="after")
     def _policy(self) -> "Scenario":
         if self.policy is not None and self.zap_control is not None:
@@ -397,24 +416,37 @@ class Scenario(_Model):
         """A copy with dotted-path fields replaced (``vm.vcpus``, ``phases.0.passes``, ...)."""
         data = self.model_dump()
         for path, value in overrides.items():
-            _set_path(data, path, value)
+            _set_path(data, path, _python_value(value))
         return validate_scenario(data, f"scenario {self.name} with overrides")
 
 
+def _python_value(v: Any) -> Any:
+    """numpy scalars (from a grid built with numpy) as the Python numbers they are; nothing else converted."""
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, list):
+        return [_python_value(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _python_value(x) for k, x in v.items()}
+    return v
+
+
 def _set_path(data: Any, path: str, value: Any) -> None:
+    """Set a dotted path (``phases.0.vcpus``) in scenario data; list indices must be 0 .. len-1."""
     parts = path.split(".")
     cur = data
     for i, p in enumerate(parts):
         last = i == len(parts) - 1
+        if p == "":
+            raise DesimInputError(f"override {path}: empty field name (write FIELD.SUBFIELD=VALUE)")
         if isinstance(cur, list):
-            try:
-                idx = int(p)
-                if last:
-                    cur[idx] = value
-                else:
-                    cur = cur[idx]
-            except (ValueError, IndexError):
-                raise DesimInputError(f"override {path}: '{p}' is not a valid index") from None
+            if not p.isdecimal() or int(p) >= len(cur):
+                raise DesimInputError(f"override {path}: '{p}' is not an index of this list "
+                                      f"(0 to {len(cur) - 1}; negative indices are not accepted)")
+            if last:
+                cur[int(p)] = value
+            else:
+                cur = cur[int(p)]
         elif isinstance(cur, dict):
             if last:
                 cur[p] = value
@@ -431,8 +463,11 @@ def validate_scenario(data: dict, where: str) -> Scenario:
         sc = Scenario.model_validate(data)
     except ValidationError as e:
         raise DesimInputError(format_validation_error(e, where)) from None
+    try:
+        sc.host_profile()  # profile name and overrides must resolve
+    except DesimInputError as e:
+        raise DesimInputError(f"{where}: {e}") from None
     check_script(sc, where)
-    sc.host_profile()  # profile name and overrides must resolve
     return sc
 
 
@@ -443,19 +478,10 @@ def load_scenario(path: str | Path | None = None) -> Scenario:
         where = "built-in default scenario"
         base = None
     else:
-        p = Path(path)
-        if not p.is_file():
-            raise DesimInputError(f"{p}: scenario file not found")
-        try:
-            text = p.read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise DesimInputError(f"{p}: cannot read: {e}") from None
-        where = str(p)
-        base = p.parent
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise DesimInputError(f"{where}: not valid TOML: {e}") from None
+        text = read_text(path, "scenario file", MAX_TOML_BYTES)
+        where = str(path)
+        base = Path(path).parent
+    data = parse_toml(text, where)
     if base is not None:
         _resolve_paths(data, base)
     return validate_scenario(data, where)
@@ -464,10 +490,13 @@ def load_scenario(path: str | Path | None = None) -> Scenario:
 def _resolve_paths(data: dict, base: Path) -> None:
     """Trace paths in a scenario file are relative to the file (or to the working directory)."""
     def fix(d: Any, key: str) -> None:
-        if isinstance(d, dict) and isinstance(d.get(key), str) and not Path(d[key]).is_absolute():
+        if isinstance(d, dict) and isinstance(d.get(key), str) and d[key] and not Path(d[key]).is_absolute():
             cand = base / d[key]
-            if cand.exists():
-                d[key] = str(cand)
+            try:
+                if cand.exists():
+                    d[key] = str(cand)
+            except (OSError, ValueError):
+                pass  # a name the OS refuses: reported when the file is opened
 
     phases = data.get("phases")
     for ph in phases if isinstance(phases, list) else []:
@@ -518,11 +547,36 @@ def trace_ops(spec: TraceSpec) -> list[MemslotOp]:
 
 
 def check_script(sc: Scenario, where: str) -> None:
-    """Replay every phase's memslot ops on the slot set and reject what KVM would refuse."""
+    """Replay every phase's memslot ops on the slot set and reject what KVM would refuse.
+
+    Also checks what needs the whole scenario: every memslot and every
+    CREATE/MOVE against KVM's limits (:func:`desim.limits.check_memslot`, with
+    the guest physical address width of the scenario's profile), touches
+    naming more vCPUs than the VM has, and perf traces (read now, so that a bad
+    trace fails before any run).
+    """
+    kernel = sc.host_profile().kernel
+    bits = guest_phys_bits(kernel.mmu, kernel.phys_bits)
+    for i, m in enumerate(sc.vm.memslots):
+        check_memslot(m.gpa, m.size, bits, f"{where}: vm.memslots.{i}")
     slots = {s.id: (s.gpa, s.size) for s in sc.vm.memslots}
     for pi, phase in enumerate(sc.phases):
+        for ti, touch in enumerate(phase.touch_list()):
+            field = f"phases.{pi}" + ("" if ti == 0 and phase.pattern != "none" else f".touches.{ti}")
+            if isinstance(touch.vcpus, int) and touch.vcpus > sc.vm.vcpus:
+                raise DesimInputError(f"{where}: {field}.vcpus: {touch.vcpus} but the VM has {sc.vm.vcpus} "
+                                      "(vm.vcpus)")
+            if touch.gpa is not None and touch.size is not None:
+                check_memslot(touch.gpa, touch.size, bits, f"{where}: {field} (gpa region)")
+            if touch.pattern == "trace" and touch.perf_trace:
+                from .traces import read_perf_trace
+
+                read_perf_trace(touch.perf_trace)
         for op in phase_ops(phase):
             tag = f"{where}: phases.{pi} ({phase.name}): memslot op at {op.time_ns / 1e3:.1f} us, {op.op.value} slot {op.slot}"
+            if op.op in (MrChange.CREATE, MrChange.MOVE):
+                check_memslot(op.gpa, op.size if op.op == MrChange.CREATE else slots.get(op.slot, (0, 0))[1],
+                              bits, tag)
             if op.op == MrChange.CREATE:
                 if op.slot in slots:
                     raise DesimInputError(f"{tag}: slot already exists (delete it first)")

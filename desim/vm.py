@@ -20,6 +20,7 @@ from . import model_fingerprint
 from .audit import Audit
 from .engine import make_environment
 from .errors import DesimInputError
+from .limits import check_memory
 from .lock import MmuLock
 from .memslot import Memslot, MemslotOp
 from .metrics import Metrics
@@ -51,6 +52,7 @@ class Vm:
 
     def __init__(self, scenario: Scenario, policy: str, seed: int = 0, replication: int = 0,
                  profile: HostProfile | None = None, audit: bool = False, engine: str | None = None) -> None:
+        check_memory(scenario)  # before any allocation: refuse with the amount needed (desim.limits)
         self.scenario = scenario
         self.seed = seed
         self.replication = replication

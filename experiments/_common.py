@@ -85,6 +85,14 @@ def parse_args(ap: argparse.ArgumentParser, argv: Sequence[str] | None = None) -
         ap.error("--replications must be >= 1")
     if args.workers < 1:
         ap.error("--workers must be >= 1")
+    from desim.outputs import check_output_dir  # output paths checked before any work, as by desim
+
+    try:
+        check_output_dir(args.out, "--out")
+        if args.store is not None:
+            check_output_dir(args.store, "--store")
+    except DesimInputError as e:
+        ap.error(str(e))
     return args
 
 

@@ -45,6 +45,7 @@ import pandas as pd
 from _common import POLICY_COLORS, ROOT, clean_json, figure_writers, guarded_main, plt_module, write_all
 
 from desim.errors import DesimInputError  # noqa: E402
+from desim.outputs import check_output_dir  # noqa: E402
 from desim.kvm.measure import measure_interleaved  # noqa: E402
 from desim.kvm.scenario import KvmScenario, layout  # noqa: E402
 from desim.kvm.simbridge import sim_metrics  # noqa: E402
@@ -83,6 +84,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if a.repeats < 1:
         raise DesimInputError(f"--repeats must be >= 1 (got {a.repeats})")
     load_profile(a.profile)  # a bad name or file fails before any VM runs
+    check_output_dir(a.out, "--out")  # so does an output directory that cannot be written
     return a
 
 

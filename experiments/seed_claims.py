@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from desim import experiment as ex  # noqa: E402
+from desim.errors import DesimInputError  # noqa: E402
+from desim.outputs import check_output_dir  # noqa: E402
 from desim.stats import ratio_ci  # noqa: E402
 
 BOOT = ROOT / "workloads" / "boot"
@@ -96,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="legacy-2020", help="host profile (default: the seed's era)")
     ap.add_argument("--out", default=str(ROOT / "results" / "seed_claims"))
     args = ap.parse_args(argv)
+    try:
+        check_output_dir(args.out, "--out")  # before any run, as desim does
+    except DesimInputError as e:
+        ap.error(str(e))
     n = args.replications or (2 if args.quick else 10)
     backend = "local" if args.workers > 1 else "serial"
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from desim.errors import DesimInputError
+from desim.outputs import check_output_file, strict_json, write_file
 from desim.kvm.scenario import GUEST_PAGES, OPS, POSITIONS, SCENARIOS, named
 from desim.kvm.validate import TWO_VCPU_SCENARIOS, VALIDATION_SCENARIOS
 from desim.kvm.vm import KVM_DEV, KvmError
@@ -54,12 +54,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     m.add_argument("--scenario", default=DEFAULT_SCENARIO,
                    help=f"named scenario to start from ({', '.join(SCENARIOS)}; default {DEFAULT_SCENARIO})")
     m.add_argument("--list", action="store_true", help="list the named scenarios and exit")
-    m.add_argument("--vms", type=int, default=1, help="VMs run at once (phases in step); default 1")
-    m.add_argument("--repeats", type=int, default=3, help="rounds per policy; default 3")
-    m.add_argument("--warmup", type=int, default=0,
+    m.add_argument("--vms", type=_count(1), default=1, help="VMs run at once (phases in step); default 1")
+    m.add_argument("--repeats", type=_count(1), default=3, help="rounds per policy; default 3")
+    m.add_argument("--warmup", type=_count(0), default=0,
                    help="rounds run first and discarded (e.g. 1 with --thp, so that host THP runs "
                         "find free huge pages instead of paying for compaction); default 0")
-    m.add_argument("--out", type=Path, help="write all runs and the summary as JSON to this file")
+    m.add_argument("--out", type=_path, help="write all runs and the summary as JSON to this file")
     m.add_argument("--quiet", action="store_true", help="no progress lines")
     m.add_argument("--exit", choices=("pio", "mmio"), default="pio",
                    help="how a guest pass returns to the VMM: out to port 0x80 (default) or a write "
@@ -108,9 +108,9 @@ def register_top_level(subparsers: argparse._SubParsersAction,  # type: ignore[t
     c.add_argument("--base", default="shadow-pvm", help="profile supplying the kernel section and the "
                                                         "costs that cannot be measured (default shadow-pvm)")
     c.add_argument("--name", default=None, help="name of the written profile (default BASE-calibrated)")
-    c.add_argument("--repeats", type=int, default=7, help="runs of each microscenario (median); default 7")
-    c.add_argument("--out", type=Path, required=True, help="profile TOML to write")
-    c.add_argument("--json", type=Path, default=None, help="also write the observations and runs as JSON")
+    c.add_argument("--repeats", type=_count(1), default=7, help="runs of each microscenario (median); default 7")
+    c.add_argument("--out", type=_path, required=True, help="profile TOML to write")
+    c.add_argument("--json", type=_path, default=None, help="also write the observations and runs as JSON")
     c.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     c.add_argument("--device", default=KVM_DEV, help=argparse.SUPPRESS)
     c.set_defaults(func=cmd_calibrate)
@@ -126,25 +126,63 @@ def register_top_level(subparsers: argparse._SubParsersAction,  # type: ignore[t
                         f"{', '.join(VALIDATION_SCENARIOS)} with 1 vCPU and of "
                         f"{', '.join(TWO_VCPU_SCENARIOS)} with 2); known: {', '.join(SCENARIOS)}")
     v.add_argument("--profile", default="shadow-pvm", help="host profile name or TOML (e.g. from calibrate)")
-    v.add_argument("--repeats", type=int, default=5, help="real runs per policy (median); default 5")
-    v.add_argument("--replications", type=int, default=1, help="simulated runs per policy; default 1")
-    v.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
-    v.add_argument("--plot", type=Path, default=None, metavar="FILE",
+    v.add_argument("--repeats", type=_count(1), default=5, help="real runs per policy (median); default 5")
+    v.add_argument("--replications", type=_count(1), default=1, help="simulated runs per policy; default 1")
+    v.add_argument("--out", type=_path, default=None, help="write the rows as JSON")
+    v.add_argument("--plot", type=_path, default=None, metavar="FILE",
                    help="draw real vs simulated (counts and times, log-log, with the ±20%% band) to "
                         "FILE (.png, .svg or .pdf)")
-    v.add_argument("--max-error", type=float, default=None, metavar="REL",
+    v.add_argument("--max-error", type=_fraction, default=None, metavar="REL",
                    help="exit 1 if refaults, SPTEs zapped or first-touch faults differ by more than "
                         "REL (e.g. 0.01) and more than 16")
-    v.add_argument("--max-time-error", type=float, default=None, metavar="REL",
+    v.add_argument("--max-time-error", type=_fraction, default=None, metavar="REL",
                    help="exit 1 if a time (ioctl, phase) differs from the real median by more than REL (e.g. 0.2)")
     v.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     v.add_argument("--device", default=KVM_DEV, help=argparse.SUPPRESS)
     v.set_defaults(func=cmd_validate)
 
 
-def _check_out(path: Path | None, flag: str) -> None:
-    if path is not None and not path.parent.is_dir():
-        raise DesimInputError(f"{flag} {path}: directory {path.parent} does not exist")
+def _count(lo: int):
+    """argparse type: an integer >= ``lo``."""
+    def conv(v: str) -> int:
+        try:
+            n = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {v!r}") from None
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {n}")
+        return n
+    return conv
+
+
+def _fraction(v: str) -> float:
+    """argparse type: a finite number >= 0 (a relative error)."""
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {v!r}") from None
+    if not (x >= 0 and x != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {v!r}")
+    return x
+
+
+def _path(v: str) -> Path:
+    """argparse type: a non-empty path (``Path("")`` would silently mean the current directory)."""
+    if v == "":
+        raise argparse.ArgumentTypeError("an empty path names nothing to write; give a path")
+    return Path(v)
+
+
+def _check_out(path: Path | None, flag: str, suffixes: tuple[str, ...] | None = None) -> None:
+    """Output files are checked before any KVM work (desim.outputs: one place for every output path)."""
+    if path is not None:
+        check_output_file(path, flag, suffixes)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Strict JSON (NaN and infinities as null), written atomically."""
+    text = json.dumps(strict_json(obj), indent=1, allow_nan=False) + "\n"
+    write_file(path, lambda p: p.write_text(text))
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -167,10 +205,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"warning: host timing drifted during calibration: {w}", file=sys.stderr)
     if cal.warnings:
         print("warning: the fitted costs carry that drift; consider running calibrate again", file=sys.stderr)
-    args.out.write_text(profile_toml(cal, base, name))
+    toml = profile_toml(cal, base, name)
+    write_file(args.out, lambda p: p.write_text(toml))
     print(f"wrote {args.out}")
     if args.json is not None:
-        args.json.write_text(json.dumps(cal.to_dict(), indent=1) + "\n")
+        _write_json(args.json, cal.to_dict())
         print(f"wrote {args.json}")
     return 0
 
@@ -180,9 +219,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from desim.profile import load_profile
 
     _check_out(args.out, "--out")
-    _check_out(args.plot, "--plot")
-    if args.plot is not None and args.plot.suffix.lower() not in (".png", ".svg", ".pdf"):
-        raise DesimInputError(f"--plot {args.plot}: the file name must end in .png, .svg or .pdf")
+    _check_out(args.plot, "--plot", (".png", ".svg", ".pdf"))
     load_profile(args.profile)  # fail early on a bad name or file
     scenarios = [named(n) for n in args.scenario] if args.scenario else default_scenarios()
     progress = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
@@ -194,14 +231,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(format_rows(res))
     print(summary(res))
     if args.out is not None:
-        args.out.write_text(json.dumps(res, indent=1) + "\n")
+        _write_json(args.out, res)
         print(f"wrote {args.out}")
     if args.plot is not None:
         from desim.plots import plot_validation
 
-        tmp = args.plot.with_name(f".{args.plot.stem}.tmp{args.plot.suffix}")
-        plot_validation(res["rows"], tmp, f"desim validate, profile {res['profile']}")
-        os.replace(tmp, args.plot)  # never a half-written figure
+        write_file(args.plot, lambda p: plot_validation(res["rows"], p, f"desim validate, profile {res['profile']}"))
         print(f"wrote {args.plot}")
     if args.max_error is not None and worst_error(res) > args.max_error:
         print(f"a structural count is off by more than {args.max_error:.0%}", file=sys.stderr)
@@ -237,8 +272,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
             print(f"{name:12s} " + " ".join(f"{k}={v}" for k, v in d.items()))
         return 0
     sc = scenario_from_args(args)
-    if args.out is not None and not args.out.parent.is_dir():
-        raise DesimInputError(f"--out {args.out}: directory {args.out.parent} does not exist")
+    _check_out(args.out, "--out")
     progress = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     try:
         m = measure(sc, vms=args.vms, repeats=args.repeats, progress=progress, kvm_path=args.device, exit=args.exit,
@@ -248,7 +282,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
         return 1
     print(format_summary(m))
     if args.out is not None:
-        args.out.write_text(json.dumps(m.to_dict(), indent=1) + "\n")
+        _write_json(args.out, m.to_dict())
         print(f"wrote {args.out}")
     return 0
 

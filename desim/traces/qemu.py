@@ -52,13 +52,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from desim.errors import DesimInputError
+from desim.inputfiles import MAX_TRACE_BYTES, open_input
+from desim.limits import KVM_ADDRESS_SPACE_NUM, KVM_MEM_MAX_NR_PAGES
 from desim.memslot import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE, MrChange, MemslotOp
 
 EVENT = "kvm_set_user_memory"
 KVM_MEM_GUEST_MEMFD = 1 << 2  # include/uapi/linux/kvm.h
 KVM_VALID_FLAGS = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD
-KVM_ADDRESS_SPACE_NUM = 2  # x86: normal and SMM (arch/x86/include/asm/kvm_host.h)
-KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1  # include/linux/kvm_host.h
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
 
@@ -84,7 +84,7 @@ def _read_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, str]]:
     """``(line number, text)`` for each line of a UTF-8 text file, line ends removed."""
     name = os.fspath(path)
     try:
-        with open(name, "rb") as f:
+        with open_input(name, "trace file", MAX_TRACE_BYTES) as f:
             for lineno, raw in enumerate(f, start=1):
                 try:
                     text = raw.decode("utf-8")

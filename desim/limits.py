@@ -1,0 +1,217 @@
+"""Bounds: KVM's own limits on memslots, and what one run may cost before it starts.
+
+One policy, applied before any work, for everything that could make a run
+absurd or unbounded:
+
+**KVM's limits on a memslot** (what ``KVM_SET_USER_MEMORY_REGION`` refuses with
+``-EINVAL``), checked for every slot of a scenario and every CREATE/MOVE of its
+VMM script by :func:`check_memslot`:
+
+* ``__kvm_set_memory_region`` (virt/kvm/kvm_main.c): at most
+  ``KVM_MEM_MAX_NR_PAGES`` = 2^31 - 1 pages per slot (include/linux/kvm_host.h;
+  8 TiB of 4 KiB pages), and ``gpa + size`` must not wrap around 2^64 (implied by the next);
+* ``kvm_arch_prepare_memory_region`` (arch/x86/kvm/x86.c): the slot's last gfn
+  must not exceed ``kvm_mmu_max_gfn()`` (arch/x86/kvm/mmu.h), i.e.
+  ``gpa + size <= 2^max_gpa_bits`` with ``max_gpa_bits = shadow_phys_bits``
+  (the host's MAXPHYADDR, CPUID 0x80000008 EAX[7:0]) when TDP (EPT/NPT) is
+  enabled and 52 with shadow paging. The host MAXPHYADDR is the profile's
+  ``kernel.phys_bits``; :func:`guest_phys_bits` picks the width.
+
+**Memory** (:func:`estimate_memory`): a run allocates its SPTE state up
+front (one byte per 4 KiB page of every RAM block behind a memslot, plus one
+per 2 MiB and per 1 GiB unit: :class:`desim.mmu.RamBlock`) and, for ``zipf``
+touches, a permutation and a CDF of 8 bytes each per page of the region. The
+estimate is compared with the memory this host has available
+(``MemAvailable`` in ``/proc/meminfo``) times the runs that may be in memory
+at once (the worker count); beyond it the run is refused with the amount it
+would need.
+
+**Work** (:func:`estimate_work`): guest accesses and memslot ioctls per run.
+Beyond :data:`MAX_ACCESSES_PER_RUN` (10^9 accesses: at the ~13 million
+accesses/s a run manages when they hit, and ~65,000 faults/s when they fault,
+measured with ``desim run`` on a 2-core AMD EPYC VM, at least a minute and
+likely hours), :data:`MAX_MEMSLOT_IOCTLS_PER_RUN` (10^6) or
+:data:`MAX_IOCTL_VCPU_WORK_PER_RUN` (10^8 ioctls x vCPUs: a memslot update
+may kick or IPI every vCPU) a run is refused
+unless the caller allows it (``--allow-large`` on the command line). A touch
+with ``until = "vmm"`` is estimated from the time its phase's VMM script takes
+and the touch's ``access_ns``.
+
+All checks raise :class:`desim.errors.DesimInputError` with one line that gives
+the estimate, the limit and the way out.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .errors import DesimInputError
+from .memslot import PAGE_SHIFT, MrChange
+
+if TYPE_CHECKING:
+    from .scenario import Scenario
+
+KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1  # include/linux/kvm_host.h
+KVM_ADDRESS_SPACE_NUM = 2  # x86: normal and SMM (arch/x86/include/asm/kvm_host.h)
+SHADOW_PAGING_GPA_BITS = 52  # kvm_mmu_max_gfn(): 52 when !tdp_enabled
+MAX_ACCESSES_PER_RUN = 10**9
+MAX_MEMSLOT_IOCTLS_PER_RUN = 10**6
+MAX_IOCTL_VCPU_WORK_PER_RUN = 10**8  # memslot ioctls x vCPUs: each update may kick or IPI every vCPU
+ZIPF_BYTES_PER_PAGE = 16  # workload.make_stream: an int64 permutation and a float64 CDF per page
+
+
+def guest_phys_bits(mmu: str, host_phys_bits: int) -> int:
+    """The guest physical address width KVM accepts for memslots (``kvm_mmu_max_gfn``).
+
+    With TDP (the profile's ``mmu`` is ``tdp`` or ``legacy``, both over EPT/NPT)
+    it is the host's MAXPHYADDR; with shadow paging 52.
+    """
+    return SHADOW_PAGING_GPA_BITS if mmu == "shadow" else host_phys_bits
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def check_memslot(gpa: int, size: int, phys_bits: int, where: str) -> None:
+    """Refuse a slot ``[gpa, gpa + size)`` that ``KVM_SET_USER_MEMORY_REGION`` would refuse (-EINVAL)."""
+    pages = size >> PAGE_SHIFT
+    if pages > KVM_MEM_MAX_NR_PAGES:
+        raise DesimInputError(f"{where}: size {_fmt_bytes(size)} is {pages:,} pages; KVM allows at most "
+                              f"KVM_MEM_MAX_NR_PAGES = 2^31 - 1 pages (8 TiB) per memslot (-EINVAL)")
+    end = gpa + size  # KVM also refuses a range that wraps around 2^64; phys_bits <= 52 covers that
+    if end > 1 << phys_bits:
+        raise DesimInputError(
+            f"{where}: gpa {gpa:#x} + size {size:#x} ends at {end:#x}, beyond the {phys_bits}-bit guest "
+            f"physical address space (kvm_mmu_max_gfn(): the host MAXPHYADDR, profile kernel.phys_bits, "
+            f"with TDP; 52 bits with shadow paging) (-EINVAL)")
+
+
+def _slot_sizes(sc: "Scenario") -> dict[int, int]:
+    """The largest size each slot id ever has (initial slots and CREATEs of every phase's script)."""
+    from .scenario import phase_ops
+
+    sizes = {s.id: s.size for s in sc.vm.memslots}
+    for phase in sc.phases:
+        for op in phase_ops(phase):
+            if op.op == MrChange.CREATE:
+                sizes[op.slot] = max(sizes.get(op.slot, 0), op.size)
+    return sizes
+
+
+def _active(which: int | str, nvcpus: int) -> int:
+    if which == "all":
+        return nvcpus
+    if which == "bsp":
+        return min(1, nvcpus)
+    if which == "aps":
+        return max(0, nvcpus - 1)
+    return int(which)
+
+
+@dataclass(frozen=True)
+class WorkEstimate:
+    """What one run of a scenario will do, estimated before it starts."""
+
+    accesses: int
+    memslot_ioctls: int
+    memory_bytes: int
+    vcpus: int = 1
+
+    def describe(self) -> str:
+        return (f"{self.accesses:,} guest accesses, {self.memslot_ioctls:,} memslot ioctls, "
+                f"~{_fmt_bytes(self.memory_bytes)} of model state")
+
+
+def estimate(sc: "Scenario") -> WorkEstimate:
+    """Accesses, memslot ioctls and memory of one run of ``sc`` (an upper-bound style estimate)."""
+    from .scenario import phase_ops
+
+    sizes = _slot_sizes(sc)
+    nv = sc.vm.vcpus
+    accesses = ioctls = 0
+    memory = sum(_block_bytes(size) for size in sizes.values())
+    for phase in sc.phases:
+        ops = phase_ops(phase)
+        ioctls += len(ops)
+        script_ns = max((o.time_ns for o in ops), default=0.0)
+        for touch in phase.touch_list():
+            k = _active(touch.vcpus, nv)
+            if touch.pattern == "trace":
+                continue  # bounded by the trace file's size cap
+            if touch.gpa is not None:
+                pages = (touch.size or 0) >> PAGE_SHIFT
+            else:
+                pages = touch.size >> PAGE_SHIFT if touch.size is not None else max(
+                    0, (sizes.get(touch.slot, 0) - touch.offset) >> PAGE_SHIFT)
+            if touch.until == "vmm":
+                per_vcpu = int(script_ns / touch.access_ns) + 4096  # + the chunk it is in when the VMM finishes
+                accesses += k * per_vcpu
+            elif touch.pattern == "sequential":
+                accesses += pages * touch.passes * (k if touch.sharing == "shared" else 1)
+            else:
+                accesses += touch.accesses * k
+            if touch.pattern == "zipf":
+                memory += ZIPF_BYTES_PER_PAGE * pages * (1 if touch.sharing == "private" else k)
+    return WorkEstimate(accesses, ioctls, memory, nv)
+
+
+def _block_bytes(size: int) -> int:
+    pages = size >> PAGE_SHIFT
+    return pages + (pages >> 9) + (pages >> 18) + 2
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this host can give a new process (``MemAvailable``), None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return None
+
+
+def check_memory(sc: "Scenario", concurrent_runs: int = 1, est: WorkEstimate | None = None) -> WorkEstimate:
+    """Refuse a scenario whose model state would not fit in this host's available memory."""
+    est = est or estimate(sc)
+    avail = available_memory()
+    need = est.memory_bytes * max(1, concurrent_runs)
+    if avail is not None and need > avail:
+        runs = f" x {concurrent_runs} runs at once" if concurrent_runs > 1 else ""
+        raise DesimInputError(
+            f"scenario {sc.name}: would need ~{_fmt_bytes(need)} of memory ({_fmt_bytes(est.memory_bytes)} of "
+            f"SPTE state and access streams per run{runs}: 1 byte per 4 KiB page of every memslot, 16 per page "
+            f"of a zipf region), but this host has {_fmt_bytes(avail)} available; use smaller memslots"
+            + (" or fewer workers" if concurrent_runs > 1 else ""))
+    return est
+
+
+def check_work(sc: "Scenario", allow_large: bool = False, concurrent_runs: int = 1) -> WorkEstimate:
+    """Estimate one run of ``sc``; refuse it beyond the memory available or (unless allowed) the work limits."""
+    est = check_memory(sc, concurrent_runs)
+    if allow_large:
+        return est
+    if est.accesses > MAX_ACCESSES_PER_RUN:
+        raise DesimInputError(
+            f"scenario {sc.name}: one run would simulate ~{est.accesses:.3g} guest accesses, over the limit of "
+            f"{MAX_ACCESSES_PER_RUN:.0e} per run (at ~1.3e7 accesses/s at best: {est.accesses / 1.3e7 / 60:,.0f}+ "
+            "min); lower accesses/passes/vcpus, or give --allow-large to run it anyway")
+    if est.memslot_ioctls > MAX_MEMSLOT_IOCTLS_PER_RUN:
+        raise DesimInputError(
+            f"scenario {sc.name}: one run would issue {est.memslot_ioctls:,} memslot ioctls, over the limit of "
+            f"{MAX_MEMSLOT_IOCTLS_PER_RUN:,} per run; lower repeat, or give --allow-large to run it anyway")
+    if est.memslot_ioctls * est.vcpus > MAX_IOCTL_VCPU_WORK_PER_RUN:
+        raise DesimInputError(
+            f"scenario {sc.name}: one run would issue {est.memslot_ioctls:,} memslot ioctls to {est.vcpus:,} vCPUs "
+            f"(each may kick every vCPU), over the limit of {MAX_IOCTL_VCPU_WORK_PER_RUN:.0e} ioctl x vCPU per run; "
+            "lower repeat or vm.vcpus, or give --allow-large to run it anyway")
+    return est
