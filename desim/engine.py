@@ -116,17 +116,25 @@ class FastEnvironment(simpy.Environment):
         except IndexError:
             raise EmptySchedule from None
         callbacks, event.callbacks = event.callbacks, None
-        last = len(callbacks) - 1
-        try:
-            for i, callback in enumerate(callbacks):
-                self._last_callback = i == last
-                callback(event)
-        except StopSimulation:
-            event.callbacks = callbacks[callbacks.index(callback) + 1:]
-            self.schedule(event, simpy.core.EventPriority(-1))
-            raise
-        finally:
-            self._last_callback = True
+        if len(callbacks) == 1:  # the common case: one waiting process, nothing runs after it
+            try:
+                callbacks[0](event)
+            except StopSimulation:
+                event.callbacks = []
+                self.schedule(event, simpy.core.EventPriority(-1))
+                raise
+        else:
+            last = len(callbacks) - 1
+            try:
+                for i, callback in enumerate(callbacks):
+                    self._last_callback = i == last
+                    callback(event)
+            except StopSimulation:
+                event.callbacks = callbacks[callbacks.index(callback) + 1:]
+                self.schedule(event, simpy.core.EventPriority(-1))
+                raise
+            finally:
+                self._last_callback = True
         if not event._ok and not hasattr(event, "_defused"):
             exc = type(event._value)(*event._value.args)
             exc.__cause__ = event._value
