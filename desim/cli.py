@@ -7,6 +7,9 @@
     desim kvm probe|measure ...          the real KVM of this host (desim.kvm)
     desim calibrate --out PROFILE.toml   fit host-profile costs on the real KVM
     desim validate [--profile P]         real KVM vs simulator, per scenario and metric
+    desim sweep SWEEP.toml               a sweep file on any backend, into a result store
+    desim results STORE                  a store as tidy tables, per-point CIs, plots
+    desim capacity --vary F --range A:B --metric M --slo X   the largest F meeting an SLO
 
 Without a scenario file the built-in default is used. Bad input gives one
 line ``desim: error: ...`` naming the field and exit status 2, and nothing is
@@ -24,7 +27,7 @@ from typing import Any, Sequence
 
 from . import __version__
 from .engine_cli import add_engine_option, engine_from_args
-from .errors import DesimInputError
+from .errors import DesimInputError, DesimRunError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -318,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_kvm(sub)
     register_top_level(sub)  # desim calibrate / desim validate
+    from .cli_studies import register as register_studies
+
+    register_studies(sub)  # desim sweep / results / capacity
     return p
 
 
@@ -330,8 +336,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DesimInputError as e:
         print(f"desim: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("desim: interrupted", file=sys.stderr)
+    except DesimRunError as e:
+        print(f"desim: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        print("desim: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)  # what finished, where
         return 130
     except BrokenPipeError:  # the reader went away (``desim run | head``): not an error of desim's
         _silence_stdout()

@@ -7,25 +7,20 @@ replication): a killed sweep resumes without recomputing what is stored, and
 results are identical whatever the number of workers or the order in which
 they finish (results are always returned in task order).
 
-Backends:
-
-* ``serial`` — in this process (the default for small jobs; no start-up cost);
-* ``local`` — a Dask ``LocalCluster`` with ``workers`` processes (embedded,
-  no set-up);
-* ``tcp://host:port`` — an existing Dask scheduler (e.g. one started by
-  ``dask-jobqueue`` on a batch cluster).
-
-Results are written to the store as soon as each task finishes (one JSON file
-each, written to a temporary name and renamed, so a crash never leaves a
-half-written result).
+Where tasks run is a backend (:mod:`desim.studies.cluster`): ``serial`` in this
+process, ``local`` (a Dask ``LocalCluster`` of ``workers`` processes), a
+scheduler address ``tcp://host:port``, or an open backend object shared by
+several calls (a capacity search or a sequential sweep runs many rounds on one
+cluster). Results are written to the store (:mod:`desim.studies.store`, one
+SQLite database) as soon as each task finishes, one transaction each, so a
+crash never leaves a half-written or duplicated result.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
-import os
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +29,37 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from . import model_fingerprint
-from .errors import DesimInputError
+from .errors import DesimInterrupted, DesimRunError
 from .scenario import Scenario, validate_scenario
+from .studies.cluster import BackendSpec, open_backend
+from .studies.progress import Progress
+from .studies.store import ResultStore
+
+__all__ = ["Task", "run_task", "run_batch", "execute", "grid", "ResultStore"]
+
+
+@functools.lru_cache(maxsize=4096)
+def _scenario_digest(scenario_json: str) -> str:
+    """Hash of the fully resolved scenario and host profile (validated once per distinct scenario)."""
+    sc = validate_scenario(json.loads(scenario_json), "task")
+    blob = json.dumps({"scenario": sc.model_dump(), "profile": sc.host_profile().model_dump()},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+_DIGEST_BY_ID: dict[int, tuple[dict, str]] = {}
+
+
+def _digest_of(scenario: dict[str, Any]) -> str:
+    """:func:`_scenario_digest`, remembered per scenario dict object (a sweep point's tasks share one)."""
+    hit = _DIGEST_BY_ID.get(id(scenario))
+    if hit is not None and hit[0] is scenario:
+        return hit[1]
+    digest = _scenario_digest(json.dumps(scenario, sort_keys=True, default=str))
+    if len(_DIGEST_BY_ID) >= 4096:
+        _DIGEST_BY_ID.clear()
+    _DIGEST_BY_ID[id(scenario)] = (scenario, digest)  # holding the dict keeps its id from being reused
+    return digest
 
 
 @dataclass(frozen=True)
@@ -59,13 +83,15 @@ class Task:
     tag: str = ""
 
     def key(self) -> str:
-        sc = validate_scenario(self.scenario, "task")
-        profile = sc.host_profile().model_dump()
-        blob = json.dumps({"model": model_fingerprint(), "scenario": sc.model_dump(), "profile": profile,
-                           "policy": self.policy, "seed": self.seed, "replication": self.replication,
-                           "tag": self.tag, "samples": self.samples is not None},
-                          sort_keys=True, default=str)
+        digest = _digest_of(self.scenario)
+        blob = json.dumps({"model": model_fingerprint(), "scenario": digest, "policy": self.policy,
+                           "seed": self.seed, "replication": self.replication, "tag": self.tag,
+                           "samples": self.samples is not None}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
+
+    def expect(self) -> dict[str, Any]:
+        """What a stored result of this task must say about itself."""
+        return {"policy": self.policy, "seed": self.seed, "replication": self.replication}
 
 
 def run_task(task: Task) -> dict[str, Any]:
@@ -85,6 +111,11 @@ def run_task(task: Task) -> dict[str, Any]:
     return out
 
 
+def run_batch(tasks: list[Task]) -> list[dict[str, Any]]:
+    """Run a batch of tasks in one worker call (what the Dask backends submit)."""
+    return [run_task(t) for t in tasks]
+
+
 def _plain(v: Any) -> Any:
     if isinstance(v, np.integer):
         return int(v)
@@ -93,104 +124,78 @@ def _plain(v: Any) -> Any:
     return v
 
 
-class ResultStore:
-    """A directory of finished task results, one JSON file per task key."""
+def _backend_cm(backend: Any, workers: int):
+    if isinstance(backend, BackendSpec):
+        return open_backend(backend)
+    if not isinstance(backend, str):
+        return contextlib.nullcontext(backend)  # an open backend: the caller closes it
+    if backend == "serial" or (backend == "local" and workers <= 1):
+        return open_backend(BackendSpec())
+    if backend == "local":
+        return open_backend(BackendSpec(workers=workers))
+    if backend.startswith(("tcp://", "tls://")) or "://" in backend:
+        return open_backend(BackendSpec(scheduler=backend))
+    from .errors import DesimInputError
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def _path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.json"
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        p = self._path(key)
-        if not p.is_file():
-            return None
-        try:
-            return json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None  # a damaged entry is recomputed
-
-    def put(self, key: str, result: dict[str, Any]) -> None:
-        p = self._path(key)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(result, f)  # insertion order: the same columns whether fresh or stored
-        os.replace(tmp, p)
+    raise DesimInputError(f"backend '{backend}': use 'serial', 'local' or a scheduler address tcp://HOST:PORT")
 
 
-def _progress(total: int, desc: str, enabled: bool | None):
-    from tqdm import tqdm
-
-    disable = not sys.stderr.isatty() if enabled is None else not enabled
-    return tqdm(total=total, desc=desc, unit="run", file=sys.stderr, disable=disable, leave=False)
-
-
-def execute(tasks: list[Task], backend: str = "serial", workers: int = 1, store: ResultStore | None = None,
-            progress: bool | None = None, on_result: Callable[[int, dict], None] | None = None,
+def execute(tasks: list[Task], backend: Any = "serial", workers: int = 1, store: ResultStore | str | Path | None = None,
+            progress: bool | str | None = None, on_result: Callable[[int, dict], None] | None = None,
             order: list[int] | None = None, desc: str = "replications") -> list[dict]:
     """Run ``tasks`` and return their results in task order.
 
+    ``backend``: ``"serial"``, ``"local"`` (with ``workers``), a scheduler
+    address, a :class:`~desim.studies.cluster.BackendSpec`, or an open backend from :func:`desim.studies.cluster.open_backend`.
     ``order`` is the submission order (e.g. the most expensive tasks first); it
-    changes only the wall time, never the results.
+    changes only the wall time, never the results. ``progress``: see
+    :class:`desim.studies.progress.Progress`.
     """
+    if store is not None and not isinstance(store, ResultStore):
+        store = ResultStore(store)
     results: list[dict | None] = [None] * len(tasks)
     keys = [t.key() for t in tasks] if store is not None else [None] * len(tasks)
+    seq = list(order) if order is not None else list(range(len(tasks)))
+    found = store.get_many(keys, [t.expect() for t in tasks]) if store is not None else {}  # type: ignore[arg-type]
     todo = []
-    for i in (order if order is not None else range(len(tasks))):
-        cached = store.get(keys[i]) if store is not None else None
-        if cached is not None:
-            results[i] = cached
+    for i in seq:
+        if keys[i] in found:
+            results[i] = found[keys[i]]
         else:
             todo.append(i)
-    bar = _progress(len(tasks), desc, progress)
-    bar.update(len(tasks) - len(todo))
+    if not todo:
+        return results  # type: ignore[return-value]
+    bar = Progress([t.point for t in tasks], desc, progress)
+    for i in seq:
+        if results[i] is not None:
+            bar.update(tasks[i].point, fresh=False)
 
     def finish(i: int, r: dict) -> None:
         results[i] = r
         if store is not None:
-            store.put(keys[i], r)
+            store.put(keys[i], r)  # type: ignore[arg-type]
         if on_result is not None:
             on_result(i, r)
-        bar.update(1)
+        bar.update(tasks[i].point)
 
     try:
-        if backend == "serial" or (backend == "local" and workers <= 1) or not todo:
-            for i in todo:
-                finish(i, run_task(tasks[i]))
-        else:
-            _execute_dask(tasks, todo, backend, workers, finish)
+        with _backend_cm(backend, workers) as be:
+            be.run(tasks, todo, finish)
+    except DesimRunError as e:
+        raise DesimRunError(f"{e}; {_what_finished(results, store)}") from None
+    except KeyboardInterrupt:
+        raise DesimInterrupted(_what_finished(results, store)) from None
     finally:
         bar.close()
     return results  # type: ignore[return-value]
 
 
-def _execute_dask(tasks: list[Task], todo: list[int], backend: str, workers: int,
-                  finish: Callable[[int, dict], None]) -> None:
-    from dask.distributed import Client, LocalCluster, as_completed
-
-    if backend == "local":
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               dashboard_address=":0", silence_logs=40)  # any free port: runs may overlap
-        client = Client(cluster)
-    elif backend.startswith(("tcp://", "tls://", "inproc://")):
-        cluster = None
-        try:
-            client = Client(backend, timeout="10s")
-        except OSError as e:
-            raise DesimInputError(f"--scheduler {backend}: cannot connect ({e})") from None
-    else:
-        raise DesimInputError(f"backend '{backend}': use 'serial', 'local' or a scheduler address tcp://HOST:PORT")
-    try:
-        futs = {client.submit(run_task, tasks[i], pure=False): i for i in todo}
-        for fut in as_completed(futs):
-            finish(futs[fut], fut.result())
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+def _what_finished(results: list, store: ResultStore | None) -> str:
+    done = sum(r is not None for r in results)
+    if store is None:
+        return f"{done} of {len(results)} tasks had finished (no --store: not kept)"
+    return (f"{done} of {len(results)} tasks finished and are in the store {store.path}; "
+            f"run the same command again to compute the rest")
 
 
 def grid(base: Scenario, axes: dict[str, Iterable[Any]]) -> list[tuple[dict[str, Any], Scenario]]:

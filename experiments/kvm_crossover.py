@@ -25,6 +25,12 @@ the guest's access time per page taken from the real steady-state pass. The
 break-even size is interpolated linearly in log2(slot size) between the two
 measured sizes where targeted minus fast changes sign.
 
+Options common to every experiment script: ``--store DIR`` keeps every real
+run (keyed by this host, the point, the policy and the repeat), so a re-run
+measures only the points it lacks; ``--workers``/``--scheduler`` run the
+simulated predictions on a Dask cluster (the real runs always run here, one at
+a time: they time this host's KVM).
+
 Outputs in ``--out`` (written atomically): ``runs.csv`` (every real run),
 ``summary.csv`` (real median/min/max and simulated value per point, policy and
 metric), ``crossover.csv`` (real and predicted break-even size per RAM size),
@@ -42,7 +48,8 @@ from typing import Any
 
 import pandas as pd
 
-from _common import POLICY_COLORS, ROOT, clean_json, figure_writers, guarded_main, plt_module, write_all
+from desim.studies.toolkit import (POLICY_COLORS, add_run_options, clean_json, figure_writers,  # noqa: E402
+                                   guarded_main, plt_module, write_all)
 
 from desim.errors import DesimInputError  # noqa: E402
 from desim.outputs import check_output_dir  # noqa: E402
@@ -51,6 +58,7 @@ from desim.kvm.scenario import KvmScenario, layout  # noqa: E402
 from desim.kvm.simbridge import sim_metrics  # noqa: E402
 from desim.kvm.vm import KvmError  # noqa: E402
 from desim.profile import load_profile  # noqa: E402
+from desim.studies.store import ResultStore  # noqa: E402
 
 NAME = "kvm_crossover"
 POLICIES = ("fast", "targeted")
@@ -71,13 +79,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="seconds-long smoke version (64 MiB, two slot sizes)")
-    ap.add_argument("--out", default=str(ROOT / "results" / NAME), help=f"output directory (default results/{NAME})")
+    ap.add_argument("--out", default=f"results/{NAME}", help=f"output directory (default results/{NAME})")
     ap.add_argument("--ram-mib", default=None, help="working-set sizes in MiB, comma-separated (default 64,128)")
     ap.add_argument("--slot-mib", default=None,
                     help="deleted slot sizes in MiB, comma-separated (default 512,1024,2048,4096,8192)")
     ap.add_argument("--repeats", type=int, default=None, help="real runs per point and policy (default 3; quick 1)")
     ap.add_argument("--profile", default="shadow-pvm", help="host profile of the simulated side (name or TOML)")
+    add_run_options(ap)
     a = ap.parse_args(argv)
+    from desim.studies.cluster import BackendSpec
+
+    a.backend = BackendSpec(workers=a.workers, scheduler=a.scheduler)
+    a.backend.check()
     a.ram = _int_list(a.ram_mib or ("64" if a.quick else "64,128"), "--ram-mib")
     a.slots = _int_list(a.slot_mib or ("1024,4096" if a.quick else "512,1024,2048,4096,8192"), "--slot-mib")
     a.repeats = a.repeats if a.repeats is not None else (1 if a.quick else 3)
@@ -85,7 +98,38 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         raise DesimInputError(f"--repeats must be >= 1 (got {a.repeats})")
     load_profile(a.profile)  # a bad name or file fails before any VM runs
     check_output_dir(a.out, "--out")  # so does an output directory that cannot be written
+    if a.store is not None:
+        check_output_dir(a.store, "--store")
     return a
+
+
+def _run_key(sc: KvmScenario, repeats: int, policy: str, repeat: int) -> str:
+    """A real run is this host's (kernel, machine), this point, policy and repeat, under this desim."""
+    import hashlib
+    import platform
+
+    from desim import model_fingerprint
+
+    blob = json.dumps([NAME, platform.node(), platform.release(), platform.machine(), model_fingerprint(),
+                       sc.name, sc.ram_mib, sc.extra_slot_mib, sc.op, repeats, policy, repeat])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _stored_runs(store: ResultStore, sc: KvmScenario, repeats: int) -> list[dict[str, Any]] | None:
+    """Every real run of a point from the store, or None if any is missing (then the point runs again)."""
+    want = [(pol, rep) for rep in range(repeats) for pol in POLICIES]
+    keys = [_run_key(sc, repeats, pol, rep) for pol, rep in want]
+    found = store.get_many(keys, [{"policy": pol, "seed": 0, "replication": rep} for pol, rep in want])
+    if len(found) < len(keys):
+        return None
+    return [{"policy": pol, "repeat": rep, "vm": 0, "metrics": found[k]["metrics"]} for (pol, rep), k in zip(want, keys)]
+
+
+def _store_runs(store: ResultStore, sc: KvmScenario, repeats: int, runs: list[dict[str, Any]]) -> None:
+    store.put_many([(_run_key(sc, repeats, r["policy"], r["repeat"]),
+                     {"scenario": f"{NAME}/{sc.name}", "policy": r["policy"], "seed": 0, "replication": r["repeat"],
+                      "metrics": {k: v for k, v in r["metrics"].items() if isinstance(v, (int, float))}})
+                    for r in runs])
 
 
 def crossover(sizes: list[int], fast: list[float], targeted: list[float]) -> float | None:
@@ -106,17 +150,37 @@ def main() -> int:
     points = [KvmScenario(name=f"ram{r}-slot{s}", ram_mib=r, extra_slot_mib=s, op="delete")
               for r in args.ram for s in args.slots]
     print(f"{len(points)} point(s) x 2 policies x {args.repeats} real run(s) on /dev/kvm ...", file=sys.stderr)
+    store = ResultStore(args.store) if args.store else None
+    stored = {i: _stored_runs(store, sc, args.repeats) for i, sc in enumerate(points)} if store else {}
+    todo = [i for i in range(len(points)) if stored.get(i) is None]
+    if len(todo) < len(points):
+        print(f"{len(points) - len(todo)} point(s) found in the store {store.path}", file=sys.stderr)
     try:
-        measured = measure_interleaved(points, args.repeats,
-                                       progress=lambda m: print(m, file=sys.stderr, flush=True))
+        fresh = measure_interleaved([points[i] for i in todo], args.repeats,
+                                    progress=lambda m: print(m, file=sys.stderr, flush=True)) if todo else []
     except KvmError as e:
         print(f"error: KVM failed: {e}", file=sys.stderr)
         return 1
-    runs, summary = [], []
+    for i, m in zip(todo, fresh):
+        if store is not None:
+            _store_runs(store, points[i], args.repeats, m.runs)
+        stored[i] = m.runs
+    measured = [stored[i] for i in range(len(points))]
+    # the simulated side needs each point's real access time: one simulator run per point and policy
+    sim_jobs = []
     for sc, m in zip(points, measured):
         pages = layout(sc).touched_pages(4096)
         for pol in POLICIES:
-            for r in m.runs:
+            access = statistics.median(r["metrics"]["warm_ns"] for r in m if r["policy"] == pol) / pages
+            sim_jobs.append((sc.with_policy(pol), args.profile, 1, 0, access))
+    from desim.studies.cluster import open_backend
+
+    with open_backend(args.backend) as be:
+        sims = iter(be.map_calls(sim_metrics, sim_jobs))
+    runs, summary = [], []
+    for sc, m in zip(points, measured):
+        for pol in POLICIES:
+            for r in m:
                 if r["policy"] == pol:
                     x = r["metrics"]
                     runs.append({"ram_mib": sc.ram_mib, "slot_mib": sc.extra_slot_mib, "policy": pol,
@@ -124,8 +188,7 @@ def main() -> int:
                                  "cost_ns": x["zap_ioctl_ns"] + x["retouch_extra_ns"]})
             real = [row for row in runs if row["ram_mib"] == sc.ram_mib and row["slot_mib"] == sc.extra_slot_mib
                     and row["policy"] == pol]
-            access = statistics.median(r["metrics"]["warm_ns"] for r in m.runs if r["policy"] == pol) / pages
-            sim = sim_metrics(sc.with_policy(pol), args.profile, access_ns=access)
+            sim = next(sims)
             sim["cost_ns"] = sim["zap_ioctl_ns"] + sim["retouch_extra_ns"]
             for k in METRICS:
                 xs = [row[k] for row in real]
@@ -185,7 +248,7 @@ def main() -> int:
     # two lines in a constrained layout: one panel is narrower than the title, which was clipped
     fig.suptitle("When does the targeted zap cost more than the fast zap?\n"
                  f"this host's KVM (median, min-max of {args.repeats}) vs desim ({args.profile})", fontsize=11)
-    meta = {"experiment": NAME, "args": {k: v for k, v in vars(args).items()},
+    meta = {"experiment": NAME, "args": {k: v for k, v in vars(args).items() if k != "backend"},
             "crossover": clean_json(cross), "profile": args.profile}
     files = {"runs.csv": lambda p: runs_df.to_csv(p, index=False),
              "summary.csv": lambda p: sum_df.to_csv(p, index=False),

@@ -63,14 +63,11 @@ complementary CDF).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common as C  # noqa: E402
+from desim.studies import toolkit as C  # noqa: E402
 from desim import experiment as ex  # noqa: E402
 
 NAME = "preemption_lockbreak"
@@ -240,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     points = [build_point(prof, pre, vcpus, big, work, at_us) for prof in profiles for pre in (True, False)]
     print(f"{NAME}: {len(points)} points x 2 policies x {args.replications} replications "
           f"({C.fmt_bytes(big)} slot deleted while {vcpus} vCPUs fault on {C.fmt_bytes(work)})", file=sys.stderr)
-    grid = C.run_grid(points, C.POLICIES, args.replications, args.seed, args.workers, extra=extra,
+    grid = C.run_grid(points, C.POLICIES, args.replications, args.seed, args.workers, backend=args.backend, extra=extra,
                       samples=samples, sample_replications=(0,), progress=args.progress, desc=NAME,
                       store=args.store, store_tag=f"{NAME}-1")
     runs = grid.runs

@@ -35,12 +35,10 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from desim import experiment as ex  # noqa: E402
-from desim.errors import DesimInputError  # noqa: E402
-from desim.outputs import check_output_dir  # noqa: E402
 from desim.stats import ratio_ci  # noqa: E402
+from desim.studies import toolkit as C  # noqa: E402
 
 BOOT = ROOT / "workloads" / "boot"
 
@@ -93,23 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="The seed's claims vs desim's predictions.")
     ap.add_argument("--quick", action="store_true", help="seconds-long smoke version")
     ap.add_argument("--replications", "-n", type=int, default=None, help="default 10 (quick: 2)")
-    ap.add_argument("--workers", type=int, default=1, help="local Dask workers (default 1: in-process)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--profile", default="legacy-2020", help="host profile (default: the seed's era)")
     ap.add_argument("--out", default=str(ROOT / "results" / "seed_claims"))
-    args = ap.parse_args(argv)
-    try:
-        check_output_dir(args.out, "--out")  # before any run, as desim does
-    except DesimInputError as e:
-        ap.error(str(e))
+    C.add_run_options(ap)  # --workers --scheduler --progress --store, as in every experiment script
+    args = C.parse_args(ap, argv)  # --out and --store checked before any run, as desim does
     n = args.replications or (2 if args.quick else 10)
-    backend = "local" if args.workers > 1 else "serial"
 
     t0 = time.perf_counter()
     all_runs = []
     for (wl, backing), sc in configs(args.profile, args.quick).items():
         print(f"running {wl} (host {backing}), {n} replications x 2 policies ...", file=sys.stderr)
-        runs = ex.replicate(sc, ["fast", "targeted"], n, args.seed, backend, args.workers)
+        runs = ex.replicate(sc, ["fast", "targeted"], n, args.seed, args.backend, store=args.store,
+                            progress=args.progress)
         runs[EXTRA_METRIC] = runs["completion_ns"] - runs["phase_firmware_ns"]
         runs.insert(0, "workload", wl.removesuffix(".toml"))
         runs.insert(1, "backing", backing)
@@ -168,4 +162,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    C.guarded_main(main)

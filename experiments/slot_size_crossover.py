@@ -60,15 +60,12 @@ CIs), ``comparison.csv`` (paired differences and ratios per point),
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common as C  # noqa: E402
+from desim.studies import toolkit as C  # noqa: E402
 from desim import experiment as ex  # noqa: E402
 
 NAME = "slot_size_crossover"
@@ -267,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{NAME}: {len(points)} points x 2 policies x {args.replications} replications "
           f"({C.fmt_bytes(ram)} RAM, {args.vcpus} vCPUs, slot {args.op} at {at_us:g} µs into the work phase)",
           file=sys.stderr)
-    grid = C.run_grid(points, C.POLICIES, args.replications, args.seed, args.workers, extra=extra,
+    grid = C.run_grid(points, C.POLICIES, args.replications, args.seed, args.workers, backend=args.backend, extra=extra,
                       progress=args.progress, desc=NAME,
                       store=args.store, store_tag=f"{NAME}-1")
     runs = grid.runs

@@ -56,11 +56,8 @@ ratio CIs per point), ``summary.json``, ``vcpu_scaling.png/.svg``.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common as C  # noqa: E402
+from desim.studies import toolkit as C  # noqa: E402
 from desim import experiment as ex  # noqa: E402
 
 NAME = "vcpu_scaling"
@@ -152,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{NAME}: {len(points)} points x 2 policies x {args.replications} replications "
           f"({C.fmt_bytes(per_vcpu)} and {accesses:,} work accesses per vCPU, {args.toggles} ROM deletes)",
           file=sys.stderr)
-    grid = C.run_grid(points, C.POLICIES, args.replications, args.seed, args.workers, extra=extra,
+    grid = C.run_grid(points, C.POLICIES, args.replications, args.seed, args.workers, backend=args.backend, extra=extra,
                       progress=args.progress, desc=NAME,
                       store=args.store, store_tag=f"{NAME}-1")
     runs = grid.runs

@@ -59,7 +59,7 @@ def test_the_first_screen_has_exactly_the_two_commands():
 
 
 def test_the_scenario_toml_is_the_builtin_default_and_runs_as_printed(tmp_path, capsys):
-    (toml,) = fenced("toml")
+    (toml,) = [b for b in fenced("toml") if 'name = "rom-toggle"' in b]
     f = tmp_path / "rom-toggle.toml"
     f.write_text(toml)
     sc, default = load_scenario(f), load_scenario(None)
@@ -110,11 +110,12 @@ def test_every_desim_command_in_the_text_names_real_commands_and_options():
 
 
 def test_the_readme_says_which_commands_take_set():
-    m = re.search(r"`run`, `compare` and `show` take a scenario file and `--set FIELD=VALUE`", TEXT)
+    m = re.search(r"`run`, `compare`, `show` and `capacity` take a scenario file and `--set FIELD=VALUE`", TEXT)
     assert m, "README: the sentence saying which commands take --set changed: update this test"
     takes = {name for name, p in _subparsers(build_parser()).items()
              if "--set" in {s for a in p._actions for s in a.option_strings}}
-    assert takes == {"run", "compare", "show"}
+    assert takes == {"run", "compare", "show", "capacity", "sweep"}
+    assert "`sweep`\ntakes a sweep file, and its `--set` changes the sweep's base scenario" in TEXT
 
 
 def test_shell_blocks_are_accepted_as_printed_and_probe_runs_where_kvm_works(capsys):
@@ -150,3 +151,36 @@ def test_files_and_modules_named_in_the_readme_exist():
 @pytest.mark.parametrize("name", ["DESIGN.md", "/work/shared"])
 def test_the_readme_stands_alone(name):
     assert name not in TEXT
+
+
+def _section(title: str) -> str:
+    return TEXT.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_sweep_file_is_the_shipped_one_and_its_commands_run_as_printed(capsys):
+    import tomllib
+
+    from desim.studies.sweepfile import load_sweep, sweep_from_dict
+
+    sec = _section("Sweeps and capacity planning")
+    (block,) = re.findall(r"^```toml\n(.*?)^```$", sec, re.S | re.M)
+    shipped = load_sweep(ROOT / "workloads" / "sweeps" / "vcpus-rom.toml")
+    printed = sweep_from_dict(tomllib.loads(block), "README")
+    assert [p.labels for p in printed.points] == [p.labels for p in shipped.points]
+    assert (printed.name, printed.metrics, printed.replications) == (shipped.name, shipped.metrics,
+                                                                     shipped.replications)
+    # the indented command lines (backslash continuations joined): each is accepted as printed;
+    # the dry run runs in full (the sweep, the SLURM jobs and the 80-s capacity search do not)
+    joined = re.sub(r"\\\n\s+", "", sec)
+    lines = [ln.strip() for ln in joined.splitlines() if ln.startswith("    ") and "desim " in ln]
+    cmds = [shlex.split(ln.split("desim ", 1)[1].split("#", 1)[0]) for ln in lines
+            if ln.split()[0].endswith("desim")]
+    assert {c[0] for c in cmds} == {"sweep", "results", "capacity"}
+    for c in cmds:
+        args = build_parser().parse_args(c)
+        assert callable(args.func)
+    dry = next(c for c in cmds if "--dry-run" in c)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ROOT)
+        assert main(dry) == 0
+    assert "6 points x 2 policies" in capsys.readouterr().out
