@@ -10,6 +10,7 @@
     desim sweep SWEEP.toml               a sweep file on any backend, into a result store
     desim results STORE                  a store as tidy tables, per-point CIs, plots
     desim capacity --vary F --range A:B --metric M --slo X   the largest F meeting an SLO
+    desim record --kernel K --out F.npz  record a real Linux boot under QEMU TCG (desim.record)
 
 Without a scenario file the built-in default is used. Bad input gives one
 line ``desim: error: ...`` naming the field and exit status 2, and nothing is
@@ -150,6 +151,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .outputs import check_output_dir
     from .preflight import check_metrics, check_scheduler_address
     from .report import replications_phrase
+    from .tails import WithTails, format_tails, tails_table
 
     if args.parquet:
         if args.out is None:
@@ -174,6 +176,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     detail = None
     if args.out is not None and not args.no_plots:
         from .detail import detail_samples as detail
+    hook = detail if args.no_tails else WithTails(detail)  # the latency tails ride along (desim/tails.py)
     t0 = time.perf_counter()
     if args.precision:
         metrics = args.precision_metrics or ex.PRECISION_METRICS
@@ -187,17 +190,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
         runs, stopped = ex.replicate_to_precision(sc, metrics, args.precision, seed=args.seed,
                                                   max_reps=args.replications, backend=backend,
                                                   workers=args.workers, store=args.store,
-                                                  confidence=args.confidence, progress=prog, samples=detail)
+                                                  confidence=args.confidence, progress=prog, samples=hook)
         print(ex.precision_stop_reason(runs, metrics, args.precision, stopped, base, alt, args.confidence))
     else:
         runs = ex.replicate(sc, [base, alt], args.replications, args.seed, backend, args.workers, args.store,
-                            samples=detail)
+                            samples=hook)
     kept = runs.attrs.pop("samples", None)  # before any filtering: pandas copies attrs along
     table = ex.compare(runs, args.metrics, base, alt, args.confidence)
     wall = time.perf_counter() - t0
     n = int(runs.replication.nunique())
     print(f"{sc.name}: {replications_phrase(n)} (common random numbers), seed {args.seed}, {wall:.1f} s")
     print(ex.format_table(table, base, alt, args.confidence))
+    tails = tail_samples = None
+    if not args.no_tails and kept:
+        reps = sorted(runs.replication.unique())
+        tail_samples = {p: {r: kept[(p, r)] for r in reps} for p in (base, alt)}
+        tails = tails_table(tail_samples, base, alt, args.confidence, seed=args.seed)
+        print()
+        print(format_tails(tails, base, alt, args.confidence))
     if args.out is not None:
         summary = {"scenario": sc.name, "seed": args.seed, "replications": n,
                    "confidence": args.confidence, "baseline": base, "alternative": alt,
@@ -206,6 +216,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                  "comparison.csv": ex.csv_writer(table.assign(confidence=args.confidence)),
                  "comparison_long.csv": ex.csv_writer(ex.comparison_long(table, base, alt, args.confidence)),
                  "summary.json": ex.json_writer(summary)}
+        if tails is not None:
+            files["tails.csv"] = ex.csv_writer(tails)
         if args.parquet:
             files["runs.parquet"] = lambda p: runs.to_parquet(p, index=False)
             files["comparison.parquet"] = lambda p: table.to_parquet(p, index=False)
@@ -221,6 +233,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 files[f"faults_over_time.{ext}"] = lambda p: plot_faults_over_time(by_policy, p, title=title)
                 files[f"lock_wait.{ext}"] = lambda p: plot_lock_wait(runs, p, title=title,
                                                                      confidence=args.confidence)
+                if tails is not None:
+                    from .tailplots import plot_around_ops, plot_latency_percentiles
+
+                    files[f"latency_percentiles.{ext}"] = lambda p: plot_latency_percentiles(
+                        tails, p, (base, alt), title=title)
+                    files[f"latency_around_ops.{ext}"] = lambda p: plot_around_ops(tail_samples, p, title=title)
         out = ex.write_outputs(args.out, files)
         print(f"wrote {', '.join(sorted(files))} to {out}")
     return 0
@@ -300,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "summary.json and plots here")
     c.add_argument("--no-plots", action="store_true", help="with --out: skip the PNG/SVG plots")
     c.add_argument("--parquet", action="store_true", help="with --out: also write the tables as Parquet")
+    c.add_argument("--no-tails", action="store_true",
+                   help="skip the latency-tails table (percentile CIs, per phase, around DELETE/MOVE) and its plots")
     large(c)
     c.set_defaults(func=cmd_compare)
     add_engine_option(c)
@@ -324,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_studies import register as register_studies
 
     register_studies(sub)  # desim sweep / results / capacity
+    from .record.cli import register as register_record
+
+    register_record(sub)  # desim record: real guest boots under QEMU TCG
     return p
 
 

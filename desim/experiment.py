@@ -58,7 +58,7 @@ def replicate(scenario: Scenario, policies: Iterable[str] = ("fast", "targeted")
     """
     policies = list(policies)
     data = scenario.model_dump()
-    tag = "detail-1" if samples is not None else ""
+    tag = getattr(samples, "tag", "detail-1") if samples is not None else ""  # names what the hook keeps
     tasks = [Task(data, p, seed, r, samples=samples, tag=tag)
              for r in range(first_replication, first_replication + replications) for p in policies]
     results = execute(tasks, backend=backend, workers=workers,

@@ -143,6 +143,14 @@ def estimate(sc: "Scenario") -> WorkEstimate:
             k = _active(touch.vcpus, nv)
             if touch.pattern == "trace":
                 continue  # bounded by the trace file's size cap
+            if touch.pattern == "recorded":  # the recording's page entries and BAR memslot ops (the largest file)
+                from .record.format import load_recording_cached
+
+                files = [touch.recording] if isinstance(touch.recording, str) else list(touch.recording or [])
+                recs = [load_recording_cached(f) for f in files]
+                accesses += max((len(r.arrays["page_gfn_delta"]) for r in recs), default=0)
+                ioctls += max((int(r.arrays["bar_memslot"].sum()) for r in recs), default=0) if touch.bar_ops else 0
+                continue
             if touch.gpa is not None:
                 pages = (touch.size or 0) >> PAGE_SHIFT
             else:

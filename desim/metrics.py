@@ -34,7 +34,8 @@ def metric_names(phase_names: list[str] | tuple[str, ...] = ()) -> list[str]:
     keeps it equal to what runs report.
     """
     names = ["faults", *(f"faults_{c}" for c in FAULT_CAUSES)]
-    names += [f"fault_latency_{s}_ns" for s in ("mean", "p50", "p95", "p99", "max")]
+    names += [f"fault_latency_{s}_ns" for s in ("mean", "p50", "p95", "p99", "max", "p90", "p999")]
+    names += [f"access_latency_{s}_ns" for s in ("p50", "p90", "p99", "p999")] + ["access_stall_max_ns"]
     names += ["accesses", "mmio_exits", *(f"host_page_allocs_{k}" for k in HOST_PAGE_SIZES)]
     names += ["pt_pages_allocated", "sptes_installed", "sptes_prefetched", "sptes_zapped", "pt_pages_freed",
               "ipis_sent", "remote_flushes", "zaps_fast", "zaps_targeted", "zap_duration_total_ns",
@@ -94,6 +95,11 @@ class Metrics:
     srcu_wait_ns: float = 0.0
     phase_end_ns: dict[str, float] = field(default_factory=dict)
     accesses_assigned: int = 0  # accesses handed to vCPUs in chunks (all must be consumed)
+    # accesses that stalled (a fault, retries, a kick): start time and latency until they completed;
+    # every other access took its touch's access_ns (hits, counted by access_ns in hit_ns)
+    access_stall: array = field(default_factory=lambda: array("d"))
+    access_stall_time: array = field(default_factory=lambda: array("d"))
+    hit_ns: dict[float, int] = field(default_factory=dict)
     completion_ns: float = 0.0
 
     def __post_init__(self) -> None:
@@ -106,6 +112,28 @@ class Metrics:
         self.fault_latency.append(latency_ns)
         self.fault_time.append(start_ns)
         self.fault_is_refault.append(1 if cause == "after_zap" else 0)
+
+    def record_access_stall(self, start_ns: float, latency_ns: float, access_ns: float) -> None:
+        """An access that stalled completed; it was counted as a hit by ``access_ns`` when consumed."""
+        self.access_stall.append(latency_ns)
+        self.access_stall_time.append(start_ns)
+        self.hit_ns[access_ns] = self.hit_ns.get(access_ns, 0) - 1
+
+    def access_latency_percentiles(self, qs: tuple[float, ...] = (50, 90, 99, 99.9)) -> list[float]:
+        """Percentiles of per-access latency: hits at their access_ns, stalled accesses as recorded."""
+        stalls = np.frombuffer(self.access_stall, dtype=np.float64)
+        hv = np.array(sorted(self.hit_ns), dtype=np.float64)
+        hc = np.array([max(self.hit_ns[k], 0) for k in sorted(self.hit_ns)], dtype=np.int64)
+        values = np.concatenate([hv, np.sort(stalls)])
+        counts = np.concatenate([hc, np.ones(len(stalls), dtype=np.int64)])
+        if counts.sum() == 0:
+            return [0.0 for _ in qs]
+        order = np.argsort(values, kind="stable")
+        values, counts = values[order], counts[order]
+        cum = np.cumsum(counts)
+        total = cum[-1]
+        return [float(values[min(np.searchsorted(cum, q / 100 * total, side="left"), len(values) - 1)])
+                for q in qs]
 
     def record_ioctl(self, op: str, start_ns: float, latency_ns: float) -> None:
         self.ioctl_ops.append(op)
@@ -140,6 +168,15 @@ class Metrics:
         else:
             out.update(fault_latency_mean_ns=0.0, fault_latency_p50_ns=0.0, fault_latency_p95_ns=0.0,
                        fault_latency_p99_ns=0.0, fault_latency_max_ns=0.0)
+        if len(lat):
+            out["fault_latency_p90_ns"], out["fault_latency_p999_ns"] = (float(x) for x in
+                                                                         np.percentile(lat, [90, 99.9]))
+        else:
+            out["fault_latency_p90_ns"] = out["fault_latency_p999_ns"] = 0.0
+        for q, v in zip(("p50", "p90", "p99", "p999"), self.access_latency_percentiles()):
+            out[f"access_latency_{q}_ns"] = v
+        st = np.frombuffer(self.access_stall, dtype=np.float64)
+        out["access_stall_max_ns"] = float(st.max()) if len(st) else 0.0
         out["accesses"] = sum(v.accesses for v in self.vcpus)
         out["mmio_exits"] = sum(v.mmio_exits for v in self.vcpus)
         for k, n in self.host_page_allocs.items():

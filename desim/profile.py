@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .costs import check_dist_allowed
 from .errors import DesimInputError
 from .validation import INPUT_MODEL_CONFIG, format_validation_error
 from .inputfiles import MAX_TOML_BYTES, parse_toml, read_text
@@ -30,13 +31,70 @@ def _list_as_tuple(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
 
 
+class Dist(BaseModel):
+    """The shape of a cost's distribution; the cost's ``value`` stays its mean.
+
+    * ``kind = "lognormal"``, ``sigma``: the log of a draw is normal with
+      standard deviation ``sigma``; the median is ``value * exp(-sigma**2 / 2)``
+      so that the mean is ``value``.
+    * ``kind = "quantiles"``, ``p`` (increasing, from 0 to 1) and ``ns`` (the
+      matching quantiles, non-decreasing): an empirical quantile table, drawn by
+      inverse transform with linear interpolation, then scaled by
+      ``value / table_mean`` so that the mean is ``value`` (an override of
+      ``value`` scales the whole table). ``desim calibrate`` writes ``value`` =
+      the table's mean.
+
+    ``ci95_sigma`` / ``ci95_ns`` are the 95% intervals of a fitted ``sigma`` or of
+    each quantile (bootstrap); ``source`` says where the shape comes from.
+    """
+
+    model_config = ConfigDict(**INPUT_MODEL_CONFIG, frozen=True)
+    kind: Literal["lognormal", "quantiles"]
+    sigma: float | None = Field(default=None, ge=0, le=5)
+    ci95_sigma: Annotated[tuple[float, float], BeforeValidator(_list_as_tuple)] | None = None
+    p: list[float] | None = None
+    ns: list[float] | None = None
+    ci95_ns: list[Annotated[tuple[float, float], BeforeValidator(_list_as_tuple)]] | None = None
+    source: str = ""
+
+    @model_validator(mode="after")
+    def _complete(self) -> "Dist":
+        if self.kind == "lognormal":
+            if self.sigma is None:
+                raise ValueError("kind = 'lognormal' needs sigma (the standard deviation of log(cost))")
+            if self.p is not None or self.ns is not None:
+                raise ValueError("p and ns belong to kind = 'quantiles', not 'lognormal'")
+        else:
+            if self.p is None or self.ns is None:
+                raise ValueError("kind = 'quantiles' needs p (probabilities 0..1) and ns (their quantiles)")
+            if len(self.p) != len(self.ns) or len(self.p) < 2:
+                raise ValueError(f"p and ns must have the same length >= 2 (got {len(self.p)} and {len(self.ns)})")
+            if self.p[0] != 0.0 or self.p[-1] != 1.0 or any(b <= a for a, b in zip(self.p, self.p[1:])):
+                raise ValueError("p must increase strictly from 0 to 1")
+            if any(x < 0 for x in self.ns) or any(b < a for a, b in zip(self.ns, self.ns[1:])):
+                raise ValueError("ns must be >= 0 and non-decreasing")
+            if self.table_mean() <= 0:
+                raise ValueError("ns: the table's mean must be > 0")
+        return self
+
+    def table_mean(self) -> float:
+        """Mean of the piecewise-linear quantile function (trapezoids over p)."""
+        p, x = self.p or [], self.ns or []
+        return sum((p[i + 1] - p[i]) * (x[i] + x[i + 1]) / 2 for i in range(len(p) - 1))
+
+
 class Cost(BaseModel):
-    """One cost in ns with its source and, when it was measured, its 95% confidence interval."""
+    """One cost in ns with its source and, when it was measured, its 95% confidence interval.
+
+    ``value`` is the mean; ``dist`` (optional) gives the shape of the
+    distribution that a stochastic run draws from (see :mod:`desim.costs`).
+    """
 
     model_config = ConfigDict(**INPUT_MODEL_CONFIG, frozen=True)
     value: float = Field(ge=0)
     source: str = Field(min_length=3)
     ci95: Annotated[tuple[float, float], BeforeValidator(_list_as_tuple)] | None = None
+    dist: Dist | None = None
 
     @model_validator(mode="after")
     def _ci_ordered(self) -> "Cost":
@@ -130,6 +188,9 @@ class HostProfile(BaseModel):
             raise ValueError(f"missing costs: {', '.join(missing)}")
         if unknown:
             raise ValueError(f"unknown costs: {', '.join(unknown)} (known: {', '.join(COST_NAMES)})")
+        for name, c in v.items():
+            if c.dist is not None:
+                check_dist_allowed(name)
         return v
 
     def ns(self, name: str) -> float:
@@ -143,7 +204,8 @@ class HostProfile(BaseModel):
         for k, v in (costs or {}).items():
             if k not in COST_NAMES:
                 raise DesimInputError(f"profile_overrides.costs.{k}: unknown cost (known: {', '.join(COST_NAMES)})")
-            data["costs"][k] = {"value": v, "source": "override"}
+            # the distribution's shape stays; its mean becomes the new value
+            data["costs"][k] = {"value": v, "source": "override", "dist": data["costs"][k].get("dist")}
         try:
             return HostProfile.model_validate(data)
         except ValidationError as e:

@@ -225,12 +225,22 @@ class TouchSpec(_Model):
     ``until = "vmm"`` repeats the pattern (more passes, more draws) until the
     phase's VMM script has finished, like the selftests' vCPU loops; the vCPU
     stops at the end of the chunk it is in (at most 4096 accesses later).
+    ``pattern = "recorded"`` replays a recorded real guest boot (``recording``,
+    a file written by ``desim record``, or a list of recordings of the same
+    configuration: replication r replays recording r modulo their number, so
+    confidence intervals cover boot-to-boot variation; see
+    :mod:`desim.replay`): vCPU i takes
+    the recording's vCPU i, ``part`` picks the firmware, the kernel (from its
+    entry on) or all of it, ``time_map`` and ``ns_per_insn`` / ``time_scale``
+    say how recorded time becomes simulated time, and ``bar_ops`` replays the
+    recorded BAR changes as memslot ioctls made by the vCPU that caused them.
     """
 
     vcpus: Annotated[int, Field(ge=1, le=4096)] | Literal["all", "bsp", "aps"] = "all"
     """Which vCPUs touch: all, the boot processor (vCPU 0), the others, or the first N."""
-    pattern: Literal["sequential", "uniform", "zipf", "hotcold", "trace"] = "sequential"
-    """How pages are picked: in order, uniformly, Zipf-popular, hot/cold, or replayed from ``perf_trace``."""
+    pattern: Literal["sequential", "uniform", "zipf", "hotcold", "trace", "recorded"] = "sequential"
+    """How pages are picked: in order, uniformly, Zipf-popular, hot/cold, replayed from ``perf_trace``,
+    or replayed from a recorded real boot (``recording``)."""
     slot: int | None = None
     """The memslot whose range is touched (or give ``gpa``)."""
     gpa: Size | None = Field(default=None, ge=0)
@@ -257,12 +267,36 @@ class TouchSpec(_Model):
     """``trace``: a ``perf script`` file of ``kvm:kvm_page_fault`` events (vCPU i replays the trace's vCPU i)."""
     until: Literal["done", "vmm"] = "done"
     """``vmm``: repeat the pattern until the phase's VMM script has finished (like the selftests' vCPU loops)."""
+    recording: str | list[str] | None = None
+    """``recorded``: a file written by ``desim record``, or a list of them (replication r replays file r mod n)."""
+    part: Literal["all", "firmware", "kernel"] = "all"
+    """``recorded``: the intervals before the kernel's entry, from it on, or all."""
+    time_map: Literal["instructions", "recorded"] = "instructions"
+    """``recorded``: busy time = instructions x ``ns_per_insn`` (halted-by-all time kept), or the TCG timeline x ``time_scale``."""
+    ns_per_insn: float = Field(default=0.5, gt=0, le=1000)  # estimate: ~1 instruction per cycle at 2 GHz
+    """``recorded``, ``time_map = "instructions"``: simulated ns per recorded guest instruction."""
+    time_scale: float = Field(default=1.0, gt=0, le=1000)
+    """``recorded``, ``time_map = "recorded"``: simulated ns per recorded (TCG wall-clock) ns."""
+    bar_ops: bool = True
+    """``recorded``: replay the recorded BAR changes as memslot ioctls made by the vCPU that caused them."""
 
     @model_validator(mode="after")
     def _region(self) -> "TouchSpec":
         if self.pattern == "trace":
             if not self.perf_trace:
                 raise ValueError("pattern 'trace' needs perf_trace (a perf script file of kvm:kvm_page_fault)")
+            return self
+        if self.pattern == "recorded":
+            if not self.recording:
+                raise ValueError("pattern 'recorded' needs recording (a file written by `desim record`)")
+            from .record.format import load_recording_cached
+
+            files = [self.recording] if isinstance(self.recording, str) else self.recording
+            for f in files:
+                try:
+                    load_recording_cached(f)
+                except DesimInputError as e:
+                    raise ValueError(f"recording: {e}") from None
             return self
         if (self.slot is None) == (self.gpa is None):
             raise ValueError(f"pattern '{self.pattern}' needs exactly one of slot or gpa (the region touched)")
@@ -286,7 +320,7 @@ class PhaseSpec(TouchSpec):
 
     name: str = Field(min_length=1, max_length=200)
     """Name of the phase (metrics ``phase_<name>_ns``; names the random streams)."""
-    pattern: Literal["sequential", "uniform", "zipf", "hotcold", "trace", "none"] = "sequential"  # type: ignore[assignment]
+    pattern: Literal["sequential", "uniform", "zipf", "hotcold", "trace", "recorded", "none"] = "sequential"  # type: ignore[assignment]
     """The phase's own touch (as in ``[[phases.touches]]``); ``none``: the phase has no touch of its own."""
     touches: list[TouchSpec] = Field(default_factory=list)
     """More touches, run one after another by each vCPU they name (``[[phases.touches]]``)."""
@@ -364,6 +398,8 @@ class Scenario(_Model):
     """The phases, run one after another (``[[phases]]``)."""
     time_limit_ms: float = Field(default=600_000.0, gt=0)
     """Simulated time after which the run is refused as unfinished."""
+    costs: Literal["sampled", "mean"] = "sampled"
+    """Costs with a distribution (``dist`` in the profile) are drawn per event (``sampled``, from named streams: ``desim/costs.py``), or every cost is its mean (``mean``: the constant-cost model)."""
 
     @field_validator("zap_control")
     @classmethod
@@ -497,6 +533,15 @@ def _resolve_paths(data: dict, base: Path) -> None:
                     d[key] = str(cand)
             except (OSError, ValueError):
                 pass  # a name the OS refuses: reported when the file is opened
+        if isinstance(d, dict) and isinstance(d.get(key), list):
+            def near(f: Any) -> Any:
+                try:
+                    if isinstance(f, str) and f and not Path(f).is_absolute() and (base / f).exists():
+                        return str(base / f)
+                except (OSError, ValueError):
+                    pass
+                return f
+            d[key] = [near(f) for f in d[key]]
 
     phases = data.get("phases")
     for ph in phases if isinstance(phases, list) else []:
@@ -504,8 +549,10 @@ def _resolve_paths(data: dict, base: Path) -> None:
             continue
         fix(ph.get("memslot_trace"), "path")
         fix(ph, "perf_trace")
+        fix(ph, "recording")
         for t in ph.get("touches", []) if isinstance(ph.get("touches"), list) else []:
             fix(t, "perf_trace")
+            fix(t, "recording")
 
 
 def phase_ops(phase: PhaseSpec, rng: np.random.Generator | None = None) -> list[MemslotOp]:

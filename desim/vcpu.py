@@ -78,6 +78,9 @@ class Vcpu:
         self.env = vm.env
         self.index = index
         self.m = vm.metrics.vcpus[index]
+        self.P = vm.costs.view(f"vcpu{index}")  # this vCPU's costs (desim.costs: own streams, CRN)
+        self._entry: float | None = None  # the next VM entry's cost when a fault already counted it
+        self._stalled_since: float | None = None  # start of the access that is stalled in the host
         self.mode = HALTED
         self._mode_since = 0.0
         self.requests = 0
@@ -209,6 +212,8 @@ class Vcpu:
     def _consume(self, n: int) -> None:
         self._pos += n
         self.m.accesses += n
+        hits = self.vm.metrics.hit_ns
+        hits[self.access_ns] = hits.get(self.access_ns, 0) + n
 
     def _account(self, host_a: float, guest: float, host_b: float) -> None:
         t = self.m.time
@@ -225,12 +230,22 @@ class Vcpu:
     def run(self) -> Generator:
         env = self.env
         vm = self.vm
-        P = vm.P
+        P = self.P
         mmu = vm.mmu
         audit = vm.audit
         self._mode_since = env.now
         while True:
             if self._chunk is None or self._pos >= len(self._chunk_list):
+                pause = self.stream.pause() if self.stream is not None else None
+                if pause is not None:
+                    # the workload halts the vCPU (a replayed HLT, or the vCPU thread's own memslot ioctl)
+                    yield from self._pay_carry()
+                    self.mode, self._mode_since = HALTED, env.now
+                    self._srcu_unlock_at(env.now)
+                    yield pause
+                    self.m.time[HALTED] += env.now - self._mode_since
+                    self.mode, self._mode_since = HOST, env.now
+                    continue
                 if not self._next_chunk():
                     yield from self._pay_carry()
                     if self.stream is not None:
@@ -248,6 +263,8 @@ class Vcpu:
                     self.m.time[HALTED] += env.now - self._mode_since
                     self.mode, self._mode_since = HOST, env.now
                     continue
+                if not self._chunk_list:
+                    continue  # an empty chunk: the stream has a pause next
             if self.requests or self.root_tag != mmu.root_tag:
                 yield from self._pay_carry()
                 yield from self._service_requests()
@@ -261,7 +278,13 @@ class Vcpu:
             now = env.now
             carry, self._carry = self._carry, 0.0
             g0 = now + carry
-            g1 = g0 + P.vm_entry + n * self.access_ns
+            entry, self._entry = (P.vm_entry if self._entry is None else self._entry), None
+            g1 = g0 + entry + n * self.access_ns
+            if self._stalled_since is not None and n > 0:
+                # the stalled access completes as the first access of this guest run
+                vm.metrics.record_access_stall(self._stalled_since, g0 + entry + self.access_ns
+                                               - self._stalled_since, self.access_ns)
+                self._stalled_since = None
             self._g0, self._g1 = g0, g1
             self._running = True
             self._srcu_unlock_at(g0)
@@ -274,10 +297,13 @@ class Vcpu:
                 if irq.cause == "request":
                     # interrupted in the host before entry: the rest of the hold is still owed
                     self._carry = g0 - t
+                    self._entry = entry
                     self.m.time[HOST] += t - now
                     continue
-                done = int((t - g0 - P.vm_entry) // self.access_ns) if self.access_ns else n
+                done = int((t - g0 - entry) // self.access_ns) if self.access_ns else n
                 self._consume(min(max(done, 0), n))
+                if self._stalled_since is None:
+                    self._stalled_since = t  # the access in flight waits for the IPI's exit and re-entry
                 self._account(carry, t - g0, 0.0)
                 # IPI delivery and the VM exit it causes; the exit acks the sender
                 yield env.timeout(P.ipi_ack)
@@ -292,6 +318,8 @@ class Vcpu:
                 audit.guest_run_end(self, self._chunk[self._pos:miss], g0, g1)
             self._consume(n)
             if faults:
+                if self._stalled_since is None:
+                    self._stalled_since = g1
                 self.m.stall_ns += exit_ns
                 res = self._fault_begin(gfn, g1)
                 if res is None:
@@ -309,7 +337,7 @@ class Vcpu:
     def _pre_lock_ns(self, gfn: int) -> float:
         """The fault path's cost before ``mmu_lock``: exit handling and ``kvm_faultin_pfn``."""
         vm = self.vm
-        P = vm.P
+        P = self.P
         ss = vm.mmu.slot_of(gfn)
         if ss is None:
             return P.mmio_emulation
@@ -322,7 +350,7 @@ class Vcpu:
         """The request checks of ``vcpu_enter_guest`` and ``kvm_mmu_reload``."""
         env = self.env
         vm = self.vm
-        P = vm.P
+        P = self.P
         start = env.now
         reqs, self.requests = self.requests, 0
         if reqs & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS or self.root_tag != vm.mmu.root_tag:
@@ -374,7 +402,7 @@ class Vcpu:
         """RET_PF_RETRY on an INVALID slot: re-enter and fault again until the VMM's second swap."""
         env = self.env
         vm = self.vm
-        P = vm.P
+        P = self.P
         metrics = vm.metrics
         t0 = env.now
         self._retrying = True
@@ -394,7 +422,7 @@ class Vcpu:
         """The part of the fault under ``mmu_lock``: staleness checks, SPTE install, prefetch."""
         ss, gfn, hlevel, root_tag, start = ctx
         vm = self.vm
-        P = vm.P
+        P = self.P
         mmu = vm.mmu
         metrics = vm.metrics
         # is_page_fault_stale: obsolete root, or the slot went INVALID/away meanwhile
@@ -426,4 +454,6 @@ class Vcpu:
         else:
             vm.lock.release(self)
         now = self.env.now
-        metrics.record_fault(self.index, cause, start, now + hold + P.vm_entry - start)
+        # the VM entry that ends this fault is the next guest run's: draw it now, use it then
+        self._entry = entry = P.vm_entry
+        metrics.record_fault(self.index, cause, start, now + hold + entry - start)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any, Callable, Generator
 
 import numpy as np
@@ -18,6 +17,7 @@ import simpy
 
 from . import model_fingerprint
 from .audit import Audit
+from .costs import CostSampler
 from .engine import make_environment
 from .errors import DesimInputError
 from .limits import check_memory
@@ -60,11 +60,13 @@ class Vm:
         self.env = make_environment(engine)
         self.profile = profile or scenario.host_profile()
         k = self.profile.kernel
-        self.P = SimpleNamespace(**{name: c.value for name, c in self.profile.costs.items()})
+        # every cost is read through the sampler: the VMM's view here, each vCPU its own (desim.costs)
+        self.costs = CostSampler(self.profile, scenario.costs, seed, replication)
+        self.P = self.costs.view("vmm")
         self.policy_name = policy
         self.policy = make_policy(policy)
         self.metrics = Metrics(scenario.vm.vcpus)
-        self.lock = MmuLock(self.env, kind=k.lock, preemption=k.preemption, handoff_ns=self.P.lock_handoff)
+        self.lock = MmuLock(self.env, kind=k.lock, preemption=k.preemption, handoff_ns=self.costs.mean("lock_handoff"))
         self.fault_lock_mode = k.fault_lock
         self.mmu = Mmu(backing=k.backing, thp_fraction=k.thp_fraction)
         self.audit = Audit(self) if audit else None
@@ -144,6 +146,13 @@ class Vm:
         planned: int | None = 0
         for ti, touch in enumerate(phase.touch_list()):
             active = self._touch_vcpus(touch.vcpus)
+            if touch.pattern == "recorded":
+                from .replay import Replay
+
+                for idx, st in Replay(self, touch, phase.name).streams([v.index for v in active]).items():
+                    planned = None if planned is None else planned + st.total
+                    per_vcpu.setdefault(idx, []).append(st)
+                continue
             if touch.pattern == "trace":
                 streams = perf_streams(touch.perf_trace, len(active))
                 for v, gfns in zip(active, streams):

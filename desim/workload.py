@@ -40,6 +40,13 @@ class AccessStream:
     def next_chunk(self) -> np.ndarray | None:
         return next(self.chunks, None)
 
+    def pause(self):
+        """An event to halt on before the next chunk (a replayed HLT or memslot ioctl), or None.
+
+        A stream that has one returns an empty chunk from :meth:`next_chunk` first.
+        """
+        return None
+
 
 class ChainedStream(AccessStream):
     """Several streams run one after another (a vCPU's touches within a phase)."""
@@ -59,6 +66,9 @@ class ChainedStream(AccessStream):
                 return chunk
             self._i += 1
         return None
+
+    def pause(self):
+        return self._streams[self._i].pause() if self._i < len(self._streams) else None
 
 
 class RepeatingStream(AccessStream):

@@ -37,3 +37,11 @@ def test_compare_prints_paired_cis_and_writes_tables(tmp_path):
     assert (out / "comparison.png").stat().st_size > 1000
     runs = pd.read_csv(out / "runs.csv")
     assert sorted(runs.policy.unique()) == ["fast", "targeted"] and runs.replication.nunique() == 3
+    # latency tails: percentile CIs over replications, per phase, around each DELETE
+    assert "latency tails, pooled over replications" in p.stdout
+    tails = pd.read_csv(out / "tails.csv")
+    assert {"access/all", "fault/all", "fault/phase:populate", "stall/during_delete_move"} <= set(tails["class"])
+    assert set(tails.percentile) == {50.0, 90.0, 99.0, 99.9}
+    assert ((tails.fast_low <= tails.fast + 1e-9) & (tails.fast <= tails.fast_high + 1e-9)).all()
+    for name in ("latency_percentiles.png", "latency_around_ops.png"):
+        assert (out / name).stat().st_size > 1000

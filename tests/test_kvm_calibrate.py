@@ -255,3 +255,65 @@ def test_validate_refuses_what_the_simulator_cannot_mirror_before_running_anythi
     monkeypatch.setattr(v, "measure_interleaved", boom)
     with pytest.raises(DesimInputError, match="accessed"):
         v.validate([named("outside"), named("no-accessed")])
+
+
+def test_fitted_distributions_recover_a_known_shape_and_reach_the_profile(tmp_path):
+    """Synthetic rdtsc samples built from the model's own sum: the fit gets the tables back."""
+    import numpy as np
+
+    from desim.kvm import fitdist
+
+    base = load_profile("shadow-pvm")
+    costs = {k: c.value for k, c in base.costs.items()}
+    rng = np.random.default_rng(3)
+    access = 20.0
+    const = costs["vm_exit"] + costs["vm_entry"] + costs["spte_install"] + access
+    runs = []
+    for _ in range(4):
+        u = rng.random(20_000)
+        # the known fault_handle shape, its median the profile's value (so the proportions hold)
+        fh = costs["fault_handle"] * np.exp(0.3 * rng.standard_normal(20_000))
+        alloc = 2300 + 1500 * u ** 4  # and host_alloc_4k's
+        runs.append({"refault": const + costs["faultin_resident"] + fh,
+                     "first_touch": const + np.quantile(fh, u) + alloc})
+    t = fitdist.fit_tables(runs, costs, access)
+    p = np.array(fitdist.P_GRID[1:-1])
+    assert np.allclose(t["fault_handle"][1:-1], costs["fault_handle"] * np.exp(0.3 * np.sqrt(2) * __import__("scipy").special.erfinv(
+        2 * p - 1)), rtol=0.04)
+    assert np.allclose(t["host_alloc_4k"][1:-1], 2300 + 1500 * p ** 4, rtol=0.03)  # comonotone: exact
+    d = fitdist.fit_dists(runs, costs, access, "synthetic", resamples=20)
+    lo, hi = np.array(d["fault_handle"]["ci95_ns"]).T
+    assert np.all(lo <= np.array(d["fault_handle"]["ns"]) + 1e-6) and np.all(np.array(d["fault_handle"]["ns"]) <= hi + 1e-6)
+    c = cal.fit(synthetic(), base)
+    c.dists = d
+    path = tmp_path / "p.toml"
+    path.write_text(cal.profile_toml(c, base, "with-dists"))
+    prof = load_profile(str(path))
+    assert prof.costs["fault_handle"].dist.kind == "quantiles"
+    assert prof.costs["host_alloc_4k"].dist.ns == d["host_alloc_4k"]["ns"]
+    assert prof.costs["spte_zap"].dist is None
+
+
+def test_rdtsc_means_replace_the_wall_time_fault_path():
+    """R1, F1 and R8 from per-access samples; the exit path split as fit() splits the wall-time R1."""
+    import numpy as np
+
+    from desim.kvm import fitdist
+
+    base = load_profile("shadow-pvm")
+    access = 20.0
+    c = [{"refault": np.full(1000, 2500.0 + access), "first_touch": np.full(1000, 4300.0 + access)}]
+    # A: 800 hits of 20 ns and 100 re-faults of 5300 ns (8 SPTEs each)
+    a = [{"retouch": np.concatenate([np.full(800, access), np.full(100, 5300.0 + access)]),
+          "hit": np.full(800, access), "refaults": np.array([100])}]
+    rd = fitdist.rdtsc_fault_means(c, a, access)
+    assert rd == pytest.approx({"R1": 2500.0, "F1": 4300.0, "R8": 5300.0})
+    calib = cal.fit(synthetic(), base)
+    cal.apply_rdtsc_means(calib, base, rd)
+    assert sum(calib.costs[k] for k in cal.EXIT_PATH) == pytest.approx(2500.0)
+    assert calib.costs["host_alloc_4k"] == pytest.approx(calib.costs["faultin_resident"] + 1800.0)
+    assert calib.costs["prefetch_spte"] == pytest.approx(400.0)
+    assert "rdtsc" in calib.sources["vm_exit"]
+    far = cal.fit(synthetic(), base)
+    cal.apply_rdtsc_means(far, base, {"R1": rd["R1"] / 3, "F1": rd["F1"], "R8": rd["R8"]})
+    assert any("R1 per fault" in w for w in far.warnings)  # wall time 3x the rdtsc mean: said

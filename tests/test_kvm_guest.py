@@ -52,6 +52,27 @@ def test_touch_loop_branches_land_on_instructions(exit):
     assert g.touch_regs(0, 1, 2).rflags & 0x3000 == 0x3000  # IOPL 3: out is legal at CPL 3
 
 
+@pytest.mark.parametrize("exit", ["pio", "mmio"])
+def test_timed_loop_branches_and_result_offsets(exit):
+    code = g.TIMED_EXITS[exit]
+    assert len(code) == 0x62
+    for at, target in ((0x25, 0x5B), (0x59, 0x22), (0x60, 0x00)):
+        (rel,) = struct.unpack_from("<b", code, at + 1)
+        assert at + 2 + rel == target
+    assert code[0x27:0x2C] == bytes([0x0F, 0xAE, 0xE8, 0x0F, 0x31])  # lfence; rdtsc before the touch
+    assert code[0x36:0x39] == bytes([0x45, 0x88, 0x0A])  # the touch: mov [r10], r9b
+    assert code[0x39:0x3E] == bytes([0x0F, 0xAE, 0xE8, 0x0F, 0x31])  # lfence; rdtsc after it
+    assert code[0x11] == g.RESULT_SLOTS - 1 and code[0x16] == g.RESULT_BASE // 2  # and 63; (x*8+8)*2
+    assert code[0x4C:0x51] == bytes([0x47, 0x89, 0x4C, 0x22, g.PASS_OFFSET])  # mov [r10+r12+4], r9d
+    assert code[0x5B:0x60] == g.EXITS[exit][0x17:0x1C]  # the untimed loop's exit
+    assert g.touch_regs(0, 1, 2, stride=8192).r11 == 8192  # the timed loop's stride register
+    assert g.result_offset(1) == 32 and g.result_offset(64) == 16 and g.result_offset(63) + 16 <= 4096
+
+
+def test_kvm_get_tsc_khz_number():
+    assert u.KVM_GET_TSC_KHZ == 0xAEA3  # _IO(KVMIO, 0xa3), include/uapi/linux/kvm.h
+
+
 def test_page_tables_identity_map_4k():
     pt = g.PageTables(base=0x1000, leaf_size=g.PAGE_4K, accessed=True)
     pt.map(1 << 30, 8 << 20)

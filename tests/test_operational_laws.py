@@ -17,8 +17,8 @@ SHRINK = {  # small versions: the laws are exact, size does not matter
                 "phases.3.accesses": 5000, "phases.4.size": "16MiB", "phases.4.touches.0.accesses": 2000},
 }
 SHRINK["boot-32g-churn"] = SHRINK["boot-6g"]
-CASES = [("default", None), ("boot-6g", ROOT / "workloads/boot/boot-6g.toml"),
-         ("boot-32g-churn", ROOT / "workloads/boot/boot-32g-churn.toml")]
+CASES = [("default", None), ("boot-6g", ROOT / "workloads/boot/assumed/boot-6g.toml"),
+         ("boot-32g-churn", ROOT / "workloads/boot/assumed/boot-32g-churn.toml")]
 
 
 @pytest.mark.parametrize("name,path", CASES)

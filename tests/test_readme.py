@@ -80,7 +80,11 @@ def _table_layout(text: str) -> tuple[str, list[tuple[str, str]]]:
     lines = text.strip().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("metric "))
     header = " ".join(lines[start].split())
-    rows = [tuple(line.split()[:2]) for line in lines[start + 1:] if line.strip()]
+    rows = []
+    for line in lines[start + 1:]:
+        if not line.strip():
+            break  # compare prints the latency tails after a blank line (see "Latency tails")
+        rows.append(tuple(line.split()[:2]))
     return header, rows
 
 

@@ -182,7 +182,7 @@ def test_a_cluster_with_no_worker_stops_with_one_line(tmp_path):
 
 
 def test_sigint_exits_cleanly_without_dask_tracebacks(tmp_path):
-    (tmp_path / "s.toml").write_text(SWEEP.replace("3000", "300000"))
+    (tmp_path / "s.toml").write_text(SWEEP.replace("3000", "30000000"))  # seconds per task: running at the SIGINT
     p = desim("sweep", str(tmp_path / "s.toml"), "--workers", "2", "--out", str(tmp_path / "out"),
               "--no-progress", start_new_session=True)
     first = p.stderr.readline()  # printed once the cluster is up (a Ctrl-C before that is ignored)

@@ -1,4 +1,4 @@
-"""The boot workloads: they load, run (short versions, audited), and the fast-vs-targeted difference
+"""The assumption-based boot workloads (workloads/boot/assumed/): they load, run (short versions, audited), and the fast-vs-targeted difference
 comes from memslot deletions made after memory was populated."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from desim.scenario import load_scenario
 from desim.vm import Vm
 
-BOOT = Path(__file__).resolve().parents[1] / "workloads" / "boot"
+BOOT = Path(__file__).resolve().parents[1] / "workloads" / "boot" / "assumed"
 SHORT = {"phases.0.accesses": 20000, "phases.0.touches.0.accesses": 5000, "phases.0.memslot_trace.scale": 0.05,
          "phases.1.size": "16MiB", "phases.1.touches.0.size": "16MiB", "phases.1.touches.1.size": "32MiB",
          "phases.3.accesses": 20000, "phases.4.size": "64MiB", "phases.4.touches.0.accesses": 10000}

@@ -12,11 +12,15 @@ Modules, one concept each:
 * :mod:`~desim.kvm.spin` — busy-looping the other CPUs while memslot ioctls are timed;
 * :mod:`~desim.kvm.measure` — phases, metrics, both policies, summaries;
 * :mod:`~desim.kvm.probe` — what the host's KVM offers;
-* :mod:`~desim.kvm.simbridge`, :mod:`~desim.kvm.calibrate`, :mod:`~desim.kvm.validate` — the
-  same scenarios in the simulator, fitted host-profile costs, real versus simulated;
+* :mod:`~desim.kvm.latency` — per-access latency from the rdtsc-timed guest, by class;
+* :mod:`~desim.kvm.simbridge`, :mod:`~desim.kvm.calibrate`, :mod:`~desim.kvm.fitdist`,
+  :mod:`~desim.kvm.validate`, :mod:`~desim.kvm.validate_tails` — the same scenarios in the
+  simulator, fitted host-profile costs and their distributions, real versus simulated (metrics
+  and latency tails);
 * :mod:`~desim.kvm.cli` — ``desim kvm probe|measure|calibrate|validate``.
 
 The harness (everything up to :mod:`~desim.kvm.probe`) uses only the standard library; the
-simulator bridge imports the simulator, and calibrate numpy (least squares, bootstrap).
+simulator bridge imports the simulator, and latency, calibrate, fitdist and validate_tails use
+numpy (percentiles, least squares, bootstrap).
 """
 from __future__ import annotations

@@ -54,6 +54,11 @@ repeats (:func:`bootstrap_ci95`), written as ``ci95 = [low, high]`` next to
 its value, and calibrate warns when the host's speed drifted between the first
 and second half of the repeats (:func:`drift`).
 
+The two costs that carry a fault's variation, ``fault_handle`` and
+``host_alloc_4k``, also get the shape of their distribution (an empirical
+quantile table with a bootstrap 95% interval per quantile) from per-access
+rdtsc latencies of microscenario C: :mod:`desim.kvm.fitdist`.
+
 Costs not identifiable here (``ipi_*``, ``invept``, ``root_alloc``, 1 GiB
 host allocation, ``pt_page_alloc``, ``lock_handoff``, ``mmio_emulation``) keep
 the base profile's value and source. Every fitted cost's ``source`` says
@@ -100,11 +105,12 @@ class Calibration:
     raw: dict[str, list[dict[str, int]]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     ci95: dict[str, tuple[float, float]] = field(default_factory=dict)
+    dists: dict[str, dict[str, Any]] = field(default_factory=dict)  # cost -> Dist fields (desim.kvm.fitdist)
 
     def to_dict(self) -> dict[str, Any]:
         return {"costs": self.costs, "ci95": self.ci95, "access_ns": self.access_ns,
                 "observations": self.observations, "sources": self.sources, "warnings": self.warnings,
-                "runs": self.raw}
+                "dists": self.dists, "runs": self.raw}
 
 
 def collect(repeats: int = 7, progress: Callable[[str], None] | None = None,
@@ -291,8 +297,67 @@ def calibrate(base: str = "shadow-pvm", repeats: int = 7, progress: Callable[[st
     """Measure and fit; returns the calibration and the base HostProfile."""
     from desim.profile import load_profile
 
+    from desim.kvm.fitdist import DIST_SCENARIO, collect_latency, fit_dists, rdtsc_fault_means
+
     prof = load_profile(base)
-    return fit(collect(repeats, progress, kvm_path), prof), prof
+    cal = fit(collect(repeats, progress, kvm_path), prof)
+    # the fault path from the timed guest: means (microscenarios C and A) and shapes (C)
+    with Kvm(kvm_path) as kvm:
+        lat = collect_latency(MICRO[DIST_SCENARIO], repeats, kvm, progress)
+        lat_a = collect_latency(MICRO["A"], repeats, kvm, progress)
+    hit = float(np.mean(np.concatenate([r["hit"] for r in lat_a])))
+    apply_rdtsc_means(cal, prof, rdtsc_fault_means(lat, lat_a, hit))
+    # 95% intervals: percentile bootstrap over the timed runs (as bootstrap_ci95 over the untimed ones)
+    rng = np.random.default_rng(1)
+    boot: dict[str, list[float]] = {}
+    for _ in range(BOOTSTRAP_RESAMPLES):
+        c = [lat[i] for i in rng.integers(0, len(lat), len(lat))]
+        a = [lat_a[i] for i in rng.integers(0, len(lat_a), len(lat_a))]
+        tmp = Calibration(dict(cal.costs), cal.access_ns, dict(cal.observations))
+        apply_rdtsc_means(tmp, prof, rdtsc_fault_means(c, a, hit))
+        for k in RDTSC_COSTS:
+            boot.setdefault(k, []).append(tmp.costs[k])
+    for k, xs in boot.items():
+        lo, hi = np.percentile(xs, [2.5, 97.5])
+        cal.ci95[k] = (float(lo), float(hi))
+    costs = {k: cal.costs.get(k, c.value) for k, c in prof.costs.items()}
+    stamp = f"measured: desim kvm calibrate, {os.uname().release}, {time.strftime('%Y-%m-%d')}"
+    cal.dists = fit_dists(lat, costs, hit, stamp)
+    return cal, prof
+
+
+RDTSC_GAP = 0.2  # warn when the wall-time and the rdtsc fault means differ by more
+RDTSC_COSTS = EXIT_PATH + ("host_alloc_4k", "prefetch_spte")
+
+
+def apply_rdtsc_means(cal: Calibration, base: Any, rd: dict[str, float]) -> None:
+    """Replace the fault-path costs fitted from wall times (R1, F1, R8 of :func:`fit`) by the same
+    formulas on the rdtsc means (:func:`desim.kvm.fitdist.rdtsc_fault_means`), keeping the wall-time
+    numbers as observations and warning when the two disagree by more than :data:`RDTSC_GAP`."""
+    P = {k: c.value for k, c in base.costs.items()}
+    obs = cal.observations
+    for key, wall in (("R1", "R1_refault_ns"), ("F1", "F1_first_touch_ns"), ("R8", "R8_refault_ns")):
+        obs[f"{key}_rdtsc_ns"] = rd[key]
+        w = obs.get(wall)
+        if w and np.isfinite(rd[key]) and abs(w / rd[key] - 1) > RDTSC_GAP:
+            cal.warnings.append(f"{key} per fault: wall time {w:.0f} ns, rdtsc {rd[key]:.0f} ns: the host's "
+                                "scheduler stretched the wall times (the rdtsc means, which drop preempted "
+                                "accesses, are used)")
+    r1, f1, r8 = rd["R1"], rd["F1"], rd["R8"]
+    share = sum(P[k] for k in EXIT_PATH)
+    for k in EXIT_PATH:
+        cal.costs[k] = r1 * P[k] / share if share else r1 / len(EXIT_PATH)
+        cal.sources[k] = (f"R1 = {r1:.0f} ns per re-fault without prefetch (rdtsc in the guest, mean), "
+                          f"split in {base.name}'s proportions")
+        cal.ci95.pop(k, None)
+    cal.costs["host_alloc_4k"] = max(0.0, cal.costs["faultin_resident"] + f1 - r1)
+    cal.sources["host_alloc_4k"] = (f"faultin_resident + (first-touch fault {f1:.0f} ns - re-fault {r1:.0f} ns), "
+                                    "rdtsc in the guest, means")
+    cal.ci95.pop("host_alloc_4k", None)
+    if np.isfinite(r8):
+        cal.costs["prefetch_spte"] = max(0.0, (r8 - r1) / 7)
+        cal.sources["prefetch_spte"] = f"(R8 {r8:.0f} - R1 {r1:.0f}) / 7 ns, rdtsc in the guest, means"
+        cal.ci95.pop("prefetch_spte", None)
 
 
 def _toml_str(s: str) -> str:
@@ -320,6 +385,15 @@ def profile_toml(cal: Calibration, base: Any, name: str) -> str:
                 ci = f", ci95 = [{round(lo, 2)}, {round(hi, 2)}]"
         else:
             value, source = c.value, c.source
-        lines.append(f"{k} = {{ value = {round(value, 2)}{ci}, source = {_toml_str(source)} }}")
+        dist = _dist_toml(cal.dists[k]) if k in cal.dists else ""
+        lines.append(f"{k} = {{ value = {round(value, 2)}{ci}, source = {_toml_str(source)}{dist} }}")
     return "\n".join(lines) + "\n"
+
+
+def _dist_toml(d: dict[str, Any]) -> str:
+    """``, dist = { ... }``: an inline TOML table of a fitted distribution."""
+    parts = []
+    for k, v in d.items():
+        parts.append(f"{k} = {_toml_str(v) if isinstance(v, str) else str(v)}")
+    return ", dist = { " + ", ".join(parts) + " }"
 

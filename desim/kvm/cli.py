@@ -137,6 +137,10 @@ def register_top_level(subparsers: argparse._SubParsersAction,  # type: ignore[t
                         "REL (e.g. 0.01) and more than 16")
     v.add_argument("--max-time-error", type=_fraction, default=None, metavar="REL",
                    help="exit 1 if a time (ioctl, phase) differs from the real median by more than REL (e.g. 0.2)")
+    v.add_argument("--no-tails", action="store_true",
+                   help="skip the latency tails (per-access rdtsc in the guest: p50..p99.9, longest stall)")
+    v.add_argument("--tails-only", action="store_true", help="only the latency tails, not the per-metric rows")
+    v.add_argument("--tail-repeats", type=int, default=3, help="timed real runs per policy for the tails; default 3")
     v.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     v.add_argument("--device", default=KVM_DEV, help=argparse.SUPPRESS)
     v.set_defaults(func=cmd_validate)
@@ -201,6 +205,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for k, v in cal.costs.items():
         lo, hi = cal.ci95.get(k, (v, v))
         print(f"  {k:18s} {v:12.1f} [{lo:10.1f}, {hi:10.1f}]  {cal.sources.get(k, 'kept from ' + base.name)}")
+    for k, d in cal.dists.items():
+        q = dict(zip(d["p"], d["ns"]))
+        ci = d.get("ci95_ns")
+        p99 = f" [{ci[d['p'].index(0.99)][0]:.0f}, {ci[d['p'].index(0.99)][1]:.0f}]" if ci else ""
+        print(f"  {k:18s} shape: p50 {q[0.5]:.0f}, p90 {q[0.9]:.0f}, p99 {q[0.99]:.0f}{p99}, p99.9 {q[0.999]:.0f} ns "
+              f"(scaled to the mean above)")
     for w in cal.warnings:
         print(f"warning: host timing drifted during calibration: {w}", file=sys.stderr)
     if cal.warnings:
@@ -223,21 +233,56 @@ def cmd_validate(args: argparse.Namespace) -> int:
     load_profile(args.profile)  # fail early on a bad name or file
     scenarios = [named(n) for n in args.scenario] if args.scenario else default_scenarios()
     progress = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    if args.no_tails and args.tails_only:
+        raise DesimInputError("--no-tails and --tails-only: give at most one of them")
+    if args.tail_repeats < 1:
+        raise DesimInputError(f"--tail-repeats must be >= 1 (got {args.tail_repeats})")
     try:
-        res = validate(scenarios, args.profile, args.repeats, args.replications, progress, args.device)
+        if args.tails_only:
+            from desim.kvm.simbridge import to_sim
+
+            for sc in scenarios:  # what the simulator cannot mirror fails before any VM runs
+                to_sim(sc, args.profile)
+            res = {"tool": "desim kvm validate", "profile": args.profile, "repeats": 0, "rows": []}
+        else:
+            res = validate(scenarios, args.profile, args.repeats, args.replications, progress, args.device)
+        if not args.no_tails:
+            from desim.kvm.validate_tails import measure_tails, tail_rows
+
+            real = measure_tails(scenarios, args.tail_repeats, progress, args.device)
+            res["tail_repeats"] = args.tail_repeats
+            res["tails"] = tail_rows(scenarios, real, args.profile, args.replications, progress)
     except KvmError as e:
         print(f"desim kvm validate: KVM failed: {e}", file=sys.stderr)
         return 1
-    print(format_rows(res))
-    print(summary(res))
+    if not args.tails_only:
+        print(format_rows(res))
+    if "tails" in res:
+        from desim.kvm.validate_tails import format_tail_rows
+
+        print(format_tail_rows(res["tails"]))
+    if not args.tails_only:
+        print(summary(res))
+    if "tails" in res:
+        from desim.kvm.validate_tails import tails_summary
+
+        print(tails_summary(res["tails"]))
     if args.out is not None:
         _write_json(args.out, res)
         print(f"wrote {args.out}")
-    if args.plot is not None:
+    if args.plot is not None and res["rows"]:
         from desim.plots import plot_validation
 
         write_file(args.plot, lambda p: plot_validation(res["rows"], p, f"desim validate, profile {res['profile']}"))
         print(f"wrote {args.plot}")
+    if args.plot is not None and res.get("tails"):
+        from desim.tailplots import plot_validation_tails
+
+        path = args.plot.with_name(f"{args.plot.stem}-tails{args.plot.suffix}")
+        tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+        plot_validation_tails(res["tails"], tmp, f"desim validate: latency tails, profile {res['profile']}")
+        os.replace(tmp, path)
+        print(f"wrote {path}")
     if args.max_error is not None and worst_error(res) > args.max_error:
         print(f"a structural count is off by more than {args.max_error:.0%}", file=sys.stderr)
         return 1

@@ -46,7 +46,8 @@ PAGE_1G = 1 << 30
 #   rdx = stride in bytes (4096: one write per 4 KiB page)
 #   rcx = exit address: a gpa outside every memslot (used by the MMIO exit)
 #   r9  = pass counter, incremented at the start of every pass; its low byte
-#         is what each page receives and what the exit carries to the VMM.
+#         is what each page receives and what the exit carries to the VMM;
+#   r11 = the stride again (the timed loop's copy: rdtsc clobbers rdx).
 _LOOP_BODY = bytes([
     0x49, 0xFF, 0xC1,        # 00 start: inc  r9               ; pass += 1
     0x48, 0x89, 0xF8,        # 03        mov  rax, rdi         ; cursor = base
@@ -73,6 +74,68 @@ TOUCH_LOOP_MMIO = _LOOP_BODY + _EXIT_MMIO + _LOOP_BACK
 TOUCH_LOOP_PIO = _LOOP_BODY + _EXIT_PIO + _LOOP_BACK
 TOUCH_LOOP = TOUCH_LOOP_MMIO
 EXITS = {"mmio": TOUCH_LOOP_MMIO, "pio": TOUCH_LOOP_PIO}
+
+# The timed touch loop: the same passes, each touch bracketed by ``lfence; rdtsc``
+# (LFENCE waits until the earlier instructions, the touching store and the page
+# fault it may take, have completed locally; Intel SDM vol. 2B "RDTSC", AMD APM
+# vol. 3 "RDTSC"). RDTSC at CPL 3 needs CR4.TSD = 0, which set_user_mode keeps.
+# The result goes into the touched page itself, which the touch just mapped, so
+# timing adds no fault: a ring of RESULT_SLOTS 16-byte slots from RESULT_BASE,
+# slot (pass & 63) for this pass, holds the touch's latency in TSC cycles (u32 at
+# +0: exact below 2^32 cycles), the pass number (u32 at +4: a slot whose pass
+# does not match was not written, e.g. a touch that found no memslot) and the
+# TSC before the touch (u64 at +8), from which the VMM places the access in
+# host time. The ring keeps the last 64
+# passes readable, so the VMM can let vCPUs run passes back to back and read them
+# afterwards. RDTSC clobbers rax and rdx, so this loop keeps its cursor in r10,
+# its stride in r11 (touch_regs sets r11 = rdx = stride) and the slot offset in
+# r12; rbx is scratch. (On kvm_pvm the slot offset is computed with movzx/and/lea:
+# an equivalent mov/and/shl/add prologue made the PIO exit's emulated ``out`` end
+# in a triple fault, for reasons not found; tests/test_kvm_latency.py runs both exits.)
+RESULT_BASE = 16
+RESULT_SLOTS = 64
+LATENCY_OFFSET = 0  # within a slot
+PASS_OFFSET = 4     # within a slot: the low 32 bits of the pass counter that wrote it
+TSC_OFFSET = 8      # within a slot
+_TIMED_BODY = bytes([
+    0x49, 0xFF, 0xC1,        # 00 start: inc  r9               ; pass += 1
+    0x49, 0x89, 0xFA,        # 03        mov  r10, rdi         ; cursor = base
+    0x4C, 0x8D, 0x04, 0x37,  # 06        lea  r8, [rdi+rsi]    ; end = base + size
+    0x45, 0x0F, 0xB6, 0xE1,  # 0a        movzx r12d, r9b
+    0x41, 0x83, 0xE4, 0x3F,  # 0e        and  r12d, 63
+    0x4E, 0x8D, 0x24, 0xE5, 0x08, 0x00, 0x00, 0x00,  # 12  lea r12, [r12*8+8]
+    0x4E, 0x8D, 0x24, 0x65, 0x00, 0x00, 0x00, 0x00,  # 1a  lea r12, [r12*2]  ; slot = 16 + 16 * (pass & 63)
+    0x4D, 0x39, 0xC2,        # 22 loop:  cmp  r10, r8
+    0x73, 0x34,              # 25        jae  done (+0x34 -> 0x5b)
+    0x0F, 0xAE, 0xE8,        # 27        lfence
+    0x0F, 0x31,              # 2a        rdtsc                 ; edx:eax = TSC
+    0x48, 0xC1, 0xE2, 0x20,  # 2c        shl  rdx, 32
+    0x48, 0x09, 0xD0,        # 30        or   rax, rdx
+    0x48, 0x89, 0xC3,        # 33        mov  rbx, rax         ; t0
+    0x45, 0x88, 0x0A,        # 36        mov  byte [r10], r9b  ; the touch (may fault)
+    0x0F, 0xAE, 0xE8,        # 39        lfence
+    0x0F, 0x31,              # 3c        rdtsc
+    0x48, 0xC1, 0xE2, 0x20,  # 3e        shl  rdx, 32
+    0x48, 0x09, 0xD0,        # 42        or   rax, rdx
+    0x48, 0x29, 0xD8,        # 45        sub  rax, rbx         ; cycles of the touch
+    0x43, 0x89, 0x04, 0x22,  # 48        mov  dword [r10+r12], eax
+    0x47, 0x89, 0x4C, 0x22, 0x04,  # 4c  mov  dword [r10+r12+4], r9d   ; the pass that wrote the slot
+    0x4B, 0x89, 0x5C, 0x22, 0x08,  # 51  mov  qword [r10+r12+8], rbx
+    0x4D, 0x01, 0xDA,        # 56        add  r10, r11         ; next page
+    0xEB, 0xC7,              # 59        jmp  loop (-0x39 -> 0x22)
+])
+# the same 5-byte exits at 0x5b, then back to start
+_TIMED_BACK = bytes([
+    0xEB, 0x9E,              # 60        jmp  start (-0x62 -> 0x00)
+])
+TIMED_LOOP_MMIO = _TIMED_BODY + _EXIT_MMIO + _TIMED_BACK
+TIMED_LOOP_PIO = _TIMED_BODY + _EXIT_PIO + _TIMED_BACK
+TIMED_EXITS = {"mmio": TIMED_LOOP_MMIO, "pio": TIMED_LOOP_PIO}
+
+
+def result_offset(pass_no: int) -> int:
+    """Offset in each touched page of pass ``pass_no``'s result slot (the timed loop's r12)."""
+    return RESULT_BASE + 16 * (pass_no % RESULT_SLOTS)
 EXIT_PORT = 0x80
 ENTRY = 0x0  # offset of ``start`` in the touch loop
 
@@ -224,4 +287,4 @@ RFLAGS = 0x2 | 0x200 | 0x3000  # reserved bit 1, IF, IOPL 3 (so ``out`` is legal
 
 def touch_regs(base: int, size: int, exit_gpa: int, stride: int = PAGE_4K) -> KvmRegs:
     """``struct kvm_regs`` for the touch loop over ``[base, base + size)``."""
-    return KvmRegs(rip=ENTRY, rflags=RFLAGS, rdi=base, rsi=size, rdx=stride, rcx=exit_gpa, r9=0)
+    return KvmRegs(rip=ENTRY, rflags=RFLAGS, rdi=base, rsi=size, rdx=stride, rcx=exit_gpa, r9=0, r11=stride)

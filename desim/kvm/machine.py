@@ -17,19 +17,25 @@ from __future__ import annotations
 
 import queue
 import signal
+from array import array
 import threading
 import time
 from dataclasses import dataclass, field
 
 from desim.errors import DesimInputError
 from desim.kvm import uapi as u
-from desim.kvm.guest import EXIT_PORT, EXITS, GUEST_MSRS, PAGE_4K, PageTables, set_user_mode, touch_regs
+from desim.kvm.guest import (
+    EXIT_PORT, EXITS, GUEST_MSRS, LATENCY_OFFSET, PAGE_4K, PASS_OFFSET, RESULT_SLOTS, TIMED_EXITS, TSC_OFFSET,
+    PageTables,
+    result_offset, set_user_mode, touch_regs,
+)
 from desim.kvm.spin import BusyCpus
 from desim.kvm.scenario import GUEST_PAGES, KvmScenario, Layout, layout
 from desim.kvm.stats import StatDesc, delta, scalar
 from desim.kvm.vm import HostMemory, Kvm, KvmError, Vcpu, Vm
 
 KICK_SIGNAL = signal.SIGUSR1
+UNTIL_STOPPED = -1  # a pass count: run passes until told to stop (memslot_op_during_passes)
 
 
 def install_kick_handler() -> bool:
@@ -43,6 +49,25 @@ def install_kick_handler() -> bool:
 
 
 @dataclass
+class PassTiming:
+    """What the timed guest recorded in one pass of one vCPU (read from the touched pages)."""
+
+    host_ns: int        # time.perf_counter_ns() just before the pass's KVM_RUN
+    cycles: array       # array('I'): TSC cycles of each touch, in touch order
+    tsc: array          # array('Q'): TSC just before each touch
+    run_delay_ns: int = 0  # the vCPU thread's wait on a host run queue during the pass (schedstat)
+
+
+def run_delay_ns() -> int:
+    """This thread's total wait on a run queue (``/proc/thread-self/schedstat``, field 2), or 0."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+@dataclass
 class PhaseResult:
     """Counters (deltas) and wall times of one phase."""
 
@@ -52,6 +77,10 @@ class PhaseResult:
     level: dict[str, int] = field(default_factory=dict)  # instant stats after the phase
     vcpu_ns: list[int] = field(default_factory=list)     # per vCPU, in KVM_RUN
     ioctls: list[tuple[str, int]] = field(default_factory=list)  # (what, ns)
+    # timed guest only: per vCPU, per pass, (host ns just before KVM_RUN, latency cycles, TSC at each touch)
+    timings: list[list[PassTiming]] = field(default_factory=list)
+    windows: list[tuple[str, int, int]] = field(default_factory=list)  # (ioctl, host ns start, end)
+    tsc_khz: int = 0
 
     def to_dict(self) -> dict[str, object]:
         return {"wall_ns": self.wall_ns, "vcpu_ns": self.vcpu_ns,
@@ -69,6 +98,10 @@ class _VcpuWorker(threading.Thread):
         self.out: queue.Queue[tuple[str, object]] = queue.Queue()
         self.vcpu: Vcpu | None = None
         self.passes_done = 0
+        self.timings: list[PassTiming] = []  # the current command's passes (timed guest)
+        self.stop = threading.Event()  # ends a command of UNTIL_STOPPED passes
+        self.in_run = threading.Event()  # set while the thread is in KVM_RUN
+        self.holes = 0  # touches that found no memslot (KVM_EXIT_MMIO inside the touched range)
 
     def run(self) -> None:
         try:
@@ -84,18 +117,52 @@ class _VcpuWorker(threading.Thread):
                 self.out.put(("error", e))
 
     def _passes(self, n: int) -> int:
+        """``n`` passes (or, with :data:`UNTIL_STOPPED`, passes until :attr:`stop` is set).
+
+        With the timed guest, the results of the last ``RESULT_SLOTS - 1``
+        passes are read after the last one (the guest keeps a ring of 64 result
+        slots per page): between passes the vCPU is back in ``KVM_RUN`` at
+        once, as it must be when the VMM's ioctl runs meanwhile.
+        """
         v = self.vcpu
         assert v is not None
         total = 0
-        for _ in range(n):
+        timed = self.tvm.timed
+        ran: list[tuple[int, int, int]] = []  # (pass number, host ns before KVM_RUN, run-queue wait)
+        done = 0
+        while done < n or (n == UNTIL_STOPPED and not self.stop.is_set()):
+            d0 = run_delay_ns() if timed else 0
             t0 = time.perf_counter_ns()
+            self.in_run.set()
             reason = v.run()
+            while self._hole_write(reason):
+                self.holes += 1  # a write to a slot the VMM is re-creating: dropped, as a VMM drops it
+                reason = v.run()
+            self.in_run.clear()
             total += time.perf_counter_ns() - t0
             self.passes_done += 1
+            done += 1
             got = self._pass_byte(reason)
             if got != self.passes_done & 0xFF:
                 raise KvmError(f"vCPU {self.index}: pass {self.passes_done} ended with pass byte {got}")
+            if timed:
+                ran.append((self.passes_done, t0, run_delay_ns() - d0))
+        self.timings = []
+        for pass_no, t0, delay in ran[-(RESULT_SLOTS - 1):]:
+            pt = self.tvm.read_timings(self.index, t0, pass_no)
+            pt.run_delay_ns = delay
+            self.timings.append(pt)
         return total
+
+    def _hole_write(self, reason: int) -> bool:
+        """A ``KVM_EXIT_MMIO`` write inside this vCPU's touched region: the touch ran while the
+        slot under it was deleted (``memslot_op_during_passes`` of a slot inside the touched
+        range). Nothing to complete for a write; the next ``KVM_RUN`` continues the pass."""
+        if reason != u.KVM_EXIT_MMIO:
+            return False
+        rp = self.vcpu.run_page  # type: ignore[union-attr]
+        base, size = self.tvm.layout.regions[self.index]
+        return bool(rp.mmio_is_write) and base <= rp.mmio_phys_addr < base + size
 
     def _pass_byte(self, reason: int) -> int:
         """The pass counter's low byte carried by the exit; KvmError if it is the wrong exit."""
@@ -134,10 +201,13 @@ class _VcpuWorker(threading.Thread):
 class TouchVm:
     """A VM built from a :class:`KvmScenario`; use as a context manager."""
 
-    def __init__(self, kvm: Kvm, sc: KvmScenario, exit: str = "pio", timeout_s: float = 120.0) -> None:
+    def __init__(self, kvm: Kvm, sc: KvmScenario, exit: str = "pio", timeout_s: float = 120.0,
+                 timed: bool = False) -> None:
         if exit not in EXITS:
             raise DesimInputError(f"exit must be one of {', '.join(EXITS)} (got {exit!r})")
         self.kvm, self.sc, self.exit, self.timeout_s = kvm, sc, exit, timeout_s
+        self.timed = timed  # run the rdtsc-timed touch loop (guest.TIMED_EXITS)
+        self.tsc_khz = 0
         self.layout: Layout = layout(sc)
         self.workers: list[_VcpuWorker] = []
         self.mem: dict[int, HostMemory] = {}
@@ -169,7 +239,7 @@ class TouchVm:
             pt.map(start, size)
         if lay.tables_gpa + pt.size > system.size:
             raise KvmError(f"page tables ({pt.size} bytes) overflow the system slot ({system.size} bytes)")
-        self.mem[0].write(lay.code_gpa, EXITS[self.exit])
+        self.mem[0].write(lay.code_gpa, (TIMED_EXITS if self.timed else EXITS)[self.exit])
         self.mem[0].write(lay.tables_gpa, pt.image())
         self.page_tables = pt
         self.cr3 = pt.cr3
@@ -207,7 +277,39 @@ class TouchVm:
         v.set_msrs(GUEST_MSRS)
         base, size = self.layout.regions[index]
         v.set_regs(touch_regs(base, size, self.layout.exit_gpa, self.sc.stride_kib << 10))
+        if index == 0:
+            self.tsc_khz = v.tsc_khz()
         return v
+
+    def read_timings(self, index: int, host_ns: int, pass_no: int) -> PassTiming:
+        """What the timed guest wrote into vCPU ``index``'s touched pages in pass ``pass_no``
+        (one of the last 63: the guest's ring of result slots).
+
+        Reads the host's mapping of guest memory (pages the pass just touched,
+        so already resident: reading faults nothing in, on the host or in KVM).
+        """
+        base, size = self.layout.regions[index]
+        stride = self.sc.stride_kib << 10
+        cycles, tsc = array("I"), array("Q")
+        for plan in self.layout.slots:
+            lo, hi = max(base, plan.gpa), min(base + size, plan.gpa + plan.size)
+            if lo >= hi:
+                continue
+            first = lo + (-(lo - base)) % stride  # the first touched address in this slot
+            if first >= hi:
+                continue
+            n = -(-(hi - first) // stride)
+            off = result_offset(pass_no)
+            mv = self.mem[plan.slot].view(first - plan.gpa, (n - 1) * stride + off + 16)
+            c = mv.cast("I")[(off + LATENCY_OFFSET) // 4::stride // 4].tolist()[:n]
+            p = mv.cast("I")[(off + PASS_OFFSET) // 4::stride // 4].tolist()[:n]
+            t = mv.cast("Q")[(off + TSC_OFFSET) // 8::stride // 8].tolist()[:n]
+            mine = pass_no & 0xFFFFFFFF
+            # a slot another pass wrote: this touch found no memslot (its stores went to MMIO)
+            keep = [i for i in range(n) if p[i] == mine]
+            cycles.extend(c[i] for i in keep)
+            tsc.extend(t[i] for i in keep)
+        return PassTiming(host_ns, cycles, tsc)
 
     # --- phases -------------------------------------------------------------
     def counters(self) -> dict[str, int]:
@@ -239,26 +341,89 @@ class TouchVm:
             w.cmd.put(passes)
         per = self._collect("ok", self.timeout_s)
         wall = time.perf_counter_ns() - t0
-        return self._phase(name, before, wall, vcpu_ns=[int(x) for x in per])
+        return self._phase(name, before, wall, vcpu_ns=[int(x) for x in per],
+                           timings=[w.timings for w in self.workers], tsc_khz=self.tsc_khz)
+
+    def memslot_op_during_passes(self, name: str = "op-during", passes_after: int = 2,
+                                 delay_ns: int = 50_000) -> PhaseResult:
+        """The memslot operation while every vCPU keeps running passes over its region.
+
+        Each vCPU runs passes back to back until told to stop; once every vCPU
+        has finished one pass and all are in ``KVM_RUN``, the VMM thread waits
+        ``delay_ns`` (so that they are past the VM entry; a pass of hits over
+        64 MiB takes ~1 ms here, the Python between two passes ~0.2 ms) and
+        issues the operation, then lets each vCPU finish
+        ``passes_after`` more passes. The timed guest's results of the last 63
+        passes are read at the end (:meth:`_VcpuWorker._passes`): an operation
+        that lasts longer than 60 passes loses the timings of its first ones. With the timed guest, the accesses that
+        overlap the ioctls (:attr:`PhaseResult.windows`) are the stalls a vCPU
+        sees while the DELETE/MOVE runs.
+        """
+        before = self.counters()
+        for w in self.workers:
+            w.stop.clear()
+        start_passes = [w.passes_done for w in self.workers]
+        t0 = time.perf_counter_ns()
+        for w in self.workers:
+            w.cmd.put(UNTIL_STOPPED)
+        deadline = time.monotonic() + self.timeout_s
+
+        def wait_passes(k: int) -> None:
+            while any(w.passes_done - p0 < k for w, p0 in zip(self.workers, start_passes)):
+                if time.monotonic() > deadline or any(not w.out.empty() for w in self.workers):
+                    break  # a worker failed (its error is collected below) or hangs
+                time.sleep(0.0002)
+
+        wait_passes(1)
+        while not all(w.in_run.is_set() for w in self.workers):
+            if time.monotonic() > deadline or any(not w.out.empty() for w in self.workers):
+                break
+            time.sleep(0.00005)
+        if delay_ns:
+            time.sleep(delay_ns / 1e9)
+        ioctls: list[tuple[str, int]] = []
+        windows: list[tuple[str, int, int]] = []
+        # no spinners: the running vCPUs keep the host's CPUs busy (what busy_cpus imitates)
+        self._apply_op(ioctls, windows)
+        after = [w.passes_done for w in self.workers]
+        start_passes = after
+        wait_passes(passes_after)
+        for w in self.workers:
+            w.stop.set()
+        per = self._collect("ok", self.timeout_s)
+        wall = time.perf_counter_ns() - t0
+        return self._phase(name, before, wall, vcpu_ns=[int(x) for x in per], ioctls=ioctls,
+                           timings=[w.timings for w in self.workers], windows=windows, tsc_khz=self.tsc_khz)
+
+    def _apply_op(self, ioctls: list[tuple[str, int]], windows: list[tuple[str, int, int]]) -> None:
+        """The scenario's memslot ioctls, each timed, with their host-time windows."""
+        sc, lay, vm = self.sc, self.layout, self.vm
+        target = lay.target_slot
+
+        def timed(what: str, fn) -> None:
+            a = time.perf_counter_ns()
+            ns = fn()
+            windows.append((what, a, time.perf_counter_ns()))
+            ioctls.append((what, ns))
+        if sc.op in ("delete", "recreate"):
+            timed("delete", lambda: vm.delete_slot(target))
+            if sc.op == "recreate":
+                plan = lay.slot(target)
+                timed("create", lambda: vm.create_slot(target, plan.gpa, self.mem[target]))
+        elif sc.op == "move":
+            timed("move", lambda: vm.move_slot(target, lay.move_gpa))
 
     def memslot_op(self, name: str = "op") -> PhaseResult:
         """The scenario's memslot operation, with every vCPU outside ``KVM_RUN``
         (and, with ``busy_cpus``, the other host CPUs spinning: :mod:`desim.kvm.spin`)."""
-        sc, lay, vm = self.sc, self.layout, self.vm
-        target = lay.target_slot
         before = self.counters()
         ioctls: list[tuple[str, int]] = []
-        with BusyCpus(sc.busy_cpus):
+        windows: list[tuple[str, int, int]] = []
+        with BusyCpus(self.sc.busy_cpus):
             t0 = time.perf_counter_ns()
-            if sc.op in ("delete", "recreate"):
-                ioctls.append(("delete", vm.delete_slot(target)))
-                if sc.op == "recreate":
-                    plan = lay.slot(target)
-                    ioctls.append(("create", vm.create_slot(target, plan.gpa, self.mem[target])))
-            elif sc.op == "move":
-                ioctls.append(("move", vm.move_slot(target, lay.move_gpa)))
+            self._apply_op(ioctls, windows)
             wall = time.perf_counter_ns() - t0
-        return self._phase(name, before, wall, ioctls=ioctls)
+        return self._phase(name, before, wall, ioctls=ioctls, windows=windows)
 
     def _collect(self, want: str, timeout_s: float) -> list[object]:
         """One message from every worker; kick them all and raise on timeout or error."""

@@ -124,3 +124,75 @@ def sim_metrics(sc: KvmScenario, profile: str = "shadow-pvm", seed: int = 1, rep
         "populate_pf_fixed": m["faults_first_touch"],
         "warm_ns": spans.get("warm", 0.0),
     }
+
+
+def to_sim_during(sc: KvmScenario, profile: str = "shadow-pvm", access_ns: float = 30.0,
+                  costs: dict[str, float] | None = None) -> Any:
+    """The second VM of a timed run (:func:`desim.kvm.latency.run_timed`): populate, warm, then the
+    memslot operation while the vCPUs keep touching their regions (``until = "vmm"``).
+
+    The harness issues the operation once every vCPU is back in ``KVM_RUN``
+    after its first pass, i.e. at a random point of a pass: here a quarter
+    into the second pass of the phase (the share of a pass is an
+    estimate; what is compared, the stalls overlapping the ioctl, does not
+    depend on it while the ioctl is shorter than a pass).
+    """
+    from desim.scenario import validate_scenario
+
+    base = to_sim(sc, profile, access_ns, costs).model_dump()
+    lay = layout(sc)
+    touched = [s for s in lay.slots if s.touched]
+    phases = [p for p in base["phases"] if p["name"].split(":")[0] in ("populate", "warm")]
+    op = next(p for p in base["phases"] if p["name"] == "op")
+    pages = layout(sc).touched_pages(sc.stride_kib << 10) / sc.vcpus
+    at_us = 1.25 * pages * access_ns / 1e3
+    touches = [{"pattern": "sequential", "slot": s.slot, "sharing": "private", "access_ns": access_ns,
+                "until": "vmm"} for s in touched]
+    ops = [dict(o, at_us=at_us) for o in op["memslot_ops"]]
+    phases.append({"name": "during", "pattern": "none", "touches": touches, "memslot_ops": ops})
+    base["phases"] = phases
+    base["name"] = f"kvm-{sc.name}-during"
+    return validate_scenario(base, f"kvm scenario {sc.name} (simulated, op during passes)")
+
+
+def sim_latency(sc: KvmScenario, profile: str = "shadow-pvm", seed: int = 1, replication: int = 0,
+                access_ns: float = 30.0, costs: dict[str, float] | None = None) -> dict[str, Any]:
+    """The latency classes of :mod:`desim.kvm.latency` from simulator runs of ``sc``: ``first_touch``
+    (accesses of the populate phase), ``refault`` (stalled accesses of retouch, as the harness's
+    accesses slower than ``STALL_NS``), ``during_op`` (stalls overlapping the DELETE/MOVE) and
+    ``longest_stall`` (the slowest access overlapping it; a hit if none stalled)."""
+    import numpy as np
+
+    from desim.kvm.latency import STALL_NS, ZAP_IOCTLS
+    from desim.vm import Vm
+
+    def stalls(vm: Any) -> tuple[Any, np.ndarray, np.ndarray]:
+        raw = vm.run().raw
+        return raw, np.frombuffer(raw.access_stall_time, dtype=np.float64), np.frombuffer(raw.access_stall,
+                                                                                       dtype=np.float64)
+
+    raw, t, lat = stalls(Vm(to_sim(sc, profile, access_ns, costs), sc.policy, seed, replication))
+    out: dict[str, Any] = {}
+    start = 0.0
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for name, end in raw.phase_end_ns.items():
+        if not name.endswith(":code"):
+            spans.setdefault(name.split(":")[0], []).append((start, end))
+        start = end
+
+    def within(phase: str) -> np.ndarray:
+        m = np.zeros(len(t), dtype=bool)
+        for a, b in spans.get(phase, []):
+            m |= (t >= a) & (t < b)
+        return m
+    out["first_touch"] = lat[within("populate")]
+    r = lat[within("retouch")]
+    out["refault"] = r[r > STALL_NS]
+    raw, t, lat = stalls(Vm(to_sim_during(sc, profile, access_ns, costs), sc.policy, seed, replication))
+    wins = [(a, a + b) for op, a, b in zip(raw.ioctl_ops, raw.ioctl_time, raw.ioctl_latency) if op in ZAP_IOCTLS]
+    sel = np.zeros(len(t), dtype=bool)
+    for a, b in wins:
+        sel |= (t < b) & (t + lat > a)
+    out["during_op"] = lat[sel & (lat > STALL_NS)]
+    out["longest_stall"] = float(lat[sel].max()) if sel.any() else access_ns
+    return out

@@ -207,6 +207,7 @@ KVM_SET_SREGS = _iow(0x84, KvmSregs)
 KVM_SET_MSRS = _iow(0x89, KvmMsrsHeader)
 KVM_SET_CPUID2 = _iow(0x90, KvmCpuid2Header)
 KVM_ENABLE_CAP = _iow(0xA3, KvmEnableCap)
+KVM_GET_TSC_KHZ = _io(0xA3)  # vCPU ioctl: the guest's TSC frequency in kHz (returned as the result)
 KVM_GET_STATS_FD = _io(0xCE)
 
 # exit reasons (struct kvm_run::exit_reason)

@@ -132,6 +132,12 @@ class HostMemory:
             raise ValueError("write outside host memory")
         libc.write(self.addr + offset, data)
 
+    def view(self, offset: int, length: int) -> memoryview:
+        """A byte view of ``[offset, offset + length)`` of the host memory (no copy)."""
+        if offset < 0 or offset + length > self.size:
+            raise ValueError("view outside host memory")
+        return memoryview((ctypes.c_ubyte * length).from_address(self.addr + offset)).cast("B")
+
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or offset + length > self.size:
             raise ValueError("read outside host memory")
@@ -308,6 +314,10 @@ class Vcpu:
         n = libc.ioctl(self.fd, u.KVM_SET_MSRS, m)
         if n != len(entries):
             raise KvmError(f"KVM_SET_MSRS set {n} of {len(entries)} MSRs (first refused: {entries[n][0]:#x})")
+
+    def tsc_khz(self) -> int:
+        """``KVM_GET_TSC_KHZ``: the frequency of the TSC the guest reads, in kHz."""
+        return libc.ioctl(self.fd, u.KVM_GET_TSC_KHZ)
 
     def run(self) -> int:
         """One ``KVM_RUN`` (GIL released); returns ``exit_reason``.

@@ -1,0 +1,157 @@
+"""CostSampler: the one accessor through which the model reads a host cost.
+
+A profile cost is a mean ``value`` (ns) and, optionally, the shape of its
+distribution (:class:`desim.profile.Dist`: lognormal or an empirical quantile
+table). Real costs vary from one event to the next (host page allocation and
+zeroing, cache and TLB misses, host interrupts, neighbour load), and the
+variance is what makes latency tails; a model with constant costs gives every
+uncontended fault the same latency.
+
+The model reads costs as attributes: ``P.vm_exit`` is the cost of *this* VM
+exit. Two modes (the scenario's ``costs`` field, ``--set costs=mean``):
+
+* ``sampled`` (default): a cost with a ``dist`` is a fresh draw at every read;
+  a cost without one is its value.
+* ``mean``: every cost is its value, as if no cost had a distribution. The
+  theory tests and any question about means use it; results are those of a
+  model with constant costs.
+
+Streams and common random numbers: each *actor* (each vCPU, the VMM) owns one
+view of the sampler, and each (actor, cost) pair has its own named stream
+``cost/<actor>/<cost>`` (:mod:`desim.streams`). The k-th read of cost X by
+vCPU i is the same number under both zap policies with the same seed and
+replication: vCPU i's first touches, which both policies perform in the same
+order, pay the same allocation and exit costs, whatever the other vCPUs or the
+VMM do meanwhile. Where the policies do different work (a fast zap's
+re-faults that a targeted zap never takes) the draws of later events shift,
+which is as close to common random numbers as different work allows. Draws
+come in blocks of ``BLOCK`` from each stream, so they do not depend on how
+reads interleave across actors.
+
+Which costs may have a distribution: those read once per event (an exit, a
+fault, an ioctl, an SRCU sync). Per-unit costs (``PER_UNIT_COSTS``) are
+multiplied by a count of SPTEs, gfns, pages or IPIs; one draw times a count
+would exaggerate the variance of a sum of thousands of independent units,
+whose relative spread shrinks as 1/sqrt(count), so they stay at their mean
+(a profile giving them a ``dist`` is rejected). ``lock_handoff`` is charged by
+:class:`desim.lock.MmuLock` at its mean.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from .streams import stream
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .profile import Cost, HostProfile
+
+CostMode = Literal["sampled", "mean"]
+COST_MODES: tuple[str, ...] = ("sampled", "mean")
+BLOCK = 1024  # draws fetched at once from one (actor, cost) stream
+
+PER_UNIT_COSTS: dict[str, str] = {
+    "spte_zap": "charged per zapped SPTE",
+    "rmap_probe": "charged per probed gfn",
+    "hash_probe": "charged per probed gfn",
+    "sp_free": "charged per freed shadow page",
+    "memslot_alloc_page": "charged per page of a slot",
+    "memslot_free_page": "charged per page of a slot",
+    "pt_page_alloc": "charged per allocated page-table page",
+    "prefetch_spte": "charged per prefetched SPTE",
+    "ipi_send": "charged per IPI target",
+    "lock_handoff": "charged by the mmu_lock model at its mean",
+}
+
+
+def check_dist_allowed(name: str) -> None:
+    """Raise ValueError if cost ``name`` may not have a distribution (see the module docstring)."""
+    if name in PER_UNIT_COSTS:
+        raise ValueError(f"{name}.dist: not allowed, {name} is {PER_UNIT_COSTS[name]} (a sum over many "
+                         "units); remove dist (only per-event costs can be distributions)")
+
+
+def lognormal_median(mean: float, sigma: float) -> float:
+    """The median of a lognormal with this mean and log-sd: ``mean * exp(-sigma**2 / 2)``."""
+    return mean * math.exp(-sigma * sigma / 2)
+
+
+class _Draws:
+    """Block-wise draws of one cost for one actor."""
+
+    __slots__ = ("rng", "kind", "a", "b", "buf", "i")
+
+    def __init__(self, cost: "Cost", rng: np.random.Generator) -> None:
+        d = cost.dist
+        assert d is not None
+        self.rng = rng
+        self.kind = d.kind
+        if d.kind == "lognormal":
+            self.a = lognormal_median(cost.value, d.sigma or 0.0)
+            self.b = d.sigma or 0.0
+        else:
+            scale = cost.value / d.table_mean()
+            self.a = np.asarray(d.p, dtype=np.float64)
+            self.b = np.asarray(d.ns, dtype=np.float64) * scale
+        self.buf: list[float] = []
+        self.i = 0
+
+    def next(self) -> float:
+        if self.i >= len(self.buf):
+            if self.kind == "lognormal":
+                x = self.a * np.exp(self.b * self.rng.standard_normal(BLOCK))
+            else:
+                x = np.interp(self.rng.random(BLOCK), self.a, self.b)
+            self.buf = x.tolist()
+            self.i = 0
+        v = self.buf[self.i]
+        self.i += 1
+        return v
+
+
+class CostView:
+    """One actor's view of the costs: ``view.<cost name>`` is a value or a fresh draw."""
+
+    def __init__(self, profile: "HostProfile", mode: CostMode, seed: int, replication: int, actor: str) -> None:
+        self._draws: dict[str, _Draws] = {}
+        for name, c in profile.costs.items():
+            if mode == "sampled" and c.dist is not None:
+                self._draws[name] = _Draws(c, stream(seed, replication, f"cost/{actor}/{name}"))
+            else:
+                setattr(self, name, c.value)  # plain attribute: no draw, no overhead
+
+    def __getattr__(self, name: str) -> float:
+        # only reached for costs that are drawn (the others are instance attributes)
+        d = self.__dict__.get("_draws", {}).get(name)
+        if d is None:
+            raise AttributeError(name)
+        return d.next()
+
+    @property
+    def stochastic(self) -> bool:
+        return bool(self._draws)
+
+
+class CostSampler:
+    """The costs of one VM run: one :class:`CostView` per actor, created on first use."""
+
+    def __init__(self, profile: "HostProfile", mode: CostMode = "sampled", seed: int = 0,
+                 replication: int = 0) -> None:
+        if mode not in COST_MODES:
+            raise ValueError(f"costs = {mode!r}: choose one of {', '.join(COST_MODES)}")
+        self.profile = profile
+        self.mode = mode
+        self.seed = seed
+        self.replication = replication
+        self._views: dict[str, CostView] = {}
+
+    def view(self, actor: str) -> CostView:
+        v = self._views.get(actor)
+        if v is None:
+            v = self._views[actor] = CostView(self.profile, self.mode, self.seed, self.replication, actor)
+        return v
+
+    def mean(self, name: str) -> float:
+        return self.profile.costs[name].value

@@ -1,0 +1,142 @@
+"""Fit the shape of the fault-path costs from per-access latencies measured with rdtsc.
+
+``desim calibrate`` fits each cost's *mean* from wall times and counts
+(:mod:`desim.kvm.calibrate`); this module adds the *distribution* of the two
+costs that carry a fault's variation, as empirical quantile tables
+(:class:`desim.profile.Dist`, ``kind = "quantiles"``), from the timed guest
+(:mod:`desim.kvm.latency`) on calibration microscenario C (512 MiB, one vCPU,
+every 8th page: a re-fault installs one SPTE, nothing to prefetch):
+
+* ``fault_handle`` from the re-faults after C's fast zap. The simulator's
+  re-fault access is ``vm_exit + fault_handle + faultin_resident +
+  spte_install + vm_entry + access_ns`` (``desim/vcpu.py``, no contention with
+  one vCPU). The measured median (minus ``access_ns``) is split in the
+  profile's proportions of those five costs, as calibrate splits its
+  wall-time mean; the other four are taken as constant, so the quantiles of
+  ``fault_handle`` are the measured ones minus their share (clipped at 0): the
+  exit path's whole variation goes to ``fault_handle`` (one sum is all rdtsc
+  sees). Only rdtsc numbers enter a table, so it stays consistent when the
+  wall-time means were fitted on a quieter or busier day.
+* ``host_alloc_4k`` from C's first touches, ``vm_exit + fault_handle +
+  host_alloc_4k + spte_install + vm_entry + access_ns``: quantile by
+  quantile, first touch minus re-fault plus ``faultin_resident`` (its share
+  of the measured re-fault median). That
+  difference is exact if a fault slow in one part is as slow in the other
+  (comonotone); the simulator draws the two independently, so its first-touch
+  spread comes out somewhat wider in the upper middle (checked on these hosts:
+  p50 +2%, p90 +12%, p99 +25%, p99.9 -4% against the measured first touches).
+  A numerical deconvolution (fixed-point iteration on the quantiles under
+  independence) fitted worse on the same data and was dropped.
+
+Tables are on :data:`P_GRID`; the last point (p = 1) is the measured p99.99,
+not the maximum: single accesses of several milliseconds are the host's
+scheduler (a vCPU thread preempted by a neighbour), not fault costs, and the
+samples already drop the ones the thread's run-queue wait explains
+(:func:`desim.kvm.latency.not_preempted`). Each quantile gets a 95% interval
+from a bootstrap over the repeats (``ci95_ns``). The profile's ``value`` (the
+mean, fitted from wall times) is kept: the sampler scales a table to it, so
+the table gives the shape.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from desim.kvm.latency import STALL_NS, run_timed
+
+EXIT_PATH = ("vm_exit", "vm_entry", "fault_handle", "faultin_resident", "spte_install")  # as calibrate
+from desim.kvm.scenario import KvmScenario
+
+P_GRID = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 1.0)
+TAIL_CAP = 99.99  # the percentile written at p = 1
+DIST_SCENARIO = "C"
+BOOTSTRAP = 200
+
+
+def collect_latency(sc: KvmScenario, repeats: int, kvm: Any,
+                    progress: Callable[[str], None] | None = None) -> list[dict[str, np.ndarray]]:
+    """``repeats`` timed runs of ``sc``: per run, its ``first_touch`` and ``refault`` samples (ns)."""
+    out = []
+    for rep in range(repeats):
+        r = run_timed(kvm, sc, during=False)
+        out.append({"first_touch": r.samples["first_touch"], "refault": r.samples["refault"],
+                    "retouch": r.samples["retouch"], "hit": r.samples["hit"],
+                    "refaults": np.array([r.metrics["refaults"]]), "preempted": np.array([r.preempted])})
+        if progress:
+            progress(f"calibrate: latency run {rep + 1}/{repeats}: re-fault p50 "
+                     f"{np.median(r.samples['refault']):.0f} ns, first touch p50 "
+                     f"{np.median(r.samples['first_touch']):.0f} ns")
+    return out
+
+
+def quantile_table(x: np.ndarray) -> np.ndarray:
+    """The quantiles of ``x`` on :data:`P_GRID` (p = 1 -> the p99.99)."""
+    q = np.percentile(x, [100 * p for p in P_GRID[:-1]] + [TAIL_CAP])
+    return np.maximum.accumulate(np.maximum(q, 0.0))
+
+
+def fit_tables(runs: list[dict[str, np.ndarray]], costs: dict[str, float], access_ns: float) -> dict[str, np.ndarray]:
+    """The ``fault_handle`` and ``host_alloc_4k`` quantile tables (ns) from pooled runs."""
+    refault = np.concatenate([r["refault"] for r in runs])
+    first = np.concatenate([r["first_touch"] for r in runs])
+    first = first[first > STALL_NS]
+    # the re-fault's median split in the profile's proportions of the exit path (as calibrate splits
+    # its wall-time mean R1); everything but fault_handle is taken as constant
+    path = sum(costs[k] for k in EXIT_PATH)
+    med = float(np.median(refault)) - access_ns
+    others = med * (1.0 - costs["fault_handle"] / path)
+    faultin = med * costs["faultin_resident"] / path
+    ref_q = quantile_table(refault)
+    fh = np.maximum.accumulate(np.maximum(ref_q - access_ns - others, 0.0))
+    # first touch = re-fault - faultin_resident + host_alloc_4k, quantile by quantile
+    alloc = np.maximum.accumulate(np.maximum(quantile_table(first) - ref_q + faultin, 0.0))
+    return {"fault_handle": fh, "host_alloc_4k": alloc}
+
+
+def fit_dists(runs: list[dict[str, np.ndarray]], costs: dict[str, float], access_ns: float,
+              source: str, resamples: int = BOOTSTRAP, seed: int = 1) -> dict[str, dict[str, Any]]:
+    """``{cost: dist}`` for the profile TOML, with a bootstrap 95% interval per quantile."""
+    tables = fit_tables(runs, costs, access_ns)
+    rng = np.random.default_rng(seed)
+    boots: dict[str, list[np.ndarray]] = {k: [] for k in tables}
+    if len(runs) >= 2:
+        for _ in range(resamples):
+            pick = [runs[i] for i in rng.integers(0, len(runs), len(runs))]
+            for k, t in fit_tables(pick, costs, access_ns).items():
+                boots[k].append(t)
+    n_ref = sum(len(r["refault"]) for r in runs)
+    n_first = sum(len(r["first_touch"]) for r in runs)
+    out: dict[str, dict[str, Any]] = {}
+    for k, t in tables.items():
+        d: dict[str, Any] = {"kind": "quantiles", "p": list(P_GRID), "ns": [round(float(x), 1) for x in t]}
+        if boots[k]:
+            b = np.array(boots[k])
+            lo, hi = np.percentile(b, [2.5, 97.5], axis=0)
+            d["ci95_ns"] = [[round(float(a), 1), round(float(c), 1)] for a, c in zip(lo, hi)]
+        what = (f"{n_ref} re-faults (rdtsc) minus the constant exit-path terms" if k == "fault_handle" else
+                f"{n_first} first touches (rdtsc) minus the re-faults' quantiles plus faultin_resident")
+        d["source"] = f"{source}: quantiles of {what}, {len(runs)} runs of calibration scenario C; p = 1 is the p99.99"
+        out[k] = d
+    return out
+
+
+def rdtsc_fault_means(c_runs: list[dict[str, np.ndarray]], a_runs: list[dict[str, np.ndarray]],
+                      access_ns: float) -> dict[str, float]:
+    """Per-fault means from rdtsc, for calibrate's R1, F1 and R8 (``desim.kvm.calibrate``).
+
+    ``R1`` = mean re-fault of C (one SPTE each) minus ``access_ns``; ``F1`` = mean first touch of
+    C minus ``access_ns``; ``R8`` = A's first retouch pass (a re-fault installs 8 SPTEs, the other
+    accesses hit): (its summed latency - hits x mean hit) / re-faults, minus ``access_ns``. Accesses
+    the host's scheduler stretched are already dropped (:func:`desim.kvm.latency.not_preempted`),
+    which wall times cannot do: on a loaded host they inflate a wall-time mean several times.
+    """
+    ref = np.concatenate([r["refault"] for r in c_runs])
+    first = np.concatenate([r["first_touch"] for r in c_runs])
+    r8 = []
+    for r in a_runs:
+        n, k = len(r["retouch"]), int(r["refaults"][0])
+        if k > 0:
+            r8.append((float(r["retouch"].sum()) - (n - k) * float(np.mean(r["hit"]))) / k)
+    return {"R1": float(ref.mean()) - access_ns, "F1": float(first.mean()) - access_ns,
+            "R8": float(np.mean(r8)) - access_ns if r8 else float("nan")}

@@ -1,0 +1,142 @@
+"""Real versus simulated latency tails: p50, p90, p99, p99.9 per latency class and the longest stall.
+
+For each validation scenario and policy, the real side is
+:func:`desim.kvm.latency.run_timed` ``repeats`` times (the scenarios' runs
+interleaved, host-THP ones last after a discarded warm-up, as
+:func:`desim.kvm.measure.measure_interleaved` does), its samples pooled over
+the repeats; the simulated side :func:`desim.kvm.simbridge.sim_latency` on the
+profile (costs drawn from their distributions), pooled over ``replications``.
+Classes (:mod:`desim.kvm.latency`): ``first_touch``, ``refault``,
+``during_op`` (stalls overlapping the DELETE/MOVE), ``hit``; plus
+``longest_stall`` (median over the repeats of each run's slowest access
+overlapping the DELETE/MOVE, against the mean over replications).
+
+Targets (the issue's): within 20% at p50 and p90, within 35% at p99, p99.9 and
+for the longest stall. A class with fewer than :data:`MIN_SAMPLES` samples on
+either side gives no percentile row beyond what its size supports (a p99.9
+needs 1000 samples).
+
+The simulator's hits all take the scenario's ``access_ns`` (the mean of the
+real hits), so ``hit`` rows beyond p50 show what the model leaves out (the guest's
+own cache and TLB misses, host interrupts): they are reported, not hidden.
+"""
+from __future__ import annotations
+
+import statistics
+from typing import Any, Callable
+
+import numpy as np
+
+from desim.kvm.latency import TimedRun, run_timed
+from desim.kvm.measure import check_resources
+from desim.kvm.machine import install_kick_handler
+from desim.kvm.scenario import POLICIES, KvmScenario
+from desim.kvm.simbridge import sim_latency
+from desim.kvm.vm import Kvm
+
+CLASSES = ("first_touch", "refault", "during_op", "hit")
+STATS = (("p50", 50.0, 0.20), ("p90", 90.0, 0.20), ("p99", 99.0, 0.35), ("p99.9", 99.9, 0.35))
+LONGEST_TARGET = 0.35
+MIN_SAMPLES = {"p50": 10, "p90": 10, "p99": 100, "p99.9": 1000}
+
+
+def measure_tails(scenarios: list[KvmScenario], repeats: int = 3, progress: Callable[[str], None] | None = None,
+                  kvm_path: str = "/dev/kvm") -> list[dict[str, list[TimedRun]]]:
+    """Timed runs of every scenario under both policies, repeats interleaved."""
+    install_kick_handler()
+    out: list[dict[str, list[TimedRun]]] = [{p: [] for p in POLICIES} for _ in scenarios]
+    with Kvm(kvm_path) as kvm:
+        for sc in scenarios:
+            check_resources(kvm, sc, 2)  # two VMs per timed run (one after the other)
+
+        def one(i: int, rep: int) -> None:
+            for pol in (POLICIES if rep % 2 == 0 else tuple(reversed(POLICIES))):
+                out[i][pol].append(run_timed(kvm, scenarios[i].with_policy(pol)))
+
+        plain = [i for i, sc in enumerate(scenarios) if not sc.host_thp]
+        for rep in range(repeats):
+            for i in plain:
+                one(i, rep)
+            if progress:
+                progress(f"tails: round {rep + 1}/{repeats} of {len(plain)} scenario(s) done")
+        for i, sc in enumerate(scenarios):
+            if sc.host_thp:
+                run_timed(kvm, sc, during=False)  # warm-up, discarded (compaction)
+                for rep in range(repeats):
+                    one(i, rep)
+    return out
+
+
+def _pool(runs: list[TimedRun], cls: str) -> np.ndarray:
+    parts = [r.samples[cls] for r in runs if cls in r.samples]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def tail_rows(scenarios: list[KvmScenario], real: list[dict[str, list[TimedRun]]], profile: str,
+              replications: int = 1, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for sc, by_pol in zip(scenarios, real):
+        for pol in POLICIES:
+            runs = by_pol[pol]
+            # the guest's time per hit: the mean of the timed warm pass (its wall time includes
+            # reading the timings back, so it cannot give access_ns as validate's rows do)
+            access_ns = float(np.mean(_pool(runs, "hit")))
+            sims = [sim_latency(sc.with_policy(pol), profile, seed=1, replication=r, access_ns=access_ns)
+                    for r in range(replications)]
+            for cls in CLASSES:
+                x = _pool(runs, cls)
+                y = (np.concatenate([s[cls] for s in sims]) if cls != "hit"
+                     else np.full(max(len(x), 1), access_ns))  # the model's hits all take access_ns
+                for stat, q, target in STATS:
+                    need = MIN_SAMPLES[stat]
+                    if len(x) < need or len(y) < need:
+                        continue
+                    rv, sv = float(np.percentile(x, q)), float(np.percentile(y, q))
+                    rows.append(_row(sc, pol, cls, stat, rv, sv, target, len(x), len(y)))
+            longest = [r.longest_stall_ns for r in runs if r.during_accesses > 0]
+            if longest:
+                rv = float(statistics.median(longest))
+                sv = float(statistics.fmean(s["longest_stall"] for s in sims))
+                rows.append(_row(sc, pol, "during_op", "longest", rv, sv, LONGEST_TARGET, len(longest), len(sims)))
+            if progress:
+                progress(f"tails {sc.name} {pol}: simulated")
+    return rows
+
+
+def _row(sc: KvmScenario, pol: str, cls: str, stat: str, real: float, sim: float, target: float,
+         n_real: int, n_sim: int) -> dict[str, Any]:
+    err = (sim - real) / real if real else None
+    return {"scenario": sc.name, "policy": pol, "class": cls, "stat": stat, "real": real, "sim": sim,
+            "rel_error": err, "target": target, "within": err is not None and abs(err) <= target,
+            "n_real": n_real, "n_sim": n_sim}
+
+
+def format_tail_rows(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'scenario':22s} {'policy':9s} {'class':12s} {'stat':8s} {'real':>10s} {'sim':>10s} "
+             f"{'error':>7s} target"]
+    for r in rows:
+        err = "n/a" if r["rel_error"] is None else f"{100 * r['rel_error']:+.0f}%"
+        lines.append(f"{r['scenario']:22s} {r['policy']:9s} {r['class']:12s} {r['stat']:8s} {_ns(r['real']):>10s} "
+                     f"{_ns(r['sim']):>10s} {err:>7s} {'ok' if r['within'] else 'MISS'} ±{100 * r['target']:.0f}%")
+    return "\n".join(lines)
+
+
+def _ns(v: float) -> str:
+    return f"{v / 1e6:.2f}ms" if v >= 1e6 else (f"{v / 1e3:.2f}us" if v >= 1e3 else f"{v:.0f}ns")
+
+
+def tails_summary(rows: list[dict[str, Any]]) -> str:
+    """One line: how many tail rows are within target, by percentile, and the worst."""
+    if not rows:
+        return "tails: no latency class had enough samples"
+    parts = []
+    for stat in [s for s, _, _ in STATS] + ["longest"]:
+        sel = [r for r in rows if r["stat"] == stat]
+        if sel:
+            parts.append(f"{stat} {sum(r['within'] for r in sel)}/{len(sel)}")
+    worst = max((r for r in rows if r["rel_error"] is not None), key=lambda r: abs(r["rel_error"]), default=None)
+    w = (f"; worst {100 * worst['rel_error']:+.0f}% ({worst['scenario']} {worst['policy']} {worst['class']} "
+         f"{worst['stat']}: real {_ns(worst['real'])}, sim {_ns(worst['sim'])})") if worst else ""
+    n = sum(r["within"] for r in rows)
+    return (f"tails: {n}/{len(rows)} within target (p50/p90 ±20%, p99/p99.9/longest ±35%): "
+            f"{', '.join(parts)}{w}")

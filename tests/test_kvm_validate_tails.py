@@ -1,0 +1,62 @@
+"""Latency tails of `desim validate`: the simulated classes, rows, summary and plot (no KVM needed)."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from desim.cli import main
+from desim.kvm.latency import STALL_NS, TimedRun
+from desim.kvm.scenario import named
+from desim.kvm.simbridge import sim_latency
+from desim.kvm.validate_tails import tail_rows, tails_summary
+
+
+def test_sim_latency_classes_of_a_small_scenario():
+    sc = replace(named("outside"), name="small", ram_mib=16, vcpus=1)
+    fast = sim_latency(sc.with_policy("fast"), access_ns=20.0)
+    targ = sim_latency(sc.with_policy("targeted"), access_ns=20.0)
+    assert len(fast["first_touch"]) == 16 * 256 and np.all(fast["first_touch"] > STALL_NS)
+    assert len(fast["refault"]) > 0 and len(targ["refault"]) == 0  # the targeted zap of an untouched slot
+    assert fast["longest_stall"] > STALL_NS and targ["longest_stall"] == pytest.approx(20.0)
+
+
+def _run(first: float, refault: float, hit: float, longest: float) -> TimedRun:
+    rng = np.random.default_rng(1)
+    r = TimedRun(metrics={"warm_ns": 0}, longest_stall_ns=longest, during_accesses=10)
+    r.samples = {"first_touch": first * rng.lognormal(0, 0.1, 2000), "refault": refault * rng.lognormal(0, 0.1, 2000),
+                 "hit": np.full(2000, hit), "during_op": np.zeros(0)}
+    return r
+
+
+def test_rows_compare_pooled_percentiles_against_targets(monkeypatch, tmp_path):
+    sc = replace(named("outside"), name="fake", ram_mib=16, vcpus=1)
+
+    def fake_sim(sc, profile, seed, replication, access_ns):
+        rng = np.random.default_rng(2)
+        return {"first_touch": 4000 * rng.lognormal(0, 0.1, 3000), "refault": 9000 * rng.lognormal(0, 0.1, 3000),
+                "during_op": np.zeros(0), "longest_stall": 50_000.0}
+    monkeypatch.setattr("desim.kvm.validate_tails.sim_latency", fake_sim)
+    real = [{p: [_run(4000, 3000, 20, 50_000), _run(4000, 3000, 20, 60_000)] for p in ("fast", "targeted")}]
+    rows = tail_rows([sc], real, "shadow-pvm")
+    by = {(r["policy"], r["class"], r["stat"]): r for r in rows}
+    assert by[("fast", "first_touch", "p50")]["within"]
+    assert not by[("fast", "refault", "p50")]["within"] and by[("fast", "refault", "p50")]["rel_error"] > 1.5
+    assert by[("fast", "hit", "p50")]["within"]  # the model's hits take the real hits' mean
+    assert by[("fast", "during_op", "longest")]["real"] == pytest.approx(55_000)
+    assert ("fast", "first_touch", "p99.9") in by and ("fast", "during_op", "p50") not in by  # too few
+    line = tails_summary(rows)
+    assert line.startswith("tails: ") and "p50 " in line and "worst" in line and "refault" in line
+    from desim.tailplots import plot_validation_tails
+
+    plot_validation_tails(rows, tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args,msg", [(["--no-tails", "--tails-only"], "at most one"),
+                                      (["--tail-repeats", "0"], "--tail-repeats must be >= 1")])
+def test_validate_tail_options_are_checked_before_any_vm(args, msg, capsys):
+    assert main(["validate", *args]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1
