@@ -93,7 +93,9 @@ def _shipped() -> list[tuple[str, dict]]:
     out += [(f"workloads/selftests/{k}.toml", v) for k, v in sorted(SELFTESTS.items())]
     out += [(f"workloads/steady/{k}.toml", v) for k, v in sorted(STEADY.items())
             if (ROOT / f"workloads/steady/{k}.toml").exists()]
-    out += [(f"workloads/boot/{p.name}", BOOT_SHORT) for p in sorted((ROOT / "workloads/boot").glob("*.toml"))]
+    out += [(f"workloads/boot/assumed/{p.name}", BOOT_SHORT)
+            for p in sorted((ROOT / "workloads/boot/assumed").glob("*.toml"))]
+    out += [(f"workloads/boot/{p.name}", {}) for p in sorted((ROOT / "workloads/boot").glob("*.toml"))]
     return out
 
 
