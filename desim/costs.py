@@ -63,6 +63,11 @@ PER_UNIT_COSTS: dict[str, str] = {
     "prefetch_spte": "charged per prefetched SPTE",
     "ipi_send": "charged per IPI target",
     "lock_handoff": "charged by the mmu_lock model at its mean",
+    "spte_visit": "charged per visited SPTE",
+    "zone_lock_page": "charged per page by the host zone->lock queue at its mean",
+    "lru_lock_page": "charged per page by the host lru_lock queue at its mean",
+    "clear_page_4k": "charged per page by the host memory-bandwidth model at its mean",
+    "membw_4k": "charged per page by the host memory-bandwidth model at its mean",
 }
 
 

@@ -16,8 +16,9 @@ switch), and ``release`` hands the lock directly to the next waiter(s) by
 succeeding their events, after ``handoff_ns`` for the cache-line transfer.
 
 ``needbreak`` models ``rwlock_needbreak`` / ``spin_needbreak``
-(include/linux/sched.h): true only with ``CONFIG_PREEMPTION`` and waiters
-queued. Statistics of wait and hold time are kept per *role* (``fault``,
+(include/linux/spinlock.h): true only when the kernel breaks locks for waiters
+(``preemption``: ``preempt_model_preemptible()`` since 6.11, ``CONFIG_PREEMPTION``
+before; see :mod:`desim.sched`) and waiters are queued. Statistics of wait and hold time are kept per *role* (``fault``,
 ``zap``, ``teardown``, ...), as plain floats, not per-event objects.
 """
 from __future__ import annotations
@@ -256,7 +257,7 @@ class MmuLock:
                 return
 
     def needbreak(self) -> bool:
-        """``rwlock_needbreak``: contended and ``CONFIG_PREEMPTION``."""
+        """``rwlock_needbreak``: contended, and the kernel breaks locks for waiters (``preemption``)."""
         return self.preemption and bool(self.waiters)
 
     @property

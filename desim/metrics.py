@@ -11,7 +11,15 @@ re-fault of a gfn that was mapped before and lost its SPTE to a zap,
 *retry* a fault that ended in ``RET_PF_RETRY`` (memslot INVALID during a
 DELETE/MOVE, or a stale fault whose root became obsolete) and *spurious* a
 fault that found the SPTE already installed by another vCPU
-(``RET_PF_SPURIOUS``).
+(``RET_PF_SPURIOUS``) and *mmio* an access to a gpa without a memslot that
+found no MMIO SPTE (with ``mmio_caching`` it installs one; without, every MMIO
+access is such a fault), and *nx* an instruction fetch from a page that a
+non-executable huge SPTE maps (NX huge pages, desim/nx.py: the huge page is
+split; its other pages then re-fault as *after_zap*). Faults are EPT violations (``kvm:kvm_page_fault``
+from ``handle_ept_violation``), as the seed counts them. An access that hits an
+MMIO SPTE is an EPT *misconfiguration* (``handle_ept_misconfig``), counted
+apart in ``ept_misconfigs``: emulated at once if the SPTE's generation is
+current, else refreshed through the fault path (``mmio_spte_refreshes``).
 """
 from __future__ import annotations
 
@@ -20,11 +28,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-FAULT_CAUSES = ("first_touch", "after_zap", "retry", "spurious")
+FAULT_CAUSES = ("first_touch", "after_zap", "retry", "spurious", "mmio", "nx")
 VCPU_STATES = ("guest", "host", "halted")
 HOST_PAGE_SIZES = ("4k", "2m", "1g")
 # who takes mmu_lock: a vCPU's fault, a vCPU loading a fresh root, a zap, the teardown of obsolete roots
-LOCK_ROLES = ("fault", "root", "zap", "teardown")
+LOCK_ROLES = ("fault", "root", "zap", "teardown", "nx_recovery")
 
 
 def metric_names(phase_names: list[str] | tuple[str, ...] = ()) -> list[str]:
@@ -39,7 +47,11 @@ def metric_names(phase_names: list[str] | tuple[str, ...] = ()) -> list[str]:
     names += ["accesses", "mmio_exits", *(f"host_page_allocs_{k}" for k in HOST_PAGE_SIZES)]
     names += ["pt_pages_allocated", "sptes_installed", "sptes_prefetched", "sptes_zapped", "pt_pages_freed",
               "ipis_sent", "remote_flushes", "zaps_fast", "zaps_targeted", "zap_duration_total_ns",
-              "zap_duration_max_ns", "lock_breaks", "memslot_ioctls", "memslot_ioctl_mean_ns",
+              "zap_duration_max_ns", "lock_breaks", "resched_yields", "yield_flushes", "zap_spte_visits",
+              "ept_violations", "ept_misconfigs", "mmio_spte_refreshes", "memslot_swaps", "mmio_gen_wraps",
+              "hash_probes", "gpte_sp_zapped", "obsolete_root_flushes", "nx_4k_maps", "nx_recovered",
+              "zone_lock_wait_ns", "zone_lock_contended", "lru_lock_wait_ns", "lru_lock_contended",
+              "membw_stretch_ns", "memslot_ioctls", "memslot_ioctl_mean_ns",
               "memslot_ioctl_max_ns", "memslot_ioctl_total_ns", "srcu_syncs", "srcu_wait_ns"]
     names += [f"vcpu_{s}_ns" for s in VCPU_STATES] + ["vcpu_stall_ns", "completion_ns"]
     names += [f"phase_{p}_ns" for p in phase_names]
@@ -88,6 +100,18 @@ class Metrics:
     zaps: dict[str, int] = field(default_factory=dict)
     zap_duration: array = field(default_factory=lambda: array("d"))
     lock_breaks: int = 0
+    resched_yields: int = 0  # lock breaks for need_resched() (a competing task), a subset of lock_breaks
+    yield_flushes: int = 0  # remote flushes a zap did before yielding mmu_lock (part of remote_flushes)
+    ept_misconfigs: int = 0  # accesses that hit an MMIO SPTE (valid or stale generation)
+    mmio_spte_refreshes: int = 0  # of those, stale: check_mmio_spte failed, re-installed under mmu_lock
+    memslot_swaps: int = 0  # kvm_swap_active_memslots: each kicks every vCPU (kvm_arch_memslots_updated)
+    mmio_gen_wraps: int = 0  # MMIO generation wrap-arounds (each forced kvm_mmu_zap_all_fast)
+    nx_4k_maps: int = 0  # faults mapped at 4 KiB on huge-capable memory because of NX huge pages
+    nx_recovered: int = 0  # NX huge page splits zapped by the recovery worker
+    obsolete_root_flushes: int = 0  # remote flushes by the last vCPU dropping an obsolete shadow root
+    gpte_sp_zapped: int = 0  # shadow pages of guest page tables in a deleted slot, zapped with their children
+    hash_probes: int = 0  # mmu_page_hash probes of targeted zaps (kvm_mmu_zap_memslot_pages_and_flush)
+    zap_spte_visits: int = 0  # entries the TDP MMU zap walks visited (tdp_mmu_zap_leafs, tdp_mmu_zap_root)
     ioctl_ops: list[str] = field(default_factory=list)
     ioctl_latency: array = field(default_factory=lambda: array("d"))
     ioctl_time: array = field(default_factory=lambda: array("d"))
@@ -194,6 +218,19 @@ class Metrics:
         out["zap_duration_total_ns"] = float(zd.sum())
         out["zap_duration_max_ns"] = float(zd.max()) if len(zd) else 0.0
         out["lock_breaks"] = self.lock_breaks
+        out["resched_yields"] = self.resched_yields
+        out["yield_flushes"] = self.yield_flushes
+        out["zap_spte_visits"] = self.zap_spte_visits
+        out["hash_probes"] = self.hash_probes
+        out["gpte_sp_zapped"] = self.gpte_sp_zapped
+        out["obsolete_root_flushes"] = self.obsolete_root_flushes
+        out["nx_4k_maps"] = self.nx_4k_maps
+        out["nx_recovered"] = self.nx_recovered
+        out["ept_violations"] = out["faults"]
+        out["ept_misconfigs"] = self.ept_misconfigs
+        out["mmio_spte_refreshes"] = self.mmio_spte_refreshes
+        out["memslot_swaps"] = self.memslot_swaps
+        out["mmio_gen_wraps"] = self.mmio_gen_wraps
         il = np.frombuffer(self.ioctl_latency, dtype=np.float64)
         out["memslot_ioctls"] = len(il)
         out["memslot_ioctl_mean_ns"] = float(il.mean()) if len(il) else 0.0

@@ -22,10 +22,14 @@ paging structure, reduced to what decides the cost of a fault or a zap:
   per PDPT page (512 GiB), PD page (1 GiB) and PT page (2 MiB). A targeted zap
   keeps them, as the seed says ("upper level SPTEs are retained").
 
+Also kept: the memslot generation and MMIO SPTEs (``check_mmio_spte``), the
+NX-huge-page splits (desim/nx.py) and, for shadow paging, which PT shadow
+pages shadow guest page tables in a slot (``vm.guest_page_tables``).
+
 Simplifications: one address space (no SMM), one set of roots shared by all
-vCPUs (true of the TDP MMU; shadow paging has roots per guest CR3), no
-write-protection or dirty bitmap (dirty logging only forces 4 KiB mappings),
-and guest page tables are not modelled for shadow paging.
+vCPUs (true of the TDP MMU; shadow paging has roots per guest CR3 and
+``prev_roots``: not modelled, nor the write-protection faults on guest page
+tables), no dirty bitmap (dirty logging only forces 4 KiB mappings).
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ import numpy as np
 
 from .errors import DesimInputError
 from .memslot import KVM_MEMSLOT_INVALID, Memslot
+from .nx import ExecRanges
 
 TAG_MASK = 0x3F
 EVER_MAPPED = 0x40
@@ -47,6 +52,10 @@ MAX_TAG = TAG_MASK
 PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G = 1, 2, 3
 LEVEL_SHIFT = {PG_LEVEL_4K: 0, PG_LEVEL_2M: 9, PG_LEVEL_1G: 18}
 PTE_PREFETCH_NUM = 8  # arch/x86/kvm/mmu/mmu.c
+# arch/x86/kvm/mmu/spte.h: MMIO SPTEs carry 8 + 11 bits of the memslot generation
+MMIO_SPTE_GEN_MASK = (1 << 19) - 1
+# x86 kvm_arch_nr_memslot_as_ids() with SMM: generations advance by 2 per swap (kvm_swap_active_memslots)
+KVM_ADDRESS_SPACE_NUM = 2
 
 
 def _mix(x: int) -> float:
@@ -131,10 +140,17 @@ class SlotSptes:
 
 @dataclass
 class ObsoleteWork:
-    """What a zap left to tear down: counts of SPTEs and page-table pages."""
+    """What a zap left to tear down: counts of SPTEs and page-table pages.
+
+    ``pt_pages`` counts every page-table page including the root;
+    ``tables_by_level`` the non-root ones by level (1 = PT, 2 = PD, 3 = PDPT)
+    and ``root`` whether a root was in use, for the TDP MMU's walk cost.
+    """
 
     leaf_sptes: int = 0
     pt_pages: int = 0
+    tables_by_level: dict[int, int] = field(default_factory=dict)
+    root: int = 0
 
 
 @dataclass
@@ -153,8 +169,20 @@ class Mmu:
     pt_tags: dict[int, dict[int, int]] = field(default_factory=lambda: {1: {}, 2: {}, 3: {}})
     present_leaf: int = 0  # leaf SPTEs present in the current roots
     present_pt: int = 0  # page-table pages present in the current roots (excl. the root)
+    present_pt_level: dict[int, int] = field(default_factory=lambda: {1: 0, 2: 0, 3: 0})  # the same by level
     root_live: bool = False  # a vCPU loaded a root with the current tag (vcpu.py _service_requests)
     zap_seq: int = 0  # bumped by every zap: vCPUs recompute cached miss lists
+    # kvm_memslots(kvm)->generation of address space 0, and the MMIO SPTEs: gfn -> (root tag, generation)
+    memslots_generation: int = 0
+    # shadow / legacy MMU: obsolete roots still loaded by vCPUs (root tag -> vCPUs holding it); the last
+    # vCPU to drop one frees it (mmu_free_root_page -> kvm_mmu_commit_zap_page: a remote flush)
+    obsolete_roots: dict[int, int] = field(default_factory=dict)
+    # NX huge pages (desim/nx.py): code ranges when kvm.nx_huge_pages is on, and the split 2 MiB regions
+    # (gfn >> 9 -> root tag), in split order (possible_nx_huge_pages is a FIFO list)
+    nx_exec: ExecRanges | None = None
+    nx_split: dict[int, int] = field(default_factory=dict)
+    nx_fetch_splits: int = 0  # fetches that found a (non-executable) huge SPTE and split it
+    mmio_sptes: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     # -- memslots ----------------------------------------------------------
     def _reindex(self) -> None:
@@ -235,6 +263,8 @@ class Mmu:
             return True
         if ss.block.backing == "4k":
             return False
+        if self.nx_exec is not None and self.nx_exec.is_exec(gfn):
+            return False  # NX huge pages: a huge SPTE is not executable, the fetch faults (desim/nx.py)
         upage = (ss.slot.ua >> 12) + rel
         bpage = ss.block.ua >> 12
         if ss.congruent2m and ss.mv2m[(upage >> 9) - (bpage >> 9)] & TAG_MASK == tag:
@@ -264,10 +294,14 @@ class Mmu:
             rel = g - ss.slot.base_gfn
             m = (ss.state[rel] & TAG_MASK) == self.root_tag
             if ss.block.backing != "4k":
+                huge = np.zeros(len(g), dtype=bool)
                 if ss.congruent2m:
-                    m |= self._huge_mask(ss, rel, PG_LEVEL_2M)
+                    huge |= self._huge_mask(ss, rel, PG_LEVEL_2M)
                 if ss.congruent1g:
-                    m |= self._huge_mask(ss, rel, PG_LEVEL_1G)
+                    huge |= self._huge_mask(ss, rel, PG_LEVEL_1G)
+                if self.nx_exec is not None and huge.any():
+                    huge &= ~self.nx_exec.mask(g)
+                m |= huge
             out[sel] = m
         return out
 
@@ -328,6 +362,7 @@ class Mmu:
                 if d.get(key) != tag:
                     d[key] = tag
                     allocated += 1
+                    self.present_pt_level[lvl] += 1
             self.present_pt += allocated
         rel = gfn - ss.slot.base_gfn
         if level == PG_LEVEL_4K:
@@ -374,11 +409,15 @@ class Mmu:
         """
         # the root itself is zapped too (kvm_zap_obsolete_pages prepares every obsolete page, and
         # mmu_shadow_zapped counts it; being in use, it is freed when its last vCPU drops it)
-        work = ObsoleteWork(self.present_leaf, self.present_pt + int(self.root_live))
+        work = ObsoleteWork(self.present_leaf, self.present_pt + int(self.root_live),
+                            dict(self.present_pt_level), int(self.root_live))
+        if self.root_live:
+            self.obsolete_roots[self.root_tag] = 0  # users are counted by the caller (vCPUs holding it)
         self.root_live = False
         self.mmu_valid_gen ^= 1
         self.present_leaf = 0
         self.present_pt = 0
+        self.present_pt_level = {1: 0, 2: 0, 3: 0}
         self.root_tag += 1
         if self.root_tag > MAX_TAG:
             self._clear_all_tags()
@@ -392,6 +431,8 @@ class Mmu:
                 np.bitwise_and(arr, KEEP_BITS, out=arr)
         for d in self.pt_tags.values():
             d.clear()
+        self.mmio_sptes.clear()
+        self.obsolete_roots.clear()
 
     def _huge_range(self, ss: SlotSptes, level: int) -> np.ndarray | None:
         """The block's huge-unit bytes for the units lying entirely inside the slot (a view)."""
@@ -422,6 +463,145 @@ class Mmu:
         if hi - lo + 1 > len(d):
             return sum(1 for k, t in d.items() if lo <= k <= hi and t == tag)
         return sum(1 for k in range(lo, hi + 1) if d.get(k) == tag)
+
+    # -- shadow pages of guest page tables ---------------------------------------------
+    def zap_gpte_shadow_pages(self, ss: SlotSptes, gpt_base: int) -> tuple[int, int]:
+        """Shadow pages whose guest page table lies in ``ss`` (``for_each_gfn_valid_sp_with_gptes`` +
+        ``kvm_mmu_prepare_zap_page``): zap them and their children, wherever those map.
+
+        The guest's last-level table for 2 MiB region ``r`` is at gfn ``gpt_base + r``; each present PT
+        shadow page of a region whose table gfn is in the slot goes, with its 4 KiB SPTEs (which map
+        other slots' memory: they re-fault). Simplification: only last-level tables; the guest's upper
+        levels are not placed. Returns (shadow pages zapped, leaf SPTEs zapped).
+        """
+        lo, hi = ss.slot.base_gfn - gpt_base, ss.slot.end_gfn - gpt_base
+        if hi <= 0:
+            return 0, 0
+        tag = self.root_tag
+        d = self.pt_tags[1]
+        regions = [r for r, t in d.items() if t == tag and lo <= r < hi]
+        children = 0
+        for r in regions:
+            del d[r]
+            self.present_pt -= 1
+            self.present_pt_level[1] -= 1
+            other = self.slot_of(r << 9)
+            if other is None:
+                continue
+            a = max(r << 9, other.slot.base_gfn) - other.slot.base_gfn
+            b = min((r + 1) << 9, other.slot.end_gfn) - other.slot.base_gfn
+            seg = other.state[a:b]
+            n = int(np.count_nonzero((seg & TAG_MASK) == tag))
+            np.bitwise_and(seg, KEEP_BITS, out=seg)
+            children += n
+        self.present_leaf -= children
+        if regions:
+            self.zap_seq += 1
+        return len(regions), children
+
+    # -- NX huge pages ---------------------------------------------------------------
+    def nx_level(self, ss: SlotSptes, gfn: int, level: int) -> int:
+        """The mapping level after ``disallowed_hugepage_adjust``: 4 KiB for a code page or a split region.
+
+        A fetch from a page under a present huge SPTE splits it: the huge SPTE
+        goes (its other pages re-fault at 4 KiB) and the region is tracked as an
+        NX huge page split."""
+        if self.nx_exec is None or level == PG_LEVEL_4K:
+            return level
+        region = gfn >> 9
+        if self.nx_split.get(region) == self.root_tag:
+            return PG_LEVEL_4K
+        if not self.nx_exec.is_exec(gfn):
+            return level
+        if ss.congruent2m and ss.huge_ok(gfn, PG_LEVEL_2M):
+            arr, i = ss.unit_state(gfn, PG_LEVEL_2M)
+            if arr[i] & TAG_MASK == self.root_tag:
+                arr[i] &= KEEP_BITS
+                self.present_leaf -= 1
+                self.zap_seq += 1
+                self.nx_fetch_splits += 1
+        self.nx_split.pop(region, None)
+        self.nx_split[region] = self.root_tag
+        return PG_LEVEL_4K
+
+    def nx_split_regions(self) -> list[int]:
+        """Split regions in the current roots, oldest first (stale ones, from before a fast zap, dropped)."""
+        self.nx_split = {r: t for r, t in self.nx_split.items() if t == self.root_tag}
+        return list(self.nx_split)
+
+    def nx_recover(self, region: int) -> int:
+        """``kvm_recover_nx_huge_pages`` for one split: zap its page table (and its 4 KiB SPTEs) so
+        the region can be mapped huge again; returns the leaf SPTEs zapped."""
+        self.nx_split.pop(region, None)
+        ss = self.slot_of(region << 9)
+        zapped = 0
+        if ss is not None:
+            lo = max(region << 9, ss.slot.base_gfn) - ss.slot.base_gfn
+            hi = min((region + 1) << 9, ss.slot.end_gfn) - ss.slot.base_gfn
+            seg = ss.state[lo:hi]
+            zapped = int(np.count_nonzero((seg & TAG_MASK) == self.root_tag))
+            np.bitwise_and(seg, KEEP_BITS, out=seg)
+        if self.pt_tags[1].get(region) == self.root_tag:
+            del self.pt_tags[1][region]
+            self.present_pt -= 1
+            self.present_pt_level[1] -= 1
+        self.present_leaf -= zapped
+        self.zap_seq += 1
+        return zapped
+
+    # -- MMIO SPTEs and the memslot generation -----------------------------------
+    def swap_memslots(self) -> bool:
+        """``kvm_swap_active_memslots``: the generation advances; True if the MMIO generation wrapped.
+
+        ``kvm_mmu_invalidate_mmio_sptes`` (mmu.c) strips the address-space bit
+        and zaps everything (``kvm_mmu_zap_all_fast``) when what is left of the
+        generation in ``MMIO_SPTE_GEN_MASK`` is 0: once every 2^18 swaps.
+        """
+        self.memslots_generation += KVM_ADDRESS_SPACE_NUM
+        gen = self.memslots_generation & MMIO_SPTE_GEN_MASK & ~(KVM_ADDRESS_SPACE_NUM - 1)
+        return gen == 0
+
+    def mmio_spte(self, gfn: int) -> str:
+        """The MMIO SPTE of ``gfn`` in the current roots: ``"none"``, ``"valid"`` or ``"stale"``.
+
+        ``check_mmio_spte``: valid iff its generation equals the memslots'
+        (``MMIO_SPTE_GEN_MASK`` bits); every memslot update makes it stale.
+        """
+        e = self.mmio_sptes.get(gfn)
+        if e is None or e[0] != self.root_tag:
+            return "none"
+        return "valid" if e[1] == self.memslots_generation & MMIO_SPTE_GEN_MASK else "stale"
+
+    def install_mmio(self, gfn: int) -> int:
+        """``make_mmio_spte`` in the fault path: an MMIO SPTE with the current generation; returns the
+        page-table pages allocated on the way."""
+        allocated = 0 if gfn in self.mmio_sptes and self.mmio_sptes[gfn][0] == self.root_tag else \
+            self.install_tables(gfn)
+        self.mmio_sptes[gfn] = (self.root_tag, self.memslots_generation & MMIO_SPTE_GEN_MASK)
+        return allocated
+
+    def tdp_walk_visits(self, lo: int, hi: int) -> int:
+        """Entries ``for_each_tdp_pte_min_level(iter, root, PG_LEVEL_4K, lo, hi)`` visits (tdp_iter.c).
+
+        The iterator visits, at every level, each entry of the range inside a
+        *present* table (present or not: a non-present entry is read and
+        skipped, a present non-leaf one is descended into), so a PT page
+        overlapping the range costs up to 512 visits whatever it maps.
+        Counted from the page-table pages present in the current roots.
+        """
+        if hi <= lo:
+            return 0
+        tag = self.root_tag
+        visits = ((hi - 1) >> 27) - (lo >> 27) + 1  # root entries (512 GiB each)
+        for lvl, table_shift, entry_shift in ((3, 27, 18), (2, 18, 9), (1, 9, 0)):
+            d = self.pt_tags[lvl]
+            k0, k1 = lo >> table_shift, (hi - 1) >> table_shift
+            keys = (k for k, t in d.items() if k0 <= k <= k1 and t == tag) if k1 - k0 + 1 > len(d) else (
+                k for k in range(k0, k1 + 1) if d.get(k) == tag)
+            for k in keys:
+                a, b = max(lo, k << table_shift), min(hi, (k + 1) << table_shift)
+                visits += ((b - 1) >> entry_shift) - (a >> entry_shift) + 1
+        return visits
 
     def zap_slot_leafs(self, ss: SlotSptes) -> dict[int, int]:
         """``kvm_unmap_gfn_range`` over the whole slot: clear its leaf SPTEs, keep non-leaf ones."""
@@ -481,6 +661,7 @@ class Mmu:
             if d.get(key) != tag:
                 d[key] = tag
                 allocated += 1
+                self.present_pt_level[lvl] += 1
         self.present_pt += allocated
         return allocated
 

@@ -7,7 +7,8 @@ configuration that changes *which* code runs, not how long it takes: the MMU
 (``tdp`` = ``arch/x86/kvm/mmu/tdp_mmu.c``; ``legacy`` = the shadow-page MMU used
 for TDP before 5.12; ``shadow`` = shadow paging of guest page tables), the lock
 (``rwlock`` or ``spinlock``), whether faults take ``mmu_lock`` for read or
-write, ``CONFIG_PREEMPTION`` (lock breaking), host backing and NX huge pages.
+write, the preemption model and kernel version (which decide when a zap breaks
+the lock, see :mod:`desim.sched`), host backing and NX huge pages.
 
 Named profiles ship in ``desim/profiles/*.toml``; a path to a TOML file works
 wherever a name does.
@@ -22,6 +23,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from .costs import check_dist_allowed
 from .errors import DesimInputError
+from .sched import needbreak_on_contention
 from .validation import INPUT_MODEL_CONFIG, format_validation_error
 from .inputfiles import MAX_TOML_BYTES, parse_toml, read_text
 
@@ -111,6 +113,10 @@ COST_NAMES: dict[str, str] = {
     "host_alloc_4k": "host page fault on first touch: allocate and zero a 4 KiB page",
     "host_alloc_2m": "host THP fault on first touch: allocate and zero a 2 MiB page",
     "host_alloc_1g": "hugetlbfs 1 GiB page first touch: zero 1 GiB",
+    "zone_lock_page": "move one page under zone->lock (rmqueue_bulk refill of a per-CPU list, desim/hostmm.py)",
+    "lru_lock_page": "add one folio to the LRU under lruvec->lru_lock (folio_batch_move_lru)",
+    "clear_page_4k": "zero 4 KiB at one core's speed (clear_page; part of host_alloc_*)",
+    "membw_4k": "write 4 KiB at the host's whole memory bandwidth (the floor of concurrent zeroing)",
     "spte_install": "install one leaf SPTE under mmu_lock (tdp_mmu_map_handle_target_level)",
     "pt_page_alloc": "allocate and link one page-table page (kvm_mmu_memory_cache, per level)",
     "prefetch_spte": "install one prefetched neighbour SPTE (direct_pte_prefetch_many)",
@@ -119,9 +125,10 @@ COST_NAMES: dict[str, str] = {
     "ipi_ack": "IPI delivery until the target's VM exit acks it",
     "invept": "TLB flush of one vCPU before re-entry (INVEPT / INVVPID)",
     "spte_zap": "zap one present SPTE (clear, handle_changed_spte)",
+    "spte_visit": "visit one SPTE in a TDP MMU walk without zapping it (tdp_iter_next, READ_ONCE, checks)",
     "rmap_probe": "probe one gfn's rmap at one level in a memslot walk (slot_handle_level)",
     "hash_probe": "probe one gfn's shadow-page hash bucket (for_each_gfn_valid_sp_with_gptes)",
-    "sp_free": "free one shadow / page-table page (kvm_mmu_free_shadow_page, tdp_mmu_free_sp)",
+    "sp_free": "remove one shadow / page-table page: handle its 512 entries and free it (handle_removed_pt, kvm_mmu_prepare_zap_page)",
     "srcu_sync": "synchronize_srcu_expedited with no reader left",
     "lock_handoff": "mmu_lock cache-line hand-off to a waiter on another core",
     "mmio_emulation": "emulate one MMIO access to a gpa without a memslot (userspace exit)",
@@ -142,16 +149,32 @@ class Kernel(BaseModel):
     """``mmu_lock``: a qrwlock (5.12+) or a spinlock."""
     fault_lock: Literal["read", "write"]
     """How faults take ``mmu_lock`` (``read`` only on the TDP MMU with an rwlock)."""
-    preemption: bool
-    """``CONFIG_PREEMPTION``: long zaps yield ``mmu_lock`` to waiters (``rwlock_needbreak``)."""
+    preempt: Literal["none", "voluntary", "full", "lazy"]
+    """The preemption model booted (``PREEMPT_DYNAMIC``: the ``preempt=`` boot option; dmesg "Dynamic Preempt: ..."). Since 6.11 only ``full`` and ``lazy`` break ``mmu_lock`` for waiters (desim/sched.py)."""
+    preempt_dynamic: bool = True
+    """Built with ``CONFIG_PREEMPT_DYNAMIC``, which selects ``CONFIG_PREEMPTION``: before 6.11 every model then breaks locks for waiters."""
+    version: str = Field(default="6.12", pattern=r"^\d+\.\d+(\.\d+)?$")
+    """Kernel version, ``major.minor[.patch]`` (a 6.10.y stable kernel with the c793a62823d1 backport: give ``6.11``)."""
+    hz: int = Field(default=250, ge=100, le=1000)
+    """``CONFIG_HZ``: the scheduler tick, when ``need_resched`` can be set."""
+    sched_base_slice_ns: float = Field(default=3_000_000.0, gt=0)
+    """``sysctl_sched_base_slice`` as scaled by the CPU count: how long the ``mmu_lock`` holder runs before a competing task gets the CPU."""
+    competing_task: bool = False
+    """Another runnable task shares the CPU of the thread holding ``mmu_lock`` (overcommit): ``need_resched`` yields once per slice."""
     pte_prefetch: bool
     """The legacy/shadow MMU installs neighbouring SPTEs on a fault (``direct_pte_prefetch``)."""
+    mmio_caching: bool = True
+    """``kvm.mmio_caching``: MMIO SPTEs make repeated MMIO accesses EPT misconfigurations (fast path); off, each is a fault."""
     backing: Literal["4k", "thp", "hugetlbfs-1g"] = "thp"
     """Host page size backing guest memory (per slot: ``vm.memslots.N.backing``)."""
     thp_fraction: float = Field(default=1.0, ge=0.0, le=1.0)
     """With ``thp``: the share of 2 MiB regions the host actually backs with a huge page."""
     nx_huge_pages: bool = False
-    """The ``nx_huge_pages`` mitigation: executable huge pages are split to 4 KiB (not modelled yet: accepted, no effect)."""
+    """``kvm.nx_huge_pages`` (default on only for CPUs with iTLB multihit): code is mapped at 4 KiB and fetches split huge pages (desim/nx.py)."""
+    nx_recovery_ratio: int = Field(default=60, ge=1)
+    """``kvm.nx_huge_pages_recovery_ratio``: each recovery run zaps 1/ratio of the NX splits."""
+    nx_recovery_period_ms: float = Field(default=0.0, ge=0)
+    """``kvm.nx_huge_pages_recovery_period_ms`` (0: one hour / ratio, 60 s by default)."""
     eager_page_split: bool = False
     """Enabling dirty logging splits huge SPTEs in place (``eager_page_split``) instead of zapping them."""
     root_level: int = Field(default=4, ge=4, le=5)
@@ -161,8 +184,33 @@ class Kernel(BaseModel):
     guest physical address width memslots must fit in (``kvm_mmu_max_gfn``, arch/x86/kvm/mmu.h; see
     desim.limits). Default 46: Intel Xeon Scalable servers (Skylake-SP to Sapphire Rapids) report 46."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: object) -> object:
+        if isinstance(data, dict) and "preemption" in data:
+            raise ValueError("preemption: replaced by preempt = 'none' | 'voluntary' | 'full' | 'lazy' and version "
+                             "(lock breaks for waiters depend on both since 6.11); e.g. preempt = 'full' for the "
+                             "old preemption = true")
+        return data
+
+    @property
+    def version_tuple(self) -> tuple[int, int]:
+        major, minor = self.version.split(".")[:2]
+        return int(major), int(minor)
+
+    @property
+    def needbreak_on_contention(self) -> bool:
+        """``rwlock_needbreak`` honours waiters (:func:`desim.sched.needbreak_on_contention`)."""
+        return needbreak_on_contention(self)
+
     @model_validator(mode="after")
     def _consistent(self) -> "Kernel":
+        if self.preempt == "lazy" and self.version_tuple < (6, 13):
+            raise ValueError(f"preempt='lazy' needs version >= 6.13 (PREEMPT_LAZY was added in 6.13; "
+                             f"version is {self.version})")
+        if self.preempt_dynamic and self.version_tuple < (5, 12):
+            raise ValueError(f"preempt_dynamic=true needs version >= 5.12 (PREEMPT_DYNAMIC was added in 5.12; "
+                             f"version is {self.version}); set preempt_dynamic = false")
         if self.fault_lock == "read" and self.lock == "spinlock":
             raise ValueError("fault_lock='read' needs lock='rwlock' (a spinlock has no read side)")
         if self.fault_lock == "read" and self.mmu != "tdp":

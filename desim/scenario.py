@@ -222,6 +222,8 @@ class TouchSpec(_Model):
     it when the vCPU gets there (an unmapped gpa is an MMIO exit).
     ``pattern = "trace"`` replays the pages of a ``perf script`` trace of
     ``kvm:kvm_page_fault`` events, vCPU i taking the trace's vCPU i.
+    ``exec_fraction`` is the share of the region's pages that hold code (the
+    guest executes from them; what NX huge pages act on, see desim/nx.py).
     ``until = "vmm"`` repeats the pattern (more passes, more draws) until the
     phase's VMM script has finished, like the selftests' vCPU loops; the vCPU
     stops at the end of the chunk it is in (at most 4096 accesses later).
@@ -279,6 +281,8 @@ class TouchSpec(_Model):
     """``recorded``, ``time_map = "recorded"``: simulated ns per recorded (TCG wall-clock) ns."""
     bar_ops: bool = True
     """``recorded``: replay the recorded BAR changes as memslot ioctls made by the vCPU that caused them."""
+    exec_fraction: float = Field(default=0.0, ge=0, le=1)
+    """The share of the range's pages that hold code the guest executes (what NX huge pages act on; a fixed hash of the gfn picks them)."""
 
     @model_validator(mode="after")
     def _region(self) -> "TouchSpec":
@@ -351,6 +355,8 @@ class VmSpec(_Model):
     """Number of vCPUs."""
     memslots: list[MemslotSpec] = Field(default_factory=list)
     """The memslots at VM creation (``[[vm.memslots]]``); ids unique, ranges disjoint."""
+    guest_page_tables: Size | None = Field(default=None, ge=0)
+    """Shadow paging: gpa of the guest's last-level page tables for its linear map, one 4 KiB table per 2 MiB of guest-physical memory in gpa order; a targeted zap of a slot holding some of them zaps their shadow pages and children. Unset: not modelled."""
 
     @field_validator("memslots")
     @classmethod

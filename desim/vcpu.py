@@ -49,7 +49,7 @@ import simpy
 
 from .lock import READ, WRITE
 from .mmu import EVER_MAPPED, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
-from .tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KVM_REQ_TLB_FLUSH
+from .tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KVM_REQ_TLB_FLUSH, kvm_flush_remote_tlbs
 
 if TYPE_CHECKING:  # pragma: no cover
     from .vm import Vm
@@ -328,6 +328,16 @@ class Vcpu:
                     yield from self._retry_wait(g1)
                     continue
                 ev, ctx = res
+                if ctx[0] == "host":
+                    # the host allocation's contention, then mmu_lock
+                    t0 = env.now
+                    yield ev
+                    self.m.stall_ns += env.now - t0
+                    self.m.time[HOST] += env.now - t0
+                    res = self._fault_acquire(ctx[1])
+                    if res is None:
+                        continue
+                    ev, ctx = res
                 t0 = env.now
                 handoff = yield ev
                 self.m.stall_ns += env.now - t0
@@ -340,7 +350,10 @@ class Vcpu:
         P = self.P
         ss = vm.mmu.slot_of(gfn)
         if ss is None:
-            return P.mmio_emulation
+            # handle_mmio_page_fault's fast path on a valid MMIO SPTE, else the page-fault path first
+            if vm.profile.kernel.mmio_caching and vm.mmu.mmio_spte(gfn) == "valid":
+                return P.mmio_emulation
+            return P.fault_handle + P.mmio_emulation
         hlevel = vm.mmu.host_level(ss, gfn)
         if vm.mmu.host_resident(ss, gfn, hlevel):
             return P.fault_handle + P.faultin_resident
@@ -358,6 +371,16 @@ class Vcpu:
             # MMU allocates roots under the read lock (kvm_tdp_mmu_alloc_root), the others under write
             mode = READ if vm.profile.kernel.mmu == "tdp" else WRITE
             yield from vm.lock.take(mode, "root", self)
+            users = vm.mmu.obsolete_roots.get(self.root_tag)
+            if users is not None and mode == WRITE:
+                # mmu_free_root_page: --root_count; the last user of an invalid root zaps it for real,
+                # and kvm_mmu_commit_zap_page flushes every vCPU's TLB (under the write lock)
+                if users <= 1:
+                    del vm.mmu.obsolete_roots[self.root_tag]
+                    vm.metrics.obsolete_root_flushes += 1
+                    yield from kvm_flush_remote_tlbs(vm)
+                else:
+                    vm.mmu.obsolete_roots[self.root_tag] = users - 1
             yield env.timeout(P.root_alloc)
             self.root_tag = vm.mmu.root_tag
             vm.mmu.root_live = True
@@ -381,22 +404,86 @@ class Vcpu:
         mmu = vm.mmu
         ss = mmu.slot_of(gfn)
         if ss is None:
-            # no memslot: emulated MMIO (handle_mmio_page_fault / KVM_EXIT_MMIO), the access is done
-            self.m.mmio_exits += 1
-            self._consume(1)
-            return None
+            return self._mmio_begin(gfn, start)
         if ss.slot.invalid:
             return "retry"
         hlevel = mmu.host_level(ss, gfn)
+        ctx = (ss, gfn, hlevel, self.root_tag, start)
         if not mmu.host_resident(ss, gfn, hlevel):
             mmu.make_resident(ss, gfn, hlevel)
             vm.metrics.host_page_allocs[_HOST_ALLOC[hlevel][1]] += 1
-        ctx = (ss, gfn, hlevel, self.root_tag, start)
+            # zone->lock, lru_lock and memory-bandwidth contention of the host allocation (desim/hostmm.py),
+            # from when the allocation started
+            t_alloc = self.env.now - getattr(vm.P, _HOST_ALLOC[hlevel][0])
+            extra = vm.hostmm.first_touch(self.index, t_alloc, hlevel)
+            if extra > 0:
+                return self.env.timeout(extra), ("host", ctx)
+        return self._fault_acquire(ctx)
+
+    def _fault_acquire(self, ctx: tuple):
+        """Take ``mmu_lock`` for the fault: None when done at once, else ``(event, ctx)`` to wait on."""
+        vm = self.vm
         ev = vm.lock.acquire(vm.fault_lock_mode, "fault", self)
         if ev is not None:
             return ev, ctx
         self._fault_locked(ctx, 0.0)
         return None
+
+    def _mmio_begin(self, gfn: int, start: float):
+        """An access to a gpa without a memslot: emulated MMIO (``KVM_EXIT_MMIO`` or an in-kernel device).
+
+        With ``mmio_caching`` (``enable_mmio_caching``): a valid MMIO SPTE
+        makes the access an EPT misconfiguration handled locklessly
+        (``handle_mmio_page_fault`` -> ``check_mmio_spte`` -> ``RET_PF_EMULATE``);
+        a stale one (its generation predates the last memslot update) fails
+        ``check_mmio_spte`` and takes the page-fault path, as does an access
+        with no SPTE (an EPT violation): under ``mmu_lock`` the fault installs
+        an MMIO SPTE with the current generation (``make_mmio_spte`` in
+        ``tdp_mmu_map_handle_target_level`` / ``mmu_set_spte``). Without it,
+        ``kvm_handle_noslot_fault`` returns ``RET_PF_EMULATE`` at once: every
+        access is an EPT violation, no lock, no SPTE.
+        Simplification: a memslot created over a gfn that holds an MMIO SPTE
+        is faulted in as an EPT violation (the kernel sees a misconfiguration).
+        """
+        vm = self.vm
+        self.m.mmio_exits += 1
+        state = vm.mmu.mmio_spte(gfn) if vm.profile.kernel.mmio_caching else "off"
+        if state == "valid" or state == "stale":
+            vm.metrics.ept_misconfigs += 1
+        if state == "valid" or state == "off":
+            self._consume(1)
+            if state == "off":
+                vm.metrics.record_fault(self.index, "mmio", start, self.env.now + self.vm.P.vm_entry - start)
+            return None
+        if state == "stale":
+            vm.metrics.mmio_spte_refreshes += 1
+        ctx = (None, gfn, state == "none", self.root_tag, start)
+        ev = vm.lock.acquire(vm.fault_lock_mode, "fault", self)
+        if ev is not None:
+            return ev, ctx
+        self._fault_locked(ctx, 0.0)
+        return None
+
+    def _mmio_locked(self, ctx: tuple, handoff: float) -> None:
+        """The MMIO fault under ``mmu_lock``: install the MMIO SPTE (unless the root went obsolete)."""
+        _, gfn, violation, root_tag, start = ctx
+        vm = self.vm
+        P = vm.P
+        mmu = vm.mmu
+        hold = handoff
+        if root_tag == mmu.root_tag and mmu.slot_of(gfn) is None:
+            allocated = mmu.install_mmio(gfn)
+            vm.metrics.pt_pages_allocated += allocated
+            hold += P.spte_install + allocated * P.pt_page_alloc
+        if hold:
+            vm.lock.release_after(self, hold)
+            self._carry = hold
+            self.m.stall_ns += hold
+        else:
+            vm.lock.release(self)
+        self._consume(1)
+        if violation:
+            vm.metrics.record_fault(self.index, "mmio", start, self.env.now + hold + P.vm_entry - start)
 
     def _retry_wait(self, start: float) -> Generator:
         """RET_PF_RETRY on an INVALID slot: re-enter and fault again until the VMM's second swap."""
@@ -420,6 +507,9 @@ class Vcpu:
 
     def _fault_locked(self, ctx: tuple, handoff: float) -> None:
         """The part of the fault under ``mmu_lock``: staleness checks, SPTE install, prefetch."""
+        if ctx[0] is None:
+            self._mmio_locked(ctx, handoff)
+            return
         ss, gfn, hlevel, root_tag, start = ctx
         vm = self.vm
         P = self.P
@@ -434,8 +524,14 @@ class Vcpu:
             hold = 0.0
         else:
             kernel = vm.profile.kernel
-            level = PG_LEVEL_4K if ss.slot.dirty_logging else hlevel
-            cause = "after_zap" if ss.mv[gfn - ss.slot.base_gfn] & EVER_MAPPED else "first_touch"
+            splits = mmu.nx_fetch_splits
+            level = PG_LEVEL_4K if ss.slot.dirty_logging else mmu.nx_level(ss, gfn, hlevel)
+            if mmu.nx_exec is not None and level < hlevel:
+                metrics.nx_4k_maps += 1
+            if mmu.nx_fetch_splits != splits:
+                cause = "nx"  # a fetch from a page that a non-executable huge SPTE maps
+            else:
+                cause = "after_zap" if ss.mv[gfn - ss.slot.base_gfn] & EVER_MAPPED else "first_touch"
             allocated = mmu.install(ss, gfn, level)
             prefetched = 0
             if kernel.pte_prefetch and level == PG_LEVEL_4K:

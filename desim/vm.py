@@ -20,12 +20,15 @@ from .audit import Audit
 from .costs import CostSampler
 from .engine import make_environment
 from .errors import DesimInputError
+from .hostmm import LRU_BATCH_NEW, LRU_BATCH_OLD, LRU_BATCH_SINCE, HostMm
 from .limits import check_memory
 from .lock import MmuLock
 from .memslot import Memslot, MemslotOp
 from .metrics import Metrics
 from .mmu import Mmu
+from .nx import ExecRanges, nx_huge_page_recovery_worker
 from .profile import HostProfile
+from .sched import NeedResched
 from .scenario import PhaseSpec, Scenario, TouchSpec, phase_ops
 from .streams import stream
 from .vcpu import Vcpu
@@ -66,9 +69,15 @@ class Vm:
         self.policy_name = policy
         self.policy = make_policy(policy)
         self.metrics = Metrics(scenario.vm.vcpus)
-        self.lock = MmuLock(self.env, kind=k.lock, preemption=k.preemption, handoff_ns=self.costs.mean("lock_handoff"))
+        self.lock = MmuLock(self.env, kind=k.lock, preemption=k.needbreak_on_contention,
+                            handoff_ns=self.costs.mean("lock_handoff"))
+        self.need_resched = NeedResched.from_kernel(k)
+        mean = self.costs.mean  # per-page constants of the host-mm queues (PER_UNIT_COSTS: never drawn)
+        self.hostmm = HostMm(mean("zone_lock_page"), mean("lru_lock_page"), mean("clear_page_4k"), mean("membw_4k"),
+                             lru_batch=LRU_BATCH_NEW if k.version_tuple >= LRU_BATCH_SINCE else LRU_BATCH_OLD)
         self.fault_lock_mode = k.fault_lock
-        self.mmu = Mmu(backing=k.backing, thp_fraction=k.thp_fraction)
+        self.mmu = Mmu(backing=k.backing, thp_fraction=k.thp_fraction,
+                       nx_exec=ExecRanges() if k.nx_huge_pages else None)
         self.audit = Audit(self) if audit else None
         self._next_ua = 0x7F0000000000
         self._ua_by_slot: dict[int, int] = {}
@@ -162,6 +171,8 @@ class Vm:
                     per_vcpu.setdefault(v.index, []).append(st)
                 continue
             lo, n = self._touch_region(phase, touch)
+            if touch.exec_fraction > 0 and self.mmu.nx_exec is not None:
+                self.mmu.nx_exec.add(lo, n, touch.exec_fraction)
             for i, v in enumerate(active):
                 a, m = (lo, n) if touch.sharing == "shared" else split_region(lo, n, len(active), i)
                 if m <= 0:
@@ -249,6 +260,8 @@ class Vm:
 
     def run(self, progress: Callable[[RunStatus], None] | None = None) -> "RunResult":
         main = self.env.process(self._run_phases())
+        if self.profile.kernel.nx_huge_pages:
+            self.env.process(nx_huge_page_recovery_worker(self))
         limit = self.scenario.time_limit_ms * 1e6
         if progress is not None:
             self.env.process(self._checkpoints(progress))
@@ -262,6 +275,7 @@ class Vm:
             v._set_mode(v.mode)  # close the time accounting
         lock_summary = self.lock.summary()
         summary = self.metrics.summary(lock_summary)
+        summary.update(self.hostmm.summary())
         return RunResult(scenario=self.scenario.name, policy=self.policy_name, seed=self.seed,
                          replication=self.replication, model_version=model_fingerprint(),
                          metrics=summary, per_vcpu=self.metrics.per_vcpu_rows(), raw=self.metrics,

@@ -38,6 +38,7 @@ from .errors import DesimInputError
 from .lock import WRITE
 from .memslot import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEMSLOT_INVALID, Memslot, MemslotOp, MrChange
 from .tlb import kvm_flush_remote_tlbs
+from .zap import zap_all_fast
 
 if TYPE_CHECKING:  # pragma: no cover
     from .vm import Vm
@@ -58,6 +59,26 @@ class Vmm:
             if due > self.env.now:
                 yield self.env.timeout(due - self.env.now)
             yield from self.set_memory_region(op)
+
+    def kvm_swap_active_memslots(self) -> Generator:
+        """Install a new memslot array: the generation advances, then ``kvm_arch_memslots_updated``.
+
+        x86's ``kvm_arch_memslots_updated`` (arch/x86/kvm/x86.c) calls
+        ``kvm_mmu_invalidate_mmio_sptes``, which on an MMIO-generation wrap runs
+        ``kvm_mmu_zap_all_fast`` whatever the zap policy, and kicks every vCPU
+        (``kvm_vcpu_kick``: an IPI to each vCPU in guest mode, not waited for;
+        "Force re-initialization of steal_time cache"). Every MMIO SPTE is now
+        stale (:meth:`Mmu.mmio_spte`).
+        """
+        vm = self.vm
+        vm.metrics.memslot_swaps += 1
+        if vm.mmu.swap_memslots():
+            vm.metrics.mmio_gen_wraps += 1
+            yield from zap_all_fast(vm)
+        kicked = sum(1 for v in vm.vcpus if v.kick() is not None)
+        if kicked:
+            vm.metrics.ipis_sent += kicked
+            yield self.env.timeout(kicked * vm.P.ipi_send)
 
     def synchronize_srcu_expedited(self) -> Generator:
         """Wait for every vCPU now in an SRCU read-side section (host-side exit handling)."""
@@ -81,6 +102,7 @@ class Vmm:
         if op.op == MrChange.CREATE:
             yield env.timeout(op.npages * vm.P.memslot_alloc_page)  # kvm_alloc_memslot_metadata
             mmu.add_slot(Memslot(op.slot, op.base_gfn, op.npages, op.flags, op.ua or vm.default_ua(op)))
+            yield from self.kvm_swap_active_memslots()
             yield from self.synchronize_srcu_expedited()
         elif op.op in (MrChange.DELETE, MrChange.MOVE):
             ss = mmu.slots.get(op.slot)
@@ -89,6 +111,7 @@ class Vmm:
                                       "which does not exist (KVM returns -EINVAL)")
             yield env.timeout(vm.P.memslot_invalidate)
             ss.slot.flags |= KVM_MEMSLOT_INVALID
+            yield from self.kvm_swap_active_memslots()
             yield from self.synchronize_srcu_expedited()
             yield from vm.policy.flush_shadow_memslot(vm, ss)
             if op.op == MrChange.MOVE:
@@ -100,6 +123,7 @@ class Vmm:
             else:
                 mmu.move_slot(op.slot, op.base_gfn)
             ss.slot.flags &= ~KVM_MEMSLOT_INVALID
+            yield from self.kvm_swap_active_memslots()
             yield from self.synchronize_srcu_expedited()
             vm.memslot_update_finished()
             yield env.timeout(ss.slot.npages * vm.P.memslot_free_page)  # kvm_free_memslot
@@ -110,6 +134,7 @@ class Vmm:
                                       "which does not exist (KVM returns -EINVAL)")
             enabling = op.flags & KVM_MEM_LOG_DIRTY_PAGES and not ss.slot.flags & KVM_MEM_LOG_DIRTY_PAGES
             ss.slot.flags = op.flags
+            yield from self.kvm_swap_active_memslots()
             yield from self.synchronize_srcu_expedited()
             if enabling:
                 token = self

@@ -116,25 +116,30 @@ def test_preemption_outputs(preemption):
     check_files(out, ["fault_latency_samples.csv"],
                 ["preemption_lockbreak", "fault_latency_cdf", "fault_latency_tail"])
     runs = pd.read_csv(out / "runs.csv")
-    assert {"profile", "preemption", "policy", "replication", "lock_breaks", "work_fault_latency_p99_ns",
-            "work_fault_latency_max_ns", "lock_wait_fault_ns", "zap_duration_total_ns"} <= set(runs.columns)
-    assert set(runs.preemption) == {True, False}
-    assert len(runs) == 2 * 2 * 2 * runs.replication.nunique()
+    assert {"profile", "model", "policy", "replication", "lock_breaks", "resched_yields",
+            "work_fault_latency_p99_ns", "work_fault_latency_max_ns", "lock_wait_fault_ns",
+            "zap_duration_total_ns"} <= set(runs.columns)
+    # tdp-icelake (6.12, PREEMPT_DYNAMIC) runs all six models; legacy-2020 (5.6, static) no lazy, no 6.10 dynamic
+    models = runs.groupby("profile").model.unique()
+    assert set(models["tdp-icelake"]) == {"none", "voluntary", "full", "lazy", "voluntary-6.10", "none+task"}
+    assert set(models["legacy-2020"]) == {"none", "voluntary", "full", "none+task"}
+    assert len(runs) == (6 + 4) * 2 * runs.replication.nunique()
     samples = pd.read_csv(out / "fault_latency_samples.csv")
-    assert set(samples.preemption) == {True, False} and (samples.fault_latency_ns > 0).all()
-    assert "lock breaks" in proc.stdout
+    assert set(samples.model) == set(runs.model) and (samples.fault_latency_ns > 0).all()
+    assert "no lock breaks for waiters" in proc.stdout
 
 
-def test_preemption_lock_breaks_only_with_preemption(preemption):
-    """needbreak is false without CONFIG_PREEMPTION; with it, the write-locked targeted zap yields to faults."""
+def test_preemption_lock_breaks_follow_the_model(preemption):
+    """needbreak is false on none/voluntary (6.11+, or static before); full, lazy and a PREEMPT_DYNAMIC 6.10
+    kernel break the write-locked targeted zap for the faults, which cuts their worst stall."""
     _, out = preemption
     runs = pd.read_csv(out / "runs.csv")
-    assert (runs[~runs.preemption].lock_breaks == 0).all()
-    assert (runs[runs.preemption & (runs.policy == "targeted")].lock_breaks > 0).all()
-    # and breaking the lock cuts the worst fault stall of the targeted zap
-    mx = runs[runs.policy == "targeted"].groupby(["profile", "preemption"]).work_fault_latency_max_ns.mean()
-    for prof in ("tdp-icelake", "legacy-2020"):
-        assert mx[(prof, True)] < mx[(prof, False)]
+    assert (runs[runs.model.isin(["none", "voluntary"])].lock_breaks == 0).all()
+    targeted = runs[runs.policy == "targeted"]
+    assert (targeted[targeted.model.isin(["full", "lazy", "voluntary-6.10"])].lock_breaks > 0).all()
+    mx = targeted.groupby(["profile", "model"]).work_fault_latency_max_ns.mean()
+    for prof, model in (("tdp-icelake", "full"), ("tdp-icelake", "voluntary-6.10"), ("legacy-2020", "full")):
+        assert mx[(prof, model)] < mx[(prof, "voluntary")]
 
 
 def test_slot_size_flags_the_whole_ram_point_and_never_calls_it_a_crossover(slot_size):

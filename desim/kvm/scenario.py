@@ -136,6 +136,9 @@ SCENARIOS: dict[str, KvmScenario] = {
         KvmScenario(name="thp", ram_mib=1024, vcpus=2, guest_page="2m", host_thp=True),
         KvmScenario(name="no-accessed", ram_mib=1024, vcpus=2, accessed=False),
         KvmScenario(name="big-slot", ram_mib=1024, vcpus=2, extra_slot_mib=8192),
+        # the shadow MMU's per-gfn hash walk (kvm_mmu_zap_memslot_pages_and_flush): 4 GiB touched at 4 KiB
+        # is ~2,060 shadow pages, so each of the 8 GiB slot's 2M gfns probes 1 + 2060/4096 hash entries
+        KvmScenario(name="hash-walk", ram_mib=4096, vcpus=2, extra_slot_mib=8192, policy="targeted"),
     )
 }
 
