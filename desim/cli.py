@@ -27,6 +27,7 @@ import time
 from typing import Any, Sequence
 
 from . import __version__
+from .engine_cli import add_engine_option, engine_from_args
 from .errors import DesimInputError, DesimRunError
 
 
@@ -291,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bar or progress lines on stderr")
     large(r)
     r.set_defaults(func=cmd_run)
+    add_engine_option(r)
 
     c = sub.add_parser("compare", help="fast vs targeted under common random numbers, with paired CIs",
                        description="Run both zap policies on the same guest behaviour (replication r draws "
@@ -320,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the latency-tails table (percentile CIs, per phase, around DELETE/MOVE) and its plots")
     large(c)
     c.set_defaults(func=cmd_compare)
+    add_engine_option(c)
 
     pr = sub.add_parser("profiles", help="list the named host profiles",
                         description="List the host profiles shipped with desim (costs in ns with their sources, "
@@ -351,7 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with engine_from_args(args):
+            return int(args.func(args) or 0)
     except DesimInputError as e:
         print(f"desim: error: {_one_line(str(e))}", file=sys.stderr)
         return 2

@@ -279,7 +279,9 @@ class Mmu:
         if not self._sorted or len(gfns) == 0:
             return out
         idx = np.searchsorted(np.asarray(self._bases), gfns, side="right") - 1
-        for i in np.unique(idx):
+        lo, hi = int(idx.min()), int(idx.max())
+        # usually every gfn falls in one slot: no sort (np.unique) needed to find the slots
+        for i in ((lo,) if lo == hi else np.unique(idx)):
             if i < 0:
                 continue
             ss = self._sorted[i]

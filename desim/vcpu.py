@@ -56,8 +56,18 @@ if TYPE_CHECKING:  # pragma: no cover
     from .workload import AccessStream
 
 GUEST, HOST, HALTED = "guest", "host", "halted"
+_RESCAN_AFTER = 16  # cached misses found mapped before _next_miss looks the chunk up again (vectorised)
 _HOST_ALLOC = {PG_LEVEL_4K: ("host_alloc_4k", "4k"), PG_LEVEL_2M: ("host_alloc_2m", "2m"),
                PG_LEVEL_1G: ("host_alloc_1g", "1g")}
+
+
+def _as_sequence(chunk: np.ndarray):
+    """The chunk's gfns as Python ints for scalar reads: a ``range`` for a run of consecutive gfns
+    (a sequential pattern: nothing per access), else a list."""
+    n = len(chunk)
+    if n > 1 and int(chunk[-1]) - int(chunk[0]) == n - 1 and bool((np.diff(chunk) == 1).all()):
+        return range(int(chunk[0]), int(chunk[-1]) + 1)
+    return chunk.tolist()
 
 
 class Vcpu:
@@ -162,7 +172,7 @@ class Vcpu:
         if chunk is None:
             return False
         self._chunk = chunk
-        self._chunk_list = chunk.tolist()
+        self._chunk_list = _as_sequence(chunk)
         self.access_ns = self.stream.access_ns
         self.vm.metrics.accesses_assigned += len(chunk)
         self._pos = 0
@@ -181,10 +191,21 @@ class Vcpu:
         chunk = self._chunk_list
         pos = self._pos
         is_mapped = mmu.is_mapped
+        skipped = 0
         while self._mi < len(misses):
             m = misses[self._mi]
-            if m >= pos and not is_mapped(chunk[m]):
-                return m
+            if m >= pos:
+                if not is_mapped(chunk[m]):
+                    return m
+                skipped += 1
+                if skipped == _RESCAN_AFTER:
+                    # faults since the list was made mapped these (a huge page maps a whole unit):
+                    # look the rest of the chunk up again at once instead of access by access
+                    miss = np.flatnonzero(~mmu.mapped_mask(self._chunk[pos:]))
+                    self._misses = misses = (miss + pos).tolist()
+                    self._mi = 0
+                    skipped = 0
+                    continue
             self._mi += 1
         return len(chunk)
 

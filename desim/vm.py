@@ -18,6 +18,7 @@ import simpy
 from . import model_fingerprint
 from .audit import Audit
 from .costs import CostSampler
+from .engine import make_environment
 from .errors import DesimInputError
 from .hostmm import LRU_BATCH_NEW, LRU_BATCH_OLD, LRU_BATCH_SINCE, HostMm
 from .limits import check_memory
@@ -53,12 +54,13 @@ class Vm:
     """One simulated VM."""
 
     def __init__(self, scenario: Scenario, policy: str, seed: int = 0, replication: int = 0,
-                 profile: HostProfile | None = None, audit: bool = False) -> None:
+                 profile: HostProfile | None = None, audit: bool = False, engine: str | None = None) -> None:
         check_memory(scenario)  # before any allocation: refuse with the amount needed (desim.limits)
         self.scenario = scenario
         self.seed = seed
         self.replication = replication
-        self.env = simpy.Environment()
+        # the event loop (desim.engine): both engines run this same model and give identical results
+        self.env = make_environment(engine)
         self.profile = profile or scenario.host_profile()
         k = self.profile.kernel
         # every cost is read through the sampler: the VMM's view here, each vCPU its own (desim.costs)
@@ -310,10 +312,14 @@ def _plain(v: Any) -> Any:
 
 
 def run_scenario(scenario: Scenario, policy: str | None = None, seed: int = 0, replication: int = 0,
-                 audit: bool = False, progress: Callable[[RunStatus], None] | None = None) -> RunResult:
+                 audit: bool = False, progress: Callable[[RunStatus], None] | None = None,
+                 engine: str | None = None) -> RunResult:
     """Run one replication of ``scenario`` under ``policy`` (default: the scenario's, else fast).
 
     ``progress`` receives a :class:`desim.progress.RunStatus` at simulated-time
-    checkpoints; the results are the same with or without it.
+    checkpoints; the results are the same with or without it. ``engine`` is ``fast`` or
+    ``reference`` (:mod:`desim.engine`; None: ``$DESIM_ENGINE``, else the default); the
+    results are the same on both.
     """
-    return Vm(scenario, scenario.resolved_policy(policy), seed, replication, audit=audit).run(progress)
+    return Vm(scenario, scenario.resolved_policy(policy), seed, replication, audit=audit,
+              engine=engine).run(progress)
