@@ -15,10 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_license_file_matches_the_metadata():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert meta["license"]["text"] == "MIT"
+    assert meta["license"] == "MIT" and meta["license-files"] == ["LICENSE"]  # PEP 639 (SPDX)
     text = (ROOT / "LICENSE").read_text()
     assert text.startswith("MIT License") and "WITHOUT WARRANTY OF ANY KIND" in text
-    assert "License :: OSI Approved :: MIT License" in meta["classifiers"]
+    assert not any(c.startswith("License ::") for c in meta["classifiers"])  # deprecated beside an SPDX license
     assert meta["urls"] and all(u.startswith("https://") for u in meta["urls"].values())
 
 
