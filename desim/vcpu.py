@@ -47,6 +47,8 @@ from typing import TYPE_CHECKING, Generator
 import numpy as np
 import simpy
 
+from .engine import FastEnvironment
+from .faultrun import FaultRun
 from .lock import READ, WRITE
 from .mmu import EVER_MAPPED, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
 from .tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KVM_REQ_TLB_FLUSH, kvm_flush_remote_tlbs
@@ -102,6 +104,7 @@ class Vcpu:
         self._g1 = -1.0
         self._running = False
         self._retrying = False  # bouncing in and out of the guest on RET_PF_RETRY: no SRCU reader
+        self.fault_run: FaultRun | None = None  # the fast engine's loop over non-interacting faults
         self.proc = self.env.process(self.run())
 
     # -- state and SRCU --------------------------------------------------------
@@ -233,6 +236,7 @@ class Vcpu:
         P = self.P
         mmu = vm.mmu
         audit = vm.audit
+        fault_run = self.fault_run = FaultRun(self) if isinstance(env, FastEnvironment) and audit is None else None
         self._mode_since = env.now
         while True:
             if self._chunk is None or self._pos >= len(self._chunk_list):
@@ -268,6 +272,14 @@ class Vcpu:
             if self.requests or self.root_tag != mmu.root_tag:
                 yield from self._pay_carry()
                 yield from self._service_requests()
+            if fault_run is not None and fault_run.batchable():
+                # the fast engine: faults that nothing can interact with, in one loop (desim/faultrun.py)
+                taken, res = fault_run.run()
+                if res is not None:
+                    yield from self._fault_wait(res)
+                    continue
+                if taken:
+                    continue
             miss = self._next_miss()
             n = miss - self._pos
             faults = miss < len(self._chunk_list)
@@ -327,22 +339,27 @@ class Vcpu:
                 if res == "retry":
                     yield from self._retry_wait(g1)
                     continue
-                ev, ctx = res
-                if ctx[0] == "host":
-                    # the host allocation's contention, then mmu_lock
-                    t0 = env.now
-                    yield ev
-                    self.m.stall_ns += env.now - t0
-                    self.m.time[HOST] += env.now - t0
-                    res = self._fault_acquire(ctx[1])
-                    if res is None:
-                        continue
-                    ev, ctx = res
-                t0 = env.now
-                handoff = yield ev
-                self.m.stall_ns += env.now - t0
-                self.m.time[HOST] += env.now - t0
-                self._fault_locked(ctx, handoff)
+                yield from self._fault_wait(res)
+
+    def _fault_wait(self, res: tuple) -> Generator:
+        """A fault that must wait (``res`` from :meth:`_fault_begin`): the host allocation's contention,
+        then ``mmu_lock``; then the part under the lock."""
+        env = self.env
+        ev, ctx = res
+        if ctx[0] == "host":
+            t0 = env.now
+            yield ev
+            self.m.stall_ns += env.now - t0
+            self.m.time[HOST] += env.now - t0
+            res = self._fault_acquire(ctx[1])
+            if res is None:
+                return
+            ev, ctx = res
+        t0 = env.now
+        handoff = yield ev
+        self.m.stall_ns += env.now - t0
+        self.m.time[HOST] += env.now - t0
+        self._fault_locked(ctx, handoff)
 
     def _pre_lock_ns(self, gfn: int) -> float:
         """The fault path's cost before ``mmu_lock``: exit handling and ``kvm_faultin_pfn``."""
@@ -408,8 +425,15 @@ class Vcpu:
         if ss.slot.invalid:
             return "retry"
         hlevel = mmu.host_level(ss, gfn)
+        return self._faultin(ss, gfn, hlevel, mmu.host_resident(ss, gfn, hlevel), start)
+
+    def _faultin(self, ss, gfn: int, hlevel: int, resident: bool, start: float):
+        """``kvm_faultin_pfn`` on a valid slot (the host allocation on first touch), then ``mmu_lock``:
+        returns as :meth:`_fault_begin` does."""
+        vm = self.vm
+        mmu = vm.mmu
         ctx = (ss, gfn, hlevel, self.root_tag, start)
-        if not mmu.host_resident(ss, gfn, hlevel):
+        if not resident:
             mmu.make_resident(ss, gfn, hlevel)
             vm.metrics.host_page_allocs[_HOST_ALLOC[hlevel][1]] += 1
             # zone->lock, lru_lock and memory-bandwidth contention of the host allocation (desim/hostmm.py),

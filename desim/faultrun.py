@@ -1,0 +1,383 @@
+"""Fault runs: a vCPU's faults that nothing else can interact with, processed in one loop (fast engine).
+
+A vCPU's loop (:meth:`desim.vcpu.Vcpu.run`) turns each guest run that ends in a
+fault into one SimPy timeout: VM entry, the accesses up to the miss, the VM exit
+and ``kvm_faultin_pfn``, then the part under ``mmu_lock``. When no other process
+has an event due before that timeout ends, nothing can interact with the fault:
+no writer can arrive at ``mmu_lock``, no request or kick be made, no memslot
+update start, no progress checkpoint be taken. :class:`FaultRun` then advances
+the clock itself and goes on to the vCPU's next fault, in one Python loop, for as
+long as the vCPU's next step is due strictly before the head of the event queue
+(SimPy would process it next, with the same clock: see :mod:`desim.engine`). It
+stops, and hands back to the per-fault path with the vCPU in exactly the state
+that path would have reached, where
+
+* another event is due first (a writer, a kick, a request, a memslot update, a
+  lock hand-over, a checkpoint): the split point; the per-fault path yields its
+  timeout and the other process intervenes as in the reference engine;
+* the fault must wait: ``mmu_lock`` is contended (a lock storm's waiters queue
+  as usual), or the host allocation's contention (``desim.hostmm``) ends after
+  the next event;
+* the run is anything else: the chunk ends, the next miss is MMIO or on an
+  INVALID slot (``RET_PF_RETRY``), a request is pending, the vCPU's root is
+  obsolete, an SRCU writer waits for the vCPU, the audit is on, or the engine is
+  ``reference``.
+
+:meth:`FaultRun.batchable` is that predicate: whatever it does not accept runs on
+the per-fault path, so a model feature added there stays exact by default. The
+fault's own semantics are not copied: each fault still goes through
+:meth:`~desim.vcpu.Vcpu._faultin`, :meth:`~desim.vcpu.Vcpu._fault_acquire` and
+:meth:`~desim.vcpu.Vcpu._fault_locked`. What the loop replaces is the guest run's
+timeline (the same float operations in the same order) and the event round trip.
+Costs are looked at before they are used (:meth:`desim.costs.CostView.draws`):
+a fault that is not taken consumes no draw, so every named stream gives the same
+numbers in the same order as in the reference engine.
+"""
+from __future__ import annotations
+
+from heapq import heappop
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .mmu import EVER_MAPPED, HOST_RESIDENT, KEEP_BITS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .vcpu import Vcpu
+
+_EXACT = 2.0 ** 50  # integers below this add and subtract exactly in float64, in any order
+_VECTOR_MIN = 32  # a vectorised block pays off when about this many faults fit before the next event
+_VECTOR_MAX = 8192  # accesses looked at per vectorised block
+
+
+def _exact(x: float) -> bool:
+    return x.is_integer() and abs(x) < _EXACT
+
+
+_PRE_COST = {1: "host_alloc_4k", 2: "host_alloc_2m", 3: "host_alloc_1g"}  # first touch, by host level
+
+
+class FaultRun:
+    """Advances one vCPU through its run of non-interacting faults (see the module docstring)."""
+
+    def __init__(self, vcpu: "Vcpu") -> None:
+        self.vcpu = vcpu
+        P = vcpu.P
+        # a drawn cost is peeked, then consumed only if the fault is taken; a constant one is its value
+        self._costs = {name: (P.draws(name), None if P.draws(name) is not None else getattr(P, name))
+                       for name in ("vm_entry", "vm_exit", "fault_handle", "faultin_resident", *_PRE_COST.values())}
+        self.faults = 0  # faults taken in this loop (for benchmarks and tests)
+        self.vector_faults = 0  # of those, taken in vectorised blocks
+        self._vector = self._vector_costs()
+
+    def _vector_costs(self) -> dict[str, float] | None:
+        """The costs of a vectorised block when it may be used at all: every cost of the path constant
+        and integral, the TDP MMU's plain path (no PTE prefetch, no NX huge pages), else None."""
+        v = self.vcpu
+        vm = v.vm
+        if vm.profile.kernel.pte_prefetch or vm.mmu.nx_exec is not None:
+            return None
+        out = {}
+        for view, name in ((v.P, "vm_entry"), (v.P, "vm_exit"), (v.P, "fault_handle"), (v.P, "faultin_resident"),
+                           (v.P, "host_alloc_4k"), (v.P, "spte_install"), (v.P, "pt_page_alloc"),
+                           (v.P, "prefetch_spte"), (vm.P, "host_alloc_4k")):
+            if view.draws(name) is not None:
+                return None
+            x = float(getattr(view, name))
+            if not _exact(x) or x < 0:
+                return None
+            out[name if view is v.P else "vmm_" + name] = x
+        if out["spte_install"] <= 0:
+            return None
+        return out
+
+    def batchable(self) -> bool:
+        """Can the vCPU's next guest run be taken here? (The checks that do not need the run itself.)"""
+        v = self.vcpu
+        return (v.env._last_callback and not v.requests and v.root_tag == v.vm.mmu.root_tag
+                and not v._srcu_waiters and v._chunk is not None and v._pos < len(v._chunk_list))
+
+    def run(self) -> tuple[int, tuple | None]:
+        """Take the vCPU's faults while they are batchable: ``(faults taken, wait)``.
+
+        ``wait`` is None when the loop stopped before a guest run (the per-fault
+        path takes it from there), else the ``(event, ctx)`` of a fault taken
+        here that must wait (:meth:`~desim.vcpu.Vcpu._fault_wait` finishes it).
+        """
+        v = self.vcpu
+        env = v.env
+        mmu = v.vm.mmu
+        queue = env._queue
+        m = v.m
+        t = m.time
+        costs = self._costs
+        taken = 0
+        while self.batchable():
+            if self._vector is not None:
+                k = self._vector_block()
+                if k:
+                    taken += k
+                    continue
+            miss = v._next_miss()
+            chunk = v._chunk_list
+            if miss >= len(chunk):
+                break  # the run ends without a fault (end of chunk): the per-fault path
+            gfn = chunk[miss]
+            ss = mmu.slot_of(gfn)
+            if ss is None or ss.slot.invalid:
+                break  # MMIO or RET_PF_RETRY: the per-fault path
+            hlevel = mmu.host_level(ss, gfn)
+            resident = mmu.host_resident(ss, gfn, hlevel)
+            # the guest run's timeline, as Vcpu.run computes it (same operations, same order)
+            now = env._now
+            carry = v._carry
+            g0 = now + carry
+            de, ce = costs["vm_entry"]
+            entry = v._entry if v._entry is not None else (ce if de is None else de.peek())
+            n = miss - v._pos
+            g1 = g0 + entry + n * v.access_ns
+            dh, ch = costs["fault_handle"]
+            dp, cp = costs["faultin_resident" if resident else _PRE_COST[hlevel]]
+            dx, cx = costs["vm_exit"]
+            pre = (ch if dh is None else dh.peek()) + (cp if dp is None else dp.peek())
+            exit_ns = (cx if dx is None else dx.peek()) + pre
+            t1 = now + (g1 - now + exit_ns)
+            if queue and queue[0][0] <= t1:
+                break  # another event comes first: the split point
+            # taken: consume the draws looked at, then what Vcpu.run does around its timeout
+            if v._entry is None:
+                if de is not None:
+                    de.i += 1
+            v._entry = None
+            for d in (dh, dp, dx):
+                if d is not None:
+                    d.i += 1
+            v._carry = 0.0
+            if v._stalled_since is not None and n > 0:
+                v.vm.metrics.record_access_stall(v._stalled_since, g0 + entry + v.access_ns - v._stalled_since,
+                                                 v.access_ns)
+                v._stalled_since = None
+            v._g0, v._g1 = g0, g1
+            env._now = t1
+            env.inlined += 1
+            t["host"] += carry + exit_ns
+            t["guest"] += g1 - g0
+            v._consume(n)
+            if v._stalled_since is None:
+                v._stalled_since = g1
+            m.stall_ns += exit_ns
+            taken += 1
+            res = v._faultin(ss, gfn, hlevel, resident, g1)
+            if res is None:
+                continue
+            ev, ctx = res
+            if ctx[0] != "host" or not queue or queue[0][3] is not ev:
+                self.faults += taken
+                return taken, res  # waits for mmu_lock, or another event comes first
+            # the host allocation's contention ends next: as Vcpu._fault_wait, without the round trip
+            t0 = env._now
+            env._now = queue[0][0]
+            heappop(queue)
+            ev.callbacks = None
+            env.inlined += 1
+            m.stall_ns += env._now - t0
+            t["host"] += env._now - t0
+            res = v._fault_acquire(ctx[1])
+            if res is not None:
+                self.faults += taken
+                return taken, res
+        self.faults += taken
+        return taken, None
+
+
+    def _vector_block(self) -> int:
+        """Take the vCPU's next faults in one vectorised step, when they are 4 KiB faults of one
+        4 KiB-backed slot on the TDP MMU's plain path, the vCPU is alone on ``mmu_lock``, and every time
+        and cost is an integer (then float64 sums are exact in any order, so ``cumsum`` gives the bit
+        pattern the per-fault path's sequential additions give). Returns the faults taken (0: none, the
+        scalar loop takes the next one). Accumulators that may hold fractions (time by state, stall
+        time, the lock's integrals and hold time) are summed with ``np.add.accumulate``, which adds left
+        to right exactly as ``+=`` does."""
+        v = self.vcpu
+        env = v.env
+        vm = v.vm
+        mmu = vm.mmu
+        lock = vm.lock
+        C = self._vector
+        now = env._now
+        queue = env._queue
+        head = queue[0][0] if queue else float("inf")
+        # the vCPU alone on mmu_lock: nobody waits, nobody else holds it or has a release pending
+        if lock.waiters or mmu.nx_exec is not None:
+            return 0
+        pend = lock._pending
+        own = pend[0] if len(pend) == 1 and pend[0][2] is v else None
+        if (pend and own is None) or lock.readers + int(lock.writer) != (1 if own else 0):
+            return 0
+        entry0 = v._entry if v._entry is not None else C["vm_entry"]
+        a = v.access_ns
+        stalled = v._stalled_since
+        if not all(_exact(float(x)) for x in (now, v._carry, entry0, a, lock._last_t,
+                                               own[0] if own else 0.0, lock._hold_since[v][0] if own else 0.0,
+                                               stalled if stalled is not None else 0.0)):
+            return 0
+        fastest = C["vm_entry"] + C["vm_exit"] + C["fault_handle"] + C["spte_install"]
+        if head - now < _VECTOR_MIN * fastest:
+            return 0
+        # the faults: the first access to each gfn without a present SPTE (4 KiB mappings map one gfn)
+        pos = v._pos
+        seg = v._chunk[pos:pos + _VECTOR_MAX]
+        unmapped = np.flatnonzero(~mmu.mapped_mask(seg))
+        if len(unmapped) == 0:
+            return 0
+        _, first = np.unique(seg[unmapped], return_index=True)
+        fpos = unmapped[np.sort(first)]
+        fg = seg[fpos].astype(np.int64)
+        ss = mmu.slot_of(int(fg[0]))
+        if ss is None or ss.slot.invalid or ss.slot.dirty_logging or ss.block.backing != "4k":
+            return 0
+        base, end = ss.slot.base_gfn, ss.slot.end_gfn
+        outside = np.flatnonzero((fg < base) | (fg >= end))
+        K = int(outside[0]) if len(outside) else len(fg)
+        if K == 0:
+            return 0
+        fpos, fg = fpos[:K], fg[:K]
+        rel = fg - base
+        st = ss.state[rel]
+        resident = (st & HOST_RESIDENT) != 0
+        # page-table pages each fault allocates (Mmu.install): the first fault under a table without one;
+        # needs every present PT page's parents present (always so; checked, as install assumes it)
+        tag = mmu.root_tag
+        pt = mmu.pt_tags
+        alloc = np.zeros(K, dtype=np.int64)
+        new_keys = {}
+        for lvl, shift in ((3, 27), (2, 18), (1, 9)):
+            keys = fg >> shift
+            uk, fi = np.unique(keys, return_index=True)
+            d = pt[lvl]
+            tagged = np.fromiter((d.get(k) == tag for k in uk.tolist()), dtype=bool, count=len(uk))
+            if lvl == 1 and tagged.any():
+                for k in uk[tagged].tolist():
+                    if pt[2].get(k >> 9) != tag or pt[3].get(k >> 18) != tag:
+                        return 0
+            nf = np.sort(fi[~tagged])
+            alloc[nf] += 1
+            new_keys[lvl] = nf
+        # the timeline, as Vcpu.run computes it; exact in integers, so one cumsum
+        pre = np.where(resident, C["fault_handle"] + C["faultin_resident"], C["fault_handle"] + C["host_alloc_4k"])
+        exit_ns = C["vm_exit"] + pre
+        hold = C["spte_install"] + alloc * C["pt_page_alloc"] + 0 * C["prefetch_spte"]
+        n = np.diff(fpos, prepend=0)
+        carry = np.empty(K)
+        carry[0] = v._carry
+        carry[1:] = hold[:-1]
+        entry = np.full(K, C["vm_entry"])
+        entry[0] = entry0
+        t1 = now + np.cumsum(carry + entry + n * a + exit_ns)
+        if not t1[-1] < _EXACT:
+            return 0
+        K = int(np.searchsorted(t1, head, side="left"))  # strictly before the next event
+        ft = np.flatnonzero(~resident[:K])
+        if len(ft):
+            m = vm.hostmm.first_touches_4k(v.index, t1[ft] - C["vmm_host_alloc_4k"])
+            if m < len(ft):
+                K = int(ft[m])  # that first touch waits for the host allocator: the per-fault path
+                ft = ft[:m]
+        if K == 0:
+            return 0
+        # -- commit K faults ---------------------------------------------------------------
+        fpos, fg, rel, st, alloc, n = fpos[:K], fg[:K], rel[:K], st[:K], alloc[:K], n[:K]
+        carry, entry, exit_ns, hold, t1 = carry[:K], entry[:K], exit_ns[:K], hold[:K], t1[:K]
+        t0 = np.empty(K)
+        t0[0] = now
+        t0[1:] = t1[:-1]
+        g0 = t0 + carry
+        g1 = g0 + entry + n * a
+        metrics = vm.metrics
+        m_ = v.m
+        # SPTEs (Mmu.make_resident + Mmu.install at 4 KiB) and page-table pages
+        ss.state[rel] = (st & KEEP_BITS) | HOST_RESIDENT | EVER_MAPPED | tag
+        mmu.present_leaf += K
+        total_alloc = 0
+        for lvl, nf in new_keys.items():
+            nf = nf[nf < K]
+            d = pt[lvl]
+            shift = {3: 27, 2: 18, 1: 9}[lvl]
+            for k in (fg[nf] >> shift).tolist():
+                d[k] = tag
+            mmu.present_pt_level[lvl] += len(nf)
+            total_alloc += len(nf)
+        mmu.present_pt += total_alloc
+        metrics.host_page_allocs["4k"] += len(ft)
+        metrics.sptes_installed += K
+        metrics.pt_pages_allocated += total_alloc
+        # fault records: latency = exit .. the next VM entry (now + hold + entry - start)
+        ever = (st & EVER_MAPPED) != 0
+        refaults = int(ever.sum())
+        lat = t1 + hold + C["vm_entry"] - g1
+        metrics.record_faults(v.index, {"after_zap": refaults, "first_touch": K - refaults}, g1, lat,
+                              ever.astype(np.int8))
+        # accesses: the faulting access completes as the first access of the next guest run
+        prev = np.empty(K)
+        prev[1:] = g1[:-1]
+        rec = n > 0
+        if stalled is None:
+            rec[0] = False
+        else:
+            prev[0] = stalled
+            if n[0] == 0 and K > 1:
+                prev[1] = stalled  # not completed by an empty run: still the same stalled access
+        metrics.record_access_stalls(prev[rec], (g0 + entry + a - prev)[rec], a)
+        consumed = int(n.sum())
+        v._pos += consumed
+        m_.accesses += consumed
+        hits = metrics.hit_ns
+        hits[a] = hits.get(a, 0) + consumed
+        # per-vCPU time and stall, summed left to right as the per-fault path adds them
+        tm = m_.time
+        tm["host"] = float(np.add.accumulate(np.concatenate(([tm["host"]], carry + exit_ns)))[-1])
+        tm["guest"] = float(np.add.accumulate(np.concatenate(([tm["guest"]], g1 - g0)))[-1])
+        inter = np.empty(2 * K + 1)
+        inter[0] = m_.stall_ns
+        inter[1::2] = exit_ns
+        inter[2::2] = hold
+        m_.stall_ns = float(np.add.accumulate(inter)[-1])
+        # mmu_lock: each fault's acquire applies the previous fault's deferred release (MmuLock._catch_up)
+        rel_t = t1 + hold
+        stats = lock._role("fault")
+        h_inc = []
+        if own is not None:
+            since, role = lock._hold_since.pop(v)
+            dt = own[0] - lock._last_t
+            if dt:
+                lock._area_holders += dt * 1
+            st_own = lock._role(role)
+            st_own.hold_ns += own[0] - since
+        hh = (rel_t[:-1] - t1[:-1])
+        if len(hh):
+            lock._area_holders = float(np.add.accumulate(np.concatenate(([lock._area_holders], hh * 1)))[-1])
+            stats.hold_ns = float(np.add.accumulate(np.concatenate(([stats.hold_ns], rel_t[:-1] - t1[:-1])))[-1])
+        del h_inc
+        lock._last_t = float(t1[-1])
+        stats.acquisitions += K
+        if own is None:
+            if lock._mode(vm.fault_lock_mode) == "write":
+                lock.writer = True
+            else:
+                lock.readers += 1
+        lock._hold_since[v] = (float(t1[-1]), "fault")
+        lock._seq += K
+        lock._pending[:] = [(float(rel_t[-1]), lock._seq, v)]
+        # the vCPU after its last fault, as the per-fault path leaves it
+        v._carry = float(hold[-1])
+        v._entry = C["vm_entry"]
+        v._stalled_since = float(g1[-1])
+        v._g0, v._g1 = float(g0[-1]), float(g1[-1])
+        v._seq = -1  # the cached miss list predates these faults
+        env._now = float(t1[-1])
+        env.inlined += K
+        self.vector_faults += K
+        return K
+
+
+__all__ = ["FaultRun"]
