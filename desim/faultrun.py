@@ -50,6 +50,14 @@ _VECTOR_MIN = 32  # a vectorised block pays off when about this many faults fit 
 _VECTOR_MAX = 8192  # accesses looked at per vectorised block
 
 
+def next_event_at(queue: list) -> float:
+    """When the event queue's head is due (SimPy's queue: a heap of (time, priority, id, event))."""
+    return queue[0][0] if queue else _NEVER
+
+
+_NEVER = float("inf")
+
+
 def _exact(x: float) -> bool:
     return x.is_integer() and abs(x) < _EXACT
 
@@ -142,7 +150,7 @@ class FaultRun:
             pre = (ch if dh is None else dh.peek()) + (cp if dp is None else dp.peek())
             exit_ns = (cx if dx is None else dx.peek()) + pre
             t1 = now + (g1 - now + exit_ns)
-            if queue and queue[0][0] <= t1:
+            if next_event_at(queue) <= t1:
                 break  # another event comes first: the split point
             # taken: consume the draws looked at, then what Vcpu.run does around its timeout
             if v._entry is None:
@@ -205,8 +213,7 @@ class FaultRun:
         lock = vm.lock
         C = self._vector
         now = env._now
-        queue = env._queue
-        head = queue[0][0] if queue else float("inf")
+        head = next_event_at(env._queue)
         # the vCPU alone on mmu_lock: nobody waits, nobody else holds it or has a release pending
         if lock.waiters or mmu.nx_exec is not None:
             return 0
