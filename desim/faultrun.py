@@ -74,6 +74,11 @@ class FaultRun:
         # a drawn cost is peeked, then consumed only if the fault is taken; a constant one is its value
         self._costs = {name: (P.draws(name), None if P.draws(name) is not None else getattr(P, name))
                        for name in ("vm_entry", "vm_exit", "fault_handle", "faultin_resident", *_PRE_COST.values())}
+        # lower bounds of a guest run's VM entry and of its exit up to mmu_lock (a drawn cost counts as 0)
+        const = {name: c for name, (d, c) in self._costs.items() if d is None}
+        self._least_entry = const.get("vm_entry", 0.0)
+        self._least_exit = (const.get("vm_exit", 0.0) + const.get("fault_handle", 0.0)
+                            + min(const.get(name, 0.0) for name in ("faultin_resident", *_PRE_COST.values())))
         self.faults = 0  # faults taken in this loop (for benchmarks and tests)
         self.vector_faults = 0  # of those, taken in vectorised blocks
         self._vector = self._vector_costs()
@@ -100,10 +105,15 @@ class FaultRun:
         return out
 
     def batchable(self) -> bool:
-        """Can the vCPU's next guest run be taken here? (The checks that do not need the run itself.)"""
+        """Can the vCPU's next guest run be taken here? (The checks that do not need the run itself:
+        among them that the next event is not due before the least time a guest run ending in a fault
+        takes, so that a vCPU among many busy ones does not try in vain at every fault.)"""
         v = self.vcpu
-        return (v.env._last_callback and not v.requests and v.root_tag == v.vm.mmu.root_tag
-                and not v._srcu_waiters and v._chunk is not None and v._pos < len(v._chunk_list))
+        env = v.env
+        least = v._carry + (self._least_entry if v._entry is None else v._entry) + self._least_exit
+        return (env._last_callback and next_event_at(env._queue) > env._now + least and not v.requests
+                and v.root_tag == v.vm.mmu.root_tag and not v._srcu_waiters and v._chunk is not None
+                and v._pos < len(v._chunk_list))
 
     def run(self) -> tuple[int, tuple | None]:
         """Take the vCPU's faults while they are batchable: ``(faults taken, wait)``.
