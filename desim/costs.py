@@ -117,6 +117,14 @@ class _Draws:
             self._refill()
         return self.buf[self.i]
 
+    def peek_many(self, k: int) -> list[float]:
+        """The next ``k`` values :meth:`next` would return, without consuming them (``i += n`` consumes n)."""
+        while len(self.buf) - self.i < k:
+            rest = self.buf[self.i:]
+            self._refill()
+            self.buf = rest + self.buf
+        return self.buf[self.i:self.i + k]
+
     def _refill(self) -> None:
         if self.kind == "lognormal":
             x = self.a * np.exp(self.b * self.rng.standard_normal(BLOCK))

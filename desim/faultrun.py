@@ -83,25 +83,24 @@ class FaultRun:
         self.vector_faults = 0  # of those, taken in vectorised blocks
         self._vector = self._vector_costs()
 
-    def _vector_costs(self) -> dict[str, float] | None:
-        """The costs of a vectorised block when it may be used at all: every cost of the path constant
-        and integral, the TDP MMU's plain path (no PTE prefetch, no NX huge pages), else None."""
+    def _vector_costs(self) -> dict[str, tuple] | None:
+        """Where a vectorised block reads its costs: ``name -> (draws, None)`` for a drawn cost, ``(None,
+        value)`` for a constant; None when no block may be used (PTE prefetch, NX huge pages: the
+        per-fault path)."""
         v = self.vcpu
         vm = v.vm
         if vm.profile.kernel.pte_prefetch or vm.mmu.nx_exec is not None:
             return None
         out = {}
-        for view, name in ((v.P, "vm_entry"), (v.P, "vm_exit"), (v.P, "fault_handle"), (v.P, "faultin_resident"),
-                           (v.P, "host_alloc_4k"), (v.P, "spte_install"), (v.P, "pt_page_alloc"),
-                           (v.P, "prefetch_spte"), (vm.P, "host_alloc_4k")):
-            if view.draws(name) is not None:
-                return None
-            x = float(getattr(view, name))
-            if not _exact(x) or x < 0:
-                return None
-            out[name if view is v.P else "vmm_" + name] = x
-        if out["spte_install"] <= 0:
-            return None
+        for view, name, key in ((v.P, "vm_entry", "vm_entry"), (v.P, "vm_exit", "vm_exit"),
+                                (v.P, "fault_handle", "fault_handle"), (v.P, "faultin_resident", "faultin_resident"),
+                                (v.P, "host_alloc_4k", "host_alloc_4k"), (v.P, "spte_install", "spte_install"),
+                                (v.P, "pt_page_alloc", "pt_page_alloc"), (v.P, "prefetch_spte", "prefetch_spte"),
+                                (vm.P, "host_alloc_4k", "vmm_host_alloc_4k")):
+            d = view.draws(name)
+            out[key] = (d, None) if d is not None else (None, float(getattr(view, name)))
+        if out["pt_page_alloc"][0] is not None or out["prefetch_spte"][0] is not None:
+            return None  # per-unit costs are never drawn (desim.costs.PER_UNIT_COSTS)
         return out
 
     def batchable(self) -> bool:
@@ -209,19 +208,24 @@ class FaultRun:
 
 
     def _vector_block(self) -> int:
-        """Take the vCPU's next faults in one vectorised step, when they are 4 KiB faults of one
-        4 KiB-backed slot on the TDP MMU's plain path, the vCPU is alone on ``mmu_lock``, and every time
-        and cost is an integer (then float64 sums are exact in any order, so ``cumsum`` gives the bit
-        pattern the per-fault path's sequential additions give). Returns the faults taken (0: none, the
-        scalar loop takes the next one). Accumulators that may hold fractions (time by state, stall
-        time, the lock's integrals and hold time) are summed with ``np.add.accumulate``, which adds left
-        to right exactly as ``+=`` does."""
+        """Take the vCPU's next faults in one vectorised step: 4 KiB faults of one 4 KiB-backed slot on
+        the TDP MMU's plain path, with the vCPU alone on ``mmu_lock``. Returns the faults taken (0: none,
+        the scalar loop takes the next one).
+
+        Exactness: each quantity is computed with the per-fault path's float operations in its order.
+        The only sequential dependency, the timeline (each guest run starts where the last fault
+        ended), is a short Python loop over floats; when every time and cost is an integer it is one
+        ``cumsum`` instead (integers below 2**50 add exactly in any order). Accumulators (time by
+        state, stall time, the lock's integrals and hold time) are summed with ``np.add.accumulate``,
+        which adds left to right exactly as ``+=`` does. Drawn costs are peeked and only the draws of
+        the faults taken are consumed.
+        """
         v = self.vcpu
         env = v.env
         vm = v.vm
         mmu = vm.mmu
         lock = vm.lock
-        C = self._vector
+        src = self._vector
         now = env._now
         head = next_event_at(env._queue)
         # the vCPU alone on mmu_lock: nobody waits, nobody else holds it or has a release pending
@@ -231,15 +235,7 @@ class FaultRun:
         own = pend[0] if len(pend) == 1 and pend[0][2] is v else None
         if (pend and own is None) or lock.readers + int(lock.writer) != (1 if own else 0):
             return 0
-        entry0 = v._entry if v._entry is not None else C["vm_entry"]
-        a = v.access_ns
-        stalled = v._stalled_since
-        if not all(_exact(float(x)) for x in (now, v._carry, entry0, a, lock._last_t,
-                                               own[0] if own else 0.0, lock._hold_since[v][0] if own else 0.0,
-                                               stalled if stalled is not None else 0.0)):
-            return 0
-        fastest = C["vm_entry"] + C["vm_exit"] + C["fault_handle"] + C["spte_install"]
-        if head - now < _VECTOR_MIN * fastest:
+        if head - now < _VECTOR_MIN * (self._least_entry + self._least_exit):
             return 0
         # the faults: the first access to each gfn without a present SPTE (4 KiB mappings map one gfn)
         pos = v._pos
@@ -279,32 +275,98 @@ class FaultRun:
                         return 0
             nf = np.sort(fi[~tagged])
             alloc[nf] += 1
-            new_keys[lvl] = nf
-        # the timeline, as Vcpu.run computes it; exact in integers, so one cumsum
-        pre = np.where(resident, C["fault_handle"] + C["faultin_resident"], C["fault_handle"] + C["host_alloc_4k"])
-        exit_ns = C["vm_exit"] + pre
-        hold = C["spte_install"] + alloc * C["pt_page_alloc"] + 0 * C["prefetch_spte"]
+            new_keys[lvl] = (shift, nf)
+        # the costs of K faults, in each stream's order (peeked, consumed below for the faults taken)
+        ft_idx = np.cumsum(~resident) - 1  # index of each first touch among the first touches
+        res_idx = np.cumsum(resident) - 1
+        n_ft, n_res = int(ft_idx[-1]) + 1, int(res_idx[-1]) + 1
+        need_entry = v._entry is None
+
+        def costs(name: str, k: int):
+            d, c = src[name]
+            return c if d is None else np.array(d.peek_many(k))
+
+        draws_entry = costs("vm_entry", K + 1 if need_entry else K)
+        if isinstance(draws_entry, float):
+            entry0 = v._entry if not need_entry else draws_entry
+            E = np.full(K, draws_entry)  # the entry each fault draws for the next run (Vcpu._fault_locked)
+        else:
+            entry0 = v._entry if not need_entry else float(draws_entry[0])
+            E = draws_entry[1:] if need_entry else draws_entry
+        fh = costs("fault_handle", K)
+        ha = costs("host_alloc_4k", n_ft)
+        fr = costs("faultin_resident", n_res)
+        ha_k = ha[np.maximum(ft_idx, 0)] if not isinstance(ha, float) and n_ft else ha if n_ft else 0.0
+        fr_k = fr[np.maximum(res_idx, 0)] if not isinstance(fr, float) and n_res else fr if n_res else 0.0
+        pre = np.where(resident, fh + fr_k, fh + ha_k)
+        exit_ns = costs("vm_exit", K) + pre
+        hold = costs("spte_install", K) + alloc * src["pt_page_alloc"][1] + 0 * src["prefetch_spte"][1]
+        if not (hold > 0).all():
+            return 0  # a zero hold releases mmu_lock at once (MmuLock.release): the per-fault path
+        a = v.access_ns
         n = np.diff(fpos, prepend=0)
+        na = n * a
         carry = np.empty(K)
         carry[0] = v._carry
         carry[1:] = hold[:-1]
-        entry = np.full(K, C["vm_entry"])
+        entry = np.empty(K)
         entry[0] = entry0
-        t1 = now + np.cumsum(carry + entry + n * a + exit_ns)
-        if not t1[-1] < _EXACT:
+        entry[1:] = E[:-1]
+        # the timeline, as Vcpu.run computes it: g0 = now + carry, g1 = g0 + entry + n * access_ns,
+        # the fault at t1 = now + (g1 - now + exit_ns); strictly before the next event
+        stalled = v._stalled_since
+        exact = all(_exact(float(x)) for x in (now, v._carry, entry0, a, lock._last_t,
+                                                own[0] if own else 0.0, lock._hold_since[v][0] if own else 0.0,
+                                                stalled if stalled is not None else 0.0))
+        if exact and all(src[name][0] is None and _exact(src[name][1]) for name in src):
+            t1 = now + np.cumsum(carry + entry + na + exit_ns)
+            if not t1[-1] < _EXACT:
+                return 0
+            K = int(np.searchsorted(t1, head, side="left"))
+        else:
+            out = []
+            t = now
+            for c, e, x, y in zip(carry.tolist(), entry.tolist(), na.tolist(), exit_ns.tolist()):
+                g1 = t + c + e + x
+                t1_ = t + (g1 - t + y)
+                if t1_ >= head:
+                    break
+                out.append(t1_)
+                t = t1_
+            K = len(out)
+            if K == 0:
+                return 0
+            t1 = np.array(out)
+        if K == 0:
             return 0
-        K = int(np.searchsorted(t1, head, side="left"))  # strictly before the next event
+        t1 = t1[:K]
+        if own is not None and not own[0] <= t1[0]:
+            return 0
+        # each acquire must find the previous fault's release due (MmuLock._catch_up): true unless rounding
+        late = np.flatnonzero((t1[:-1] + hold[:K - 1]) > t1[1:])
+        if len(late):
+            K = int(late[0]) + 1
+            t1 = t1[:K]
         ft = np.flatnonzero(~resident[:K])
         if len(ft):
-            m = vm.hostmm.first_touches_4k(v.index, t1[ft] - C["vmm_host_alloc_4k"])
+            vmm_alloc = costs("vmm_host_alloc_4k", len(ft))
+            m = vm.hostmm.first_touches_4k(v.index, t1[ft] - vmm_alloc)
             if m < len(ft):
                 K = int(ft[m])  # that first touch waits for the host allocator: the per-fault path
                 ft = ft[:m]
-        if K == 0:
-            return 0
+            if K == 0:
+                return 0
         # -- commit K faults ---------------------------------------------------------------
         fpos, fg, rel, st, alloc, n = fpos[:K], fg[:K], rel[:K], st[:K], alloc[:K], n[:K]
-        carry, entry, exit_ns, hold, t1 = carry[:K], entry[:K], exit_ns[:K], hold[:K], t1[:K]
+        carry, entry, exit_ns, hold, t1, E = carry[:K], entry[:K], exit_ns[:K], hold[:K], t1[:K], E[:K]
+        n_ft = len(ft)
+        n_res = K - n_ft
+        for name, used in (("vm_entry", K + int(need_entry)), ("fault_handle", K), ("vm_exit", K),
+                           ("host_alloc_4k", n_ft), ("faultin_resident", n_res), ("spte_install", K),
+                           ("vmm_host_alloc_4k", n_ft)):
+            d = src[name][0]
+            if d is not None:
+                d.i += used
         t0 = np.empty(K)
         t0[0] = now
         t0[1:] = t1[:-1]
@@ -316,22 +378,21 @@ class FaultRun:
         ss.state[rel] = (st & KEEP_BITS) | HOST_RESIDENT | EVER_MAPPED | tag
         mmu.present_leaf += K
         total_alloc = 0
-        for lvl, nf in new_keys.items():
+        for lvl, (shift, nf) in new_keys.items():
             nf = nf[nf < K]
             d = pt[lvl]
-            shift = {3: 27, 2: 18, 1: 9}[lvl]
             for k in (fg[nf] >> shift).tolist():
                 d[k] = tag
             mmu.present_pt_level[lvl] += len(nf)
             total_alloc += len(nf)
         mmu.present_pt += total_alloc
-        metrics.host_page_allocs["4k"] += len(ft)
+        metrics.host_page_allocs["4k"] += n_ft
         metrics.sptes_installed += K
         metrics.pt_pages_allocated += total_alloc
         # fault records: latency = exit .. the next VM entry (now + hold + entry - start)
         ever = (st & EVER_MAPPED) != 0
         refaults = int(ever.sum())
-        lat = t1 + hold + C["vm_entry"] - g1
+        lat = t1 + hold + E - g1
         metrics.record_faults(v.index, {"after_zap": refaults, "first_touch": K - refaults}, g1, lat,
                               ever.astype(np.int8))
         # accesses: the faulting access completes as the first access of the next guest run
@@ -352,29 +413,26 @@ class FaultRun:
         hits[a] = hits.get(a, 0) + consumed
         # per-vCPU time and stall, summed left to right as the per-fault path adds them
         tm = m_.time
-        tm["host"] = float(np.add.accumulate(np.concatenate(([tm["host"]], carry + exit_ns)))[-1])
-        tm["guest"] = float(np.add.accumulate(np.concatenate(([tm["guest"]], g1 - g0)))[-1])
-        inter = np.empty(2 * K + 1)
-        inter[0] = m_.stall_ns
-        inter[1::2] = exit_ns
-        inter[2::2] = hold
-        m_.stall_ns = float(np.add.accumulate(inter)[-1])
-        # mmu_lock: each fault's acquire applies the previous fault's deferred release (MmuLock._catch_up)
+        tm["host"] = _accumulate(tm["host"], carry + exit_ns)
+        tm["guest"] = _accumulate(tm["guest"], g1 - g0)
+        inter = np.empty(2 * K)
+        inter[0::2] = exit_ns
+        inter[1::2] = hold
+        m_.stall_ns = _accumulate(m_.stall_ns, inter)
+        # mmu_lock: each acquire applies the previous fault's deferred release (MmuLock._catch_up: the
+        # integral of holders over the hold, its hold time), then holds until its own release_after
         rel_t = t1 + hold
         stats = lock._role("fault")
-        h_inc = []
         if own is not None:
             since, role = lock._hold_since.pop(v)
             dt = own[0] - lock._last_t
             if dt:
                 lock._area_holders += dt * 1
-            st_own = lock._role(role)
-            st_own.hold_ns += own[0] - since
-        hh = (rel_t[:-1] - t1[:-1])
-        if len(hh):
-            lock._area_holders = float(np.add.accumulate(np.concatenate(([lock._area_holders], hh * 1)))[-1])
-            stats.hold_ns = float(np.add.accumulate(np.concatenate(([stats.hold_ns], rel_t[:-1] - t1[:-1])))[-1])
-        del h_inc
+            lock._role(role).hold_ns += own[0] - since
+        if K > 1:
+            dts = rel_t[:-1] - t1[:-1]
+            lock._area_holders = _accumulate(lock._area_holders, dts[dts != 0] * 1)
+            stats.hold_ns = _accumulate(stats.hold_ns, rel_t[:-1] - t1[:-1])
         lock._last_t = float(t1[-1])
         stats.acquisitions += K
         if own is None:
@@ -387,7 +445,7 @@ class FaultRun:
         lock._pending[:] = [(float(rel_t[-1]), lock._seq, v)]
         # the vCPU after its last fault, as the per-fault path leaves it
         v._carry = float(hold[-1])
-        v._entry = C["vm_entry"]
+        v._entry = float(E[-1])
         v._stalled_since = float(g1[-1])
         v._g0, v._g1 = float(g0[-1]), float(g1[-1])
         v._seq = -1  # the cached miss list predates these faults
@@ -395,6 +453,13 @@ class FaultRun:
         env.inlined += K
         self.vector_faults += K
         return K
+
+
+def _accumulate(start: float, increments: np.ndarray) -> float:
+    """``start`` plus each increment in turn, left to right (the bit pattern of a loop of ``+=``)."""
+    if len(increments) == 0:
+        return start
+    return float(np.add.accumulate(np.concatenate(([start], increments)))[-1])
 
 
 __all__ = ["FaultRun"]

@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from desim import faultrun
 from desim.engine import FastEnvironment, FastProcess, make_environment
 from desim.errors import DesimInputError
+from desim.profile import HostProfile, load_profile
 from desim.scenario import load_scenario
 from desim.vm import Vm
 
@@ -185,6 +186,24 @@ def test_vectorised_blocks_are_split_by_memslot_updates(policy):
     assert m["memslot_ioctls"] == 16 and vector > 0 and taken < m["faults"]
     if policy == "fast":
         assert m["faults_after_zap"] > 0 and m["ipis_sent"] > 0
+
+
+@pytest.mark.parametrize("policy", ["fast", "targeted"])
+def test_vectorised_blocks_with_drawn_costs(policy):
+    """Fault costs drawn per event (lognormal) and a fractional access time: the block's timeline is the
+    per-fault float loop, its draws are peeked and only those of the faults taken consumed."""
+    dumped = load_profile("tdp-icelake").model_dump()
+    for name in ("vm_entry", "vm_exit", "fault_handle", "host_alloc_4k", "faultin_resident", "spte_install"):
+        dumped["costs"][name]["dist"] = {"kind": "lognormal", "sigma": 0.3}
+    dumped["kernel"]["backing"] = "4k"
+    prof = HostProfile.model_validate(dumped)
+    sc = _populate_with_churn("tdp-icelake")
+    sc = sc.with_overrides({"phases.0.access_ns": 37.3})
+    ref = fingerprint(Vm(sc, policy, seed=2, engine="reference", profile=prof))
+    vm = Vm(sc, policy, seed=2, engine="fast", profile=prof)
+    assert_same(ref, fingerprint(vm), policy)
+    taken, vector = batched(vm)
+    assert vector > 0.5 * vm.metrics.faults_by_cause()["first_touch"]
 
 
 @pytest.mark.parametrize("profile,costs", [("shadow-pvm", "sampled"), ("legacy-2020", "mean"),
