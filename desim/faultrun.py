@@ -48,6 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
 _EXACT = 2.0 ** 50  # integers below this add and subtract exactly in float64, in any order
 _VECTOR_MIN = 32  # a vectorised block pays off when about this many faults fit before the next event
 _VECTOR_MAX = 8192  # accesses looked at per vectorised block
+_BACKOFF_MAX = 16  # at most this many guest runs go by without a check (see FaultRun.missed)
 
 
 def next_event_at(queue: list) -> float:
@@ -80,6 +81,8 @@ class FaultRun:
         self._least_exit = (const.get("vm_exit", 0.0) + const.get("fault_handle", 0.0)
                             + min(const.get(name, 0.0) for name in ("faultin_resident", *_PRE_COST.values())))
         self.faults = 0  # faults taken in this loop (for benchmarks and tests)
+        self.backoff = 0  # guest runs to leave to the per-fault path before checking again (missed())
+        self._misses = 0
         self.vector_faults = 0  # of those, taken in vectorised blocks
         self._vector = self._vector_costs()
 
@@ -102,6 +105,13 @@ class FaultRun:
         if out["pt_page_alloc"][0] is not None or out["prefetch_spte"][0] is not None:
             return None  # per-unit costs are never drawn (desim.costs.PER_UNIT_COSTS)
         return out
+
+    def missed(self) -> None:
+        """The next guest run could not be taken: skip the next few checks (1, 2, 4, ... up to
+        ``_BACKOFF_MAX`` guest runs; a run taken resets it). Among busy vCPUs the check fails nearly
+        always and costs more than it saves; skipping it is always exact (the per-fault path runs)."""
+        self._misses = min(2 * self._misses + 1, _BACKOFF_MAX)
+        self.backoff = self._misses
 
     def batchable(self) -> bool:
         """Can the vCPU's next guest run be taken here? (The checks that do not need the run itself:
@@ -190,6 +200,7 @@ class FaultRun:
             ev, ctx = res
             if ctx[0] != "host" or not queue or queue[0][3] is not ev:
                 self.faults += taken
+                self._misses = 0
                 return taken, res  # waits for mmu_lock, or another event comes first
             # the host allocation's contention ends next: as Vcpu._fault_wait, without the round trip
             t0 = env._now
@@ -202,8 +213,13 @@ class FaultRun:
             res = v._fault_acquire(ctx[1])
             if res is not None:
                 self.faults += taken
+                self._misses = 0
                 return taken, res
         self.faults += taken
+        if taken:
+            self._misses = 0
+        else:
+            self.missed()
         return taken, None
 
 

@@ -31,6 +31,8 @@ until the guest window opens, GUEST inside it, HOST after), so kicks, SRCU
 readers and time accounting see exactly what an event per step would show.
 A kick that arrives before the guest window opens (the vCPU is still in the
 host) interrupts the run without an IPI, as a request checked before entry.
+On the fast engine, runs that end before any other event is due are taken
+without an event at all, many in one step (:mod:`desim.faultrun`).
 
 Simplifications: the cost of ``kvm_faultin_pfn`` (resident or first touch) is
 fixed when the guest run begins; ``fast_page_fault`` is not modelled (only non-present SPTEs
@@ -272,14 +274,19 @@ class Vcpu:
             if self.requests or self.root_tag != mmu.root_tag:
                 yield from self._pay_carry()
                 yield from self._service_requests()
-            if fault_run is not None and fault_run.batchable():
+            if fault_run is not None:
                 # the fast engine: faults that nothing can interact with, in one loop (desim/faultrun.py)
-                taken, res = fault_run.run()
-                if res is not None:
-                    yield from self._fault_wait(res)
-                    continue
-                if taken:
-                    continue
+                if fault_run.backoff:
+                    fault_run.backoff -= 1
+                elif fault_run.batchable():
+                    taken, res = fault_run.run()
+                    if res is not None:
+                        yield from self._fault_wait(res)
+                        continue
+                    if taken:
+                        continue
+                else:
+                    fault_run.missed()
             miss = self._next_miss()
             n = miss - self._pos
             faults = miss < len(self._chunk_list)
