@@ -80,6 +80,9 @@ class FaultRun:
         self._least_entry = const.get("vm_entry", 0.0)
         self._least_exit = (const.get("vm_exit", 0.0) + const.get("fault_handle", 0.0)
                             + min(const.get(name, 0.0) for name in ("faultin_resident", *_PRE_COST.values())))
+        mean = vcpu.vm.costs.mean  # the mean time of a fault, to size vectorised blocks (never a result)
+        self._mean_fault = max(mean("vm_entry") + mean("vm_exit") + mean("fault_handle") + mean("spte_install")
+                               + min(mean("faultin_resident"), mean("host_alloc_4k")), 1.0)
         self.faults = 0  # faults taken in this loop (for benchmarks and tests)
         self.backoff = 0  # guest runs to leave to the per-fault path before checking again (missed())
         self._misses = 0
@@ -251,11 +254,12 @@ class FaultRun:
         own = pend[0] if len(pend) == 1 and pend[0][2] is v else None
         if (pend and own is None) or lock.readers + int(lock.writer) != (1 if own else 0):
             return 0
-        if head - now < _VECTOR_MIN * (self._least_entry + self._least_exit):
+        expect = (head - now) / self._mean_fault  # about how many faults fit before the next event
+        if expect < _VECTOR_MIN:
             return 0
         # the faults: the first access to each gfn without a present SPTE (4 KiB mappings map one gfn)
         pos = v._pos
-        seg = v._chunk[pos:pos + _VECTOR_MAX]
+        seg = v._chunk[pos:pos + int(min(_VECTOR_MAX, max(256.0, 4 * expect)))]
         unmapped = np.flatnonzero(~mmu.mapped_mask(seg))
         if len(unmapped) == 0:
             return 0
