@@ -346,7 +346,23 @@ class Vcpu:
                 if res == "retry":
                     yield from self._retry_wait(g1)
                     continue
-                yield from self._fault_wait(res)
+                # inline rather than through _fault_wait: a lock storm waits at nearly every fault
+                ev, ctx = res
+                if ctx[0] == "host":
+                    # the host allocation's contention, then mmu_lock
+                    t0 = env.now
+                    yield ev
+                    self.m.stall_ns += env.now - t0
+                    self.m.time[HOST] += env.now - t0
+                    res = self._fault_acquire(ctx[1])
+                    if res is None:
+                        continue
+                    ev, ctx = res
+                t0 = env.now
+                handoff = yield ev
+                self.m.stall_ns += env.now - t0
+                self.m.time[HOST] += env.now - t0
+                self._fault_locked(ctx, handoff)
 
     def _fault_wait(self, res: tuple) -> Generator:
         """A fault that must wait (``res`` from :meth:`_fault_begin`): the host allocation's contention,
