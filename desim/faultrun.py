@@ -263,8 +263,12 @@ class FaultRun:
         unmapped = np.flatnonzero(~mmu.mapped_mask(seg))
         if len(unmapped) == 0:
             return 0
-        _, first = np.unique(seg[unmapped], return_index=True)
-        fpos = unmapped[np.sort(first)]
+        g = seg[unmapped]
+        if len(g) < 2 or bool((g[1:] > g[:-1]).all()):
+            fpos = unmapped  # increasing gfns (a sequential pass): each is a first access
+        else:
+            _, first = np.unique(g, return_index=True)
+            fpos = unmapped[np.sort(first)]
         fg = seg[fpos].astype(np.int64)
         ss = mmu.slot_of(int(fg[0]))
         if ss is None or ss.slot.invalid or ss.slot.dirty_logging or ss.block.backing != "4k":
@@ -277,6 +281,7 @@ class FaultRun:
         fpos, fg = fpos[:K], fg[:K]
         rel = fg - base
         st = ss.state[rel]
+        increasing = len(fg) < 2 or bool((fg[1:] > fg[:-1]).all())
         resident = (st & HOST_RESIDENT) != 0
         # page-table pages each fault allocates (Mmu.install): the first fault under a table without one;
         # needs every present PT page's parents present (always so; checked, as install assumes it)
@@ -286,7 +291,11 @@ class FaultRun:
         new_keys = {}
         for lvl, shift in ((3, 27), (2, 18), (1, 9)):
             keys = fg >> shift
-            uk, fi = np.unique(keys, return_index=True)
+            if increasing:  # sorted keys: each new value's first index, without a sort
+                fi = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+                uk = keys[fi]
+            else:
+                uk, fi = np.unique(keys, return_index=True)
             d = pt[lvl]
             tagged = np.fromiter((d.get(k) == tag for k in uk.tolist()), dtype=bool, count=len(uk))
             if lvl == 1 and tagged.any():
