@@ -379,7 +379,8 @@ class FaultRun:
         ft = np.flatnonzero(~resident[:K])
         if len(ft):
             vmm_alloc = costs("vmm_host_alloc_4k", len(ft))
-            m = vm.hostmm.first_touches_4k(v.index, t1[ft] - vmm_alloc)
+            slack = 0.0 if isinstance(vmm_alloc, float) else float(vmm_alloc.max() - vmm_alloc.min())
+            m = vm.hostmm.first_touches_4k(v.index, t1[ft] - vmm_alloc, t1[ft], slack)
             if m < len(ft):
                 K = int(ft[m])  # that first touch waits for the host allocator: the per-fault path
                 ft = ft[:m]

@@ -107,13 +107,17 @@ class HostMm:
         extra += self._zero(t + extra, pages)
         return extra
 
-    def first_touches_4k(self, cpu: int, t: "np.ndarray") -> int:
-        """:meth:`first_touch` of 4 KiB pages by ``cpu`` at the times ``t`` (increasing), in one step, for as
-        long as none of them waits: returns how many were applied (the first one that would wait is not).
+    def first_touches_4k(self, cpu: int, t: "np.ndarray", order: "np.ndarray", slack: float) -> int:
+        """:meth:`first_touch` of 4 KiB pages by ``cpu`` at the times ``t``, in one step, for as long as none
+        of them waits: returns how many were applied (the first one that might wait is not).
 
-        The same state changes as that many calls (desim/faultrun.py relies on it): a per-CPU list refill
-        every ``PCP_BATCH`` pages and an LRU drain every ``lru_batch`` that find their lock free, and
-        zeroings that never overlap enough to saturate the memory bandwidth.
+        ``order`` is an increasing array with ``t[j] = order[j] - x[j]`` and ``slack`` bounds the spread
+        of the ``x`` (the times come from faults in order; their allocations started a drawn cost
+        earlier). The same state changes as that many calls (desim/faultrun.py relies on it): a per-CPU
+        list refill every ``PCP_BATCH`` pages and an LRU drain every ``lru_batch`` that find their lock
+        free, and zeroings that never saturate the memory bandwidth (bounded from above: at most
+        the zeroings still running from before plus those of this CPU started less than
+        ``clear_page_4k + slack`` of ``order`` earlier).
         """
         tl = t.tolist()
         m = len(tl)
@@ -121,13 +125,15 @@ class HostMm:
             return 0
         base = 1 * self.clear_page_4k
         z = self._zeroing
-        inflight = sum(1 for e in z if e > tl[0]) + 1
-        if inflight * 1 * self.membw_4k > base:
-            return 0
-        # each zeroing must end before the next starts (else two are in flight)
-        overlap = np.flatnonzero((t[:-1] + base) > t[1:])
-        if len(overlap):
-            m = int(overlap[0]) + 1
+        t_min = float(t.min())
+        older = sum(1 for e in z if e > t_min)
+        # own zeroings that can still run when the j-th starts: started within base + slack of order
+        recent = np.arange(m) - np.searchsorted(order, order - (base + slack), side="right")
+        ok = (2 + older + recent) * 1 * self.membw_4k <= base  # one more: rounding at the window's edge
+        if not ok.all():
+            m = int(np.argmin(ok))
+            if m == 0:
+                return 0
         left = self._pcp.get(cpu, 0)
         zone_free = self.zone.free_at
         refills = []
@@ -158,9 +164,15 @@ class HostMm:
             self.lru.free_at = tl[j] + self.lru_batch * self.lru_lock_page
         self.lru.holds += len(drains)
         self._lru_pending[cpu] = (pend + m) % self.lru_batch if pend + m >= self.lru_batch else pend + m
-        last = tl[m - 1]
-        self._zeroing = [e for e in z if e > last]
-        self._zeroing.append(last + base)
+        # the heap after the m-th call: an entry is gone once a call's time reached it (each call pops
+        # every entry <= its time), so what is left is each entry above every later call's time
+        tm = t[:m]
+        after = np.maximum.accumulate(tm[::-1])[::-1]  # max of t[j:] for each j
+        latest = float(after[0])
+        left_old = [e for e in z if e > latest]
+        ends = tm + base  # heapq.heappush(z, t + took), took = base (no stretch)
+        later = np.append(after[1:], -np.inf)  # max of the calls after each one
+        self._zeroing = left_old + ends[ends > later].tolist()
         heapq.heapify(self._zeroing)
         return m
 
