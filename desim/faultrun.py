@@ -40,7 +40,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .mmu import EVER_MAPPED, HOST_RESIDENT, KEEP_BITS
 
 if TYPE_CHECKING:  # pragma: no cover
     from .vcpu import Vcpu
@@ -279,32 +278,10 @@ class FaultRun:
         if K == 0:
             return 0
         fpos, fg = fpos[:K], fg[:K]
-        rel = fg - base
-        st = ss.state[rel]
-        increasing = len(fg) < 2 or bool((fg[1:] > fg[:-1]).all())
-        resident = (st & HOST_RESIDENT) != 0
-        # page-table pages each fault allocates (Mmu.install): the first fault under a table without one;
-        # needs every present PT page's parents present (always so; checked, as install assumes it)
-        tag = mmu.root_tag
-        pt = mmu.pt_tags
-        alloc = np.zeros(K, dtype=np.int64)
-        new_keys = {}
-        for lvl, shift in ((3, 27), (2, 18), (1, 9)):
-            keys = fg >> shift
-            if increasing:  # sorted keys: each new value's first index, without a sort
-                fi = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
-                uk = keys[fi]
-            else:
-                uk, fi = np.unique(keys, return_index=True)
-            d = pt[lvl]
-            tagged = np.fromiter((d.get(k) == tag for k in uk.tolist()), dtype=bool, count=len(uk))
-            if lvl == 1 and tagged.any():
-                for k in uk[tagged].tolist():
-                    if pt[2].get(k >> 9) != tag or pt[3].get(k >> 18) != tag:
-                        return 0
-            nf = np.sort(fi[~tagged])
-            alloc[nf] += 1
-            new_keys[lvl] = (shift, nf)
+        plan = mmu.plan_install_4k(ss, fg)
+        if plan is None:
+            return 0
+        resident, ever, alloc = plan.resident, plan.ever_mapped, plan.allocated
         # the costs of K faults, in each stream's order (peeked, consumed below for the faults taken)
         ft_idx = np.cumsum(~resident) - 1  # index of each first touch among the first touches
         res_idx = np.cumsum(resident) - 1
@@ -387,7 +364,7 @@ class FaultRun:
             if K == 0:
                 return 0
         # -- commit K faults ---------------------------------------------------------------
-        fpos, fg, rel, st, alloc, n = fpos[:K], fg[:K], rel[:K], st[:K], alloc[:K], n[:K]
+        fpos, fg, alloc, n, ever = fpos[:K], fg[:K], alloc[:K], n[:K], ever[:K]
         carry, entry, exit_ns, hold, t1, E = carry[:K], entry[:K], exit_ns[:K], hold[:K], t1[:K], E[:K]
         n_ft = len(ft)
         n_res = K - n_ft
@@ -404,23 +381,11 @@ class FaultRun:
         g1 = g0 + entry + n * a
         metrics = vm.metrics
         m_ = v.m
-        # SPTEs (Mmu.make_resident + Mmu.install at 4 KiB) and page-table pages
-        ss.state[rel] = (st & KEEP_BITS) | HOST_RESIDENT | EVER_MAPPED | tag
-        mmu.present_leaf += K
-        total_alloc = 0
-        for lvl, (shift, nf) in new_keys.items():
-            nf = nf[nf < K]
-            d = pt[lvl]
-            for k in (fg[nf] >> shift).tolist():
-                d[k] = tag
-            mmu.present_pt_level[lvl] += len(nf)
-            total_alloc += len(nf)
-        mmu.present_pt += total_alloc
+        total_alloc = mmu.commit_install_4k(plan, K)  # Mmu.make_resident + Mmu.install, K times
         metrics.host_page_allocs["4k"] += n_ft
         metrics.sptes_installed += K
         metrics.pt_pages_allocated += total_alloc
         # fault records: latency = exit .. the next VM entry (now + hold + entry - start)
-        ever = (st & EVER_MAPPED) != 0
         refaults = int(ever.sum())
         lat = t1 + hold + E - g1
         metrics.record_faults(v.index, {"after_zap": refaults, "first_touch": K - refaults}, g1, lat,
