@@ -107,8 +107,11 @@ class GuestAddressSpaces:
     """VM-wide: the root shadow pages in ``mmu_page_hash``, one per process (pgd)."""
 
     def __init__(self, processes: int, switch_ns: float, pt_write_share: float, pgd_gfn: int | None,
-                 root_level: int) -> None:
+                 root_level: int, process_pages: int = 0, process_gfn: int = 0, user_share: float = 0.0) -> None:
         self.processes = processes
+        self.process_pages = process_pages  # private pages per process, from process_gfn + p * process_pages
+        self.process_gfn = process_gfn
+        self.user_share = user_share
         self.switch_ns = switch_ns if processes > 1 else 0.0
         self.pt_write_share = pt_write_share
         self._pgd_gfn = pgd_gfn
@@ -182,13 +185,33 @@ class VcpuAddressSpace:
         self.left_ns = guest.switch_ns if guest.switch_ns > 0 else math.inf
         self._cr3_rng = stream(vm.seed, vm.replication, f"guest/cr3/vcpu{index}")
         self._ptw_rng = stream(vm.seed, vm.replication, f"guest/pt_write/vcpu{index}")
+        self._user_rng = stream(vm.seed, vm.replication, f"guest/user/vcpu{index}")
         self._ptw: list[int] = []  # chunk positions of accesses that write a guest page table
+        self._user_pos = np.zeros(0, np.int64)  # chunk positions of accesses to the process's private pages
+        self._user_idx = np.zeros(0, np.int64)  # and which private page each touches
         self.dropping: ShadowRoot | None = None  # the LRU root evicted by a CR3 write, until mmu_free_root_page
 
     # -- the access stream --------------------------------------------------------------
-    def new_chunk(self, n: int) -> None:
-        if self.guest.pt_write_share > 0:
-            self._ptw = np.flatnonzero(self._ptw_rng.random(n) < self.guest.pt_write_share).tolist()
+    def new_chunk(self, chunk: np.ndarray) -> np.ndarray:
+        """A new chunk of the vCPU's stream: draw its page-table writes and its accesses to the running
+        process's private pages (returned in a copy of the chunk, the stream's own arrays untouched)."""
+        g = self.guest
+        n = len(chunk)
+        if g.pt_write_share > 0:
+            self._ptw = np.flatnonzero(self._ptw_rng.random(n) < g.pt_write_share).tolist()
+        if g.user_share > 0:
+            self._user_pos = np.flatnonzero(self._user_rng.random(n) < g.user_share)
+            self._user_idx = self._user_rng.integers(0, g.process_pages, len(self._user_pos), dtype=np.int64)
+            chunk = chunk.copy()
+            self.retarget(chunk, 0)
+        return chunk
+
+    def retarget(self, chunk: np.ndarray, pos: int) -> None:
+        """Point the private-page accesses of ``chunk`` from ``pos`` on at the running process's pages."""
+        g = self.guest
+        i = int(np.searchsorted(self._user_pos, pos))
+        if i < len(self._user_pos):
+            chunk[self._user_pos[i:]] = g.process_gfn + self.process * g.process_pages + self._user_idx[i:]
 
     def next_stop(self, v: "Vcpu", miss: int) -> tuple[int, str]:
         """Where the guest run from ``v._pos`` ends, and why: ``"cr3"`` (a CR3 write before that access),
@@ -287,6 +310,10 @@ def kvm_set_cr3(v: "Vcpu") -> Generator:
     o = int(st._cr3_rng.integers(g.processes - 1))
     st.process = o if o < st.process else o + 1
     vm.metrics.cr3_switches += 1
+    if g.user_share > 0 and v._chunk is not None:
+        # the rest of the chunk's private-page accesses are the new process's
+        st.retarget(v._chunk, v._pos)
+        v.chunk_rewritten()
     if not g.per_root:
         v.requests |= KVM_REQ_TLB_FLUSH
         return

@@ -392,6 +392,12 @@ class GuestSpec(_Model):
     """With ``processes`` >= 2: each vCPU writes CR3 (switches to another process, drawn uniformly from its own stream) after every ``context_switch_us`` of its guest time."""
     pt_write_share: float = Field(default=0.0, ge=0, le=1)
     """The share of guest accesses that write the guest page-table entry mapping the accessed page: a write-protection fault (emulated) while that table is shadowed."""
+    process_pages: int = Field(default=0, ge=0, le=1 << 31)
+    """Private (user-space) pages of each process, mapped only through its own page tables: process p's are at ``process_gpa`` + p x ``process_pages`` x 4 KiB."""
+    process_gpa: Size | None = Field(default=None, ge=0)
+    """gpa of process 0's private pages (with ``process_pages``; all processes' pages must lie in one of ``vm.memslots``)."""
+    user_share: float = Field(default=0.0, ge=0, le=1)
+    """The share of guest accesses that go to the running process's private pages (uniformly; the rest are the phases' accesses)."""
     pgd_gpa: Size | None = Field(default=None, ge=0)
     """gpa of process 0's top-level guest page table (process p's at ``pgd_gpa`` + p x 4 KiB): a targeted zap of the slot holding it zaps that process's root. Unset: not placed in any slot."""
 
@@ -402,6 +408,13 @@ class GuestSpec(_Model):
                              "runs a process before it writes CR3)")
         if self.processes == 1 and self.context_switch_us > 0:
             raise ValueError("context_switch_us needs processes >= 2 (a CR3 write switches to another process)")
+        if (self.process_pages > 0) != (self.user_share > 0):
+            raise ValueError("process_pages and user_share go together (private pages, and the share of accesses "
+                             "that touch them)")
+        if self.process_pages > 0 and self.process_gpa is None:
+            raise ValueError("process_pages needs process_gpa (where process 0's private pages are)")
+        if self.process_gpa is not None and self.process_gpa % PAGE_SIZE:
+            raise ValueError("process_gpa must be a multiple of 4 KiB")
         if self.pgd_gpa is not None and self.pgd_gpa % PAGE_SIZE:
             raise ValueError("pgd_gpa must be a multiple of 4 KiB (a page table is a page)")
         return self
@@ -462,6 +475,17 @@ class Scenario(_Model):
                                  "the phase's random streams and its phase_<name>_ns metric)")
             seen.add(p.name)
         return v
+
+    @model_validator(mode="after")
+    def _guest_layout(self) -> "Scenario":
+        g = self.guest
+        if g.process_pages > 0:
+            lo = g.process_gpa
+            hi = lo + g.processes * g.process_pages * PAGE_SIZE
+            if not any(m.gpa <= lo and hi <= m.gpa + m.size for m in self.vm.memslots):
+                raise ValueError(f"guest.process_gpa: the private pages of {g.processes} process(es) "
+                                 f"(gpa {lo:#x}-{hi:#x}) must lie inside one of vm.memslots")
+        return self
 
     @model_validator(mode="after")
     def _policy(self) -> "Scenario":

@@ -174,15 +174,20 @@ class Vcpu:
         chunk = self.stream.next_chunk() if self.stream is not None else None
         if chunk is None:
             return False
+        if self.gas is not None:
+            chunk = self.gas.new_chunk(chunk)  # page-table writes and private-page accesses (desim/guest_as.py)
         self._chunk = chunk
         self._chunk_list = _as_sequence(chunk)
         self.access_ns = self.stream.access_ns
         self.vm.metrics.accesses_assigned += len(chunk)
-        if self.gas is not None:
-            self.gas.new_chunk(len(chunk))
         self._pos = 0
         self._seq = -1
         return True
+
+    def chunk_rewritten(self) -> None:
+        """The rest of the chunk changed (a CR3 write retargeted its private-page accesses)."""
+        self._chunk_list = _as_sequence(self._chunk)
+        self._seq = -1
 
     def _next_miss(self) -> int:
         """Index in the chunk of the next access that will fault (or len(chunk))."""

@@ -82,8 +82,10 @@ class Vm:
         g = scenario.guest
         # shadow paging only: guest processes (roots per CR3, prev_roots) and page-table writes (desim/guest_as.py)
         self.guest = GuestAddressSpaces(g.processes, g.context_switch_us * 1e3, g.pt_write_share,
-                                        None if g.pgd_gpa is None else g.pgd_gpa >> 12, k.root_level) \
-            if k.mmu == "shadow" and (g.processes > 1 or g.pt_write_share > 0) else None
+                                        None if g.pgd_gpa is None else g.pgd_gpa >> 12, k.root_level,
+                                        g.process_pages, 0 if g.process_gpa is None else g.process_gpa >> 12,
+                                        g.user_share) \
+            if k.mmu == "shadow" and (g.processes > 1 or g.pt_write_share > 0 or g.user_share > 0) else None
         self.audit = Audit(self) if audit else None
         self._next_ua = 0x7F0000000000
         self._ua_by_slot: dict[int, int] = {}
