@@ -558,6 +558,14 @@ class Mmu:
         ``kvm_mmu_invalidate_mmio_sptes`` (mmu.c) strips the address-space bit
         and zaps everything (``kvm_mmu_zap_all_fast``) when what is left of the
         generation in ``MMIO_SPTE_GEN_MASK`` is 0: once every 2^18 swaps.
+        Checked against Linux 6.1.176: mmu.c ``kvm_mmu_invalidate_mmio_sptes``
+        does ``gen &= MMIO_SPTE_GEN_MASK; gen &= ~((u64)KVM_ADDRESS_SPACE_NUM - 1);
+        if (unlikely(gen == 0)) kvm_mmu_zap_all_fast(kvm);`` with
+        ``MMIO_SPTE_GEN_MASK`` = ``GENMASK_ULL(8 + 11 - 1, 0)`` (spte.h: 8 low and
+        11 high generation bits in the SPTE), called from x86.c
+        ``kvm_arch_memslots_updated`` with the new generation
+        (virt/kvm/kvm_main.c ``kvm_swap_active_memslots``: ``gen +=
+        KVM_ADDRESS_SPACE_NUM``).
         """
         self.memslots_generation += KVM_ADDRESS_SPACE_NUM
         gen = self.memslots_generation & MMIO_SPTE_GEN_MASK & ~(KVM_ADDRESS_SPACE_NUM - 1)
