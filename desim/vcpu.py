@@ -277,7 +277,7 @@ class Vcpu:
                     continue
                 if not self._chunk_list:
                     continue  # an empty chunk: the stream has a pause next
-            if self.requests or self.root_tag != mmu.root_tag:
+            if self.requests or self.root_tag != mmu.root_tag or (self.gas is not None and not self.gas.root_usable()):
                 yield from self._pay_carry()
                 yield from self._service_requests()
                 # per-CR3 roots: vcpu_enter_guest checks the requests again once in guest mode (a zap while

@@ -10,6 +10,8 @@ shadowed guest page tables are write-protection faults (kvm_mmu_pte_write). TDP 
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from desim.errors import DesimInputError
 from desim.scenario import validate_scenario
@@ -135,3 +137,55 @@ def test_bad_guest_tables_are_refused_with_the_field(guest, error):
     data["guest"] = guest
     with pytest.raises(DesimInputError, match=error):
         validate_scenario(data, "test")
+
+
+def _inv():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("_gas_inv", Path(__file__).with_name("test_invariants.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+INV = _inv()
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(phases=INV.scripts(), policy=st.sampled_from(["fast", "targeted"]), vcpus=st.integers(1, 3),
+       processes=st.integers(2, 6), pt_write_share=st.sampled_from([0.0, 0.02]),
+       pgd_gpa=st.sampled_from([7 * MiB, 16 * MiB, 24 * MiB]))
+def test_no_vcpu_runs_on_an_obsolete_or_zapped_root_for_any_script(phases, policy, vcpus, processes,
+                                                                    pt_write_share, pgd_gpa):
+    """The audit (desim/audit.py) checks at every guest entry: a valid root of the running process,
+    linked where the run accesses, root_count = the vCPUs holding it; it raises on a violation."""
+    from conftest import scenario
+
+    guest = {"processes": processes, "context_switch_us": 5, "pt_write_share": pt_write_share,
+             "process_pages": 32, "process_gpa": 4 * MiB, "user_share": 0.2, "pgd_gpa": pgd_gpa}
+    sc = scenario(vcpus=vcpus, ram_mib=8, phases=phases, profile="shadow-pvm", kernel={"backing": "4k"},
+                  guest=guest)
+    vm = Vm(sc, policy, seed=5, audit=True)
+    m = vm.run().metrics
+    assert m["accesses"] == vm.metrics.accesses_assigned > 0
+    held = sum(len(v.gas.held()) for v in vm.vcpus)
+    assert held == sum(r.root_count for r in vm.guest.roots.values()) + sum(
+        r.root_count for r in vm.guest.zapped_in_use)
+
+
+def test_the_audit_catches_a_vcpu_keeping_an_obsolete_root(monkeypatch):
+    """Break kvm_mmu_free_obsolete_roots (drop nothing, take every root for usable): the next guest
+    entry after a fast zap must be refused."""
+    import desim.vcpu
+    from desim.audit import InvariantViolation
+    from desim.guest_as import VcpuAddressSpace
+
+    def keep(v):
+        return
+        yield
+
+    monkeypatch.setattr(desim.vcpu, "free_obsolete_roots", keep)
+    monkeypatch.setattr(VcpuAddressSpace, "root_usable", lambda self: True)
+    with pytest.raises(InvariantViolation, match="obsolete or zapped root"):
+        _run(_data(4, ops=TOGGLES), "fast")
