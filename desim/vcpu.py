@@ -21,6 +21,11 @@ It follows ``vcpu_run`` / ``vcpu_enter_guest`` (arch/x86/kvm/x86.c):
 4. A kick (IPI from ``kvm_make_all_cpus_request``) interrupts the guest run;
    the accesses done until then are consumed, the vCPU exits and acks.
 5. With no work the vCPU is HALTED (SRCU released, not woken by requests).
+6. Shadow paging with guest processes or page-table writes (``[guest]``,
+   desim/guest_as.py): a guest run also ends at a CR3 write (``kvm_set_cr3``:
+   ``prev_roots`` hit, or a root to load before re-entry), at a write to a
+   write-protected guest page table (emulated: ``kvm_mmu_pte_write``) and at
+   an access through a top-level entry the vCPU's root has not linked yet.
 
 Event economy (the simulator must handle millions of faults): one guest run
 is one SimPy timeout covering the rest of the previous fault's lock hold, VM
