@@ -56,10 +56,12 @@ functions in 6.12+, where ``kvm_mmu_pte_write`` is ``kvm_mmu_track_write``):
   write flooding (``detect_write_flooding``) or unprotect-and-retry
   (``kvm_mmu_unprotect_page``).
 
-Simplifications: a process's top-level table is its only private shadow page
-(the guest's user-space mappings below it are not modelled: every access goes
-through the shared kernel mappings, whose leaf SPTEs live in
-:class:`desim.mmu.Mmu`); a write hits the last-level guest table that maps the
+Simplifications: the shadow pages below the roots are those of
+:class:`desim.mmu.Mmu`, keyed by the gfn region they map rather than by (guest
+table, role): the phases' accesses go through mappings every process shares
+(the guest kernel's), and each process's private pages (``process_pages``, at
+their own gfns) get their own leaf SPTEs and last-level shadow pages, while the
+upper levels are shared; a root is the only shadow page per process; a write hits the last-level guest table that maps the
 accessed gfn, write-protected while its shadow page (the PT page of the gfn's
 2 MiB region in :class:`desim.mmu.Mmu`) exists; a
 top-level entry maps 512 GiB (4-level) or 256 TiB (5-level); the lockless
