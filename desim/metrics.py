@@ -181,7 +181,7 @@ class Metrics:
         if len(self._stall_buf) > self._stall_spill_at:
             self._stall_lat.spill()
             del self._stall_time[:]
-            self._stall_spill_at = SPILL_BATCH
+            self._stall_spill_at = min(SPILL_BATCH, self.sample_limit)
 
     def _spill_faults(self) -> None:
         """Beyond ``sample_limit`` faults: fold the samples into the sketch and the time histograms."""
@@ -195,7 +195,7 @@ class Metrics:
         del self._fault_time[:]
         del self._fault_is_refault[:]
         self._fault_lat.spill()
-        self._fault_spill_at = SPILL_BATCH
+        self._fault_spill_at = min(SPILL_BATCH, self.sample_limit)
 
     # -- raw samples (exact runs only) -----------------------------------------
     @property
@@ -239,8 +239,9 @@ class Metrics:
     @property
     def samples_nbytes(self) -> int:
         """Bytes held by per-sample arrays and sketches (the memory benchmark)."""
+        hists = sum(h.counts.nbytes for h in (self._fault_hist, self._refault_hist) if h is not None)
         return (self._fault_lat.nbytes + self._stall_lat.nbytes + 8 * len(self._fault_time)
-                + len(self._fault_is_refault) + 8 * len(self._stall_time))
+                + len(self._fault_is_refault) + 8 * len(self._stall_time) + hists)
 
     def access_latency_percentiles(self, qs: tuple[float, ...] = (50, 90, 99, 99.9)) -> list[float]:
         """Percentiles of per-access latency: hits at their access_ns, stalled accesses as recorded."""
