@@ -305,8 +305,12 @@ class Mmu:
         unit holding its hva (a huge SPTE marks its unit, not each page)."""
         rel = gfn - ss.slot.base_gfn
         block = ss.block
-        if block.state.get(ss.off + rel) & EVER_MAPPED:
+        i = ss.off + rel
+        mv = block.state.mvs[i >> CHUNK_SHIFT_4K]
+        if mv is not None and mv[i & _M4K] & EVER_MAPPED:
             return True
+        if not (block.state2m.live or block.state1g.live):
+            return False  # nothing ever mapped huge in this block
         upage = (ss.slot.ua >> 12) + rel
         bpage = block.ua >> 12
         return bool((block.state2m.get((upage >> 9) - (bpage >> 9)) | block.state1g.get((upage >> 18) - (bpage >> 18)))
@@ -373,7 +377,10 @@ class Mmu:
 
     def host_resident(self, ss: SlotSptes, gfn: int, hlevel: int) -> bool:
         if hlevel == PG_LEVEL_4K:
-            return bool(ss.block.state.get(ss.off + gfn - ss.slot.base_gfn) & HOST_RESIDENT)
+            st = ss.block.state
+            i = ss.off + gfn - ss.slot.base_gfn
+            mv = st.mvs[i >> CHUNK_SHIFT_4K]
+            return bool((st.fill if mv is None else mv[i & _M4K]) & HOST_RESIDENT)
         arr, i = ss.unit_state(gfn, hlevel)
         return bool(arr.get(i) & HOST_RESIDENT)
 
@@ -406,7 +413,12 @@ class Mmu:
         if level == PG_LEVEL_4K:
             st = ss.block.state
             i = ss.off + gfn - ss.slot.base_gfn
-            st.set(i, (st.get(i) & KEEP_BITS) | EVER_MAPPED | tag)
+            mv = st.mvs[i >> CHUNK_SHIFT_4K]
+            if mv is None:
+                st.set(i, (st.fill & KEEP_BITS) | EVER_MAPPED | tag)
+            else:
+                j = i & _M4K
+                mv[j] = (mv[j] & KEEP_BITS) | EVER_MAPPED | tag
         else:
             # the unit's byte says "ever mapped" for each of its pages (see ever_mapped)
             arr, i = ss.unit_state(gfn, level)
