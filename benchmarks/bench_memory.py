@@ -45,7 +45,7 @@ else:
         "profile_overrides": {{"kernel": {{"backing": spec["backing"]}}}},
         "vm": {{"vcpus": spec["vcpus"], "memslots": [{{"id": 0, "gpa": 0, "size": spec["ram"]}}]}},
         "phases": [{{"name": "populate", "pattern": "sequential", "slot": 0, "sharing": "private",
-                     "access_ns": 200}}]}})
+                     "access_ns": 200}}]}}, "bench_memory")
 t = time.perf_counter()
 vm = Vm(sc, spec["policy"], seed=1)
 res = vm.run()
