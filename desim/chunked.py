@@ -147,6 +147,22 @@ class ChunkedBytes:
             if or_bits:
                 np.bitwise_or(seg, or_bits, out=seg)
 
+    def put(self, idx: np.ndarray, values: np.ndarray | int) -> None:
+        """``x[idx] = values`` (an integer array and an array or a scalar), allocating as needed."""
+        if len(idx) == 0:
+            return
+        vals = np.broadcast_to(np.asarray(values, dtype=np.uint8), idx.shape)
+        c = idx >> self.shift
+        for cc in ((int(c[0]),) if c[0] == c[-1] and (c == c[0]).all() else np.unique(c)):
+            cc = int(cc)
+            arr = self.chunks[cc]
+            sel = c == cc
+            if arr is None:
+                if (vals[sel] == self.fill).all():
+                    continue
+                arr = self._alloc(cc)
+            arr[idx[sel] - (cc << self.shift)] = vals[sel]
+
     def update_all(self, and_bits: int, or_bits: int = 0) -> None:
         """``x = (x & and_bits) | or_bits`` everywhere: the fill changes too, nothing is allocated."""
         for arr in self.live.values():
@@ -156,4 +172,44 @@ class ChunkedBytes:
         self.fill = (self.fill & and_bits) | or_bits
 
 
-__all__ = ["ChunkedBytes"]
+class ChunkedView:
+    """``n`` entries of a :class:`ChunkedBytes` from ``off`` on, indexed like a numpy array.
+
+    Integer, integer-array and slice indexing read (a slice or an array gives a copy) and write
+    through to the store, so ``view[idx] = view[idx] | bits`` works as on an array view."""
+
+    __slots__ = ("store", "off", "n")
+
+    def __init__(self, store: ChunkedBytes, off: int, n: int) -> None:
+        self.store, self.off, self.n = store, off, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _idx(self, key) -> np.ndarray | int:
+        if isinstance(key, slice):
+            return np.arange(*key.indices(self.n), dtype=np.int64) + self.off
+        if isinstance(key, (int, np.integer)):
+            k = int(key)
+            if not -self.n <= k < self.n:
+                raise IndexError(k)
+            return self.off + (k % self.n)
+        return np.asarray(key, dtype=np.int64) + self.off
+
+    def __getitem__(self, key):
+        i = self._idx(key)
+        return self.store.get(i) if isinstance(i, int) else self.store.take(i)
+
+    def __setitem__(self, key, value) -> None:
+        i = self._idx(key)
+        if isinstance(i, int):
+            self.store.set(i, int(value))
+        else:
+            self.store.put(i, value)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        a = self.store.to_array(self.off, self.off + self.n)
+        return a if dtype is None else a.astype(dtype)
+
+
+__all__ = ["ChunkedBytes", "ChunkedView"]

@@ -163,6 +163,26 @@ class Metrics:
         if len(self._lat_buf) > self._fault_spill_at:
             self._spill_faults()
 
+    def record_faults(self, vcpu: int, causes: dict[str, int], start_ns: np.ndarray, latency_ns: np.ndarray,
+                      refault: np.ndarray) -> None:
+        """:meth:`record_fault` for many faults of one vCPU, in order (a batch of the fast engine)."""
+        f = self.vcpus[vcpu].faults
+        for c, n in causes.items():
+            f[c] += n
+        self._lat_buf.frombytes(np.ascontiguousarray(latency_ns, dtype=np.float64).tobytes())
+        self._fault_time.frombytes(np.ascontiguousarray(start_ns, dtype=np.float64).tobytes())
+        self._fault_is_refault.frombytes(np.ascontiguousarray(refault, dtype=np.int8).tobytes())
+        if len(self._lat_buf) > self._fault_spill_at:
+            self._spill_faults()
+
+    def record_access_stalls(self, start_ns: np.ndarray, latency_ns: np.ndarray, access_ns: float) -> None:
+        """:meth:`record_access_stall` for many accesses, in order (a batch of the fast engine)."""
+        self._stall_buf.frombytes(np.ascontiguousarray(latency_ns, dtype=np.float64).tobytes())
+        self._stall_time.frombytes(np.ascontiguousarray(start_ns, dtype=np.float64).tobytes())
+        self.hit_ns[access_ns] = self.hit_ns.get(access_ns, 0) - len(latency_ns)
+        if len(self._stall_buf) > self._stall_spill_at:
+            self._spill_stalls()
+
     def record_faults_alike(self, start_ns: float, latency_ns: float, n: int) -> None:
         """``n`` faults with the same start and latency, none a re-fault (RET_PF_RETRY rounds).
 
@@ -179,23 +199,33 @@ class Metrics:
         self._stall_time.append(start_ns)
         self.hit_ns[access_ns] = self.hit_ns.get(access_ns, 0) - 1
         if len(self._stall_buf) > self._stall_spill_at:
-            self._stall_lat.spill()
-            del self._stall_time[:]
+            self._spill_stalls()
+
+    # Samples are folded in fixed blocks of sample index (the first sample_limit, then SPILL_BATCH at a
+    # time), whatever the batches they were recorded in: one-by-one and batched recording (the two
+    # engines) give the same sketches and sums, bit for bit.
+    def _spill_stalls(self) -> None:
+        while len(self._stall_buf) > self._stall_spill_at:
+            n = self._stall_spill_at
+            self._stall_lat.spill(n)
+            del self._stall_time[:n]
             self._stall_spill_at = min(SPILL_BATCH, self.sample_limit)
 
     def _spill_faults(self) -> None:
         """Beyond ``sample_limit`` faults: fold the samples into the sketch and the time histograms."""
         if self._fault_hist is None:
             self._fault_hist, self._refault_hist = TimeHistogram(), TimeHistogram()
-        t = np.frombuffer(self._fault_time, dtype=np.float64).copy()
-        r = np.frombuffer(self._fault_is_refault, dtype=np.int8).astype(bool)
-        self._fault_hist.add_many(t)
-        self._refault_hist.add_many(t[r])
-        del t, r
-        del self._fault_time[:]
-        del self._fault_is_refault[:]
-        self._fault_lat.spill()
-        self._fault_spill_at = min(SPILL_BATCH, self.sample_limit)
+        while len(self._lat_buf) > self._fault_spill_at:
+            n = self._fault_spill_at
+            t = np.frombuffer(self._fault_time, dtype=np.float64, count=n).copy()
+            r = np.frombuffer(self._fault_is_refault, dtype=np.int8, count=n).astype(bool)
+            self._fault_hist.add_many(t)
+            self._refault_hist.add_many(t[r])
+            del t, r
+            del self._fault_time[:n]
+            del self._fault_is_refault[:n]
+            self._fault_lat.spill(n)
+            self._fault_spill_at = min(SPILL_BATCH, self.sample_limit)
 
     # -- raw samples (exact runs only) -----------------------------------------
     @property

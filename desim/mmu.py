@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .chunked import ChunkedBytes
+from .chunked import ChunkedBytes, ChunkedView
 from .errors import DesimInputError
 from .memslot import KVM_MEMSLOT_INVALID, Memslot
 from .nx import ExecRanges
@@ -127,6 +127,12 @@ class SlotSptes:
     # gpa and hva congruent modulo the huge page size: a prerequisite of huge mappings
     congruent2m: bool = False
     congruent1g: bool = False
+
+    @property
+    def state(self) -> ChunkedView:
+        """The slot's 4 KiB-level bytes, one per gfn (``state[gfn - base_gfn]``), read and written
+        through to the block (integer, integer-array and slice indexing)."""
+        return ChunkedView(self.block.state, self.off, self.slot.npages)
 
     def leaf_bytes(self) -> np.ndarray:
         """A dense copy of the slot's 4 KiB-level bytes, one per gfn (tests, small slots)."""

@@ -164,14 +164,16 @@ class LatencySamples:
     def __len__(self) -> int:
         return len(self.values) + (self.sketch.n if self.sketch is not None else 0)
 
-    def spill(self, alpha: float = SKETCH_ALPHA) -> None:
-        """Fold the exact samples into the sketch (the first time: the run has become too large).
+    def spill(self, count: int | None = None, alpha: float = SKETCH_ALPHA) -> None:
+        """Fold the first ``count`` exact samples (default: all) into the sketch, as one block.
 
-        ``values`` is emptied in place, so a reference to it held by a hot loop stays valid."""
+        ``values`` loses them in place, so a reference to it held by a hot loop stays valid. Folding
+        the same blocks gives the same sketch and sums however the samples were appended."""
         if self.sketch is None:
             self.sketch = LogSketch(alpha)
-        self.sketch.add_many(np.frombuffer(self.values, dtype=np.float64).copy())
-        del self.values[:]
+        count = len(self.values) if count is None else count
+        self.sketch.add_many(np.frombuffer(self.values, dtype=np.float64, count=count).copy())
+        del self.values[:count]
 
     def maybe_spill(self) -> None:
         if len(self.values) > self.limit:

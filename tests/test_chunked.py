@@ -91,3 +91,17 @@ def test_4k_state_is_one_byte_per_page_when_everything_is_mapped():
         mmu.install(ss, g, PG_LEVEL_4K)
     assert mmu.present_leaf == npages and mmu.mapped_mask(np.arange(npages)).all()
     assert mmu.memory_bytes() <= npages * 1.001
+
+
+def test_a_slot_view_reads_and_writes_through_like_an_array():
+    mmu, ss = _guest("4k", 1 << 30)
+    view = ss.state
+    idx = np.array([0, 1, 70_000, 262_143])
+    view[idx] = np.array([1, 2, 3, 4], np.uint8)
+    view[5] = 9
+    view[10:13] = 7
+    assert view[idx].tolist() == [1, 2, 3, 4] and view[5] == 9 and view[10:14].tolist() == [7, 7, 7, 0]
+    assert np.asarray(view).sum() == 1 + 2 + 3 + 4 + 9 + 21 and len(view) == 262_144
+    mmu.remove_slot(0)  # QEMU re-creates a slot over part of the same RAM block: same state, an offset
+    other = mmu.add_slot(Memslot(id=1, base_gfn=1 << 20, npages=16, ua=(1 << 40) + (4 << 12)))
+    assert other.block is ss.block and other.off == 4 and other.state[0:3].tolist() == [0, 9, 0]

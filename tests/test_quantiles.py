@@ -135,3 +135,20 @@ def test_an_exact_run_reports_numpy_percentiles():
     s = m.summary()
     assert m.exact and s["fault_latency_p99_ns"] == float(np.percentile(x, 99))
     assert np.array_equal(np.frombuffer(m.fault_latency, dtype=np.float64), x)
+
+
+def test_batched_recording_equals_one_by_one_and_spills_alike():
+    rng = np.random.default_rng(2)
+    t, lat = np.cumsum(rng.exponential(100.0, 3000)), rng.lognormal(7.0, 1.0, 3000)
+    ref = rng.random(3000) < 0.3
+    for limit in (10_000, 500):
+        one, many = Metrics(1, sample_limit=limit), Metrics(1, sample_limit=limit)
+        for a, b, r in zip(t, lat, ref):
+            one.record_fault(0, "after_zap" if r else "first_touch", float(a), float(b))
+            one.record_access_stall(float(a), float(b), 50.0)
+        for s in range(0, 3000, 700):
+            sl = slice(s, s + 700)
+            many.record_faults(0, {"after_zap": int(ref[sl].sum()), "first_touch": int((~ref[sl]).sum())},
+                               t[sl], lat[sl], ref[sl].astype(np.int8))
+            many.record_access_stalls(t[sl], lat[sl], 50.0)
+        assert one.summary() == many.summary() and one.exact == (limit > 3000)
