@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import DesimInputError
-from .quantiles import EXACT_SAMPLE_LIMIT, LatencySamples, LogSketch, TimeHistogram
+from . import quantiles
+from .quantiles import LatencySamples, LogSketch, TimeHistogram
 
 SPILL_BATCH = 1 << 16  # once sketched, samples are folded in batches of this many
 
@@ -100,7 +101,7 @@ class Metrics:
 
     nvcpus: int
     vcpus: list[VcpuMetrics] = field(default_factory=list)
-    sample_limit: int = EXACT_SAMPLE_LIMIT  # samples of a kind kept exactly (see the module docstring)
+    sample_limit: int | None = None  # samples of a kind kept exactly (default EXACT_SAMPLE_LIMIT; module docstring)
     _fault_lat: LatencySamples = field(init=False, repr=False)
     _fault_time: array = field(default_factory=lambda: array("d"), repr=False)
     _fault_is_refault: array = field(default_factory=lambda: array("b"), repr=False)
@@ -148,6 +149,8 @@ class Metrics:
     def __post_init__(self) -> None:
         if not self.vcpus:
             self.vcpus = [VcpuMetrics() for _ in range(self.nvcpus)]
+        if self.sample_limit is None:
+            self.sample_limit = quantiles.EXACT_SAMPLE_LIMIT
         self._fault_lat = LatencySamples(self.sample_limit)
         self._stall_lat = LatencySamples(self.sample_limit)
         self._lat_buf = self._fault_lat.values  # hot path: the arrays appended to (emptied in place)

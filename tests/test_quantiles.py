@@ -152,3 +152,26 @@ def test_batched_recording_equals_one_by_one_and_spills_alike():
                                t[sl], lat[sl], ref[sl].astype(np.int8))
             many.record_access_stalls(t[sl], lat[sl], 50.0)
         assert one.summary() == many.summary() and one.exact == (limit > 3000)
+
+
+def test_a_run_beyond_the_limit_is_sketched_alike_on_both_engines(monkeypatch):
+    """A real run past the exact-sample limit (lowered here): both engines give the same sketched
+    metrics, within the sketch's bound of the exact run's percentiles, the same counts."""
+    from desim import quantiles
+    from desim.vm import Vm
+
+    from conftest import scenario
+
+    sc = scenario(vcpus=2, ram_mib=8, kernel={"backing": "4k"},
+                  phases=[{"name": "populate", "pattern": "sequential", "slot": 0, "sharing": "private"},
+                          {"name": "work", "pattern": "uniform", "slot": 0, "accesses": 3000,
+                           "memslot_ops": [{"at_us": 50, "op": "toggle", "slot": 5, "gpa": 64 << 20,
+                                            "size": 1 << 20, "hold_us": 20}]}])
+    exact = Vm(sc, "fast", seed=3).run().metrics
+    monkeypatch.setattr(quantiles, "EXACT_SAMPLE_LIMIT", 700)
+    runs = {e: Vm(sc, "fast", seed=3, engine=e).run() for e in ("reference", "fast")}
+    ref, fast = (runs[e].metrics for e in ("reference", "fast"))
+    assert ref == fast and not runs["fast"].raw.exact and ref["faults"] > 2000
+    for k in ("fault_latency_p50_ns", "fault_latency_p99_ns", "access_latency_p99_ns"):
+        assert abs(ref[k] - exact[k]) <= 0.0051 * exact[k] or ref[k] == exact[k], k
+    assert all(ref[k] == exact[k] for k in ("faults", "faults_after_zap", "completion_ns", "fault_latency_max_ns"))
