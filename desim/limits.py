@@ -17,11 +17,18 @@ VMM script by :func:`check_memslot`:
   enabled and 52 with shadow paging. The host MAXPHYADDR is the profile's
   ``kernel.phys_bits``; :func:`guest_phys_bits` picks the width.
 
-**Memory** (:func:`estimate_memory`): a run allocates its SPTE state up
-front (one byte per 4 KiB page of every RAM block behind a memslot, plus one
-per 2 MiB and per 1 GiB unit: :class:`desim.mmu.RamBlock`) and, for ``zipf``
-touches, a permutation and a CDF of 8 bytes each per page of the region. The
-estimate is compared with the memory this host has available
+**Memory** (:func:`estimate`): a run's SPTE state is one byte per mapping
+unit, allocated as mappings appear (:class:`desim.mmu.RamBlock`,
+:class:`desim.chunked.ChunkedBytes`), so the estimate counts, per memslot, the
+level it can be mapped at: one byte per 4 KiB page where 4 KiB mappings are
+possible all over it (4 KiB host backing, dirty logging at creation or by a
+``flags`` op, NX huge pages with code in the guest; the share of 2 MiB
+regions THP fails on with ``thp_fraction`` < 1), else one byte per 2 MiB
+(THP) or 1 GiB (hugetlbfs) unit plus the 4 KiB-level chunks a misaligned head
+and tail may need. Per-fault and per-stall samples add 33 bytes per access up
+to :data:`desim.quantiles.EXACT_SAMPLE_LIMIT` (beyond it they are a bounded
+sketch); ``zipf`` touches hold a permutation and a CDF of 8 bytes each per
+page of the region. The estimate is compared with the memory this host has available
 (``MemAvailable`` in ``/proc/meminfo``) times the runs that may be in memory
 at once (the worker count); beyond it the run is refused with the amount it
 would need.
@@ -47,7 +54,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import DesimInputError
-from .memslot import PAGE_SHIFT, MrChange
+from .memslot import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SHIFT, MrChange
+from .quantiles import EXACT_SAMPLE_LIMIT
 
 if TYPE_CHECKING:
     from .scenario import Scenario
@@ -59,6 +67,8 @@ MAX_ACCESSES_PER_RUN = 10**9
 MAX_MEMSLOT_IOCTLS_PER_RUN = 10**6
 MAX_IOCTL_VCPU_WORK_PER_RUN = 10**8  # memslot ioctls x vCPUs: each update may kick or IPI every vCPU
 ZIPF_BYTES_PER_PAGE = 16  # workload.make_stream: an int64 permutation and a float64 CDF per page
+# desim.metrics: a fault's latency, start and re-fault flag (17 bytes), a stalled access's latency and start (16)
+SAMPLE_BYTES_PER_ACCESS = 33
 
 
 def guest_phys_bits(mmu: str, host_phys_bits: int) -> int:
@@ -93,14 +103,23 @@ def check_memslot(gpa: int, size: int, phys_bits: int, where: str) -> None:
 
 def _slot_sizes(sc: "Scenario") -> dict[int, int]:
     """The largest size each slot id ever has (initial slots and CREATEs of every phase's script)."""
+    return {k: v[0] for k, v in _slots(sc).items()}
+
+
+def _slots(sc: "Scenario") -> dict[int, tuple[int, str | None, bool]]:
+    """Per slot id: (largest size, host backing if the slot sets one, ever dirty-logged)."""
     from .scenario import phase_ops
 
-    sizes = {s.id: s.size for s in sc.vm.memslots}
+    out = {s.id: (s.size, s.backing, bool(s.flags & KVM_MEM_LOG_DIRTY_PAGES)) for s in sc.vm.memslots}
     for phase in sc.phases:
         for op in phase_ops(phase):
+            size, backing, dirty = out.get(op.slot, (0, None, False))
             if op.op == MrChange.CREATE:
-                sizes[op.slot] = max(sizes.get(op.slot, 0), op.size)
-    return sizes
+                size = max(size, op.size)
+            if op.op in (MrChange.CREATE, MrChange.FLAGS_ONLY) and op.flags & KVM_MEM_LOG_DIRTY_PAGES:
+                dirty = True
+            out[op.slot] = (size, backing, dirty)
+    return out
 
 
 def _active(which: int | str, nvcpus: int) -> int:
@@ -131,10 +150,14 @@ def estimate(sc: "Scenario") -> WorkEstimate:
     """Accesses, memslot ioctls and memory of one run of ``sc`` (an upper-bound style estimate)."""
     from .scenario import phase_ops
 
-    sizes = _slot_sizes(sc)
+    slots = _slots(sc)
+    sizes = {k: v[0] for k, v in slots.items()}
     nv = sc.vm.vcpus
     accesses = ioctls = 0
-    memory = sum(_block_bytes(size) for size in sizes.values())
+    kernel = sc.host_profile().kernel
+    code = kernel.nx_huge_pages and any(t.exec_fraction > 0 for p in sc.phases for t in p.touch_list())
+    memory = sum(_block_bytes(size, backing or kernel.backing, kernel.thp_fraction, dirty or code)
+                 for size, backing, dirty in slots.values())
     for phase in sc.phases:
         ops = phase_ops(phase)
         ioctls += len(ops)
@@ -165,12 +188,23 @@ def estimate(sc: "Scenario") -> WorkEstimate:
                 accesses += touch.accesses * k
             if touch.pattern == "zipf":
                 memory += ZIPF_BYTES_PER_PAGE * pages * (1 if touch.sharing == "private" else k)
+    memory += SAMPLE_BYTES_PER_ACCESS * min(accesses, EXACT_SAMPLE_LIMIT)
     return WorkEstimate(accesses, ioctls, memory, nv)
 
 
-def _block_bytes(size: int) -> int:
+def _block_bytes(size: int, backing: str, thp_fraction: float, small_everywhere: bool) -> int:
+    """SPTE state of a RAM block of ``size`` bytes at most (desim.mmu: a byte per mapping unit)."""
+    from .mmu import CHUNK_SHIFT_4K, CHUNK_SHIFT_HUGE
+
     pages = size >> PAGE_SHIFT
-    return pages + (pages >> 9) + (pages >> 18) + 2
+    edges = 2 * (1 << CHUNK_SHIFT_4K) + 2 * (1 << CHUNK_SHIFT_HUGE)  # a misaligned head and tail
+    if backing == "4k" or small_everywhere:
+        small = pages
+    elif backing == "thp":
+        small = min(pages, int(pages * (1.0 - thp_fraction)) + edges)
+    else:
+        small = min(pages, edges)
+    return small + min(pages >> 9, (pages >> 9) if backing == "thp" else edges) + (pages >> 18) + 2
 
 
 def available_memory() -> int | None:
@@ -197,7 +231,7 @@ def check_memory(sc: "Scenario", concurrent_runs: int = 1, est: WorkEstimate | N
         runs = f" x {concurrent_runs} runs at once" if concurrent_runs > 1 else ""
         raise DesimInputError(
             f"scenario {sc.name}: would need ~{_fmt_bytes(need)} of memory ({_fmt_bytes(est.memory_bytes)} of "
-            f"SPTE state and access streams per run{runs}: 1 byte per 4 KiB page of every memslot, 16 per page "
+            f"SPTE state, samples and access streams per run{runs}: 1 byte per 4 KiB mapping, 16 per page "
             f"of a zipf region), but this host has {_fmt_bytes(avail)} available; use smaller memslots"
             + (" or fewer workers" if concurrent_runs > 1 else ""))
     return est

@@ -4,6 +4,16 @@ Everything a run reports is either a plain counter, a float accumulator, or a
 sample appended to an ``array('d')`` (8 bytes a sample, no Python object per
 event). Percentiles and time series are computed once, in :meth:`Metrics.summary`.
 
+Per-fault and per-stall samples are kept exactly while a run has at most
+``sample_limit`` of a kind (:data:`desim.quantiles.EXACT_SAMPLE_LIMIT`, far above
+any shipped workload or experiment at its default size), so percentiles are
+``numpy.percentile`` of every sample. Beyond it (a guest faulting on billions of
+pages) the samples are folded into a quantile sketch (latencies, within
+:data:`desim.quantiles.SKETCH_ALPHA` relative) and into time histograms (fault
+and re-fault times), and memory stays bounded: the raw samples
+(``fault_latency``, ``fault_time``, ...) are then gone, and asking for them
+is an error that says so.
+
 Fault causes partition the faults exactly:
 ``faults = first_touch + after_zap + retry + spurious`` where
 *first_touch* is the first fault on a gfn in the VM's life, *after_zap* a
@@ -30,6 +40,12 @@ from array import array
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .errors import DesimInputError
+from . import quantiles
+from .quantiles import LatencySamples, LogSketch, TimeHistogram
+
+SPILL_BATCH = 1 << 16  # once sketched, samples are folded in batches of this many
 
 FAULT_CAUSES = ("first_touch", "after_zap", "retry", "spurious", "mmio", "nx", "wp", "root_link")
 VCPU_STATES = ("guest", "host", "halted")
@@ -89,9 +105,14 @@ class Metrics:
 
     nvcpus: int
     vcpus: list[VcpuMetrics] = field(default_factory=list)
-    fault_latency: array = field(default_factory=lambda: array("d"))
-    fault_time: array = field(default_factory=lambda: array("d"))
-    fault_is_refault: array = field(default_factory=lambda: array("b"))
+    sample_limit: int | None = None  # samples of a kind kept exactly (default EXACT_SAMPLE_LIMIT; module docstring)
+    _fault_lat: LatencySamples = field(init=False, repr=False)
+    _fault_time: array = field(default_factory=lambda: array("d"), repr=False)
+    _fault_is_refault: array = field(default_factory=lambda: array("b"), repr=False)
+    _fault_hist: TimeHistogram | None = field(default=None, repr=False)  # beyond sample_limit: all faults
+    _refault_hist: TimeHistogram | None = field(default=None, repr=False)  # and re-faults, over time
+    _stall_lat: LatencySamples = field(init=False, repr=False)
+    _stall_time: array = field(default_factory=lambda: array("d"), repr=False)
     host_page_allocs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(HOST_PAGE_SIZES, 0))
     pt_pages_allocated: int = 0
     sptes_installed: int = 0
@@ -126,23 +147,61 @@ class Metrics:
     srcu_wait_ns: float = 0.0
     phase_end_ns: dict[str, float] = field(default_factory=dict)
     accesses_assigned: int = 0  # accesses handed to vCPUs in chunks (all must be consumed)
-    # accesses that stalled (a fault, retries, a kick): start time and latency until they completed;
-    # every other access took its touch's access_ns (hits, counted by access_ns in hit_ns)
-    access_stall: array = field(default_factory=lambda: array("d"))
-    access_stall_time: array = field(default_factory=lambda: array("d"))
+    # accesses that stalled (a fault, retries, a kick): start time and latency until they completed
+    # (access_stall, access_stall_time); every other access took its touch's access_ns (hits, counted
+    # by access_ns in hit_ns)
     hit_ns: dict[float, int] = field(default_factory=dict)
     completion_ns: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.vcpus:
             self.vcpus = [VcpuMetrics() for _ in range(self.nvcpus)]
+        if self.sample_limit is None:
+            self.sample_limit = quantiles.EXACT_SAMPLE_LIMIT
+        self._fault_lat = LatencySamples(self.sample_limit)
+        self._stall_lat = LatencySamples(self.sample_limit)
+        self._lat_buf = self._fault_lat.values  # hot path: the arrays appended to (emptied in place)
+        self._stall_buf = self._stall_lat.values
+        self._fault_spill_at = self._stall_spill_at = self.sample_limit
 
     # -- recording (hot path: keep tiny) -----------------------------------
     def record_fault(self, vcpu: int, cause: str, start_ns: float, latency_ns: float) -> None:
         self.vcpus[vcpu].faults[cause] += 1
-        self.fault_latency.append(latency_ns)
-        self.fault_time.append(start_ns)
-        self.fault_is_refault.append(1 if cause == "after_zap" else 0)
+        self._lat_buf.append(latency_ns)
+        self._fault_time.append(start_ns)
+        self._fault_is_refault.append(1 if cause == "after_zap" else 0)
+        if len(self._lat_buf) > self._fault_spill_at:
+            self._spill_faults()
+
+    def record_faults(self, vcpu: int, causes: dict[str, int], start_ns: np.ndarray, latency_ns: np.ndarray,
+                      refault: np.ndarray) -> None:
+        """:meth:`record_fault` for many faults of one vCPU, in order (a batch of the fast engine)."""
+        f = self.vcpus[vcpu].faults
+        for c, n in causes.items():
+            f[c] += n
+        self._lat_buf.frombytes(np.ascontiguousarray(latency_ns, dtype=np.float64).tobytes())
+        self._fault_time.frombytes(np.ascontiguousarray(start_ns, dtype=np.float64).tobytes())
+        self._fault_is_refault.frombytes(np.ascontiguousarray(refault, dtype=np.int8).tobytes())
+        if len(self._lat_buf) > self._fault_spill_at:
+            self._spill_faults()
+
+    def record_access_stalls(self, start_ns: np.ndarray, latency_ns: np.ndarray, access_ns: float) -> None:
+        """:meth:`record_access_stall` for many accesses, in order (a batch of the fast engine)."""
+        self._stall_buf.frombytes(np.ascontiguousarray(latency_ns, dtype=np.float64).tobytes())
+        self._stall_time.frombytes(np.ascontiguousarray(start_ns, dtype=np.float64).tobytes())
+        self.hit_ns[access_ns] = self.hit_ns.get(access_ns, 0) - len(latency_ns)
+        if len(self._stall_buf) > self._stall_spill_at:
+            self._spill_stalls()
+
+    def record_faults_alike(self, start_ns: float, latency_ns: float, n: int) -> None:
+        """``n`` faults with the same start and latency, none a re-fault (RET_PF_RETRY rounds).
+
+        The caller counts them by cause in its :class:`VcpuMetrics`."""
+        self._lat_buf.extend([latency_ns] * n)
+        self._fault_time.extend([start_ns] * n)
+        self._fault_is_refault.extend([0] * n)
+        if len(self._lat_buf) > self._fault_spill_at:
+            self._spill_faults()
 
     def record_faults(self, vcpu: int, causes: dict[str, int], start_ns: np.ndarray, latency_ns: np.ndarray,
                       refault: np.ndarray) -> None:
@@ -162,12 +221,93 @@ class Metrics:
 
     def record_access_stall(self, start_ns: float, latency_ns: float, access_ns: float) -> None:
         """An access that stalled completed; it was counted as a hit by ``access_ns`` when consumed."""
-        self.access_stall.append(latency_ns)
-        self.access_stall_time.append(start_ns)
+        self._stall_buf.append(latency_ns)
+        self._stall_time.append(start_ns)
         self.hit_ns[access_ns] = self.hit_ns.get(access_ns, 0) - 1
+        if len(self._stall_buf) > self._stall_spill_at:
+            self._spill_stalls()
+
+    # Samples are folded in fixed blocks of sample index (the first sample_limit, then SPILL_BATCH at a
+    # time), whatever the batches they were recorded in: one-by-one and batched recording (the two
+    # engines) give the same sketches and sums, bit for bit.
+    def _spill_stalls(self) -> None:
+        while len(self._stall_buf) > self._stall_spill_at:
+            n = self._stall_spill_at
+            self._stall_lat.spill(n)
+            del self._stall_time[:n]
+            self._stall_spill_at = min(SPILL_BATCH, self.sample_limit)
+
+    def _spill_faults(self) -> None:
+        """Beyond ``sample_limit`` faults: fold the samples into the sketch and the time histograms."""
+        if self._fault_hist is None:
+            self._fault_hist, self._refault_hist = TimeHistogram(), TimeHistogram()
+        while len(self._lat_buf) > self._fault_spill_at:
+            n = self._fault_spill_at
+            t = np.frombuffer(self._fault_time, dtype=np.float64, count=n).copy()
+            r = np.frombuffer(self._fault_is_refault, dtype=np.int8, count=n).astype(bool)
+            self._fault_hist.add_many(t)
+            self._refault_hist.add_many(t[r])
+            del t, r
+            del self._fault_time[:n]
+            del self._fault_is_refault[:n]
+            self._fault_lat.spill(n)
+            self._fault_spill_at = min(SPILL_BATCH, self.sample_limit)
+
+    # -- raw samples (exact runs only) -----------------------------------------
+    @property
+    def exact(self) -> bool:
+        """Every sample kept (the run stayed within ``sample_limit``): percentiles are exact."""
+        return self._fault_lat.exact and self._stall_lat.exact
+
+    def _raw(self, name: str, arr: array, exact: bool) -> array:
+        if not exact:
+            raise DesimInputError(
+                f"{name}: this run had more than {self.sample_limit:,} samples, so they were folded into a "
+                f"quantile sketch and time histograms (summary metrics only); per-sample analyses (latency "
+                f"tails around ops, plots, steady state) need a smaller run, or give --no-tails/--no-plots")
+        return arr
+
+    @property
+    def fault_latency(self) -> array:
+        """Every fault's latency (ns), in fault order; an error beyond ``sample_limit`` faults."""
+        return self._raw("fault_latency", self._lat_buf, self._fault_lat.exact)
+
+    @property
+    def fault_time(self) -> array:
+        """Every fault's start (ns)."""
+        return self._raw("fault_time", self._fault_time, self._fault_lat.exact)
+
+    @property
+    def fault_is_refault(self) -> array:
+        """1 for a re-fault after a zap (cause ``after_zap``), else 0."""
+        return self._raw("fault_is_refault", self._fault_is_refault, self._fault_lat.exact)
+
+    @property
+    def access_stall(self) -> array:
+        """Latency (ns) of every access that stalled."""
+        return self._raw("access_stall", self._stall_buf, self._stall_lat.exact)
+
+    @property
+    def access_stall_time(self) -> array:
+        """Start (ns) of every access that stalled."""
+        return self._raw("access_stall_time", self._stall_time, self._stall_lat.exact)
+
+    @property
+    def samples_nbytes(self) -> int:
+        """Bytes held by per-sample arrays and sketches (the memory benchmark)."""
+        hists = sum(h.counts.nbytes for h in (self._fault_hist, self._refault_hist) if h is not None)
+        return (self._fault_lat.nbytes + self._stall_lat.nbytes + 8 * len(self._fault_time)
+                + len(self._fault_is_refault) + 8 * len(self._stall_time) + hists)
 
     def access_latency_percentiles(self, qs: tuple[float, ...] = (50, 90, 99, 99.9)) -> list[float]:
         """Percentiles of per-access latency: hits at their access_ns, stalled accesses as recorded."""
+        if not self._stall_lat.exact:
+            sk = LogSketch(self._stall_lat.sketch.alpha)
+            sk.merge(self._stall_lat.sketch)
+            sk.add_many(np.frombuffer(self._stall_buf, dtype=np.float64))
+            for v, c in self.hit_ns.items():
+                sk.add_weighted(v, max(c, 0))
+            return sk.quantiles([q / 100 for q in qs])
         stalls = np.frombuffer(self.access_stall, dtype=np.float64)
         hv = np.array(sorted(self.hit_ns), dtype=np.float64)
         hc = np.array([max(self.hit_ns[k], 0) for k in sorted(self.hit_ns)], dtype=np.int64)
@@ -192,7 +332,21 @@ class Metrics:
         return {c: sum(v.faults[c] for v in self.vcpus) for c in FAULT_CAUSES}
 
     def faults_over_time(self, bins: int = 100) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(bin edges ns, all faults per bin, re-faults per bin) over the run."""
+        """(bin edges ns, all faults per bin, re-faults per bin) over the run.
+
+        Beyond ``sample_limit`` faults, from the time histograms: each native bin (at most 1/2048 of
+        the run) counts in the bin its midpoint falls in."""
+        if self._fault_hist is not None:
+            fh, rh = TimeHistogram(len(self._fault_hist.counts), self._fault_hist.width), None
+            fh.merge(self._fault_hist)
+            rh = TimeHistogram(len(fh.counts), self._refault_hist.width)
+            rh.merge(self._refault_hist)
+            t = np.frombuffer(self._fault_time, dtype=np.float64)
+            fh.add_many(t)
+            rh.add_many(t[np.frombuffer(self._fault_is_refault, dtype=np.int8).astype(bool)])
+            end = max(self.completion_ns, fh.end, 1.0)
+            edges = np.linspace(0.0, end, bins + 1)
+            return edges, fh.rebin(edges), rh.rebin(edges)
         t = np.frombuffer(self.fault_time, dtype=np.float64)
         r = np.frombuffer(self.fault_is_refault, dtype=np.int8).astype(bool)
         end = max(self.completion_ns, float(t.max()) if len(t) else 0.0, 1.0)
@@ -206,24 +360,22 @@ class Metrics:
         out["faults"] = sum(causes.values())
         for c, n in causes.items():
             out[f"faults_{c}"] = n
-        lat = np.frombuffer(self.fault_latency, dtype=np.float64)
-        if len(lat):
-            p50, p95, p99 = np.percentile(lat, [50, 95, 99])
-            out.update(fault_latency_mean_ns=float(lat.mean()), fault_latency_p50_ns=float(p50),
-                       fault_latency_p95_ns=float(p95), fault_latency_p99_ns=float(p99),
-                       fault_latency_max_ns=float(lat.max()))
+        fl = self._fault_lat
+        if len(fl):
+            p50, p95, p99 = fl.percentiles([50, 95, 99])
+            out.update(fault_latency_mean_ns=fl.mean(), fault_latency_p50_ns=p50,
+                       fault_latency_p95_ns=p95, fault_latency_p99_ns=p99,
+                       fault_latency_max_ns=fl.max())
         else:
             out.update(fault_latency_mean_ns=0.0, fault_latency_p50_ns=0.0, fault_latency_p95_ns=0.0,
                        fault_latency_p99_ns=0.0, fault_latency_max_ns=0.0)
-        if len(lat):
-            out["fault_latency_p90_ns"], out["fault_latency_p999_ns"] = (float(x) for x in
-                                                                         np.percentile(lat, [90, 99.9]))
+        if len(fl):
+            out["fault_latency_p90_ns"], out["fault_latency_p999_ns"] = fl.percentiles([90, 99.9])
         else:
             out["fault_latency_p90_ns"] = out["fault_latency_p999_ns"] = 0.0
         for q, v in zip(("p50", "p90", "p99", "p999"), self.access_latency_percentiles()):
             out[f"access_latency_{q}_ns"] = v
-        st = np.frombuffer(self.access_stall, dtype=np.float64)
-        out["access_stall_max_ns"] = float(st.max()) if len(st) else 0.0
+        out["access_stall_max_ns"] = self._stall_lat.max()
         out["accesses"] = sum(v.accesses for v in self.vcpus)
         out["mmio_exits"] = sum(v.mmio_exits for v in self.vcpus)
         for k, n in self.host_page_allocs.items():

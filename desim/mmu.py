@@ -4,14 +4,21 @@ What a KVM developer would find in ``struct kvm_arch`` and the TDP MMU's
 paging structure, reduced to what decides the cost of a fault or a zap:
 
 * **Leaf SPTEs** are kept per *host RAM block* (a QEMU RAM block: one hva
-  range), one ``uint8`` per 4 KiB page, plus one per 2 MiB and per 1 GiB unit
-  for huge mappings. A memslot's arrays are numpy *views* into its block, so
-  host memory (and its first-touch state) outlives a DELETE and is found again
-  when QEMU re-creates a slot over the same hva, as it does for a MOVE.
+  range), one byte per 4 KiB page, one per 2 MiB and one per 1 GiB unit (hva
+  aligned), each level a :class:`desim.chunked.ChunkedBytes` whose chunks are
+  allocated only when something at that level is first written: a 1 GiB SPTE
+  (or host page) is one byte at the 1 GiB level and nothing below, so the
+  state follows the mappings, not the RAM size (a 32 TiB guest on 1 GiB pages
+  holds ~32,768 bytes plus the few regions mapped smaller), and at most one
+  byte per 4 KiB page where everything is mapped at 4 KiB. A memslot reads
+  and writes its block's state at an offset, so host memory (and its
+  first-touch state) outlives a DELETE and is found again when QEMU
+  re-creates a slot over the same hva, as it does for a MOVE.
   Each byte packs: bits 0-5 the *root tag* of the SPTE (0 = not present),
-  bit 6 "was ever mapped" (tells a re-fault from a first-touch fault), bit 7
-  "host page resident" (the host has allocated and zeroed it). That is
-  ~1 byte per 4 KiB guest page.
+  bit 6 "was ever mapped" at that level (tells a re-fault from a first-touch
+  fault: a gfn was ever mapped if its 4 KiB byte or the byte of the 2 MiB or
+  1 GiB unit holding it says so), bit 7 "host page resident" at that level
+  (the host has allocated and zeroed a page of that size).
 * **Root tags** stand for ``mmu_valid_gen`` plus the roots built in that
   generation: an SPTE is present iff its tag equals the current ``root_tag``.
   ``kvm_mmu_zap_all_fast`` is therefore O(1) to apply (bump the tag); its cost
@@ -40,6 +47,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .chunked import ChunkedBytes, ChunkedView
 from .errors import DesimInputError
 from .memslot import KVM_MEMSLOT_INVALID, Memslot
 from .nx import ExecRanges
@@ -58,6 +66,12 @@ PTE_PREFETCH_NUM = 8  # arch/x86/kvm/mmu/mmu.c
 MMIO_SPTE_GEN_MASK = (1 << 19) - 1
 # x86 kvm_arch_nr_memslot_as_ids() with SMM: generations advance by 2 per swap (kvm_swap_active_memslots)
 KVM_ADDRESS_SPACE_NUM = 2
+# chunk sizes of the leaf state (entries): 4 KiB level 2^16 (256 MiB of guest, 64 KiB of state), 2 MiB and
+# 1 GiB levels 2^12 (8 GiB / 4 TiB of guest, 4 KiB of state): a chunk's own overhead (~300 bytes) stays small
+CHUNK_SHIFT_4K = 16
+CHUNK_SHIFT_HUGE = 12
+_M4K = (1 << CHUNK_SHIFT_4K) - 1
+_MHUGE = (1 << CHUNK_SHIFT_HUGE) - 1
 
 
 def _mix(x: int) -> float:
@@ -74,9 +88,9 @@ class RamBlock:
 
     ua: int
     npages: int
-    state: np.ndarray  # uint8 per 4 KiB page
-    state2m: np.ndarray  # uint8 per 2 MiB unit (hva-aligned)
-    state1g: np.ndarray  # uint8 per 1 GiB unit (hva-aligned)
+    state: ChunkedBytes  # a byte per 4 KiB page
+    state2m: ChunkedBytes  # a byte per 2 MiB unit (hva-aligned)
+    state1g: ChunkedBytes  # a byte per 1 GiB unit (hva-aligned)
     backing: str = "4k"  # host page size behind it: "4k", "thp" or "hugetlbfs-1g" (a QEMU memory backend)
 
     @classmethod
@@ -84,14 +98,18 @@ class RamBlock:
         upage = ua >> 12
         n2m = ((upage + npages - 1) >> 9) - (upage >> 9) + 1
         n1g = ((upage + npages - 1) >> 18) - (upage >> 18) + 1
-        return cls(ua, npages, np.zeros(npages, np.uint8), np.zeros(n2m, np.uint8), np.zeros(n1g, np.uint8),
-                   backing)
+        return cls(ua, npages, ChunkedBytes(npages, CHUNK_SHIFT_4K), ChunkedBytes(n2m, CHUNK_SHIFT_HUGE),
+                   ChunkedBytes(n1g, CHUNK_SHIFT_HUGE), backing)
 
     def prealloc(self) -> None:
         """Every host page already present (QEMU ``-mem-prealloc``, or an image the VMM wrote):
         a fault then finds the page resident (``faultin_resident``, no host allocation)."""
         for arr in (self.state, self.state2m, self.state1g):
-            np.bitwise_or(arr, HOST_RESIDENT, out=arr)
+            arr.update_all(0xFF, HOST_RESIDENT)
+
+    @property
+    def nbytes(self) -> int:
+        return self.state.nbytes + self.state2m.nbytes + self.state1g.nbytes
 
     def covers(self, ua: int, npages: int) -> bool:
         return self.ua <= ua and ua + (npages << 12) <= self.ua + (self.npages << 12)
@@ -99,23 +117,28 @@ class RamBlock:
 
 @dataclass
 class SlotSptes:
-    """A memslot and the views of its SPTE state into its RAM block."""
+    """A memslot and where its SPTE state lies in its RAM block.
+
+    The slot's gfn ``g`` is the block's 4 KiB entry ``off + g - base_gfn``, and
+    the 2 MiB / 1 GiB unit of the block holding its hva (see :meth:`unit_state`).
+    """
 
     slot: Memslot
     block: RamBlock
-    state: np.ndarray  # view: one byte per gfn of the slot
+    off: int = 0  # the slot's first page in the block ((ua - block.ua) >> 12)
     # gpa and hva congruent modulo the huge page size: a prerequisite of huge mappings
     congruent2m: bool = False
     congruent1g: bool = False
-    # hot-path helpers: memoryviews give fast scalar reads/writes of the same bytes
-    mv: memoryview = field(init=False, repr=False)
-    mv2m: memoryview = field(init=False, repr=False)
-    mv1g: memoryview = field(init=False, repr=False)
 
-    def __post_init__(self) -> None:
-        self.mv = memoryview(self.state)
-        self.mv2m = memoryview(self.block.state2m)
-        self.mv1g = memoryview(self.block.state1g)
+    @property
+    def state(self) -> ChunkedView:
+        """The slot's 4 KiB-level bytes, one per gfn (``state[gfn - base_gfn]``), read and written
+        through to the block (integer, integer-array and slice indexing)."""
+        return ChunkedView(self.block.state, self.off, self.slot.npages)
+
+    def leaf_bytes(self) -> np.ndarray:
+        """A dense copy of the slot's 4 KiB-level bytes, one per gfn (tests, small slots)."""
+        return self.block.state.to_array(self.off, self.off + self.slot.npages)
 
     def huge_ok(self, gfn: int, level: int) -> bool:
         """Can ``gfn`` be mapped at ``level`` as far as the slot's layout goes?
@@ -132,7 +155,7 @@ class SlotSptes:
         # the block always covers the whole slot, so inside the slot means inside the VMA
         return self.slot.base_gfn <= lo and lo + (1 << shift) <= self.slot.base_gfn + self.slot.npages
 
-    def unit_state(self, gfn: int, level: int) -> tuple[np.ndarray, int]:
+    def unit_state(self, gfn: int, level: int) -> tuple[ChunkedBytes, int]:
         """(array, index) of the huge-unit byte covering ``gfn`` in the RAM block."""
         upage = (self.slot.ua >> 12) + (gfn - self.slot.base_gfn)
         if level == PG_LEVEL_2M:
@@ -213,8 +236,7 @@ class Mmu:
                     f"memslot {slot.id} (gfn {slot.base_gfn:#x}+{slot.npages:#x}) overlaps memslot {s.slot.id} "
                     f"(gfn {s.slot.base_gfn:#x}+{s.slot.npages:#x}); KVM returns -EEXIST")
         block = self._block_for(slot.ua, slot.npages)
-        off = (slot.ua - block.ua) >> 12
-        ss = SlotSptes(slot, block, block.state[off:off + slot.npages])
+        ss = SlotSptes(slot, block, (slot.ua - block.ua) >> 12)
         ss.congruent2m = ((slot.base_gfn ^ (slot.ua >> 12)) & 511) == 0
         ss.congruent1g = ((slot.base_gfn ^ (slot.ua >> 12)) & ((1 << 18) - 1)) == 0
         self.slots[slot.id] = ss
@@ -256,24 +278,51 @@ class Mmu:
         return self._mapped_in(ss, gfn)
 
     def _mapped_in(self, ss: SlotSptes, gfn: int) -> bool:
-        # hot path: scalar reads through memoryviews. A huge tag in the block is only ever set
-        # for a unit lying entirely inside a live slot (install checks huge_ok; aliasing slots
-        # get private blocks; DELETE/MOVE zap first), so no bounds check is needed here.
+        # hot path: scalar reads through the chunks' memoryviews. A huge tag in the block is only
+        # ever set for a unit lying entirely inside a live slot (install checks huge_ok; aliasing
+        # slots get private blocks; DELETE/MOVE zap first), so no bounds check is needed here.
         tag = self.root_tag
         rel = gfn - ss.slot.base_gfn
-        if ss.mv[rel] & TAG_MASK == tag:
+        i = ss.off + rel
+        block = ss.block
+        mv = block.state.mvs[i >> CHUNK_SHIFT_4K]
+        if mv is not None and mv[i & _M4K] & TAG_MASK == tag:
             return True
-        if ss.block.backing == "4k":
+        if block.backing == "4k":
             return False
         if self.nx_exec is not None and self.nx_exec.is_exec(gfn):
             return False  # NX huge pages: a huge SPTE is not executable, the fetch faults (desim/nx.py)
         upage = (ss.slot.ua >> 12) + rel
-        bpage = ss.block.ua >> 12
-        if ss.congruent2m and ss.mv2m[(upage >> 9) - (bpage >> 9)] & TAG_MASK == tag:
-            return True
-        if ss.congruent1g and ss.mv1g[(upage >> 18) - (bpage >> 18)] & TAG_MASK == tag:
-            return True
+        bpage = block.ua >> 12
+        if ss.congruent2m:
+            j = (upage >> 9) - (bpage >> 9)
+            mv = block.state2m.mvs[j >> CHUNK_SHIFT_HUGE]
+            if mv is not None and mv[j & _MHUGE] & TAG_MASK == tag:
+                return True
+        if ss.congruent1g:
+            j = (upage >> 18) - (bpage >> 18)
+            mv = block.state1g.mvs[j >> CHUNK_SHIFT_HUGE]
+            if mv is not None and mv[j & _MHUGE] & TAG_MASK == tag:
+                return True
         return False
+
+    def ever_mapped(self, ss: SlotSptes, gfn: int) -> bool:
+        """Was ``gfn``'s memory ever mapped (at any level)? Tells a re-fault from a first-touch fault.
+
+        The "was ever mapped" bit of its 4 KiB byte, or of the 2 MiB or 1 GiB
+        unit holding its hva (a huge SPTE marks its unit, not each page)."""
+        rel = gfn - ss.slot.base_gfn
+        block = ss.block
+        i = ss.off + rel
+        mv = block.state.mvs[i >> CHUNK_SHIFT_4K]
+        if mv is not None and mv[i & _M4K] & EVER_MAPPED:
+            return True
+        if not (block.state2m.live or block.state1g.live):
+            return False  # nothing ever mapped huge in this block
+        upage = (ss.slot.ua >> 12) + rel
+        bpage = block.ua >> 12
+        return bool((block.state2m.get((upage >> 9) - (bpage >> 9)) | block.state1g.get((upage >> 18) - (bpage >> 18)))
+                    & EVER_MAPPED)
 
     def mapped_mask(self, gfns: np.ndarray) -> np.ndarray:
         """Vectorised ``is_mapped`` over an array of gfns."""
@@ -294,7 +343,7 @@ class Mmu:
             if len(g) == 0:
                 continue
             rel = g - ss.slot.base_gfn
-            m = (ss.state[rel] & TAG_MASK) == self.root_tag
+            m = (ss.block.state.take(ss.off + rel) & TAG_MASK) == self.root_tag
             if ss.block.backing != "4k":
                 huge = np.zeros(len(g), dtype=bool)
                 if ss.congruent2m:
@@ -312,7 +361,7 @@ class Mmu:
         shift = LEVEL_SHIFT[level]
         upage = (ss.slot.ua >> 12) + rel
         u = (upage >> shift) - ((ss.block.ua >> 12) >> shift)
-        m = (arr[u] & TAG_MASK) == self.root_tag
+        m = (arr.take(u) & TAG_MASK) == self.root_tag
         if m.any():
             # a huge SPTE counts only where the unit lies entirely in the slot
             lo = ((rel + ss.slot.base_gfn) >> shift) << shift
@@ -328,7 +377,7 @@ class Mmu:
         if backing in ("thp", "hugetlbfs-1g") and ss.huge_ok(gfn, PG_LEVEL_2M):
             if backing == "hugetlbfs-1g" or self.thp_fraction >= 1.0:
                 return PG_LEVEL_2M
-            arr, i = ss.unit_state(gfn, PG_LEVEL_2M)
+            _, i = ss.unit_state(gfn, PG_LEVEL_2M)
             # whether THP succeeded for this hva unit is a fixed property of the unit
             if _mix((ss.block.ua >> 21) * 1000003 + i) < self.thp_fraction:
                 return PG_LEVEL_2M
@@ -336,16 +385,19 @@ class Mmu:
 
     def host_resident(self, ss: SlotSptes, gfn: int, hlevel: int) -> bool:
         if hlevel == PG_LEVEL_4K:
-            return bool(ss.mv[gfn - ss.slot.base_gfn] & HOST_RESIDENT)
+            st = ss.block.state
+            i = ss.off + gfn - ss.slot.base_gfn
+            mv = st.mvs[i >> CHUNK_SHIFT_4K]
+            return bool((st.fill if mv is None else mv[i & _M4K]) & HOST_RESIDENT)
         arr, i = ss.unit_state(gfn, hlevel)
-        return bool(arr[i] & HOST_RESIDENT)
+        return bool(arr.get(i) & HOST_RESIDENT)
 
     def make_resident(self, ss: SlotSptes, gfn: int, hlevel: int) -> None:
         if hlevel == PG_LEVEL_4K:
-            ss.mv[gfn - ss.slot.base_gfn] |= HOST_RESIDENT
+            ss.block.state.or_(ss.off + gfn - ss.slot.base_gfn, HOST_RESIDENT)
         else:
             arr, i = ss.unit_state(gfn, hlevel)
-            arr[i] |= HOST_RESIDENT
+            arr.or_(i, HOST_RESIDENT)
 
     # -- install -------------------------------------------------------------
     def install(self, ss: SlotSptes, gfn: int, level: int) -> int:
@@ -366,15 +418,19 @@ class Mmu:
                     allocated += 1
                     self.present_pt_level[lvl] += 1
             self.present_pt += allocated
-        rel = gfn - ss.slot.base_gfn
         if level == PG_LEVEL_4K:
-            ss.mv[rel] = (ss.mv[rel] & KEEP_BITS) | EVER_MAPPED | tag
+            st = ss.block.state
+            i = ss.off + gfn - ss.slot.base_gfn
+            mv = st.mvs[i >> CHUNK_SHIFT_4K]
+            if mv is None:
+                st.set(i, (st.fill & KEEP_BITS) | EVER_MAPPED | tag)
+            else:
+                j = i & _M4K
+                mv[j] = (mv[j] & KEEP_BITS) | EVER_MAPPED | tag
         else:
+            # the unit's byte says "ever mapped" for each of its pages (see ever_mapped)
             arr, i = ss.unit_state(gfn, level)
-            arr[i] = (arr[i] & KEEP_BITS) | tag
-            shift = LEVEL_SHIFT[level]
-            lo = ((gfn >> shift) << shift) - ss.slot.base_gfn
-            ss.state[lo:lo + (1 << shift)] |= EVER_MAPPED
+            arr.set(i, (arr.get(i) & KEEP_BITS) | EVER_MAPPED | tag)
         self.present_leaf += 1
         return allocated
 
@@ -438,14 +494,15 @@ class Mmu:
         out = []
         base, end = ss.slot.base_gfn, ss.slot.end_gfn
         tag = self.root_tag
-        mv = ss.mv
+        get = ss.block.state.get
+        off = ss.off - base
         for g in range(max(start, base), min(start + PTE_PREFETCH_NUM, end)):
             if g == gfn:
                 continue
-            b = mv[g - base]
+            b = get(off + g)
             if b & TAG_MASK == tag or not b & HOST_RESIDENT:
                 continue
-            if need_accessed and not b & EVER_MAPPED:
+            if need_accessed and not self.ever_mapped(ss, g):
                 continue
             out.append(g)
         return out
@@ -478,14 +535,14 @@ class Mmu:
     def _clear_all_tags(self) -> None:
         for b in self.blocks:
             for arr in (b.state, b.state2m, b.state1g):
-                np.bitwise_and(arr, KEEP_BITS, out=arr)
+                arr.update_all(KEEP_BITS)
         for d in self.pt_tags.values():
             d.clear()
         self.mmio_sptes.clear()
         self.obsolete_roots.clear()
 
-    def _huge_range(self, ss: SlotSptes, level: int) -> np.ndarray | None:
-        """The block's huge-unit bytes for the units lying entirely inside the slot (a view)."""
+    def _huge_range(self, ss: SlotSptes, level: int) -> tuple[ChunkedBytes, int, int] | None:
+        """The block's huge-unit bytes ``(array, lo, hi)`` for the units lying entirely inside the slot."""
         if not (ss.congruent2m if level == PG_LEVEL_2M else ss.congruent1g):
             return None
         shift = LEVEL_SHIFT[level]
@@ -494,15 +551,15 @@ class Mmu:
         if last <= first:
             return None
         arr, i0 = ss.unit_state(first << shift, level)
-        return arr[i0:i0 + (last - first)]
+        return arr, i0, i0 + (last - first)
 
     def slot_leaf_counts(self, ss: SlotSptes) -> dict[int, int]:
         """Present leaf SPTEs of a slot by level (for the targeted zap's cost)."""
         tag = self.root_tag
-        counts = {PG_LEVEL_4K: int(np.count_nonzero((ss.state & TAG_MASK) == tag))}
+        counts = {PG_LEVEL_4K: ss.block.state.count_masked(ss.off, ss.off + ss.slot.npages, TAG_MASK, tag)}
         for level in (PG_LEVEL_2M, PG_LEVEL_1G):
-            seg = self._huge_range(ss, level)
-            counts[level] = 0 if seg is None else int(np.count_nonzero((seg & TAG_MASK) == tag))
+            r = self._huge_range(ss, level)
+            counts[level] = 0 if r is None else r[0].count_masked(r[1], r[2], TAG_MASK, tag)
         return counts
 
     def slot_pt_pages(self, ss: SlotSptes) -> int:
@@ -538,11 +595,10 @@ class Mmu:
             other = self.slot_of(r << 9)
             if other is None:
                 continue
-            a = max(r << 9, other.slot.base_gfn) - other.slot.base_gfn
-            b = min((r + 1) << 9, other.slot.end_gfn) - other.slot.base_gfn
-            seg = other.state[a:b]
-            n = int(np.count_nonzero((seg & TAG_MASK) == tag))
-            np.bitwise_and(seg, KEEP_BITS, out=seg)
+            a = max(r << 9, other.slot.base_gfn) - other.slot.base_gfn + other.off
+            b = min((r + 1) << 9, other.slot.end_gfn) - other.slot.base_gfn + other.off
+            n = other.block.state.count_masked(a, b, TAG_MASK, tag)
+            other.block.state.update_range(a, b, KEEP_BITS)
             children += n
         self.present_leaf -= children
         if regions:
@@ -565,8 +621,8 @@ class Mmu:
             return level
         if ss.congruent2m and ss.huge_ok(gfn, PG_LEVEL_2M):
             arr, i = ss.unit_state(gfn, PG_LEVEL_2M)
-            if arr[i] & TAG_MASK == self.root_tag:
-                arr[i] &= KEEP_BITS
+            if arr.get(i) & TAG_MASK == self.root_tag:
+                arr.and_(i, KEEP_BITS)
                 self.present_leaf -= 1
                 self.zap_seq += 1
                 self.nx_fetch_splits += 1
@@ -586,11 +642,10 @@ class Mmu:
         ss = self.slot_of(region << 9)
         zapped = 0
         if ss is not None:
-            lo = max(region << 9, ss.slot.base_gfn) - ss.slot.base_gfn
-            hi = min((region + 1) << 9, ss.slot.end_gfn) - ss.slot.base_gfn
-            seg = ss.state[lo:hi]
-            zapped = int(np.count_nonzero((seg & TAG_MASK) == self.root_tag))
-            np.bitwise_and(seg, KEEP_BITS, out=seg)
+            lo = max(region << 9, ss.slot.base_gfn) - ss.slot.base_gfn + ss.off
+            hi = min((region + 1) << 9, ss.slot.end_gfn) - ss.slot.base_gfn + ss.off
+            zapped = ss.block.state.count_masked(lo, hi, TAG_MASK, self.root_tag)
+            ss.block.state.update_range(lo, hi, KEEP_BITS)
         if self.pt_tags[1].get(region) == self.root_tag:
             del self.pt_tags[1][region]
             self.present_pt -= 1
@@ -665,10 +720,10 @@ class Mmu:
         """``kvm_unmap_gfn_range`` over the whole slot: clear its leaf SPTEs, keep non-leaf ones."""
         counts = self.slot_leaf_counts(ss)
         for level in (PG_LEVEL_2M, PG_LEVEL_1G):
-            seg = self._huge_range(ss, level)
-            if seg is not None:
-                np.bitwise_and(seg, KEEP_BITS, out=seg)
-        np.bitwise_and(ss.state, KEEP_BITS, out=ss.state)
+            r = self._huge_range(ss, level)
+            if r is not None:
+                r[0].update_range(r[1], r[2], KEEP_BITS)
+        ss.block.state.update_range(ss.off, ss.off + ss.slot.npages, KEEP_BITS)
         self.present_leaf -= sum(counts.values())
         self.zap_seq += 1
         return counts
@@ -678,9 +733,9 @@ class Mmu:
         counts = self.slot_leaf_counts(ss)
         n = counts[PG_LEVEL_2M] + counts[PG_LEVEL_1G]
         for level in (PG_LEVEL_2M, PG_LEVEL_1G):
-            seg = self._huge_range(ss, level)
-            if seg is not None:
-                np.bitwise_and(seg, KEEP_BITS, out=seg)
+            r = self._huge_range(ss, level)
+            if r is not None:
+                r[0].update_range(r[1], r[2], KEEP_BITS)
         self.present_leaf -= n
         if n:
             self.zap_seq += 1
@@ -693,17 +748,17 @@ class Mmu:
         tag = self.root_tag
         split = allocated = 0
         for level in (PG_LEVEL_1G, PG_LEVEL_2M):
-            seg = self._huge_range(ss, level)
-            if seg is None:
+            r = self._huge_range(ss, level)
+            if r is None:
                 continue
+            arr, i0, i1 = r
             shift = LEVEL_SHIFT[level]
             first = -(-ss.slot.base_gfn >> shift)
-            for u in np.flatnonzero((seg & TAG_MASK) == tag):
-                seg[u] &= KEEP_BITS
+            for u in arr.find_masked(i0, i1, TAG_MASK, tag) - i0:
+                arr.and_(i0 + int(u), KEEP_BITS)
                 lo_gfn = (first + int(u)) << shift
-                rel = lo_gfn - ss.slot.base_gfn
-                view = ss.state[rel:rel + (1 << shift)]
-                np.bitwise_or(np.bitwise_and(view, KEEP_BITS), EVER_MAPPED | tag, out=view)
+                rel = lo_gfn - ss.slot.base_gfn + ss.off
+                ss.block.state.update_range(rel, rel + (1 << shift), KEEP_BITS, EVER_MAPPED | tag)
                 for g in range(lo_gfn, lo_gfn + (1 << shift), 512):
                     allocated += self.install_tables(g)
                 split += 1
@@ -725,11 +780,12 @@ class Mmu:
 
     def zap_gfn_leaf(self, ss: SlotSptes, gfn: int) -> bool:
         """``mmu_page_zap_pte`` on ``gfn``'s 4 KiB leaf SPTE (``kvm_mmu_pte_write``); True if it was present."""
-        rel = gfn - ss.slot.base_gfn
-        b = ss.mv[rel]
+        st = ss.block.state
+        i = ss.off + gfn - ss.slot.base_gfn
+        b = st.get(i)
         if b & TAG_MASK != self.root_tag:
             return False
-        ss.mv[rel] = b & KEEP_BITS
+        st.set(i, b & KEEP_BITS)
         self.present_leaf -= 1
         self.zap_seq += 1
         return True
@@ -739,8 +795,8 @@ class Mmu:
         return any(self.slot_leaf_counts(ss).values())
 
     def memory_bytes(self) -> int:
-        """Bytes of SPTE state held (numpy arrays), for the memory benchmark."""
-        return sum(b.state.nbytes + b.state2m.nbytes + b.state1g.nbytes for b in self.blocks)
+        """Bytes of leaf SPTE state held (allocated chunks and their lists), for the memory benchmark."""
+        return sum(b.nbytes for b in self.blocks)
 
 
 @dataclass

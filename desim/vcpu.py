@@ -58,7 +58,7 @@ from .engine import FastEnvironment
 from .faultrun import FaultRun
 from .guest_as import VcpuAddressSpace, free_obsolete_roots, kvm_mmu_pte_write, kvm_set_cr3, load_root
 from .lock import READ, WRITE
-from .mmu import EVER_MAPPED, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
+from .mmu import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
 from .tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KVM_REQ_TLB_FLUSH, kvm_flush_remote_tlbs
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -596,9 +596,7 @@ class Vcpu:
         period = P.vm_exit + P.vm_entry + P.fault_handle
         retries = max(1, math.ceil((env.now - start) / period))
         self.m.faults["retry"] += retries
-        metrics.fault_latency.extend([period] * retries)
-        metrics.fault_time.extend([start] * retries)
-        metrics.fault_is_refault.extend([0] * retries)
+        metrics.record_faults_alike(start, period, retries)
         self.m.stall_ns += env.now - t0
         self.m.time[HOST] += env.now - t0
 
@@ -636,7 +634,7 @@ class Vcpu:
             if mmu.nx_fetch_splits != splits:
                 cause = "nx"  # a fetch from a page that a non-executable huge SPTE maps
             else:
-                cause = "after_zap" if ss.mv[gfn - ss.slot.base_gfn] & EVER_MAPPED else "first_touch"
+                cause = "after_zap" if mmu.ever_mapped(ss, gfn) else "first_touch"
             allocated = mmu.install(ss, gfn, level)
             prefetched = 0
             if kernel.pte_prefetch and level == PG_LEVEL_4K:

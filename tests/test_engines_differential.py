@@ -54,6 +54,7 @@ INV = _module("test_invariants")
 SELFTESTS = _module("test_workloads_selftests").SHRINK
 STEADY = _module("test_workloads_steady").SHRINK
 BOOT_SHORT = _module("test_workloads_boot").SHORT
+SCALE = _module("test_workloads_scale").SHRINK
 
 
 def fingerprint(vm: Vm, until_ns: float | None = None, progress=None) -> str:
@@ -138,6 +139,7 @@ def _shipped() -> list[tuple[str, dict]]:
     out += [(f"workloads/boot/assumed/{p.name}", BOOT_SHORT)
             for p in sorted((ROOT / "workloads/boot/assumed").glob("*.toml"))]
     out += [(f"workloads/boot/{p.name}", {}) for p in sorted((ROOT / "workloads/boot").glob("*.toml"))]
+    out += [(f"workloads/scale/{k}.toml", v) for k, v in sorted(SCALE.items())]
     return out
 
 

@@ -121,11 +121,11 @@ def test_targeted_zap_leaves_other_slots_present_and_unmaps_the_deleted_one():
         vm = Vm(sc, "targeted", seed=1, audit=True)
         vm.run()
         ram = vm.mmu.slots[0]
-        assert np.all((ram.state & TAG_MASK) == vm.mmu.root_tag), profile   # every RAM SPTE survived
+        assert np.all((ram.leaf_bytes() & TAG_MASK) == vm.mmu.root_tag), profile   # every RAM SPTE survived
         assert 5 not in vm.mmu.slots and vm.audit.deletes == 1
         vm_fast = Vm(sc, "fast", seed=1, audit=True)
         vm_fast.run()
-        assert not np.any((vm_fast.mmu.slots[0].state & TAG_MASK) == vm_fast.mmu.root_tag), profile
+        assert not np.any((vm_fast.mmu.slots[0].leaf_bytes() & TAG_MASK) == vm_fast.mmu.root_tag), profile
 
 
 def test_audit_catches_a_vcpu_that_is_not_kicked(monkeypatch):

@@ -33,7 +33,8 @@ def test_memory_estimate_refuses_with_the_amount(monkeypatch):
     sc = load_scenario().with_overrides({"vm.memslots.0.gpa": "8TiB", "vm.memslots.0.size": "4TiB",
                                          "phases.0.pattern": "none"})
     est = limits.estimate(sc)
-    assert 1 << 30 <= est.memory_bytes < (1 << 30) * 1.01  # 1 byte per 4 KiB page
+    # 1 byte per 4 KiB page (4 KiB host pages), plus 33 bytes of samples per access (400,000)
+    assert 1 << 30 <= est.memory_bytes - 33 * 400_000 < (1 << 30) * 1.01
     monkeypatch.setattr(limits, "available_memory", lambda: 512 << 20)
     with pytest.raises(DesimInputError, match=r"would need ~1\.0 GiB of memory .* has 512\.0 MiB available"):
         limits.check_memory(sc)
@@ -72,3 +73,16 @@ def test_metric_catalogue_is_what_runs_report(scenario, overrides):
     for policy in ("fast", "targeted"):
         reported = set(run_scenario(sc, policy).metrics)
         assert reported <= known, reported - known
+
+
+def test_memory_estimate_follows_the_host_page_size():
+    """SPTE state is a byte per mapping: 4 TiB on 1 GiB pages is kilobytes, on 4 KiB pages a GiB."""
+    sc = load_scenario().with_overrides({"vm.memslots.0.gpa": "8TiB", "vm.memslots.0.size": "4TiB",
+                                         "phases.0.pattern": "none", "phases.1.accesses": 1})
+    small = limits.estimate(sc)
+    huge = limits.estimate(sc.with_overrides({"profile_overrides.kernel.backing": "hugetlbfs-1g"}))
+    thp = limits.estimate(sc.with_overrides({"profile_overrides.kernel.backing": "thp"}))
+    logged = limits.estimate(sc.with_overrides({"profile_overrides.kernel.backing": "hugetlbfs-1g",
+                                                "vm.memslots.0.flags": ["log_dirty"]}))
+    assert small.memory_bytes >= 1 << 30 and logged.memory_bytes >= 1 << 30
+    assert huge.memory_bytes < 1 << 20 and (1 << 21) <= thp.memory_bytes < (1 << 21) + (1 << 20)

@@ -1,0 +1,186 @@
+"""Before/after of every shipped experiment: run them at two git revisions and diff their outputs.
+
+    python benchmarks/compare_experiments.py [--base bcc7ca2] [--head WORKTREE_OR_REV] [--modes quick,default]
+        [--only vcpu_scaling,...] [--work DIR] [--engine reference] [--jobs 1]
+
+Each experiment under ``experiments/`` runs at both revisions with the same interpreter, the same
+arguments (``--quick`` and/or its defaults, one worker) and ``DESIM_ENGINE`` (default
+``reference``: the plain SimPy loop), each in a checkout of its own revision (``git worktree add
+--detach`` under ``--work``; a ``--head`` that is a directory is used as it is, e.g. this checkout
+with uncommitted work). The experiment scripts put their checkout first on ``sys.path``, so each
+revision runs its own ``desim``.
+
+Then every JSON and CSV file the two runs wrote is compared value by value, to the last digit (CSV
+cells as text, JSON values exactly), except fields that measure the run rather than the model:
+wall-clock times (``wall_s``, ``run_wall_s``, ``cpu_s_per_run_mean``), the model fingerprint
+(``model_version``: a hash of the source, different by construction), the output paths in ``args``
+and the store. Figures (PNG/SVG) are not compared. One table: per experiment and mode, the files
+compared and whether they are identical, or the first differences.
+
+``kvm_crossover`` measures this host's real KVM (its numbers differ from run to run); it runs only
+with ``--kvm`` and then its real-run columns differ by nature.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ("vcpu_scaling", "slot_size_crossover", "preemption_lockbreak", "seed_claims", "recorded_time_map",
+               "kvm_crossover")
+NEEDS_KVM = {"kvm_crossover"}
+# fields that describe the run, not the model's results
+VOLATILE_KEYS = {"wall_s", "run_wall_s", "cpu_s_per_run_mean", "model_version", "out", "store", "scheduler",
+                 "progress", "workers"}
+
+
+def checkout(rev: str, work: Path) -> Path:
+    """A directory holding ``rev``: the directory itself, or a detached worktree under ``work``."""
+    if Path(rev).is_dir():
+        return Path(rev).resolve()
+    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", rev], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    dest = work / f"src-{sha}"
+    if not dest.exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(dest), sha], check=True,
+                       capture_output=True)
+    return dest
+
+
+def _done(out: Path) -> bool:
+    return out.is_dir() and any(p.suffix in (".csv", ".json") for p in out.iterdir())
+
+
+def run_one(src: Path, name: str, mode: str, out: Path, engine: str, log) -> tuple[int, float]:
+    args = [sys.executable, str(src / "experiments" / f"{name}.py"), "--out", str(out)]
+    if mode == "quick":
+        args.append("--quick")
+    env = dict(os.environ, DESIM_ENGINE=engine, PYTHONHASHSEED="0", MPLBACKEND="Agg")
+    t0 = time.perf_counter()
+    r = subprocess.run(args, cwd=str(src), env=env, stdout=log, stderr=subprocess.STDOUT)
+    return r.returncode, time.perf_counter() - t0
+
+
+def _strip(obj, path: str = ""):
+    if isinstance(obj, dict):
+        return {k: _strip(v, f"{path}.{k}") for k, v in obj.items() if k not in VOLATILE_KEYS}
+    if isinstance(obj, list):
+        return [_strip(v, path) for v in obj]
+    return obj
+
+
+def _diff_json(a, b, path: str, out: list[str]) -> None:
+    if type(a) is not type(b):
+        out.append(f"{path}: {a!r} != {b!r}")
+    elif isinstance(a, dict):
+        for k in sorted(set(a) | set(b)):
+            if k not in a or k not in b:
+                out.append(f"{path}.{k}: only in {'head' if k in b else 'base'}")
+            else:
+                _diff_json(a[k], b[k], f"{path}.{k}", out)
+    elif isinstance(a, list):
+        if len(a) != len(b):
+            out.append(f"{path}: {len(a)} items != {len(b)}")
+        for i, (x, y) in enumerate(zip(a, b)):
+            _diff_json(x, y, f"{path}[{i}]", out)
+    elif a != b and not (a != a and b != b):  # NaN == NaN here
+        out.append(f"{path}: {a!r} != {b!r}")
+
+
+def _diff_csv(pa: Path, pb: Path, out: list[str]) -> None:
+    with open(pa, newline="") as fa, open(pb, newline="") as fb:
+        ra, rb = list(csv.reader(fa)), list(csv.reader(fb))
+    if not ra or not rb:
+        if ra != rb:
+            out.append(f"{pa.name}: one side empty")
+        return
+    ha, hb = ra[0], rb[0]
+    keep = [c for c in ha if c not in VOLATILE_KEYS]
+    if [c for c in hb if c not in VOLATILE_KEYS] != keep:
+        out.append(f"{pa.name}: columns differ: {sorted(set(ha) ^ set(hb))}")
+        return
+    ia, ib = [ha.index(c) for c in keep], [hb.index(c) for c in keep]
+    if len(ra) != len(rb):
+        out.append(f"{pa.name}: {len(ra) - 1} rows != {len(rb) - 1}")
+    for n, (x, y) in enumerate(zip(ra[1:], rb[1:]), start=1):
+        for c, i, j in zip(keep, ia, ib):
+            if x[i] != y[j]:
+                out.append(f"{pa.name} row {n} {c}: {x[i]} != {y[j]}")
+
+
+def diff_dirs(a: Path, b: Path) -> tuple[int, list[str]]:
+    """(files compared, differences) between two output directories (JSON and CSV files)."""
+    diffs: list[str] = []
+    names = sorted({p.relative_to(a) for p in a.rglob("*") if p.suffix in (".json", ".csv")}
+                   | {p.relative_to(b) for p in b.rglob("*") if p.suffix in (".json", ".csv")})
+    for rel in names:
+        pa, pb = a / rel, b / rel
+        if not pa.exists() or not pb.exists():
+            diffs.append(f"{rel}: only in {'head' if pb.exists() else 'base'}")
+        elif rel.suffix == ".json":
+            _diff_json(_strip(json.loads(pa.read_text())), _strip(json.loads(pb.read_text())), str(rel), diffs)
+        else:
+            _diff_csv(pa, pb, diffs)
+    return len(names), diffs
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", default="bcc7ca2", help="git revision (or directory) before (default bcc7ca2)")
+    ap.add_argument("--head", default=str(ROOT), help="git revision or directory after (default: this checkout)")
+    ap.add_argument("--modes", default="quick,default", help="quick, default or both (comma-separated)")
+    ap.add_argument("--only", default=None, help="experiments to run (default: every shipped one)")
+    ap.add_argument("--kvm", action="store_true", help="also run kvm_crossover (real KVM: differs by nature)")
+    ap.add_argument("--engine", default="reference", choices=["reference", "fast"])
+    ap.add_argument("--work", default="/tmp/desim-compare", help="worktrees, outputs and logs")
+    ap.add_argument("--reuse", action="store_true", help="keep outputs already in --work (resume)")
+    ap.add_argument("--sides", default="base,head", help="run only these sides now (base, head); the table "
+                    "needs both (run the other later with --reuse)")
+    a = ap.parse_args(argv)
+    work = Path(a.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    names = a.only.split(",") if a.only else [n for n in EXPERIMENTS if a.kvm or n not in NEEDS_KVM]
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    modes = a.modes.split(",")
+    if unknown or any(m not in ("quick", "default") for m in modes):
+        print(f"desim: error: --only/--modes: unknown {unknown or modes}; use {','.join(EXPERIMENTS)} and "
+              "quick,default", file=sys.stderr)
+        return 2
+    srcs = {"base": checkout(a.base, work), "head": checkout(a.head, work)}
+    rows = []
+    for name in names:
+        for mode in modes:
+            res = {}
+            for side, src in srcs.items():
+                out = work / side / f"{name}-{mode}"
+                if side not in a.sides.split(",") or (a.reuse and _done(out)):
+                    res[side] = (0, float("nan"))
+                    continue
+                with open(work / f"{side}-{name}-{mode}.log", "w") as log:
+                    res[side] = run_one(src, name, mode, out, a.engine, log)
+                print(f"{side} {name} {mode}: exit {res[side][0]} in {res[side][1]:.0f} s", file=sys.stderr)
+            if not all(_done(work / side / f"{name}-{mode}") for side in srcs):
+                rows.append((name, mode, 0, "not run on both sides yet", res))
+                continue
+            if res["base"][0] or res["head"][0]:
+                rows.append((name, mode, 0, f"FAILED (exit base {res['base'][0]}, head {res['head'][0]}; logs in "
+                             f"{work})", res))
+                continue
+            n, diffs = diff_dirs(work / "base" / f"{name}-{mode}", work / "head" / f"{name}-{mode}")
+            verdict = "identical" if not diffs else f"DIFFERENT ({len(diffs)}): " + "; ".join(diffs[:3])
+            rows.append((name, mode, n, verdict, res))
+    print(f"\nbase {a.base} ({srcs['base']}) vs head {a.head} ({srcs['head']}), DESIM_ENGINE={a.engine}\n")
+    print(f"| experiment | mode | files | wall s base / head | result |\n|---|---|---|---|---|")
+    for name, mode, n, verdict, res in rows:
+        print(f"| {name} | {mode} | {n} | {res['base'][1]:.0f} / {res['head'][1]:.0f} | {verdict} |")
+    return 0 if all(r[3] == "identical" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
