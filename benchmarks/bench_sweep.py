@@ -8,7 +8,8 @@
    shutdown included, as a user sees it), interleaved ``--repeats`` times, each run in a fresh
    Python process (as each ``desim sweep`` command is: nothing imported or started by an earlier
    run helps); prints the median wall times and the speed-ups, end to end and of the tasks
-   alone (target >= 1.8x on a 2-core machine), and the CPU seconds the driver used.
+   alone (target >= 1.8x on a 2-core machine), and the CPU seconds of the driver and of the
+   worker processes (less sensitive to other load on the machine than wall times).
 2. The result store with ``--results`` synthetic task results (45 metrics each, like a
    real run): the time to write them one transaction per task (what a sweep does),
    in one transaction, to look all of them up by key and check them (what a resumed
@@ -35,23 +36,29 @@ from desim.studies.store import ResultStore
 from desim.sweep import Task, execute
 
 
-def sweep_once(workers: int, ntasks: int) -> tuple[float, float, float, float]:
+def sweep_once(workers: int, ntasks: int) -> tuple[float, float, float, float, float]:
     """(wall time with the cluster's start-up and shutdown, wall time of the tasks alone, tasks
-    running at once on average, CPU seconds of the driver process); in this process."""
+    running at once on average, CPU seconds of the driver process, CPU seconds of its child
+    processes: the forkserver and the workers); in this process."""
     sc = load_scenario().with_overrides({"phases.0.size": "64MiB", "phases.1.accesses": 50000})
     data = sc.model_dump()
     tasks = [Task(data, pol, 1, r) for r in range(ntasks // 2) for pol in ("fast", "targeted")]
     c0 = time.process_time()
     t0 = time.perf_counter()
+    kids = 0.0
     with open_backend(BackendSpec(workers=workers, announce=lambda m: None)) as be:
         t1 = time.perf_counter()
         res = execute(tasks, backend=be, progress=False)
         t2 = time.perf_counter()
+        if workers > 1:
+            import psutil  # a Dask dependency
+
+            kids = sum(sum(p.cpu_times()[:2]) for p in psutil.Process().children(recursive=True))
     return (time.perf_counter() - t0, t2 - t1, sum(r["wall_s"] for r in res) / (t2 - t1),
-            time.process_time() - c0)
+            time.process_time() - c0, kids)
 
 
-def sweep_fresh(workers: int, ntasks: int) -> tuple[float, float, float, float]:
+def sweep_fresh(workers: int, ntasks: int) -> tuple[float, float, float, float, float]:
     """:func:`sweep_once` in a fresh Python process."""
     out = subprocess.run([sys.executable, __file__, "--one", str(workers), "--tasks", str(ntasks)],
                          check=True, capture_output=True, text=True).stdout
@@ -110,7 +117,7 @@ def main() -> None:
 
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     if not a.skip_sweep:
-        times: dict[int, list[tuple[float, float, float, float]]] = {1: [], 2: []}
+        times: dict[int, list[tuple[float, float, float, float, float]]] = {1: [], 2: []}
         for _ in range(a.repeats):
             for w in (1, 2):
                 times[w].append(sweep_fresh(w, a.tasks))
@@ -123,8 +130,12 @@ def main() -> None:
         busy = statistics.median(t[2] for t in times[2])
         print(f"with 2 workers, tasks running at once (sum of task times / wall time): {busy:.2f} of 2 "
               f"(on a shared machine each task then runs slower: compare with the load average)")
-        print(f"CPU seconds of the driver process: 1 worker {statistics.median(t[3] for t in times[1]):.2f}, "
-              f"2 workers {statistics.median(t[3] for t in times[2]):.2f} (the scheduler and the nannies run there)")
+        cpu1 = statistics.median(t[3] for t in times[1])
+        drv2 = statistics.median(t[3] for t in times[2])
+        kid2 = statistics.median(t[4] for t in times[2])
+        print(f"CPU seconds (less sensitive to a shared machine than wall times): 1 worker {cpu1:.2f}; "
+              f"2 workers {drv2 + kid2:.2f} = driver {drv2:.2f} (scheduler, nannies, store) + "
+              f"workers and forkserver {kid2:.2f}: {100 * ((drv2 + kid2) / cpu1 - 1):+.0f}% for the parallel run")
     for k, v in (store_bench(a.results) if a.results else {}).items():
         print(f"store, {a.results:,} synthetic results: {k}: {v:.2f}")
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
