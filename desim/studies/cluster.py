@@ -316,17 +316,19 @@ def open_backend(spec: BackendSpec) -> Iterator[SerialBackend | DaskBackend]:
 def local_cluster_config() -> dict[str, Any]:
     """Dask settings of the embedded ``--workers N`` cluster: its workers spend their CPU on tasks.
 
-    Measured with ``benchmarks/bench_sweep.py`` and per-process CPU accounting on the 2-core
-    development machine (1 s tasks of the built-in scenario); the nannies and the scheduler run
-    in the driver, which shares the cores with the workers:
+    Measured on the 2-core development machine (1 s tasks of the built-in scenario, CPU seconds
+    per task in a Dask worker against the same task in-process; CPU time, since the machine was
+    shared): with Dask's defaults a task cost 33 % more CPU in a worker (its own thread +21 %,
+    the worker's other threads +12 %); with these settings, 4 % (+2.4 % and +1.5 %):
 
     * the worker's statistical profiler (a thread sampling the task thread's stack every 10 ms,
-      for the dashboard's profile tab) took 5-8 % of each worker's CPU on desim's deep SimPy
-      stacks, and takes the GIL from the task each time: off;
+      for the dashboard's profile tab) takes the GIL from the task each time and walks desim's
+      deep SimPy stacks: off;
     * the memory monitors of the nannies and workers (every 100 ms), the system monitor
-      (500 ms) and the event loop's tick watchdog (20 ms) cost the driver ~0.08 CPU-s per
-      task-second; every 500 ms / 2 s / 200 ms halves that. A worker over its memory limit is
-      still paused, spilled or restarted, at most half a second later;
+      (500 ms) and the event loop's tick watchdog (20 ms): every 500 ms / 2 s / 200 ms (the
+      driver, where the nannies and the scheduler run, used 0.7 instead of 1.3 CPU-s in an 8-task
+      sweep). A worker over its memory limit is still paused, spilled or restarted, at most
+      half a second later;
     * workers start by ``forkserver`` (where the platform has it) from a server process that
       imported Dask and desim once (:func:`_preload_forkserver`), instead of ``spawn``, where
       each worker imports them anew (~0.7 CPU-s each) and its first task then imports desim:
