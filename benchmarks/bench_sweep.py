@@ -3,10 +3,13 @@
     python benchmarks/bench_sweep.py [--repeats 3] [--tasks 24] [--results 100000]
 
 1. A fixed sweep (``--tasks`` tasks of the built-in scenario with 64 MiB touched and
-   50,000 work accesses per vCPU, ~1 s each) with 1 worker (in this process, as ``desim sweep`` runs without
-   ``--workers``) and with ``--workers 2`` (a local Dask cluster, its start-up included,
-   as a user sees it), interleaved ``--repeats`` times; prints the median wall times and
-   the speed-ups, end to end and of the tasks alone (target >= 1.8x on a 2-core machine).
+   50,000 work accesses per vCPU, ~1 s each) with 1 worker (in the driver process, as ``desim sweep`` runs
+   without ``--workers``) and with ``--workers 2`` (a local Dask cluster, its start-up and
+   shutdown included, as a user sees it), interleaved ``--repeats`` times, each run in a fresh
+   Python process (as each ``desim sweep`` command is: nothing imported or started by an earlier
+   run helps); prints the median wall times and the speed-ups, end to end and of the tasks
+   alone (target >= 1.8x on a 2-core machine), and the CPU seconds of the driver and of the
+   worker processes (less sensitive to other load on the machine than wall times).
 2. The result store with ``--results`` synthetic task results (45 metrics each, like a
    real run): the time to write them one transaction per task (what a sweep does),
    in one transaction, to look all of them up by key and check them (what a resumed
@@ -16,9 +19,13 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
 import sqlite3
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,17 +36,33 @@ from desim.studies.store import ResultStore
 from desim.sweep import Task, execute
 
 
-def sweep_once(workers: int, ntasks: int) -> tuple[float, float, float]:
-    """(wall time with the cluster's start-up, wall time of the tasks alone, tasks running at once on average)."""
+def sweep_once(workers: int, ntasks: int) -> tuple[float, float, float, float, float]:
+    """(wall time with the cluster's start-up and shutdown, wall time of the tasks alone, tasks
+    running at once on average, CPU seconds of the driver process, CPU seconds of its child
+    processes: the forkserver and the workers); in this process."""
     sc = load_scenario().with_overrides({"phases.0.size": "64MiB", "phases.1.accesses": 50000})
     data = sc.model_dump()
     tasks = [Task(data, pol, 1, r) for r in range(ntasks // 2) for pol in ("fast", "targeted")]
+    c0 = time.process_time()
     t0 = time.perf_counter()
+    kids = 0.0
     with open_backend(BackendSpec(workers=workers, announce=lambda m: None)) as be:
         t1 = time.perf_counter()
         res = execute(tasks, backend=be, progress=False)
         t2 = time.perf_counter()
-    return time.perf_counter() - t0, t2 - t1, sum(r["wall_s"] for r in res) / (t2 - t1)
+        if workers > 1:
+            import psutil  # a Dask dependency
+
+            kids = sum(sum(p.cpu_times()[:2]) for p in psutil.Process().children(recursive=True))
+    return (time.perf_counter() - t0, t2 - t1, sum(r["wall_s"] for r in res) / (t2 - t1),
+            time.process_time() - c0, kids)
+
+
+def sweep_fresh(workers: int, ntasks: int) -> tuple[float, float, float, float, float]:
+    """:func:`sweep_once` in a fresh Python process."""
+    out = subprocess.run([sys.executable, __file__, "--one", str(workers), "--tasks", str(ntasks)],
+                         check=True, capture_output=True, text=True).stdout
+    return tuple(json.loads(out.strip().splitlines()[-1]))  # type: ignore[return-value]
 
 
 def synthetic(i: int, rng: random.Random) -> dict:
@@ -86,16 +109,19 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=24)
     ap.add_argument("--results", type=int, default=100_000)
     ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--one", type=int, metavar="WORKERS", help=argparse.SUPPRESS)  # one run, as JSON
     a = ap.parse_args()
-    import os
+    if a.one:
+        print(json.dumps(sweep_once(a.one, a.tasks)))
+        return
 
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     if not a.skip_sweep:
-        times: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
+        times: dict[int, list[tuple[float, float, float, float, float]]] = {1: [], 2: []}
         for _ in range(a.repeats):
             for w in (1, 2):
-                times[w].append(sweep_once(w, a.tasks))
-        for j, what in ((0, "end to end (cluster start-up included)"), (1, "tasks alone")):
+                times[w].append(sweep_fresh(w, a.tasks))
+        for j, what in ((0, "end to end (cluster start-up and shutdown included)"), (1, "tasks alone")):
             m1 = statistics.median(t[j] for t in times[1])
             m2 = statistics.median(t[j] for t in times[2])
             print(f"sweep of {a.tasks} tasks, {what}: 1 worker {m1:.2f} s, 2 workers {m2:.2f} s "
@@ -104,6 +130,12 @@ def main() -> None:
         busy = statistics.median(t[2] for t in times[2])
         print(f"with 2 workers, tasks running at once (sum of task times / wall time): {busy:.2f} of 2 "
               f"(on a shared machine each task then runs slower: compare with the load average)")
+        cpu1 = statistics.median(t[3] for t in times[1])
+        drv2 = statistics.median(t[3] for t in times[2])
+        kid2 = statistics.median(t[4] for t in times[2])
+        print(f"CPU seconds (less sensitive to a shared machine than wall times): 1 worker {cpu1:.2f}; "
+              f"2 workers {drv2 + kid2:.2f} = driver {drv2:.2f} (scheduler, nannies, store) + "
+              f"workers and forkserver {kid2:.2f}: {100 * ((drv2 + kid2) / cpu1 - 1):+.0f}% for the parallel run")
     for k, v in (store_bench(a.results) if a.results else {}).items():
         print(f"store, {a.results:,} synthetic results: {k}: {v:.2f}")
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")

@@ -27,6 +27,7 @@ import time
 from typing import Any, Sequence
 
 from . import __version__
+from .argtypes import int_at_least as _int_at_least  # noqa: F401 - the name other CLI modules import
 from .engine_cli import add_engine_option, engine_from_args
 from .errors import DesimInputError, DesimRunError
 
@@ -69,19 +70,6 @@ def _scenario(args: argparse.Namespace):
     sc = load_scenario(args.scenario)
     ov = _parse_set(getattr(args, "set", None))
     return sc.with_overrides(ov) if ov else sc
-
-
-def _int_at_least(lo: int):
-    """argparse type: an integer >= ``lo``."""
-    def conv(v: str) -> int:
-        try:
-            n = int(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {v!r}") from None
-        if n < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {n}")
-        return n
-    return conv
 
 
 def _fraction(example: str):

@@ -115,7 +115,7 @@ def cmd_capacity(args: argparse.Namespace, backend_of: Callable, check_out: Call
 
 def register(sub: argparse._SubParsersAction, backend_options: Callable, backend_of: Callable,
              check_out: Callable) -> None:
-    from .cli import _int_at_least
+    from .argtypes import int_at_least
 
     c = sub.add_parser("capacity", help="the largest value of a field that keeps a metric within an SLO, "
                                         "decided from CIs",
@@ -124,7 +124,7 @@ def register(sub: argparse._SubParsersAction, backend_options: Callable, backend
                                    "a monotone factor). Exit 0 when decided, 3 when undecided.")
     c.add_argument("scenario", nargs="?", default=None, help="scenario TOML (default: built-in)")
     c.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a scenario field (repeatable)")
-    c.add_argument("--seed", type=_int_at_least(0), default=1, help="base seed (default 1)")
+    c.add_argument("--seed", type=int_at_least(0), default=1, help="base seed (default 1)")
     c.add_argument("--vary", required=True, metavar="FIELD",
                    help="the scenario field to vary (dotted path: vm.vcpus, vm.memslots.0.size, "
                         "phases.1.memslot_ops.0.every_us, ...)")
@@ -138,11 +138,11 @@ def register(sub: argparse._SubParsersAction, backend_options: Callable, backend
     c.add_argument("--policy", default="targeted", help="the zap policy planned for (default targeted)")
     c.add_argument("--baseline", default="fast", help="the other side of a ratio SLO (default fast)")
     c.add_argument("--confidence", type=float, default=0.95, help="confidence of each decision (default 0.95)")
-    c.add_argument("--min-reps", type=_int_at_least(2), default=3, help="replications before deciding (default 3)")
-    c.add_argument("--max-reps", type=_int_at_least(2), default=20,
+    c.add_argument("--min-reps", type=int_at_least(2), default=3, help="replications before deciding (default 3)")
+    c.add_argument("--max-reps", type=int_at_least(2), default=20,
                    help="replications at most per point (default 20); then the point is undecided")
-    c.add_argument("--batch", type=_int_at_least(1), default=3, help="replications added at a time (default 3)")
-    c.add_argument("--budget", type=_int_at_least(1), default=None,
+    c.add_argument("--batch", type=int_at_least(1), default=3, help="replications added at a time (default 3)")
+    c.add_argument("--budget", type=int_at_least(1), default=None,
                    help="replications in total (per policy) before stopping undecided (default: no limit)")
     c.add_argument("--store", default=None, metavar="DIR", help="keep every run here (a re-run is instant)")
     c.add_argument("--out", default=None, metavar="DIR", help="write capacity.png/svg (the curve) and capacity.json")

@@ -2,8 +2,8 @@
 
 A *task* is one replication of one policy on one scenario *point*. Its result
 depends on nothing but the task, so it is stored under a key hashing
-(model version, the fully resolved scenario and host profile, policy, seed,
-replication): a killed sweep resumes without recomputing what is stored, and
+(model version, the fully resolved scenario and host profile, the contents of
+the recordings and traces it reads, policy, seed, replication): a killed sweep resumes without recomputing what is stored, and
 results are identical whatever the number of workers or the order in which
 they finish (results are always returned in task order).
 
@@ -32,6 +32,7 @@ from . import model_fingerprint
 from .errors import DesimInterrupted, DesimRunError
 from .scenario import Scenario, validate_scenario
 from .studies.cluster import BackendSpec, open_backend
+from .studies.inputdigest import input_digests
 from .studies.progress import Progress
 from .studies.store import ResultStore
 
@@ -84,10 +85,13 @@ class Task:
 
     def key(self) -> str:
         digest = _digest_of(self.scenario)
-        blob = json.dumps({"model": model_fingerprint(), "scenario": digest, "policy": self.policy,
-                           "seed": self.seed, "replication": self.replication, "tag": self.tag,
-                           "samples": self.samples is not None}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
+        fields = {"model": model_fingerprint(), "scenario": digest, "policy": self.policy,
+                  "seed": self.seed, "replication": self.replication, "tag": self.tag,
+                  "samples": self.samples is not None}
+        inputs = input_digests(self.scenario)
+        if inputs:  # the contents of the recordings and traces it reads (a file changed in place is a new task)
+            fields["inputs"] = inputs
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
     def expect(self) -> dict[str, Any]:
         """What a stored result of this task must say about itself."""

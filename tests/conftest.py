@@ -41,3 +41,22 @@ def kvm_unusable(targeted: bool = True) -> str | None:
     except Exception as e:  # noqa: BLE001 - any failure means: skip
         return f"/dev/kvm is unusable: {e}"
     return None
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def default_compare(tmp_path_factory):
+    """``desim compare -n 2 --out DIR`` on the built-in scenario through the console script, run once per
+    session: the README's table is its stdout (tests/test_readme.py), and the end-to-end test checks
+    the files it writes (tests/test_cli_e2e.py). (stdout, stderr, return code, DIR)."""
+    import shutil
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("compare") / "cmp"
+    exe = shutil.which("desim")
+    cmd = [exe] if exe else [sys.executable, "-m", "desim.cli"]
+    p = subprocess.run(cmd + ["compare", "-n", "2", "--out", str(out)], capture_output=True, text=True, timeout=900)
+    return p.stdout, p.stderr, p.returncode, out

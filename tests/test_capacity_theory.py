@@ -1,48 +1,32 @@
 """desim capacity against theory: vCPUs contending for an exclusive ``mmu_lock`` (M/M/1//N).
 
-N vCPUs alternate guest work (exponential, mean Z) and a fault that holds
+N vCPUs alternate guest work (think time, mean Z) and a fault that holds
 ``mmu_lock`` exclusively (exponential, mean S), as on the legacy MMU: the
 machine-repairman model. Mean value analysis gives the mean response time
 R(N) exactly; the capacity search, deciding each step from a CI over simulated
-replications, must find the same largest N with R(N) <= SLO. The other tests
+replications, must find the same largest N with R(N) <= SLO. Twice: on
+desim's ``MmuLock`` with exponential clients, and on a full scenario run by
+``desim capacity``'s Python API (tests/closed_models.py). The other tests
 check the search's logic on evaluators with known answers.
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import simpy
 
 from desim.errors import DesimInputError
 from desim.laws import mva_exclusive
-from desim.lock import WRITE, MmuLock
-from desim.studies.capacity import find_capacity, parse_slo
+from desim.profile import Dist
+from desim.studies.capacity import capacity, find_capacity, parse_slo
+
+from closed_models import closed_lock, exponential_dist, mm1n_profile, mm1n_scenario
 
 Z, S, HORIZON = 10.0, 1.0, 4000.0
 
 
 def mean_response(n: int, seed: int) -> float:
     """One replication: N closed-loop vCPUs on an exclusive mmu_lock; the mean fault response time."""
-    rng = np.random.default_rng([seed, n])
-    env = simpy.Environment()
-    lock = MmuLock(env, kind="spinlock")
-    resp: list[float] = []
-
-    def vcpu(i):
-        while True:
-            yield env.timeout(rng.exponential(Z))
-            t0 = env.now
-            ev = lock.acquire(WRITE, "fault", i)
-            if ev is not None:
-                yield ev
-            yield env.timeout(rng.exponential(S))
-            lock.release(i)
-            resp.append(env.now - t0)
-
-    for i in range(n):
-        env.process(vcpu(i))
-    env.run(until=HORIZON)
-    return float(np.mean(resp))
+    return closed_lock([seed, n], n, Z, S, HORIZON)[0]
 
 
 def test_largest_n_meeting_a_response_time_slo_equals_mean_value_analysis():
@@ -57,6 +41,45 @@ def test_largest_n_meeting_a_response_time_slo_equals_mean_value_analysis():
     # every decided point agrees with MVA
     for p in res.points:
         assert (p.verdict == "meets") == (mva_exclusive(int(p.value), Z, S)[0] <= slo_value), p
+
+
+def test_the_exponential_table_is_exponential():
+    d = Dist.model_validate(exponential_dist())
+    p, x = np.array(d.p), np.array(d.ns)
+    mean = d.table_mean()
+    # second moment of the piecewise-uniform table: sum over segments of dp (a^2 + ab + b^2) / 3
+    m2 = float(np.sum(np.diff(p) * (x[:-1] ** 2 + x[:-1] * x[1:] + x[1:] ** 2) / 3))
+    assert mean == pytest.approx(1.0, abs=2e-3)
+    assert m2 / mean**2 - 1 == pytest.approx(1.0, abs=2e-3)  # squared coefficient of variation of an exponential
+
+
+# The full scenario (ns): guest work between faults A (fixed), fault handling outside the lock
+# H (exponential) and the SPTE install under the lock S (exponential); think time Z = A + H.
+A_NS, H_NS, S_NS, PAGES = 500.0, 3500.0, 1000.0, 4000
+
+
+def test_desim_capacity_on_a_full_scenario_equals_mean_value_analysis(tmp_path):
+    """``capacity()`` over ``vm.vcpus`` of a real scenario (vCPUs faulting under the legacy MMU's
+    exclusive mmu_lock) finds the largest N whose mean fault latency meets the SLO; MVA gives it.
+
+    A fault's latency (exit to entry) is H + R(N), R the lock's response time (wait + hold). The
+    think time need not be exponential for MVA (an infinite-server station is insensitive to its
+    distribution); its host part is, and the hold is, as M/M/1//N has them. Every vCPU faults on
+    its own fresh pages (PAGES in all, whatever N), so a replication costs the same at every N.
+    """
+    z = A_NS + H_NS
+    latency = {n: H_NS + mva_exclusive(n, z, S_NS)[0] for n in range(1, 17)}
+    bound = (latency[7] + latency[8]) / 2  # 6,969 ns and 7,751 ns: the SLO sits between them
+    expected = max(n for n, v in latency.items() if v <= bound)
+    assert expected == 7
+    sc = mm1n_scenario(mm1n_profile(tmp_path / "mm1n.toml", H_NS, S_NS), 1, PAGES, A_NS)
+    res = capacity(sc, "vm.vcpus", 1, 16, "fault_latency_mean_ns", f"<={bound:.0f}", policy="fast",
+                   min_reps=3, max_reps=12, batch=3)
+    assert res.decided and res.answer == expected, res.points
+    assert res.bracket == (7, 8) and res.mode == "largest" and not res.notes
+    for p in res.points:  # every measured point agrees with MVA: its verdict, and its mean within 3%
+        assert (p.verdict == "meets") == (latency[int(p.value)] <= bound), p
+        assert p.mean == pytest.approx(latency[int(p.value)], rel=0.03), p  # measured: within 1%
 
 
 def _noisy(f, sd=1.0):

@@ -26,19 +26,18 @@ def test_run_writes_summary_and_per_vcpu_csv(tmp_path):
     assert len(vc) == 4 and vc["faults"].sum() == summary["metrics"]["faults"]
 
 
-def test_compare_prints_paired_cis_and_writes_tables(tmp_path):
-    out = tmp_path / "cmp"
-    p = _desim("compare", "-n", "3", "--out", str(out), "--set", "phases.1.accesses=20000")
-    assert p.returncode == 0, p.stderr
-    assert "paired replications" in p.stdout and "faults" in p.stdout and "[" in p.stdout
+def test_compare_prints_paired_cis_and_writes_tables(default_compare):
+    stdout, stderr, code, out = default_compare  # `desim compare -n 2 --out DIR` (tests/conftest.py)
+    assert code == 0, stderr
+    assert "paired replications" in stdout and "faults" in stdout and "[" in stdout
     table = pd.read_csv(out / "comparison.csv")
     row = table.set_index("metric").loc["faults"]
     assert row["mean_targeted"] < row["mean_fast"] and row["diff_high"] < 0
     assert (out / "comparison.png").stat().st_size > 1000
     runs = pd.read_csv(out / "runs.csv")
-    assert sorted(runs.policy.unique()) == ["fast", "targeted"] and runs.replication.nunique() == 3
+    assert sorted(runs.policy.unique()) == ["fast", "targeted"] and runs.replication.nunique() == 2
     # latency tails: percentile CIs over replications, per phase, around each DELETE
-    assert "latency tails, pooled over replications" in p.stdout
+    assert "latency tails, pooled over replications" in stdout
     tails = pd.read_csv(out / "tails.csv")
     assert {"access/all", "fault/all", "fault/phase:populate", "stall/during_delete_move"} <= set(tails["class"])
     assert set(tails.percentile) == {50.0, 90.0, 99.0, 99.9}

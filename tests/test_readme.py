@@ -88,10 +88,10 @@ def _table_layout(text: str) -> tuple[str, list[tuple[str, str]]]:
     return header, rows
 
 
-def test_compare_prints_the_readme_table(capsys):
+def test_compare_prints_the_readme_table(default_compare):
     block = next(b for b in fenced("text") if "paired replications (common random numbers)" in b)
-    assert main(["compare", "-n", "2"]) == 0  # the README's run has the default -n 10
-    out = capsys.readouterr().out
+    out, err, code, _ = default_compare  # `desim compare -n 2` (the README's run has the default -n 10)
+    assert code == 0, err
     assert out.startswith("rom-toggle: 2 paired replications (common random numbers), seed 1, ")
     assert _table_layout(out) == _table_layout(block)
 

@@ -193,7 +193,26 @@ def test_ratio_ci_coverage() -> None:
 # --- bootstrap --------------------------------------------------------------
 
 def _p99(x: np.ndarray) -> float:
-    return float(np.percentile(x, 99))
+    """``np.percentile(x, 99)`` (linear interpolation), computed the way numpy does but from a partial
+    sort of the two order statistics it needs: ~5x faster, so the coverage test's 100,000 bootstrap
+    evaluations take seconds (checked equal to numpy's, bit for bit, below)."""
+    n = x.size
+    v = 0.99 * (n - 1)
+    i = int(math.floor(v))
+    if i + 1 >= n:
+        return float(np.max(x))
+    part = np.partition(x, (i, i + 1))
+    a, b = part[i], part[i + 1]
+    g = v - i
+    return float(a + (b - a) * g) if g < 0.5 else float(b - (b - a) * (1 - g))
+
+
+def test_the_fast_p99_is_numpys() -> None:
+    rng = np.random.default_rng(5)
+    for n in (2, 3, 100, 101, 2000, 20000):
+        for _ in range(20):
+            x = rng.exponential(1.0, n)
+            assert _p99(x) == float(np.percentile(x, 99)), n
 
 
 def test_bootstrap_p99_contains_truth_and_is_deterministic() -> None:

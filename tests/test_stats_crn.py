@@ -10,7 +10,7 @@ from desim.vm import run_scenario
 
 
 def test_crn_narrows_the_paired_ci():
-    sc = load_scenario().with_overrides({"phases.0.size": "32MiB", "phases.1.accesses": 15000})
+    sc = load_scenario().with_overrides({"phases.0.size": "16MiB", "phases.1.accesses": 8000})  # half-widths 19 vs 103
     n = 6
     fast = [run_scenario(sc, "fast", seed=21, replication=r).metrics["faults"] for r in range(n)]
     crn = [run_scenario(sc, "targeted", seed=21, replication=r).metrics["faults"] for r in range(n)]

@@ -116,3 +116,32 @@ def test_desim_results_converts_a_legacy_store(tmp_path, capsys):
     assert "converted the per-task JSON store" in cap.err and "2 entries" in cap.err
     assert cap.out.startswith("scenario,policy,seed,replication,") and len(cap.out.splitlines()) == 3
     assert (tmp_path / "results.sqlite").is_file()
+
+
+def test_the_key_hashes_the_contents_of_a_recording_not_only_its_path(tmp_path):
+    """A recording changed in place (re-recorded at the same path) makes new tasks: its stored results
+    are not reused; restoring the old contents finds the old ones again."""
+    import shutil
+    from pathlib import Path
+
+    from desim.scenario import load_scenario
+
+    root = Path(__file__).resolve().parents[1] / "workloads"
+    rec = tmp_path / "boot.npz"
+    shutil.copyfile(root / "recordings" / "boot-6g-q35-1.npz", rec)
+    data = load_scenario(root / "boot" / "boot-6g-q35.toml").model_dump()
+    for ph in data["phases"]:
+        if ph.get("recording"):
+            ph["recording"] = str(rec)
+    before = Task(data, "fast", 1, 0).key()
+    assert Task(data, "fast", 1, 0).key() == before  # unchanged file: same key (digest cached per version)
+    assert Task(data, "targeted", 1, 0).key() != before
+    shutil.copyfile(root / "recordings" / "boot-6g-q35-2.npz", rec)  # same path, another boot
+    changed = Task(data, "fast", 1, 0).key()
+    assert changed != before
+    shutil.copyfile(root / "recordings" / "boot-6g-q35-1.npz", rec)
+    assert Task(data, "fast", 1, 0).key() == before
+    # a scenario that reads no file keeps the key it had before recordings were hashed
+    from desim.studies.inputdigest import input_digests
+
+    assert input_digests(_task().scenario) == {}

@@ -70,11 +70,11 @@ def test_bad_scheduler_address():
         execute([Task(_small().model_dump(), "fast", 1, 0)], backend="nonsense", workers=2, progress=False)
 
 
-def test_replicate_to_precision_stops_by_precision_or_max_reps():
+def test_replicate_to_precision_stops_by_precision_or_max_reps(tmp_path):
     from desim.scenario import load_scenario
 
     sc = load_scenario().with_overrides({"phases.0.size": "16MiB", "phases.1.accesses": 5000})
-    runs, why = ex.replicate_to_precision(sc, ["faults"], 0.05, min_reps=3, max_reps=20, seed=2)
-    assert why == "precision" and 3 <= runs.replication.nunique() < 20
-    runs, why = ex.replicate_to_precision(sc, ["faults"], 1e-9, min_reps=3, max_reps=6, seed=2)
+    runs, why = ex.replicate_to_precision(sc, ["faults"], 0.05, min_reps=3, max_reps=20, seed=2, store=tmp_path)
+    assert why == "precision" and 3 <= runs.replication.nunique() < 20  # 8: the second call reuses 6 of them
+    runs, why = ex.replicate_to_precision(sc, ["faults"], 1e-9, min_reps=3, max_reps=6, seed=2, store=tmp_path)
     assert why == "max_reps" and runs.replication.nunique() == 6

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -135,13 +133,14 @@ def test_sequential_replications_per_point(tmp_path):
     assert res.runs.groupby("point").replication.nunique().between(2, 4).all()
 
 
-def test_capacity_cli_on_a_scenario(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "desim", "capacity", "--vary", "vm.vcpus", "--range", "1:8",
-                           "--metric", "completion_ns", "--slo", "<=22ms", "--set", "phases.0.size=2MiB",
-                           "--set", "phases.1.accesses=1500", "--set", "vm.memslots.0.size=8MiB",
-                           "--out", str(tmp_path / "cap"), "--quiet"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode in (0, 3), proc.stderr
-    assert "vm.vcpus" in proc.stdout and "stopped:" in proc.stdout and "verdict" in proc.stdout
+def test_capacity_cli_on_a_scenario(tmp_path, capsys):
+    rc = main(["capacity", "--vary", "vm.vcpus", "--range", "1:8",
+               "--metric", "completion_ns", "--slo", "<=22ms", "--set", "phases.0.size=2MiB",
+               "--set", "phases.1.accesses=1500", "--set", "vm.memslots.0.size=8MiB",
+               "--out", str(tmp_path / "cap"), "--quiet"])
+    out, err = capsys.readouterr()
+    assert rc in (0, 3), err
+    assert "vm.vcpus" in out and "stopped:" in out and "verdict" in out
     js = json.loads((tmp_path / "cap" / "capacity.json").read_text())
     assert js["points"] and js["slo"]["bound"] == 22e6
     assert (tmp_path / "cap" / "capacity.png").read_bytes()[:4] == b"\x89PNG"

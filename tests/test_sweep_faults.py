@@ -154,14 +154,17 @@ def test_a_real_scheduler_and_two_worker_processes(reference, tmp_path):
         assert "Dask dashboard" in err and addr in err
         pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "out" / "runs.csv"), ref_runs)
     finally:
-        for q in procs:
-            q.terminate()
-        for q in procs:
-            try:
-                q.wait(timeout=15)
-            except subprocess.TimeoutExpired:  # a loaded machine: stop it the hard way
-                q.kill()
-                q.wait()
+        # the workers first, while the scheduler still answers: a `dask worker` whose scheduler is gone
+        # keeps trying to reconnect after SIGTERM (the test then waited 15 s for each, measured)
+        for group in (procs[1:], procs[:1]):
+            for q in group:
+                q.terminate()
+            for q in group:
+                try:
+                    q.wait(timeout=15)
+                except subprocess.TimeoutExpired:  # a loaded machine: stop it the hard way
+                    q.kill()
+                    q.wait()
         log.close()
 
 

@@ -16,28 +16,7 @@ from desim.laws import lock_laws, machine_repairman, mva_exclusive, response_tim
 from desim.lock import WRITE, MmuLock
 from desim.stats import t_ci
 
-
-def _closed(seed: int, n: int, think: float, hold: float, horizon: float):
-    rng = np.random.default_rng(seed)
-    env = simpy.Environment()
-    lock = MmuLock(env, kind="spinlock")
-    resp: list[float] = []
-
-    def client(i):
-        while True:
-            yield env.timeout(rng.exponential(think))
-            t0 = env.now
-            ev = lock.acquire(WRITE, "fault", i)
-            if ev is not None:
-                yield ev
-            yield env.timeout(rng.exponential(hold))
-            lock.release(i)
-            resp.append(env.now - t0)
-
-    for i in range(n):
-        env.process(client(i))
-    env.run(until=horizon)
-    return np.mean(resp), len(resp) / horizon, lock
+from closed_models import closed_lock
 
 
 def test_machine_repairman_closed_form_matches_mva():
@@ -49,7 +28,7 @@ def test_machine_repairman_closed_form_matches_mva():
 
 def test_closed_lock_matches_machine_repairman():
     R_th, X_th = machine_repairman(8, 10.0, 1.0)
-    runs = [_closed(seed, 8, 10.0, 1.0, 20_000.0) for seed in range(10)]
+    runs = [closed_lock(seed, 8, 10.0, 1.0, 20_000.0) for seed in range(10)]
     R = t_ci([r for r, _, _ in runs], 0.99)
     X = t_ci([x for _, x, _ in runs], 0.99)
     assert R.low <= R_th <= R.high, (R, R_th)
@@ -96,7 +75,7 @@ def test_open_arrivals_match_queueing_formulas(kind, service, wq):
 
 
 def test_operational_laws_on_the_closed_model():
-    _, _, lock = _closed(3, 8, 10.0, 1.0, 5_000.0)
+    _, _, lock = closed_lock(3, 8, 10.0, 1.0, 5_000.0)
     # finish the period with nothing in flight: compare the laws up to the last event
     laws = lock_laws(lock.summary(), lock.env.now)
     for name, (lhs, rhs) in laws.items():

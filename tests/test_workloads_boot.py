@@ -2,6 +2,7 @@
 comes from memslot deletions made after memory was populated."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,17 @@ SHORT = {"phases.0.accesses": 20000, "phases.0.touches.0.accesses": 5000, "phase
          "phases.3.accesses": 20000, "phases.4.size": "64MiB", "phases.4.touches.0.accesses": 10000}
 
 
+_RUNS: dict[str, tuple] = {}
+
+
 def _run(name, policy, backing="thp", **extra):
-    sc = load_scenario(BOOT / name).with_overrides({**SHORT, "profile_overrides.kernel.backing": backing, **extra})
-    vm = Vm(sc, policy, seed=2, audit=True)
-    return vm, vm.run().metrics
+    """(the Vm, its metrics); each distinct run once per session (several tests use the same runs)."""
+    key = json.dumps([name, policy, backing, extra], sort_keys=True)
+    if key not in _RUNS:
+        sc = load_scenario(BOOT / name).with_overrides({**SHORT, "profile_overrides.kernel.backing": backing, **extra})
+        vm = Vm(sc, policy, seed=2, audit=True)
+        _RUNS[key] = vm, vm.run().metrics
+    return _RUNS[key]
 
 
 @pytest.mark.parametrize("name", ["boot-6g.toml", "boot-32g-churn.toml"])

@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from desim.argtypes import int_at_least
 from desim.errors import DesimInputError
 from desim.outputs import check_output_file, strict_json, write_file
 from desim.kvm.scenario import GUEST_PAGES, OPS, POSITIONS, SCENARIOS, named
@@ -54,9 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     m.add_argument("--scenario", default=DEFAULT_SCENARIO,
                    help=f"named scenario to start from ({', '.join(SCENARIOS)}; default {DEFAULT_SCENARIO})")
     m.add_argument("--list", action="store_true", help="list the named scenarios and exit")
-    m.add_argument("--vms", type=_count(1), default=1, help="VMs run at once (phases in step); default 1")
-    m.add_argument("--repeats", type=_count(1), default=3, help="rounds per policy; default 3")
-    m.add_argument("--warmup", type=_count(0), default=0,
+    m.add_argument("--vms", type=int_at_least(1), default=1, help="VMs run at once (phases in step); default 1")
+    m.add_argument("--repeats", type=int_at_least(1), default=3, help="rounds per policy; default 3")
+    m.add_argument("--warmup", type=int_at_least(0), default=0,
                    help="rounds run first and discarded (e.g. 1 with --thp, so that host THP runs "
                         "find free huge pages instead of paying for compaction); default 0")
     m.add_argument("--out", type=_path, help="write all runs and the summary as JSON to this file")
@@ -108,7 +109,7 @@ def register_top_level(subparsers: argparse._SubParsersAction,  # type: ignore[t
     c.add_argument("--base", default="shadow-pvm", help="profile supplying the kernel section and the "
                                                         "costs that cannot be measured (default shadow-pvm)")
     c.add_argument("--name", default=None, help="name of the written profile (default BASE-calibrated)")
-    c.add_argument("--repeats", type=_count(1), default=7, help="runs of each microscenario (median); default 7")
+    c.add_argument("--repeats", type=int_at_least(1), default=7, help="runs of each microscenario (median); default 7")
     c.add_argument("--out", type=_path, required=True, help="profile TOML to write")
     c.add_argument("--json", type=_path, default=None, help="also write the observations and runs as JSON")
     c.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -126,8 +127,8 @@ def register_top_level(subparsers: argparse._SubParsersAction,  # type: ignore[t
                         f"{', '.join(VALIDATION_SCENARIOS)} with 1 vCPU and of "
                         f"{', '.join(TWO_VCPU_SCENARIOS)} with 2); known: {', '.join(SCENARIOS)}")
     v.add_argument("--profile", default="shadow-pvm", help="host profile name or TOML (e.g. from calibrate)")
-    v.add_argument("--repeats", type=_count(1), default=5, help="real runs per policy (median); default 5")
-    v.add_argument("--replications", type=_count(1), default=1, help="simulated runs per policy; default 1")
+    v.add_argument("--repeats", type=int_at_least(1), default=5, help="real runs per policy (median); default 5")
+    v.add_argument("--replications", type=int_at_least(1), default=1, help="simulated runs per policy; default 1")
     v.add_argument("--out", type=_path, default=None, help="write the rows as JSON")
     v.add_argument("--plot", type=_path, default=None, metavar="FILE",
                    help="draw real vs simulated (counts and times, log-log, with the ±20%% band) to "
@@ -144,19 +145,6 @@ def register_top_level(subparsers: argparse._SubParsersAction,  # type: ignore[t
     v.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     v.add_argument("--device", default=KVM_DEV, help=argparse.SUPPRESS)
     v.set_defaults(func=cmd_validate)
-
-
-def _count(lo: int):
-    """argparse type: an integer >= ``lo``."""
-    def conv(v: str) -> int:
-        try:
-            n = int(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {v!r}") from None
-        if n < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {n}")
-        return n
-    return conv
 
 
 def _fraction(v: str) -> float:

@@ -2,7 +2,8 @@
 
 A *task* (one replication of one policy on one scenario point) is stored under
 its key, a hash of (model fingerprint, fully resolved scenario and host
-profile, policy, seed, replication, extras tag) computed by
+profile, the contents of the recordings and traces it reads, policy, seed,
+replication, extras tag) computed by
 :meth:`desim.sweep.Task.key`. ``--store DIR`` means the file
 ``DIR/results.sqlite`` (a path ending in ``.sqlite`` is used as it is).
 
