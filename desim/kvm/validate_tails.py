@@ -16,9 +16,35 @@ for the longest stall. A class with fewer than :data:`MIN_SAMPLES` samples on
 either side gives no percentile row beyond what its size supports (a p99.9
 needs 1000 samples).
 
-The simulator's hits all take the scenario's ``access_ns`` (the mean of the
-real hits), so ``hit`` rows beyond p50 show what the model leaves out (the guest's
-own cache and TLB misses, host interrupts): they are reported, not hidden.
+Hits are not given a distribution, on purpose: the simulator's hits all take
+the scenario's ``access_ns`` (the mean of the real hits), so ``hit`` rows
+beyond p50 show what the model leaves out, and they are reported, not hidden.
+The real spread of a hit (p50 ~20-60 ns, p99/p99.9 300-500 ns on these hosts)
+is the guest's own work and the host's noise: the harness's guest touches a
+new 4 KiB page at every access, so each hit can miss the TLB and walk the
+(shadowed) guest page tables and miss the caches, and a host interrupt (the
+250 Hz tick, a neighbour's IPI) lands on whatever access is running. None of
+it depends on the zap policy, which is what the simulator compares; both
+policies' hits would draw the same numbers under common random numbers, so
+no ratio would change. The simulator charges a touch's hits as one sum
+(``access_ns`` times the count, :mod:`desim.vcpu`), whose relative spread
+shrinks as 1/sqrt(count) like the per-unit costs of :mod:`desim.costs`, so
+drawing each hit would cost a draw per access in every engine for no change
+in any timing. And a hit's shape belongs to the workload (its access pattern,
+the guest's page size), not to the host profile, so it has no place among a
+profile's costs.
+
+The stalls during the op (``during_op``, ``longest``) depend on the host's
+scheduler as much as on KVM, and are only comparable on an otherwise idle
+host: a vCPU spinning on ``mmu_lock`` is on its CPU, so its run-queue wait
+does not show the spin, but on a loaded host a pass's run-queue wait covers
+it and :func:`desim.kvm.latency.not_preempted` drops it (the real "longest
+stall" of a fast zap then reads 50-150 us where the vCPU spun for the whole
+zap, milliseconds: see :mod:`desim.zap`); and a vCPU thread preempted by the
+VMM thread itself (more runnable threads than CPUs, or a neighbour on the
+other CPU) stalls 0.1-3 ms while a targeted DELETE runs, which no KVM
+mechanism explains (the kernel's part, one kick per memslot swap, costs a
+vCPU ~1.5 us: ``kvm_arch_memslots_updated`` in :mod:`desim.vmm`).
 """
 from __future__ import annotations
 
