@@ -10,7 +10,7 @@ from desim.cli import main
 from desim.profile import load_profile
 from desim.kvm.latency import STALL_NS, TimedRun
 from desim.kvm.scenario import named
-from desim.kvm.simbridge import sim_latency
+from desim.kvm.simbridge import during_competing_task, sim_latency, to_sim_during
 from desim.kvm.validate_tails import tail_rows, tails_summary
 
 
@@ -26,6 +26,16 @@ def test_sim_latency_classes_of_a_small_scenario():
     kick = costs["ipi_ack"].value + costs["vm_entry"].value
     assert targ["longest_stall"] == pytest.approx(20.0 + kick)
     assert fast["longest_stall"] > 10 * targ["longest_stall"]
+
+
+def test_op_during_passes_gives_the_vmm_thread_a_competitor_when_threads_outnumber_cpus():
+    """The harness runs no spinners during the op: each vCPU thread stays runnable, so with more threads
+    (vCPUs + the VMM) than host CPUs the zapping thread gets need_resched() at a tick (desim.sched)."""
+    assert during_competing_task(2, host_cpus=2) and not during_competing_task(1, host_cpus=2)
+    assert not during_competing_task(7, host_cpus=8) and during_competing_task(8, host_cpus=8)
+    sc = replace(named("outside"), name="small", ram_mib=16, vcpus=2)
+    assert to_sim_during(sc, host_cpus=2).model_dump()["profile_overrides"]["kernel"]["competing_task"] is True
+    assert to_sim_during(sc, host_cpus=4).model_dump()["profile_overrides"]["kernel"]["competing_task"] is False
 
 
 def _run(first: float, refault: float, hit: float, longest: float) -> TimedRun:
