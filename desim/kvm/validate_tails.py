@@ -166,3 +166,42 @@ def tails_summary(rows: list[dict[str, Any]]) -> str:
     n = sum(r["within"] for r in rows)
     return (f"tails: {n}/{len(rows)} within target (p50/p90 ±20%, p99/p99.9/longest ±35%): "
             f"{', '.join(parts)}{w}")
+
+
+# why a class misses its target, in the words of this module's docstring (what the model leaves out)
+MISS_REASONS: dict[tuple[str, str], str] = {
+    ("hit", "tail"): "hits take the scenario's mean access_ns; their spread (the guest's TLB and cache "
+                     "misses, host interrupts) is not modelled",
+    ("during_op", "any"): "stalls during the op are the host's scheduler as much as KVM: a spin on mmu_lock "
+                          "that the run-queue filter drops on a loaded host, vCPU threads preempted by the "
+                          "VMM thread, a DELETE stretched by waits for a CPU",
+    ("fault", "p99.9"): "a few faults in a thousand: host interrupts and neighbours, which differ from run to run",
+    ("fault", "body"): "the fault path's means and shapes were fitted in another session, under another host "
+                       "load (re-fit them with desim calibrate in the same session)",
+}
+
+
+def _reason_key(cls: str, stat: str) -> tuple[str, str]:
+    if cls == "hit":
+        return ("hit", "tail")
+    if cls == "during_op":
+        return ("during_op", "any")
+    return ("fault", "p99.9") if stat == "p99.9" else ("fault", "body")
+
+
+def tails_why(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per reason that explains misses: which class and statistic missed, how often, and why."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        if not r["within"]:
+            groups.setdefault(_reason_key(r["class"], r["stat"]), []).append(r)
+    out = []
+    for key, reason in MISS_REASONS.items():
+        sel = groups.get(key, [])
+        if not sel:
+            continue
+        what = sorted({f"{r['class']} {r['stat']}" for r in sel})
+        n = sum(1 for r in rows if _reason_key(r["class"], r["stat"]) == key)
+        out.append(f"  misses {len(sel)}/{n} ({', '.join(what)}): {reason}")
+    return out
+
