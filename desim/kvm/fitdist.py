@@ -58,7 +58,7 @@ from desim.kvm.scenario import KvmScenario
 # dense above the p99, where the body ends and host interrupts begin: the trapezoids' mean stays within
 # 1% of the samples' (C's re-faults on these hosts: +0.5%; without 0.998 and 0.9995: +1.4%)
 P_GRID = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.998, 0.999, 0.9995, 1.0)
-TAIL_CAP = 99.99  # the percentile written at p = 1
+TAIL_CAP = 99.99  # samples above this percentile are clipped to it (tables and means)
 DIST_SCENARIO = "C"
 BOOTSTRAP = 200
 
