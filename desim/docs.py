@@ -27,8 +27,8 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from .profile import COST_NAMES, Kernel
-from .scenario import (MemslotOpSpec, MemslotSpec, PhaseSpec, ProfileOverrides, Scenario, TouchSpec, TraceSpec,
-                       VmSpec, parse_flags, parse_size)
+from .scenario import (GuestSpec, MemslotOpSpec, MemslotSpec, PhaseSpec, ProfileOverrides, Scenario, TouchSpec,
+                       TraceSpec, VmSpec, parse_flags, parse_size)
 
 DEFAULT_PATH = Path("docs") / "scenario-reference.md"
 
@@ -37,6 +37,7 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("top level", Scenario, ""),
     ("[vm]", VmSpec, ""),
     ("[[vm.memslots]]", MemslotSpec, ""),
+    ("[guest]", GuestSpec, ""),
     ("[[phases]]", PhaseSpec, "touch"),
     ("[[phases.touches]]", TouchSpec, ""),
     ("[[phases.memslot_ops]]", MemslotOpSpec, ""),

@@ -15,7 +15,10 @@ fault that found the SPTE already installed by another vCPU
 found no MMIO SPTE (with ``mmio_caching`` it installs one; without, every MMIO
 access is such a fault), and *nx* an instruction fetch from a page that a
 non-executable huge SPTE maps (NX huge pages, desim/nx.py: the huge page is
-split; its other pages then re-fault as *after_zap*). Faults are EPT violations (``kvm:kvm_page_fault``
+split; its other pages then re-fault as *after_zap*), and, with shadow paging and guest processes
+(desim/guest_as.py), *wp* a guest write to a write-protected guest page table (emulated,
+``kvm_mmu_pte_write``) and *root_link* a fault that found its SPTE present but the top-level entry
+of the vCPU's root (one root per guest CR3) not yet linked. Faults are EPT violations (``kvm:kvm_page_fault``
 from ``handle_ept_violation``), as the seed counts them. An access that hits an
 MMIO SPTE is an EPT *misconfiguration* (``handle_ept_misconfig``), counted
 apart in ``ept_misconfigs``: emulated at once if the SPTE's generation is
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-FAULT_CAUSES = ("first_touch", "after_zap", "retry", "spurious", "mmio", "nx")
+FAULT_CAUSES = ("first_touch", "after_zap", "retry", "spurious", "mmio", "nx", "wp", "root_link")
 VCPU_STATES = ("guest", "host", "halted")
 HOST_PAGE_SIZES = ("4k", "2m", "1g")
 # who takes mmu_lock: a vCPU's fault, a vCPU loading a fresh root, a zap, the teardown of obsolete roots
@@ -50,6 +53,7 @@ def metric_names(phase_names: list[str] | tuple[str, ...] = ()) -> list[str]:
               "zap_duration_max_ns", "lock_breaks", "resched_yields", "yield_flushes", "zap_spte_visits",
               "ept_violations", "ept_misconfigs", "mmio_spte_refreshes", "memslot_swaps", "mmio_gen_wraps",
               "hash_probes", "gpte_sp_zapped", "obsolete_root_flushes", "nx_4k_maps", "nx_recovered",
+              "cr3_switches", "prev_root_hits", "shadow_roots_created",
               "zone_lock_wait_ns", "zone_lock_contended", "lru_lock_wait_ns", "lru_lock_contended",
               "membw_stretch_ns", "memslot_ioctls", "memslot_ioctl_mean_ns",
               "memslot_ioctl_max_ns", "memslot_ioctl_total_ns", "srcu_syncs", "srcu_wait_ns"]
@@ -109,6 +113,9 @@ class Metrics:
     nx_4k_maps: int = 0  # faults mapped at 4 KiB on huge-capable memory because of NX huge pages
     nx_recovered: int = 0  # NX huge page splits zapped by the recovery worker
     obsolete_root_flushes: int = 0  # remote flushes by the last vCPU dropping an obsolete shadow root
+    cr3_switches: int = 0  # guest CR3 writes (shadow paging with processes, desim/guest_as.py)
+    prev_root_hits: int = 0  # of those, switches to a root cached in prev_roots (fast_pgd_switch)
+    shadow_roots_created: int = 0  # root shadow pages created (kvm_mmu_alloc_shadow_page for a CR3)
     gpte_sp_zapped: int = 0  # shadow pages of guest page tables in a deleted slot, zapped with their children
     hash_probes: int = 0  # mmu_page_hash probes of targeted zaps (kvm_mmu_zap_memslot_pages_and_flush)
     zap_spte_visits: int = 0  # entries the TDP MMU zap walks visited (tdp_mmu_zap_leafs, tdp_mmu_zap_root)
@@ -224,6 +231,9 @@ class Metrics:
         out["hash_probes"] = self.hash_probes
         out["gpte_sp_zapped"] = self.gpte_sp_zapped
         out["obsolete_root_flushes"] = self.obsolete_root_flushes
+        out["cr3_switches"] = self.cr3_switches
+        out["prev_root_hits"] = self.prev_root_hits
+        out["shadow_roots_created"] = self.shadow_roots_created
         out["nx_4k_maps"] = self.nx_4k_maps
         out["nx_recovered"] = self.nx_recovered
         out["ept_violations"] = out["faults"]

@@ -26,10 +26,12 @@ Also kept: the memslot generation and MMIO SPTEs (``check_mmio_spte``), the
 NX-huge-page splits (desim/nx.py) and, for shadow paging, which PT shadow
 pages shadow guest page tables in a slot (``vm.guest_page_tables``).
 
-Simplifications: one address space (no SMM), one set of roots shared by all
-vCPUs (true of the TDP MMU; shadow paging has roots per guest CR3 and
-``prev_roots``: not modelled, nor the write-protection faults on guest page
-tables), no dirty bitmap (dirty logging only forces 4 KiB mappings).
+Simplifications: one address space (no SMM); one set of leaf SPTEs and
+page-table pages shared by all vCPUs (true of the TDP MMU; with shadow paging
+the guest kernel's mappings are shared by every process's root: the roots per
+guest CR3, ``prev_roots`` and the write-protection faults on guest page tables
+are desim/guest_as.py); no dirty bitmap (dirty logging only forces 4 KiB
+mappings).
 """
 from __future__ import annotations
 
@@ -556,6 +558,14 @@ class Mmu:
         ``kvm_mmu_invalidate_mmio_sptes`` (mmu.c) strips the address-space bit
         and zaps everything (``kvm_mmu_zap_all_fast``) when what is left of the
         generation in ``MMIO_SPTE_GEN_MASK`` is 0: once every 2^18 swaps.
+        Checked against Linux 6.1.176: mmu.c ``kvm_mmu_invalidate_mmio_sptes``
+        does ``gen &= MMIO_SPTE_GEN_MASK; gen &= ~((u64)KVM_ADDRESS_SPACE_NUM - 1);
+        if (unlikely(gen == 0)) kvm_mmu_zap_all_fast(kvm);`` with
+        ``MMIO_SPTE_GEN_MASK`` = ``GENMASK_ULL(8 + 11 - 1, 0)`` (spte.h: 8 low and
+        11 high generation bits in the SPTE), called from x86.c
+        ``kvm_arch_memslots_updated`` with the new generation
+        (virt/kvm/kvm_main.c ``kvm_swap_active_memslots``: ``gen +=
+        KVM_ADDRESS_SPACE_NUM``).
         """
         self.memslots_generation += KVM_ADDRESS_SPACE_NUM
         gen = self.memslots_generation & MMIO_SPTE_GEN_MASK & ~(KVM_ADDRESS_SPACE_NUM - 1)
@@ -664,6 +674,17 @@ class Mmu:
                 self.present_pt_level[lvl] += 1
         self.present_pt += allocated
         return allocated
+
+    def zap_gfn_leaf(self, ss: SlotSptes, gfn: int) -> bool:
+        """``mmu_page_zap_pte`` on ``gfn``'s 4 KiB leaf SPTE (``kvm_mmu_pte_write``); True if it was present."""
+        rel = gfn - ss.slot.base_gfn
+        b = ss.mv[rel]
+        if b & TAG_MASK != self.root_tag:
+            return False
+        ss.mv[rel] = b & KEEP_BITS
+        self.present_leaf -= 1
+        self.zap_seq += 1
+        return True
 
     def slot_has_present_sptes(self, ss: SlotSptes) -> bool:
         """Invariant helper: does any current-root leaf SPTE map ``ss``'s memory?"""

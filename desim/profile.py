@@ -121,6 +121,8 @@ COST_NAMES: dict[str, str] = {
     "pt_page_alloc": "allocate and link one page-table page (kvm_mmu_memory_cache, per level)",
     "prefetch_spte": "install one prefetched neighbour SPTE (direct_pte_prefetch_many)",
     "root_alloc": "load a fresh root on entry after KVM_REQ_MMU_FREE_OBSOLETE_ROOTS",
+    "cr3_switch": "shadow paging: handle a guest CR3 write exit (handle_cr, kvm_set_cr3, kvm_mmu_new_pgd's fast_pgd_switch), VM exit and entry apart",
+    "pt_write_emulate": "shadow paging: emulate a guest write to a write-protected page table (x86_emulate_instruction up to kvm_mmu_pte_write's mmu_lock)",
     "ipi_send": "send one IPI (x2APIC ICR write) in kvm_make_all_cpus_request",
     "ipi_ack": "IPI delivery until the target's VM exit acks it",
     "invept": "TLB flush of one vCPU before re-entry (INVEPT / INVVPID)",

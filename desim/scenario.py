@@ -374,6 +374,52 @@ class VmSpec(_Model):
         return v
 
 
+class GuestSpec(_Model):
+    """The guest's address spaces (processes) and its page-table writes: shadow paging only.
+
+    With ``kernel.mmu = "shadow"`` every process has its own root shadow page
+    (one per guest CR3) and each vCPU caches 3 previous roots (``prev_roots``);
+    guest page tables are write-protected, so the guest's writes to them take
+    write-protection faults (desim/guest_as.py). TDP profiles (``tdp``,
+    ``legacy``) ignore this table: their guest CR3 writes and page-table
+    writes do not exit. The defaults (one process, no page-table writes) are
+    the model without any of it.
+    """
+
+    processes: int = Field(default=1, ge=1, le=4096)
+    """Guest processes (address spaces, each with its own CR3 and root shadow page); 1: one shared root, no CR3 writes."""
+    context_switch_us: float = Field(default=0.0, ge=0)
+    """With ``processes`` >= 2: each vCPU writes CR3 (switches to another process, drawn uniformly from its own stream) after every ``context_switch_us`` of its guest time."""
+    pt_write_share: float = Field(default=0.0, ge=0, le=1)
+    """The share of guest accesses that write the guest page-table entry mapping the accessed page: a write-protection fault (emulated) while that table is shadowed."""
+    process_pages: int = Field(default=0, ge=0, le=1 << 31)
+    """Private (user-space) pages of each process, mapped only through its own page tables: process p's are at ``process_gpa`` + p x ``process_pages`` x 4 KiB."""
+    process_gpa: Size | None = Field(default=None, ge=0)
+    """gpa of process 0's private pages (with ``process_pages``; all processes' pages must lie in one of ``vm.memslots``)."""
+    user_share: float = Field(default=0.0, ge=0, le=1)
+    """The share of guest accesses that go to the running process's private pages (uniformly; the rest are the phases' accesses)."""
+    pgd_gpa: Size | None = Field(default=None, ge=0)
+    """gpa of process 0's top-level guest page table (process p's at ``pgd_gpa`` + p x 4 KiB): a targeted zap of the slot holding it zaps that process's root. Unset: not placed in any slot."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "GuestSpec":
+        if self.processes > 1 and self.context_switch_us < 1:
+            raise ValueError(f"processes = {self.processes} needs context_switch_us >= 1 (the guest time each vCPU "
+                             "runs a process before it writes CR3)")
+        if self.processes == 1 and self.context_switch_us > 0:
+            raise ValueError("context_switch_us needs processes >= 2 (a CR3 write switches to another process)")
+        if (self.process_pages > 0) != (self.user_share > 0):
+            raise ValueError("process_pages and user_share go together (private pages, and the share of accesses "
+                             "that touch them)")
+        if self.process_pages > 0 and self.process_gpa is None:
+            raise ValueError("process_pages needs process_gpa (where process 0's private pages are)")
+        if self.process_gpa is not None and self.process_gpa % PAGE_SIZE:
+            raise ValueError("process_gpa must be a multiple of 4 KiB")
+        if self.pgd_gpa is not None and self.pgd_gpa % PAGE_SIZE:
+            raise ValueError("pgd_gpa must be a multiple of 4 KiB (a page table is a page)")
+        return self
+
+
 class ProfileOverrides(_Model):
     """Changes to the named host profile for this scenario."""
 
@@ -400,6 +446,8 @@ class Scenario(_Model):
     """The seed's ``KVM_CAP_MEMSLOT_ZAP_CONTROL`` flags instead of ``policy``: 1 = ``KVM_ZAP_ONLY_MEMSLOT_SPTES``; other bits are refused (``-EINVAL``)."""
     vm: VmSpec
     """The VM (``[vm]``)."""
+    guest: GuestSpec = Field(default_factory=GuestSpec)
+    """The guest's address spaces and page-table writes (``[guest]``; shadow paging only)."""
     phases: list[PhaseSpec] = Field(min_length=1)
     """The phases, run one after another (``[[phases]]``)."""
     time_limit_ms: float = Field(default=600_000.0, gt=0)
@@ -427,6 +475,17 @@ class Scenario(_Model):
                                  "the phase's random streams and its phase_<name>_ns metric)")
             seen.add(p.name)
         return v
+
+    @model_validator(mode="after")
+    def _guest_layout(self) -> "Scenario":
+        g = self.guest
+        if g.process_pages > 0:
+            lo = g.process_gpa
+            hi = lo + g.processes * g.process_pages * PAGE_SIZE
+            if not any(m.gpa <= lo and hi <= m.gpa + m.size for m in self.vm.memslots):
+                raise ValueError(f"guest.process_gpa: the private pages of {g.processes} process(es) "
+                                 f"(gpa {lo:#x}-{hi:#x}) must lie inside one of vm.memslots")
+        return self
 
     @model_validator(mode="after")
     def _policy(self) -> "Scenario":

@@ -21,6 +21,11 @@ It follows ``vcpu_run`` / ``vcpu_enter_guest`` (arch/x86/kvm/x86.c):
 4. A kick (IPI from ``kvm_make_all_cpus_request``) interrupts the guest run;
    the accesses done until then are consumed, the vCPU exits and acks.
 5. With no work the vCPU is HALTED (SRCU released, not woken by requests).
+6. Shadow paging with guest processes or page-table writes (``[guest]``,
+   desim/guest_as.py): a guest run also ends at a CR3 write (``kvm_set_cr3``:
+   ``prev_roots`` hit, or a root to load before re-entry), at a write to a
+   write-protected guest page table (emulated: ``kvm_mmu_pte_write``) and at
+   an access through a top-level entry the vCPU's root has not linked yet.
 
 Event economy (the simulator must handle millions of faults): one guest run
 is one SimPy timeout covering the rest of the previous fault's lock hold, VM
@@ -47,6 +52,7 @@ from typing import TYPE_CHECKING, Generator
 import numpy as np
 import simpy
 
+from .guest_as import VcpuAddressSpace, free_obsolete_roots, kvm_mmu_pte_write, kvm_set_cr3, load_root
 from .lock import READ, WRITE
 from .mmu import EVER_MAPPED, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
 from .tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, KVM_REQ_TLB_FLUSH, kvm_flush_remote_tlbs
@@ -102,6 +108,8 @@ class Vcpu:
         self._g1 = -1.0
         self._running = False
         self._retrying = False  # bouncing in and out of the guest on RET_PF_RETRY: no SRCU reader
+        # shadow paging with guest processes or page-table writes: roots per CR3, prev_roots (desim/guest_as.py)
+        self.gas = VcpuAddressSpace(vm.guest, vm, index) if vm.guest is not None else None
         self.proc = self.env.process(self.run())
 
     # -- state and SRCU --------------------------------------------------------
@@ -171,6 +179,8 @@ class Vcpu:
         chunk = self.stream.next_chunk() if self.stream is not None else None
         if chunk is None:
             return False
+        if self.gas is not None:
+            chunk = self.gas.new_chunk(chunk)  # page-table writes and private-page accesses (desim/guest_as.py)
         self._chunk = chunk
         self._chunk_list = _as_sequence(chunk)
         self.access_ns = self.stream.access_ns
@@ -178,6 +188,11 @@ class Vcpu:
         self._pos = 0
         self._seq = -1
         return True
+
+    def chunk_rewritten(self) -> None:
+        """The rest of the chunk changed (a CR3 write retargeted its private-page accesses)."""
+        self._chunk_list = _as_sequence(self._chunk)
+        self._seq = -1
 
     def _next_miss(self) -> int:
         """Index in the chunk of the next access that will fault (or len(chunk))."""
@@ -212,6 +227,8 @@ class Vcpu:
     def _consume(self, n: int) -> None:
         self._pos += n
         self.m.accesses += n
+        if self.gas is not None:
+            self.gas.consumed(n * self.access_ns)
         hits = self.vm.metrics.hit_ns
         hits[self.access_ns] = hits.get(self.access_ns, 0) + n
 
@@ -265,14 +282,29 @@ class Vcpu:
                     continue
                 if not self._chunk_list:
                     continue  # an empty chunk: the stream has a pause next
-            if self.requests or self.root_tag != mmu.root_tag:
+            if self.requests or self.root_tag != mmu.root_tag or (self.gas is not None and not self.gas.root_usable()):
                 yield from self._pay_carry()
                 yield from self._service_requests()
+                # per-CR3 roots: vcpu_enter_guest checks the requests again once in guest mode (a zap while
+                # the vCPU was loading its root made it obsolete): service until nothing is pending
+                while self.gas is not None and (self.requests or self.root_tag != mmu.root_tag
+                                                or not self.gas.root_usable()):
+                    yield from self._service_requests()
             miss = self._next_miss()
+            stop = "fault"
+            if self.gas is not None:
+                # a CR3 write, a write to a write-protected guest page table or an unlinked root entry first?
+                miss, stop = self.gas.next_stop(self, miss)
             n = miss - self._pos
-            faults = miss < len(self._chunk_list)
-            gfn = self._chunk_list[miss] if faults else -1
-            pre = self._pre_lock_ns(gfn) if faults else 0.0
+            if stop == "fault":
+                faults = miss < len(self._chunk_list)
+                gfn = self._chunk_list[miss] if faults else -1
+                pre = self._pre_lock_ns(gfn) if faults else 0.0
+            else:
+                faults = True
+                gfn = self._chunk_list[miss] if stop != "cr3" else -1
+                pre = (P.cr3_switch if stop == "cr3" else P.fault_handle + P.pt_write_emulate if stop == "wp"
+                       else self._pre_lock_ns(gfn))
             if audit is not None:
                 audit.guest_run_start(self, self._chunk[self._pos:miss])
             now = env.now
@@ -321,6 +353,12 @@ class Vcpu:
                 if self._stalled_since is None:
                     self._stalled_since = g1
                 self.m.stall_ns += exit_ns
+                if stop == "cr3":
+                    yield from kvm_set_cr3(self)
+                    continue
+                if stop == "wp":
+                    yield from kvm_mmu_pte_write(self, gfn, g1)
+                    continue
                 res = self._fault_begin(gfn, g1)
                 if res is None:
                     continue
@@ -366,7 +404,16 @@ class Vcpu:
         P = self.P
         start = env.now
         reqs, self.requests = self.requests, 0
-        if reqs & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS or self.root_tag != vm.mmu.root_tag:
+        gas = self.gas
+        if gas is not None and gas.guest.per_root:
+            if reqs & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS or self.root_tag != vm.mmu.root_tag or not gas.root_usable():
+                # per-CR3 roots (desim/guest_as.py): kvm_mmu_free_obsolete_roots, then kvm_mmu_reload
+                yield from free_obsolete_roots(self)
+                if gas.root is None:
+                    yield from load_root(self)
+                self.root_tag = vm.mmu.root_tag
+                reqs |= KVM_REQ_TLB_FLUSH
+        elif reqs & KVM_REQ_MMU_FREE_OBSOLETE_ROOTS or self.root_tag != vm.mmu.root_tag:
             # kvm_mmu_free_obsolete_roots, then kvm_mmu_load -> mmu_alloc_direct_roots; the TDP
             # MMU allocates roots under the read lock (kvm_tdp_mmu_alloc_root), the others under write
             mode = READ if vm.profile.kernel.mmu == "tdp" else WRITE
@@ -472,6 +519,8 @@ class Vcpu:
         mmu = vm.mmu
         hold = handoff
         if root_tag == mmu.root_tag and mmu.slot_of(gfn) is None:
+            if self.gas is not None:
+                self.gas.link(gfn)
             allocated = mmu.install_mmio(gfn)
             vm.metrics.pt_pages_allocated += allocated
             hold += P.spte_install + allocated * P.pt_page_alloc
@@ -515,14 +564,22 @@ class Vcpu:
         P = self.P
         mmu = vm.mmu
         metrics = vm.metrics
+        gas = self.gas
         # is_page_fault_stale: obsolete root, or the slot went INVALID/away meanwhile
-        if root_tag != mmu.root_tag or ss.slot.invalid or mmu.slots.get(ss.slot.id) is not ss:
+        if (root_tag != mmu.root_tag or ss.slot.invalid or mmu.slots.get(ss.slot.id) is not ss
+                or (gas is not None and not gas.root_usable())):
             cause = "retry"
             hold = 0.0
         elif mmu._mapped_in(ss, gfn):
-            cause = "spurious"
-            hold = 0.0
+            if gas is not None and gas.link(gfn):
+                cause = "root_link"  # the SPTE was there: the fault linked the root's top-level entry
+                hold = P.spte_install
+            else:
+                cause = "spurious"
+                hold = 0.0
         else:
+            if gas is not None:
+                gas.link(gfn)
             kernel = vm.profile.kernel
             splits = mmu.nx_fetch_splits
             level = PG_LEVEL_4K if ss.slot.dirty_logging else mmu.nx_level(ss, gfn, hlevel)

@@ -20,6 +20,7 @@ from .audit import Audit
 from .costs import CostSampler
 from .engine import make_environment
 from .errors import DesimInputError
+from .guest_as import GuestAddressSpaces
 from .hostmm import LRU_BATCH_NEW, LRU_BATCH_OLD, LRU_BATCH_SINCE, HostMm
 from .limits import check_memory
 from .lock import MmuLock
@@ -78,6 +79,13 @@ class Vm:
         self.fault_lock_mode = k.fault_lock
         self.mmu = Mmu(backing=k.backing, thp_fraction=k.thp_fraction,
                        nx_exec=ExecRanges() if k.nx_huge_pages else None)
+        g = scenario.guest
+        # shadow paging only: guest processes (roots per CR3, prev_roots) and page-table writes (desim/guest_as.py)
+        self.guest = GuestAddressSpaces(g.processes, g.context_switch_us * 1e3, g.pt_write_share,
+                                        None if g.pgd_gpa is None else g.pgd_gpa >> 12, k.root_level,
+                                        g.process_pages, 0 if g.process_gpa is None else g.process_gpa >> 12,
+                                        g.user_share) \
+            if k.mmu == "shadow" and (g.processes > 1 or g.pt_write_share > 0 or g.user_share > 0) else None
         self.audit = Audit(self) if audit else None
         self._next_ua = 0x7F0000000000
         self._ua_by_slot: dict[int, int] = {}

@@ -69,6 +69,25 @@ class Vmm:
         (``kvm_vcpu_kick``: an IPI to each vCPU in guest mode, not waited for;
         "Force re-initialization of steal_time cache"). Every MMIO SPTE is now
         stale (:meth:`Mmu.mmio_spte`).
+
+        Checked against Linux 6.1.176 (Debian bookworm's linux source package):
+        virt/kvm/kvm_main.c ``kvm_swap_active_memslots`` sets
+        ``KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS`` (bit 63) on the new array, swaps
+        it in, waits ``synchronize_srcu_expedited``, then takes ``gen +=
+        KVM_ADDRESS_SPACE_NUM`` (2 on x86, arch/x86/include/asm/kvm_host.h) and
+        calls ``kvm_arch_memslots_updated(kvm, gen)`` before storing it;
+        ``kvm_create_vm`` starts address space i at generation i. x86.c
+        ``kvm_arch_memslots_updated`` is exactly the two steps above (the same
+        text in every copy of x86.c the search index holds; 6.12+ could not be
+        fetched here). Swaps per ioctl (kvm_set_memslot): CREATE and FLAGS_ONLY
+        one (``kvm_activate_memslot``), DELETE and MOVE two
+        (``kvm_invalidate_memslot``, then ``kvm_activate_memslot``).
+        Simplifications: the generation advances at the swap, not after the
+        SRCU wait (``check_mmio_spte`` fails during the update anyway, because
+        of the in-progress bit, so an MMIO access then takes the fault path in
+        both); ``kvm_vcpu_kick`` also wakes a halted vCPU
+        (``kvm_vcpu_wake_up``), which finds nothing to do and blocks again:
+        host CPU time only, not modelled.
         """
         vm = self.vm
         vm.metrics.memslot_swaps += 1

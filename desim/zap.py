@@ -74,6 +74,7 @@ import math
 from typing import TYPE_CHECKING, Generator
 
 from .errors import DesimInputError
+from .guest_as import zap_roots_in_slot
 from .lock import READ, WRITE
 from .mmu import SlotSptes
 from .tlb import KVM_REQ_MMU_FREE_OBSOLETE_ROOTS, kvm_flush_remote_tlbs, kvm_make_all_cpus_request
@@ -202,6 +203,9 @@ def zap_all_fast(vm: "Vm") -> Generator:
     yield from lock.take(WRITE, "zap", token)
     old_tag = vm.mmu.root_tag
     work = vm.mmu.zap_all_fast()
+    if vm.guest is not None and vm.guest.per_root:
+        # shadow paging with per-CR3 roots (desim/guest_as.py): every process's root is obsolete too
+        work.pt_pages += vm.guest.zap_all_fast()
     if old_tag in vm.mmu.obsolete_roots:
         vm.mmu.obsolete_roots[old_tag] = sum(1 for v in vm.vcpus if v.root_tag == old_tag)
     if vm.audit is not None:
@@ -281,7 +285,8 @@ class TargetedZap(ZapPolicy):
         if kernel.mmu != "tdp" and kernel.version_tuple >= HASH_WALK_SINCE:
             # kvm_mmu_zap_memslot_pages_and_flush: for_each_gfn_valid_sp_with_gptes per gfn; the leaf walk's
             # flush is owed until its first yield (kvm_mmu_remote_flush_or_zap) or its end
-            probes = hash_walk_probes(npages, vm.mmu.present_pt + int(vm.mmu.root_live))
+            roots = len(vm.guest.roots) if vm.guest is not None else int(vm.mmu.root_live)
+            probes = hash_walk_probes(npages, vm.mmu.present_pt + roots)
             vm.metrics.hash_probes += probes
             pending = yield from hold_with_lockbreak(vm, token, WRITE, "zap", npages,
                                                      probes * P.hash_probe / npages, ZAP_SLICE,
@@ -296,6 +301,10 @@ class TargetedZap(ZapPolicy):
                     vm.metrics.sptes_zapped += children
                     vm.metrics.pt_pages_freed += pages
                     pending = pending or children > 0
+            if kernel.mmu == "shadow" and vm.guest is not None and vm.guest.per_root:
+                # the roots of processes whose top-level guest table is in the slot go too
+                if (yield from zap_roots_in_slot(vm, ss.slot)):
+                    pending = True
         vm.mmu.zap_slot_leafs(ss)
         if vm.audit is not None and zapped:
             vm.audit.sptes_zapped(env.now)

@@ -141,6 +141,24 @@ def test_runs_are_split_where_another_process_intervenes():
         assert m["ipis_sent"] > 0 and vm.env.inlined > 0, profile
 
 
+def test_engines_agree_with_guest_processes_under_shadow_paging():
+    """Per-CR3 roots, prev_roots, private pages, page-table writes and a root in a moved slot (desim/guest_as.py)."""
+    ops = [{"at_us": 30, "op": "toggle", "slot": 5, "gpa": 16 * MiB, "size": 2 * MiB, "hold_us": 10, "repeat": 2,
+            "every_us": 30}, {"at_us": 50, "op": "move", "slot": 1, "gpa": 32 * MiB}]
+    phases = [{"name": "populate", "pattern": "sequential", "slot": 0, "size": 2 * MiB},
+              {"name": "work", "pattern": "uniform", "slot": 0, "accesses": 1000, "access_ns": 20.0,
+               "sharing": "shared", "memslot_ops": ops}]
+    guest = {"processes": 5, "context_switch_us": 5, "pt_write_share": 0.01, "process_pages": 32,
+             "process_gpa": 4 * MiB, "user_share": 0.3, "pgd_gpa": 8 * MiB - 2 * 4096}
+    sc = scenario(vcpus=2, ram_mib=8, phases=phases, profile="shadow-pvm", kernel={"backing": "4k"}, guest=guest,
+                  extra_slots=[{"id": 1, "gpa": 8 * MiB, "size": 2 * MiB}])
+    for policy in ("fast", "targeted"):
+        ref, fast, vm = both(sc, policy, audit=True)
+        assert_same(ref, fast, f"guest processes ({policy})")
+        m = json.loads(fast)["metrics"]
+        assert m["cr3_switches"] > 0 and m["faults_wp"] > 0 and vm.env.inlined > 0, policy
+
+
 def test_a_broken_fast_engine_is_caught(monkeypatch):
     """Process a yielded timeout even when another event is due first: the comparison must fail."""
     sc = scenario(vcpus=3, ram_mib=4, kernel={"backing": "4k"}, profile="legacy-2020")

@@ -3,6 +3,8 @@
 check_mmio_spte: an MMIO SPTE is valid only for the memslot generation it was made in; every
 kvm_swap_active_memslots advances the generation by 2; a wrap of MMIO_SPTE_GEN_MASK forces
 kvm_mmu_zap_all_fast whatever the policy; kvm_arch_memslots_updated kicks every vCPU.
+Checked against Linux 6.1.176 (mmu.c kvm_mmu_invalidate_mmio_sptes, spte.h MMIO_SPTE_GEN_MASK,
+x86.c kvm_arch_memslots_updated, kvm_main.c kvm_swap_active_memslots): see desim/vmm.py.
 """
 from __future__ import annotations
 
@@ -63,3 +65,12 @@ def test_every_memslot_swap_kicks_the_vcpus_in_guest_mode():
     # (a vCPU in the host at the swap gets no IPI: it sees the new memslots before re-entry)
     assert m["remote_flushes"] == 0 and 0 < m["ipis_sent"] <= 4 * m["memslot_swaps"]
     assert sum(r["kicks"] for r in res.per_vcpu) == m["ipis_sent"]
+
+
+def test_the_mmio_generation_wraps_once_every_2_pow_18_swaps():
+    """kvm_mmu_invalidate_mmio_sptes: 19 generation bits, the address-space bit stripped, +2 per swap."""
+    from desim.mmu import Mmu
+
+    mmu = Mmu()
+    wraps = [i for i in range(1, 2 * (1 << 18) + 1) if mmu.swap_memslots()]
+    assert wraps == [1 << 18, 2 * (1 << 18)]
