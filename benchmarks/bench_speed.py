@@ -1,6 +1,6 @@
 """Speed and scale of the simulator, both engines, in one table (run on demand, not a test).
 
-    python benchmarks/bench_speed.py [--repeats 5] [--quick] [--boot] [--vcpu-scaling] [--largest]
+    python benchmarks/bench_speed.py [--repeats 5] [--quick] [--boot] [--vcpu-scaling] [--largest] [--profile]
 
 Rows (each a median of ``--repeats`` runs, interleaved: SimPy, reference, fast, SimPy, ...):
 
@@ -11,6 +11,13 @@ Rows (each a median of ``--repeats`` runs, interleaved: SimPy, reference, fast, 
   faults per second, per engine.
 * ``contended``: 32 vCPUs populating 512 MiB on the legacy MMU (``legacy-2020``: every fault takes
   ``mmu_lock`` exclusively), guests faulting back to back (1 ns per access), per engine.
+* ``drawn costs``: 1 vCPU populating 128 MiB on shadow paging (``shadow-pvm``, whose fault costs are
+  distributions): the fast engine's scalar fault-run loop (``desim/faultrun.py``).
+* ``concurrent``: 8 vCPUs populating 128 MiB each on the TDP MMU (read-locked faults, 4 KiB pages).
+* The ``batched`` column: the share of the fast engine's faults taken in fault runs (in
+  vectorised blocks).
+* ``--profile``: pyinstrument's call tree of the fast engine on ``uncontended`` and ``contended``
+  (``pip install -e ".[bench]"``).
 * ``peak RSS / GiB``: peak resident set (``ru_maxrss`` of a fresh subprocess, minus that of the
   same subprocess importing desim only) per simulated GiB for a 64 GiB VM on THP, and the SPTE
   state's own bytes per 4 KiB guest page.
@@ -82,14 +89,31 @@ def simpy_rate(n: int = 300_000) -> tuple[float, float]:
     return n / (time.perf_counter() - w0), n / max(time.process_time() - c0, 1e-9)
 
 
-def fault_rate(scenario, engine: str) -> tuple[float, float, int]:
-    """Faults per wall second and per CPU second of one run."""
+def fault_rate(scenario, engine: str) -> tuple[float, float, int, float, float]:
+    """Faults per wall second and per CPU second of one run, the faults, and the shares of them taken in
+    fault runs and in vectorised blocks (fast engine)."""
     vm = make_vm(scenario, engine)
     w0, c0 = time.perf_counter(), time.process_time()
     res = vm.run()
     w, c = time.perf_counter() - w0, time.process_time() - c0
     f = res.metrics["faults"]
-    return f / w, f / max(c, 1e-9), f
+    runs = [r for r in (getattr(v, "fault_run", None) for v in vm.vcpus) if r is not None]
+    taken = sum(r.faults for r in runs) / max(f, 1)
+    vector = sum(r.vector_faults for r in runs) / max(f, 1)
+    return f / w, f / max(c, 1e-9), f, taken, vector
+
+
+def profile(scenario, title: str) -> None:
+    """pyinstrument's call tree of one fast-engine run (where the time goes)."""
+    from pyinstrument import Profiler
+
+    vm = make_vm(scenario, ENGINES[-1])
+    prof = Profiler(interval=0.0005)
+    prof.start()
+    vm.run()
+    prof.stop()
+    print(f"\n--- profile: {title} ({ENGINES[-1]} engine) ---")
+    print(prof.output_text(unicode=False, color=False, show_all=False))
 
 
 def rss_child(code: str) -> dict:
@@ -148,31 +172,41 @@ def main() -> None:
     ap.add_argument("--largest-tib", type=float, default=32.0)
     ap.add_argument("--largest-vcpus", type=int, default=896)
     ap.add_argument("--memory-gib", type=int, default=64)
+    ap.add_argument("--profile", action="store_true", help="print pyinstrument call trees (needs .[bench])")
     args = ap.parse_args()
     ram = (64 if args.quick else 512) * MiB
     un_sc = sc(1, ram, "tdp-icelake", "4k", 50.0)
     co_sc = sc(32, ram, "legacy-2020", "4k", 1.0)
+    dr_sc = sc(1, ram // 4, "shadow-pvm", "4k", 50.0)
+    cc_sc = sc(8, ram // 4 * 8, "tdp-icelake", "4k", 50.0)
+    cases = (("uncontended", un_sc), ("contended", co_sc), ("drawn", dr_sc), ("concurrent", cc_sc))
+    if args.profile:
+        profile(un_sc, "uncontended")
+        profile(co_sc, "contended")
     samples: dict[str, list] = {}
     for _ in range(args.repeats):
         for eng in ENGINES:
             sw, sc_ = simpy_rate()
             samples.setdefault("simpy", []).append((sw, sc_))
-            for name, scen in (("uncontended", un_sc), ("contended", co_sc)):
-                w, c, f = fault_rate(scen, eng)
-                samples.setdefault(f"{name}/{eng}", []).append((w, c, w / sw, c / sc_, f))
+            for name, scen in cases:
+                w, c, f, taken, vector = fault_rate(scen, eng)
+                samples.setdefault(f"{name}/{eng}", []).append((w, c, w / sw, c / sc_, f, taken, vector))
     med = lambda xs, i: statistics.median(x[i] for x in xs)  # noqa: E731
     print(f"desim speed and scale ({'engines: ' + ', '.join(ENGINES)}; medians of {args.repeats} interleaved "
           f"runs; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
     print(f"{'row':<34} {'engine':<10} {'per wall s':>14} {'per CPU s':>14} {'x SimPy (wall)':>15} "
-          f"{'x SimPy (CPU)':>14}")
+          f"{'x SimPy (CPU)':>14} {'batched (vector)':>17}")
     s = samples["simpy"]
     print(f"{'simpy timeout events':<34} {'-':<10} {med(s, 0):>14,.0f} {med(s, 1):>14,.0f} {1:>15.3f} {1:>14.3f}")
     for name, label in (("uncontended", "uncontended faults (1 vCPU, TDP)"),
-                        ("contended", "contended faults (32 vCPU, excl.)")):
+                        ("contended", "contended faults (32 vCPU, excl.)"),
+                        ("drawn", "drawn costs (1 vCPU, shadow-pvm)"),
+                        ("concurrent", "concurrent (8 vCPU, TDP read lock)")):
         for eng in ENGINES:
             x = samples[f"{name}/{eng}"]
+            share = f"{med(x, 5):>8.0%} ({med(x, 6):.0%})" if eng == "fast" else ""
             print(f"{label:<34} {eng:<10} {med(x, 0):>14,.0f} {med(x, 1):>14,.0f} {med(x, 2):>15.3f} "
-                  f"{med(x, 3):>14.3f}")
+                  f"{med(x, 3):>14.3f} {share:>17}")
     for eng in ENGINES:
         per_gib, per_page = memory(args.memory_gib, eng)
         print(f"{'peak RSS per simulated GiB':<34} {eng:<10} {per_gib / 1024:>12,.0f} KiB  "

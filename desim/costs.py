@@ -115,15 +115,33 @@ class _Draws:
 
     def next(self) -> float:
         if self.i >= len(self.buf):
-            if self.kind == "lognormal":
-                x = self.a * np.exp(self.b * self.rng.standard_normal(BLOCK))
-            else:
-                x = np.interp(self.rng.random(BLOCK), self.a, self.b)
-            self.buf = x.tolist()
-            self.i = 0
+            self._refill()
         v = self.buf[self.i]
         self.i += 1
         return v
+
+    def peek(self) -> float:
+        """The value :meth:`next` returns next, without consuming it (the stream is the same either way:
+        a refill draws the same block whenever it happens)."""
+        if self.i >= len(self.buf):
+            self._refill()
+        return self.buf[self.i]
+
+    def peek_many(self, k: int) -> list[float]:
+        """The next ``k`` values :meth:`next` would return, without consuming them (``i += n`` consumes n)."""
+        while len(self.buf) - self.i < k:
+            rest = self.buf[self.i:]
+            self._refill()
+            self.buf = rest + self.buf
+        return self.buf[self.i:self.i + k]
+
+    def _refill(self) -> None:
+        if self.kind == "lognormal":
+            x = self.a * np.exp(self.b * self.rng.standard_normal(BLOCK))
+        else:
+            x = np.interp(self.rng.random(BLOCK), self.a, self.b)
+        self.buf = x.tolist()
+        self.i = 0
 
 
 class CostView:
@@ -143,6 +161,12 @@ class CostView:
         if d is None:
             raise AttributeError(name)
         return d.next()
+
+    def draws(self, name: str) -> "_Draws | None":
+        """The draw buffer of cost ``name`` if it is drawn, else None (its value is ``getattr(view, name)``).
+        For a caller that must look at a cost before deciding to use it (:mod:`desim.faultrun`):
+        ``peek()`` then ``i += 1`` consumes exactly what one read of the attribute would."""
+        return self._draws.get(name)
 
     @property
     def stochastic(self) -> bool:

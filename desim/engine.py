@@ -28,6 +28,12 @@ current step (they would otherwise run at the wrong time), and (b) the yielded
 event has no other callback registered. Both conditions are checked on every
 step, so the engines agree bit for bit on every run (``tests/test_engines_differential.py``).
 
+On top of the event loop, the fast engine takes a vCPU's faults that nothing
+can interact with in one Python loop, or one vectorised step, inside the
+vCPU's own process (:mod:`desim.faultrun`): the same rule (only while the
+vCPU's next step is due strictly before the head of the queue) applied to
+whole guest runs and faults instead of single events.
+
 ``DESIM_ENGINE`` (``fast`` or ``reference``) sets the default engine of
 :func:`make_environment`, so sweeps and experiments started from the command
 line run on the engine asked for; ``desim run``/``compare`` take ``--engine``.

@@ -38,6 +38,8 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
+import numpy as np
+
 PCP_BATCH = 63  # zone_batchsize() for zones above 1 GiB (mm/page_alloc.c)
 # folio_batch size: PAGEVEC_SIZE 15, FOLIO_BATCH_SIZE 31 since 6.5 (include/linux/pagevec.h)
 LRU_BATCH_OLD, LRU_BATCH_NEW, LRU_BATCH_SINCE = 15, 31, (6, 5)
@@ -104,6 +106,75 @@ class HostMm:
             self._lru_pending[cpu] = n
         extra += self._zero(t + extra, pages)
         return extra
+
+    def first_touches_4k(self, cpu: int, t: "np.ndarray", order: "np.ndarray", slack: float) -> int:
+        """:meth:`first_touch` of 4 KiB pages by ``cpu`` at the times ``t``, in one step, for as long as none
+        of them waits: returns how many were applied (the first one that might wait is not).
+
+        ``order`` is an increasing array with ``t[j] = order[j] - x[j]`` and ``slack`` bounds the spread
+        of the ``x`` (the times come from faults in order; their allocations started a drawn cost
+        earlier). The same state changes as that many calls (desim/faultrun.py relies on it): a per-CPU
+        list refill every ``PCP_BATCH`` pages and an LRU drain every ``lru_batch`` that find their lock
+        free, and zeroings that never saturate the memory bandwidth (bounded from above: at most
+        the zeroings still running from before plus those of this CPU started less than
+        ``clear_page_4k + slack`` of ``order`` earlier).
+        """
+        tl = t.tolist()
+        m = len(tl)
+        if m == 0:
+            return 0
+        base = 1 * self.clear_page_4k
+        z = self._zeroing
+        t_min = float(t.min())
+        older = sum(1 for e in z if e > t_min)
+        # own zeroings that can still run when the j-th starts: started within base + slack of order
+        recent = np.arange(m) - np.searchsorted(order, order - (base + slack), side="right")
+        ok = (2 + older + recent) * 1 * self.membw_4k <= base  # one more: rounding at the window's edge
+        if not ok.all():
+            m = int(np.argmin(ok))
+            if m == 0:
+                return 0
+        left = self._pcp.get(cpu, 0)
+        zone_free = self.zone.free_at
+        refills = []
+        for j in range(left, m, PCP_BATCH):
+            if tl[j] < zone_free:  # rmqueue_bulk would wait for zone->lock
+                m = j
+                break
+            zone_free = tl[j] + PCP_BATCH * self.zone_lock_page
+            refills.append(j)
+        pend = self._lru_pending.get(cpu, 0)
+        lru_free = self.lru.free_at
+        drains = []
+        for j in range(max(self.lru_batch - pend - 1, 0), m, self.lru_batch):
+            if tl[j] < lru_free:
+                m = j
+                break
+            lru_free = tl[j] + self.lru_batch * self.lru_lock_page
+            drains.append(j)
+        refills = [j for j in refills if j < m]
+        drains = [j for j in drains if j < m]
+        if m == 0:
+            return 0
+        for j in refills:
+            self.zone.free_at = tl[j] + PCP_BATCH * self.zone_lock_page
+        self.zone.holds += len(refills)
+        self._pcp[cpu] = (left - m) % PCP_BATCH if left < m else left - m
+        for j in drains:
+            self.lru.free_at = tl[j] + self.lru_batch * self.lru_lock_page
+        self.lru.holds += len(drains)
+        self._lru_pending[cpu] = (pend + m) % self.lru_batch if pend + m >= self.lru_batch else pend + m
+        # the heap after the m-th call: an entry is gone once a call's time reached it (each call pops
+        # every entry <= its time), so what is left is each entry above every later call's time
+        tm = t[:m]
+        after = np.maximum.accumulate(tm[::-1])[::-1]  # max of t[j:] for each j
+        latest = float(after[0])
+        left_old = [e for e in z if e > latest]
+        ends = tm + base  # heapq.heappush(z, t + took), took = base (no stretch)
+        later = np.append(after[1:], -np.inf)  # max of the calls after each one
+        self._zeroing = left_old + ends[ends > later].tolist()
+        heapq.heapify(self._zeroing)
+        return m
 
     def _zero(self, t: float, pages: int) -> float:
         """Extra zeroing time when the zeroings in flight saturate the memory bandwidth."""

@@ -144,6 +144,22 @@ class Metrics:
         self.fault_time.append(start_ns)
         self.fault_is_refault.append(1 if cause == "after_zap" else 0)
 
+    def record_faults(self, vcpu: int, causes: dict[str, int], start_ns: np.ndarray, latency_ns: np.ndarray,
+                      refault: np.ndarray) -> None:
+        """:meth:`record_fault` for many faults of one vCPU, in order (desim/faultrun.py)."""
+        f = self.vcpus[vcpu].faults
+        for c, n in causes.items():
+            f[c] += n
+        self.fault_latency.frombytes(np.ascontiguousarray(latency_ns, dtype=np.float64).tobytes())
+        self.fault_time.frombytes(np.ascontiguousarray(start_ns, dtype=np.float64).tobytes())
+        self.fault_is_refault.frombytes(np.ascontiguousarray(refault, dtype=np.int8).tobytes())
+
+    def record_access_stalls(self, start_ns: np.ndarray, latency_ns: np.ndarray, access_ns: float) -> None:
+        """:meth:`record_access_stall` for many accesses, in order (desim/faultrun.py)."""
+        self.access_stall.frombytes(np.ascontiguousarray(latency_ns, dtype=np.float64).tobytes())
+        self.access_stall_time.frombytes(np.ascontiguousarray(start_ns, dtype=np.float64).tobytes())
+        self.hit_ns[access_ns] = self.hit_ns.get(access_ns, 0) - len(latency_ns)
+
     def record_access_stall(self, start_ns: float, latency_ns: float, access_ns: float) -> None:
         """An access that stalled completed; it was counted as a hit by ``access_ns`` when consumed."""
         self.access_stall.append(latency_ns)

@@ -378,6 +378,54 @@ class Mmu:
         self.present_leaf += 1
         return allocated
 
+    def plan_install_4k(self, ss: SlotSptes, gfns: np.ndarray) -> "InstallPlan | None":
+        """What :meth:`make_resident` + :meth:`install` at 4 KiB of the distinct ``gfns`` of ``ss``, in order,
+        would find and allocate, without changing anything (desim/faultrun.py): each gfn's host page
+        resident or not, ever mapped or not, and the page-table pages its install allocates (the first
+        gfn under a table without one). None where :meth:`install`'s shortcut (a present PT page has
+        present parents) would not hold."""
+        tag = self.root_tag
+        pt = self.pt_tags
+        st = ss.state[gfns - ss.slot.base_gfn]
+        increasing = len(gfns) < 2 or bool((gfns[1:] > gfns[:-1]).all())
+        alloc = np.zeros(len(gfns), dtype=np.int64)
+        new_tables = {}
+        for lvl, shift in ((3, 27), (2, 18), (1, 9)):
+            keys = gfns >> shift
+            if increasing:  # sorted keys: each new value's first index, without a sort
+                fi = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+                uk = keys[fi]
+            else:
+                uk, fi = np.unique(keys, return_index=True)
+            d = pt[lvl]
+            tagged = np.fromiter((d.get(k) == tag for k in uk.tolist()), dtype=bool, count=len(uk))
+            if lvl == 1 and tagged.any():
+                for k in uk[tagged].tolist():
+                    if pt[2].get(k >> 9) != tag or pt[3].get(k >> 18) != tag:
+                        return None
+            nf = np.sort(fi[~tagged])
+            alloc[nf] += 1
+            new_tables[lvl] = (shift, nf)
+        return InstallPlan(ss, gfns, st, (st & HOST_RESIDENT) != 0, (st & EVER_MAPPED) != 0, alloc, new_tables)
+
+    def commit_install_4k(self, plan: "InstallPlan", k: int) -> int:
+        """Apply the first ``k`` installs of ``plan`` (as :meth:`make_resident` + :meth:`install` would, one
+        after the other); returns the page-table pages allocated."""
+        ss, tag = plan.ss, self.root_tag
+        rel = plan.gfns[:k] - ss.slot.base_gfn
+        ss.state[rel] = (plan.state[:k] & KEEP_BITS) | HOST_RESIDENT | EVER_MAPPED | tag
+        self.present_leaf += k
+        total = 0
+        for lvl, (shift, nf) in plan.new_tables.items():
+            nf = nf[nf < k]
+            d = self.pt_tags[lvl]
+            for key in (plan.gfns[nf] >> shift).tolist():
+                d[key] = tag
+            self.present_pt_level[lvl] += len(nf)
+            total += len(nf)
+        self.present_pt += total
+        return total
+
     def prefetch_candidates(self, ss: SlotSptes, gfn: int, need_accessed: bool) -> list[int]:
         """Neighbours ``direct_pte_prefetch`` / ``FNAME(pte_prefetch)`` would map.
 
@@ -693,6 +741,20 @@ class Mmu:
     def memory_bytes(self) -> int:
         """Bytes of SPTE state held (numpy arrays), for the memory benchmark."""
         return sum(b.state.nbytes + b.state2m.nbytes + b.state1g.nbytes for b in self.blocks)
+
+
+@dataclass
+class InstallPlan:
+    """4 KiB installs planned by :meth:`Mmu.plan_install_4k` (per gfn: state byte, resident, ever mapped,
+    page-table pages allocated; per level the indices of the gfns that allocate a table)."""
+
+    ss: SlotSptes
+    gfns: np.ndarray
+    state: np.ndarray
+    resident: np.ndarray
+    ever_mapped: np.ndarray
+    allocated: np.ndarray
+    new_tables: dict
 
 
 def _ranges_overlap(ua1: int, n1: int, ua2: int, n2: int) -> bool:

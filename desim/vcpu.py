@@ -36,6 +36,8 @@ until the guest window opens, GUEST inside it, HOST after), so kicks, SRCU
 readers and time accounting see exactly what an event per step would show.
 A kick that arrives before the guest window opens (the vCPU is still in the
 host) interrupts the run without an IPI, as a request checked before entry.
+On the fast engine, runs that end before any other event is due are taken
+without an event at all, many in one step (:mod:`desim.faultrun`).
 
 Simplifications: the cost of ``kvm_faultin_pfn`` (resident or first touch) is
 fixed when the guest run begins; ``fast_page_fault`` is not modelled (only non-present SPTEs
@@ -52,6 +54,8 @@ from typing import TYPE_CHECKING, Generator
 import numpy as np
 import simpy
 
+from .engine import FastEnvironment
+from .faultrun import FaultRun
 from .guest_as import VcpuAddressSpace, free_obsolete_roots, kvm_mmu_pte_write, kvm_set_cr3, load_root
 from .lock import READ, WRITE
 from .mmu import EVER_MAPPED, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K
@@ -108,6 +112,7 @@ class Vcpu:
         self._g1 = -1.0
         self._running = False
         self._retrying = False  # bouncing in and out of the guest on RET_PF_RETRY: no SRCU reader
+        self.fault_run: FaultRun | None = None  # the fast engine's loop over non-interacting faults
         # shadow paging with guest processes or page-table writes: roots per CR3, prev_roots (desim/guest_as.py)
         self.gas = VcpuAddressSpace(vm.guest, vm, index) if vm.guest is not None else None
         self.proc = self.env.process(self.run())
@@ -250,6 +255,8 @@ class Vcpu:
         P = self.P
         mmu = vm.mmu
         audit = vm.audit
+        fault_run = self.fault_run = (FaultRun(self) if isinstance(env, FastEnvironment) and audit is None
+                                      and self.gas is None else None)
         self._mode_since = env.now
         while True:
             if self._chunk is None or self._pos >= len(self._chunk_list):
@@ -290,6 +297,19 @@ class Vcpu:
                 while self.gas is not None and (self.requests or self.root_tag != mmu.root_tag
                                                 or not self.gas.root_usable()):
                     yield from self._service_requests()
+            if fault_run is not None:
+                # the fast engine: faults that nothing can interact with, in one loop (desim/faultrun.py)
+                if fault_run.backoff:
+                    fault_run.backoff -= 1
+                elif fault_run.batchable():
+                    taken, res = fault_run.run()
+                    if res is not None:
+                        yield from self._fault_wait(res)
+                        continue
+                    if taken:
+                        continue
+                else:
+                    fault_run.missed()
             miss = self._next_miss()
             stop = "fault"
             if self.gas is not None:
@@ -365,6 +385,7 @@ class Vcpu:
                 if res == "retry":
                     yield from self._retry_wait(g1)
                     continue
+                # inline rather than through _fault_wait: a lock storm waits at nearly every fault
                 ev, ctx = res
                 if ctx[0] == "host":
                     # the host allocation's contention, then mmu_lock
@@ -381,6 +402,26 @@ class Vcpu:
                 self.m.stall_ns += env.now - t0
                 self.m.time[HOST] += env.now - t0
                 self._fault_locked(ctx, handoff)
+
+    def _fault_wait(self, res: tuple) -> Generator:
+        """A fault that must wait (``res`` from :meth:`_fault_begin`): the host allocation's contention,
+        then ``mmu_lock``; then the part under the lock."""
+        env = self.env
+        ev, ctx = res
+        if ctx[0] == "host":
+            t0 = env.now
+            yield ev
+            self.m.stall_ns += env.now - t0
+            self.m.time[HOST] += env.now - t0
+            res = self._fault_acquire(ctx[1])
+            if res is None:
+                return
+            ev, ctx = res
+        t0 = env.now
+        handoff = yield ev
+        self.m.stall_ns += env.now - t0
+        self.m.time[HOST] += env.now - t0
+        self._fault_locked(ctx, handoff)
 
     def _pre_lock_ns(self, gfn: int) -> float:
         """The fault path's cost before ``mmu_lock``: exit handling and ``kvm_faultin_pfn``."""
@@ -455,8 +496,15 @@ class Vcpu:
         if ss.slot.invalid:
             return "retry"
         hlevel = mmu.host_level(ss, gfn)
+        return self._faultin(ss, gfn, hlevel, mmu.host_resident(ss, gfn, hlevel), start)
+
+    def _faultin(self, ss, gfn: int, hlevel: int, resident: bool, start: float):
+        """``kvm_faultin_pfn`` on a valid slot (the host allocation on first touch), then ``mmu_lock``:
+        returns as :meth:`_fault_begin` does."""
+        vm = self.vm
+        mmu = vm.mmu
         ctx = (ss, gfn, hlevel, self.root_tag, start)
-        if not mmu.host_resident(ss, gfn, hlevel):
+        if not resident:
             mmu.make_resident(ss, gfn, hlevel)
             vm.metrics.host_page_allocs[_HOST_ALLOC[hlevel][1]] += 1
             # zone->lock, lru_lock and memory-bandwidth contention of the host allocation (desim/hostmm.py),

@@ -1,0 +1,460 @@
+"""Fault runs: a vCPU's faults that nothing else can interact with, processed in one loop (fast engine).
+
+A vCPU's loop (:meth:`desim.vcpu.Vcpu.run`) turns each guest run that ends in a
+fault into one SimPy timeout: VM entry, the accesses up to the miss, the VM exit
+and ``kvm_faultin_pfn``, then the part under ``mmu_lock``. When no other process
+has an event due before that timeout ends, nothing can interact with the fault:
+no writer can arrive at ``mmu_lock``, no request or kick be made, no memslot
+update start, no progress checkpoint be taken. :class:`FaultRun` then advances
+the clock itself and goes on to the vCPU's next fault, in one Python loop, for as
+long as the vCPU's next step is due strictly before the head of the event queue
+(SimPy would process it next, with the same clock: see :mod:`desim.engine`). It
+stops, and hands back to the per-fault path with the vCPU in exactly the state
+that path would have reached, where
+
+* another event is due first (a writer, a kick, a request, a memslot update, a
+  lock hand-over, a checkpoint): the split point; the per-fault path yields its
+  timeout and the other process intervenes as in the reference engine;
+* the fault must wait: ``mmu_lock`` is contended (a lock storm's waiters queue
+  as usual), or the host allocation's contention (``desim.hostmm``) ends after
+  the next event;
+* the run is anything else: the chunk ends, the next miss is MMIO or on an
+  INVALID slot (``RET_PF_RETRY``), a request is pending, the vCPU's root is
+  obsolete, an SRCU writer waits for the vCPU, the audit is on, or the engine is
+  ``reference``.
+
+:meth:`FaultRun.batchable` is that predicate: whatever it does not accept runs on
+the per-fault path, so a model feature added there stays exact by default. The
+fault's own semantics are not copied: each fault still goes through
+:meth:`~desim.vcpu.Vcpu._faultin`, :meth:`~desim.vcpu.Vcpu._fault_acquire` and
+:meth:`~desim.vcpu.Vcpu._fault_locked`. What the loop replaces is the guest run's
+timeline (the same float operations in the same order) and the event round trip.
+Costs are looked at before they are used (:meth:`desim.costs.CostView.draws`):
+a fault that is not taken consumes no draw, so every named stream gives the same
+numbers in the same order as in the reference engine.
+"""
+from __future__ import annotations
+
+from heapq import heappop
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .vcpu import Vcpu
+
+_EXACT = 2.0 ** 50  # integers below this add and subtract exactly in float64, in any order
+_VECTOR_MIN = 32  # a vectorised block pays off when about this many faults fit before the next event
+_VECTOR_MAX = 8192  # accesses looked at per vectorised block
+_BACKOFF_MAX = 16  # at most this many guest runs go by without a check (see FaultRun.missed)
+
+
+def next_event_at(queue: list) -> float:
+    """When the event queue's head is due (SimPy's queue: a heap of (time, priority, id, event))."""
+    return queue[0][0] if queue else _NEVER
+
+
+_NEVER = float("inf")
+
+
+def _exact(x: float) -> bool:
+    return x.is_integer() and abs(x) < _EXACT
+
+
+_PRE_COST = {1: "host_alloc_4k", 2: "host_alloc_2m", 3: "host_alloc_1g"}  # first touch, by host level
+
+
+class FaultRun:
+    """Advances one vCPU through its run of non-interacting faults (see the module docstring)."""
+
+    def __init__(self, vcpu: "Vcpu") -> None:
+        self.vcpu = vcpu
+        P = vcpu.P
+        # a drawn cost is peeked, then consumed only if the fault is taken; a constant one is its value
+        self._costs = {name: (P.draws(name), None if P.draws(name) is not None else getattr(P, name))
+                       for name in ("vm_entry", "vm_exit", "fault_handle", "faultin_resident", *_PRE_COST.values())}
+        # lower bounds of a guest run's VM entry and of its exit up to mmu_lock (a drawn cost counts as 0)
+        const = {name: c for name, (d, c) in self._costs.items() if d is None}
+        self._least_entry = const.get("vm_entry", 0.0)
+        self._least_exit = (const.get("vm_exit", 0.0) + const.get("fault_handle", 0.0)
+                            + min(const.get(name, 0.0) for name in ("faultin_resident", *_PRE_COST.values())))
+        mean = vcpu.vm.costs.mean  # the mean time of a fault, to size vectorised blocks (never a result)
+        self._mean_fault = max(mean("vm_entry") + mean("vm_exit") + mean("fault_handle") + mean("spte_install")
+                               + min(mean("faultin_resident"), mean("host_alloc_4k")), 1.0)
+        self.faults = 0  # faults taken in this loop (for benchmarks and tests)
+        self.backoff = 0  # guest runs to leave to the per-fault path before checking again (missed())
+        self._misses = 0
+        self.vector_faults = 0  # of those, taken in vectorised blocks
+        self._vector = self._vector_costs()
+
+    def _vector_costs(self) -> dict[str, tuple] | None:
+        """Where a vectorised block reads its costs: ``name -> (draws, None)`` for a drawn cost, ``(None,
+        value)`` for a constant; None when no block may be used (PTE prefetch, NX huge pages: the
+        per-fault path)."""
+        v = self.vcpu
+        vm = v.vm
+        if vm.profile.kernel.pte_prefetch or vm.mmu.nx_exec is not None:
+            return None
+        out = {}
+        for view, name, key in ((v.P, "vm_entry", "vm_entry"), (v.P, "vm_exit", "vm_exit"),
+                                (v.P, "fault_handle", "fault_handle"), (v.P, "faultin_resident", "faultin_resident"),
+                                (v.P, "host_alloc_4k", "host_alloc_4k"), (v.P, "spte_install", "spte_install"),
+                                (v.P, "pt_page_alloc", "pt_page_alloc"), (v.P, "prefetch_spte", "prefetch_spte"),
+                                (vm.P, "host_alloc_4k", "vmm_host_alloc_4k")):
+            d = view.draws(name)
+            out[key] = (d, None) if d is not None else (None, float(getattr(view, name)))
+        if out["pt_page_alloc"][0] is not None or out["prefetch_spte"][0] is not None:
+            return None  # per-unit costs are never drawn (desim.costs.PER_UNIT_COSTS)
+        return out
+
+    def missed(self) -> None:
+        """The next guest run could not be taken: skip the next few checks (1, 2, 4, ... up to
+        ``_BACKOFF_MAX`` guest runs; a run taken resets it). Among busy vCPUs the check fails nearly
+        always and costs more than it saves; skipping it is always exact (the per-fault path runs)."""
+        self._misses = min(2 * self._misses + 1, _BACKOFF_MAX)
+        self.backoff = self._misses
+
+    def batchable(self) -> bool:
+        """Can the vCPU's next guest run be taken here? (The checks that do not need the run itself:
+        among them that the next event is not due before the least time a guest run ending in a fault
+        takes, so that a vCPU among many busy ones does not try in vain at every fault.)"""
+        v = self.vcpu
+        env = v.env
+        least = v._carry + (self._least_entry if v._entry is None else v._entry) + self._least_exit
+        return (env._last_callback and next_event_at(env._queue) > env._now + least and not v.requests
+                and v.root_tag == v.vm.mmu.root_tag and not v._srcu_waiters and v._chunk is not None
+                and v._pos < len(v._chunk_list))
+
+    def run(self) -> tuple[int, tuple | None]:
+        """Take the vCPU's faults while they are batchable: ``(faults taken, wait)``.
+
+        ``wait`` is None when the loop stopped before a guest run (the per-fault
+        path takes it from there), else the ``(event, ctx)`` of a fault taken
+        here that must wait (:meth:`~desim.vcpu.Vcpu._fault_wait` finishes it).
+        """
+        v = self.vcpu
+        env = v.env
+        mmu = v.vm.mmu
+        queue = env._queue
+        m = v.m
+        t = m.time
+        costs = self._costs
+        taken = 0
+        while self.batchable():
+            if self._vector is not None:
+                k = self._vector_block()
+                if k:
+                    taken += k
+                    continue
+            miss = v._next_miss()
+            chunk = v._chunk_list
+            if miss >= len(chunk):
+                break  # the run ends without a fault (end of chunk): the per-fault path
+            gfn = chunk[miss]
+            ss = mmu.slot_of(gfn)
+            if ss is None or ss.slot.invalid:
+                break  # MMIO or RET_PF_RETRY: the per-fault path
+            hlevel = mmu.host_level(ss, gfn)
+            resident = mmu.host_resident(ss, gfn, hlevel)
+            # the guest run's timeline, as Vcpu.run computes it (same operations, same order)
+            now = env._now
+            carry = v._carry
+            g0 = now + carry
+            de, ce = costs["vm_entry"]
+            entry = v._entry if v._entry is not None else (ce if de is None else de.peek())
+            n = miss - v._pos
+            g1 = g0 + entry + n * v.access_ns
+            dh, ch = costs["fault_handle"]
+            dp, cp = costs["faultin_resident" if resident else _PRE_COST[hlevel]]
+            dx, cx = costs["vm_exit"]
+            pre = (ch if dh is None else dh.peek()) + (cp if dp is None else dp.peek())
+            exit_ns = (cx if dx is None else dx.peek()) + pre
+            t1 = now + (g1 - now + exit_ns)
+            if next_event_at(queue) <= t1:
+                break  # another event comes first: the split point
+            # taken: consume the draws looked at, then what Vcpu.run does around its timeout
+            if v._entry is None:
+                if de is not None:
+                    de.i += 1
+            v._entry = None
+            for d in (dh, dp, dx):
+                if d is not None:
+                    d.i += 1
+            v._carry = 0.0
+            if v._stalled_since is not None and n > 0:
+                v.vm.metrics.record_access_stall(v._stalled_since, g0 + entry + v.access_ns - v._stalled_since,
+                                                 v.access_ns)
+                v._stalled_since = None
+            v._g0, v._g1 = g0, g1
+            env._now = t1
+            env.inlined += 1
+            t["host"] += carry + exit_ns
+            t["guest"] += g1 - g0
+            v._consume(n)
+            if v._stalled_since is None:
+                v._stalled_since = g1
+            m.stall_ns += exit_ns
+            taken += 1
+            res = v._faultin(ss, gfn, hlevel, resident, g1)
+            if res is None:
+                continue
+            ev, ctx = res
+            if ctx[0] != "host" or not queue or queue[0][3] is not ev:
+                self.faults += taken
+                self._misses = 0
+                return taken, res  # waits for mmu_lock, or another event comes first
+            # the host allocation's contention ends next: as Vcpu._fault_wait, without the round trip
+            t0 = env._now
+            env._now = queue[0][0]
+            heappop(queue)
+            ev.callbacks = None
+            env.inlined += 1
+            m.stall_ns += env._now - t0
+            t["host"] += env._now - t0
+            res = v._fault_acquire(ctx[1])
+            if res is not None:
+                self.faults += taken
+                self._misses = 0
+                return taken, res
+        self.faults += taken
+        if taken:
+            self._misses = 0
+        else:
+            self.missed()
+        return taken, None
+
+
+    def _vector_block(self) -> int:
+        """Take the vCPU's next faults in one vectorised step: 4 KiB faults of one 4 KiB-backed slot on
+        the TDP MMU's plain path, with the vCPU alone on ``mmu_lock``. Returns the faults taken (0: none,
+        the scalar loop takes the next one).
+
+        Exactness: each quantity is computed with the per-fault path's float operations in its order.
+        The only sequential dependency, the timeline (each guest run starts where the last fault
+        ended), is a short Python loop over floats; when every time and cost is an integer it is one
+        ``cumsum`` instead (integers below 2**50 add exactly in any order). Accumulators (time by
+        state, stall time, the lock's integrals and hold time) are summed with ``np.add.accumulate``,
+        which adds left to right exactly as ``+=`` does. Drawn costs are peeked and only the draws of
+        the faults taken are consumed.
+        """
+        v = self.vcpu
+        env = v.env
+        vm = v.vm
+        mmu = vm.mmu
+        lock = vm.lock
+        src = self._vector
+        now = env._now
+        head = next_event_at(env._queue)
+        # the vCPU alone on mmu_lock: nobody waits, nobody else holds it or has a release pending
+        if lock.waiters or mmu.nx_exec is not None:
+            return 0
+        pend = lock._pending
+        own = pend[0] if len(pend) == 1 and pend[0][2] is v else None
+        if (pend and own is None) or lock.readers + int(lock.writer) != (1 if own else 0):
+            return 0
+        expect = (head - now) / self._mean_fault  # about how many faults fit before the next event
+        if expect < _VECTOR_MIN:
+            return 0
+        # the faults: the first access to each gfn without a present SPTE (4 KiB mappings map one gfn)
+        pos = v._pos
+        seg = v._chunk[pos:pos + int(min(_VECTOR_MAX, max(256.0, 4 * expect)))]
+        unmapped = np.flatnonzero(~mmu.mapped_mask(seg))
+        if len(unmapped) == 0:
+            return 0
+        g = seg[unmapped]
+        if len(g) < 2 or bool((g[1:] > g[:-1]).all()):
+            fpos = unmapped  # increasing gfns (a sequential pass): each is a first access
+        else:
+            _, first = np.unique(g, return_index=True)
+            fpos = unmapped[np.sort(first)]
+        fg = seg[fpos].astype(np.int64)
+        ss = mmu.slot_of(int(fg[0]))
+        if ss is None or ss.slot.invalid or ss.slot.dirty_logging or ss.block.backing != "4k":
+            return 0
+        base, end = ss.slot.base_gfn, ss.slot.end_gfn
+        outside = np.flatnonzero((fg < base) | (fg >= end))
+        K = int(outside[0]) if len(outside) else len(fg)
+        if K == 0:
+            return 0
+        fpos, fg = fpos[:K], fg[:K]
+        plan = mmu.plan_install_4k(ss, fg)
+        if plan is None:
+            return 0
+        resident, ever, alloc = plan.resident, plan.ever_mapped, plan.allocated
+        # the costs of K faults, in each stream's order (peeked, consumed below for the faults taken)
+        ft_idx = np.cumsum(~resident) - 1  # index of each first touch among the first touches
+        res_idx = np.cumsum(resident) - 1
+        n_ft, n_res = int(ft_idx[-1]) + 1, int(res_idx[-1]) + 1
+        need_entry = v._entry is None
+
+        def costs(name: str, k: int):
+            d, c = src[name]
+            return c if d is None else np.array(d.peek_many(k))
+
+        draws_entry = costs("vm_entry", K + 1 if need_entry else K)
+        if isinstance(draws_entry, float):
+            entry0 = v._entry if not need_entry else draws_entry
+            E = np.full(K, draws_entry)  # the entry each fault draws for the next run (Vcpu._fault_locked)
+        else:
+            entry0 = v._entry if not need_entry else float(draws_entry[0])
+            E = draws_entry[1:] if need_entry else draws_entry
+        fh = costs("fault_handle", K)
+        ha = costs("host_alloc_4k", n_ft)
+        fr = costs("faultin_resident", n_res)
+        ha_k = ha[np.maximum(ft_idx, 0)] if not isinstance(ha, float) and n_ft else ha if n_ft else 0.0
+        fr_k = fr[np.maximum(res_idx, 0)] if not isinstance(fr, float) and n_res else fr if n_res else 0.0
+        pre = np.where(resident, fh + fr_k, fh + ha_k)
+        exit_ns = costs("vm_exit", K) + pre
+        hold = costs("spte_install", K) + alloc * src["pt_page_alloc"][1] + 0 * src["prefetch_spte"][1]
+        if not (hold > 0).all():
+            return 0  # a zero hold releases mmu_lock at once (MmuLock.release): the per-fault path
+        a = v.access_ns
+        n = np.diff(fpos, prepend=0)
+        na = n * a
+        carry = np.empty(K)
+        carry[0] = v._carry
+        carry[1:] = hold[:-1]
+        entry = np.empty(K)
+        entry[0] = entry0
+        entry[1:] = E[:-1]
+        # the timeline, as Vcpu.run computes it: g0 = now + carry, g1 = g0 + entry + n * access_ns,
+        # the fault at t1 = now + (g1 - now + exit_ns); strictly before the next event
+        stalled = v._stalled_since
+        exact = all(_exact(float(x)) for x in (now, v._carry, entry0, a, lock._last_t,
+                                                own[0] if own else 0.0, lock._hold_since[v][0] if own else 0.0,
+                                                stalled if stalled is not None else 0.0))
+        if exact and all(src[name][0] is None and _exact(src[name][1]) for name in src):
+            t1 = now + np.cumsum(carry + entry + na + exit_ns)
+            if not t1[-1] < _EXACT:
+                return 0
+            K = int(np.searchsorted(t1, head, side="left"))
+        else:
+            out = []
+            t = now
+            for c, e, x, y in zip(carry.tolist(), entry.tolist(), na.tolist(), exit_ns.tolist()):
+                g1 = t + c + e + x
+                t1_ = t + (g1 - t + y)
+                if t1_ >= head:
+                    break
+                out.append(t1_)
+                t = t1_
+            K = len(out)
+            if K == 0:
+                return 0
+            t1 = np.array(out)
+        if K == 0:
+            return 0
+        t1 = t1[:K]
+        if own is not None and not own[0] <= t1[0]:
+            return 0
+        # each acquire must find the previous fault's release due (MmuLock._catch_up): true unless rounding
+        late = np.flatnonzero((t1[:-1] + hold[:K - 1]) > t1[1:])
+        if len(late):
+            K = int(late[0]) + 1
+            t1 = t1[:K]
+        ft = np.flatnonzero(~resident[:K])
+        if len(ft):
+            vmm_alloc = costs("vmm_host_alloc_4k", len(ft))
+            slack = 0.0 if isinstance(vmm_alloc, float) else float(vmm_alloc.max() - vmm_alloc.min())
+            m = vm.hostmm.first_touches_4k(v.index, t1[ft] - vmm_alloc, t1[ft], slack)
+            if m < len(ft):
+                K = int(ft[m])  # that first touch waits for the host allocator: the per-fault path
+                ft = ft[:m]
+            if K == 0:
+                return 0
+        # -- commit K faults ---------------------------------------------------------------
+        fpos, fg, alloc, n, ever = fpos[:K], fg[:K], alloc[:K], n[:K], ever[:K]
+        carry, entry, exit_ns, hold, t1, E = carry[:K], entry[:K], exit_ns[:K], hold[:K], t1[:K], E[:K]
+        n_ft = len(ft)
+        n_res = K - n_ft
+        for name, used in (("vm_entry", K + int(need_entry)), ("fault_handle", K), ("vm_exit", K),
+                           ("host_alloc_4k", n_ft), ("faultin_resident", n_res), ("spte_install", K),
+                           ("vmm_host_alloc_4k", n_ft)):
+            d = src[name][0]
+            if d is not None:
+                d.i += used
+        t0 = np.empty(K)
+        t0[0] = now
+        t0[1:] = t1[:-1]
+        g0 = t0 + carry
+        g1 = g0 + entry + n * a
+        metrics = vm.metrics
+        m_ = v.m
+        total_alloc = mmu.commit_install_4k(plan, K)  # Mmu.make_resident + Mmu.install, K times
+        metrics.host_page_allocs["4k"] += n_ft
+        metrics.sptes_installed += K
+        metrics.pt_pages_allocated += total_alloc
+        # fault records: latency = exit .. the next VM entry (now + hold + entry - start)
+        refaults = int(ever.sum())
+        lat = t1 + hold + E - g1
+        metrics.record_faults(v.index, {"after_zap": refaults, "first_touch": K - refaults}, g1, lat,
+                              ever.astype(np.int8))
+        # accesses: the faulting access completes as the first access of the next guest run
+        prev = np.empty(K)
+        prev[1:] = g1[:-1]
+        rec = n > 0
+        if stalled is None:
+            rec[0] = False
+        else:
+            prev[0] = stalled
+            if n[0] == 0 and K > 1:
+                prev[1] = stalled  # not completed by an empty run: still the same stalled access
+        metrics.record_access_stalls(prev[rec], (g0 + entry + a - prev)[rec], a)
+        consumed = int(n.sum())
+        v._pos += consumed
+        m_.accesses += consumed
+        hits = metrics.hit_ns
+        hits[a] = hits.get(a, 0) + consumed
+        # per-vCPU time and stall, summed left to right as the per-fault path adds them
+        tm = m_.time
+        tm["host"] = _accumulate(tm["host"], carry + exit_ns)
+        tm["guest"] = _accumulate(tm["guest"], g1 - g0)
+        inter = np.empty(2 * K)
+        inter[0::2] = exit_ns
+        inter[1::2] = hold
+        m_.stall_ns = _accumulate(m_.stall_ns, inter)
+        # mmu_lock: each acquire applies the previous fault's deferred release (MmuLock._catch_up: the
+        # integral of holders over the hold, its hold time), then holds until its own release_after
+        rel_t = t1 + hold
+        stats = lock._role("fault")
+        if own is not None:
+            since, role = lock._hold_since.pop(v)
+            dt = own[0] - lock._last_t
+            if dt:
+                lock._area_holders += dt * 1
+            lock._role(role).hold_ns += own[0] - since
+        if K > 1:
+            dts = rel_t[:-1] - t1[:-1]
+            lock._area_holders = _accumulate(lock._area_holders, dts[dts != 0] * 1)
+            stats.hold_ns = _accumulate(stats.hold_ns, rel_t[:-1] - t1[:-1])
+        lock._last_t = float(t1[-1])
+        stats.acquisitions += K
+        if own is None:
+            if lock._mode(vm.fault_lock_mode) == "write":
+                lock.writer = True
+            else:
+                lock.readers += 1
+        lock._hold_since[v] = (float(t1[-1]), "fault")
+        lock._seq += K
+        lock._pending[:] = [(float(rel_t[-1]), lock._seq, v)]
+        # the vCPU after its last fault, as the per-fault path leaves it
+        v._carry = float(hold[-1])
+        v._entry = float(E[-1])
+        v._stalled_since = float(g1[-1])
+        v._g0, v._g1 = float(g0[-1]), float(g1[-1])
+        v._seq = -1  # the cached miss list predates these faults
+        env._now = float(t1[-1])
+        env.inlined += K
+        self.vector_faults += K
+        return K
+
+
+def _accumulate(start: float, increments: np.ndarray) -> float:
+    """``start`` plus each increment in turn, left to right (the bit pattern of a loop of ``+=``)."""
+    if len(increments) == 0:
+        return start
+    return float(np.add.accumulate(np.concatenate(([start], increments)))[-1])
+
+
+__all__ = ["FaultRun"]
