@@ -34,7 +34,17 @@ multiplied by a count of SPTEs, gfns, pages or IPIs; one draw times a count
 would exaggerate the variance of a sum of thousands of independent units,
 whose relative spread shrinks as 1/sqrt(count), so they stay at their mean
 (a profile giving them a ``dist`` is rejected). ``lock_handoff`` is charged by
-:class:`desim.lock.MmuLock` at its mean.
+:class:`desim.lock.MmuLock` at its mean. A hit (a touch's ``access_ns``, a
+workload parameter, not a profile cost) has no distribution either: hits are
+charged as sums, and their spread does not depend on the zap policy (the
+reasons are in :mod:`desim.kvm.validate_tails`).
+
+A quantile table is scaled by ``value / table_mean`` (:meth:`desim.profile.Dist.table_mean`,
+the mean of the piecewise-linear quantile function). For a measured profile the
+table and the value come from the same samples (:mod:`desim.kvm.fitdist`), so
+the factor is ~1 and the measured shape is drawn as measured; for a shape
+transferred to another host's mean (``tdp-icelake``, ``legacy-2020``) it
+scales the whole shape.
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,9 +75,11 @@ LABELLED_MISSES = 6  # the worst misses get a label (more would cover the plot)
 STAT_MARKERS = {"p50": "o", "p90": "s", "p99": "^", "p99.9": "v", "longest": "*"}
 
 
-def plot_validation_tails(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+def plot_validation_tails(rows: list[dict[str, Any]], path: str | Path, title: str = "",
+                          notes: list[str] | tuple[str, ...] = ()) -> None:
     """Real vs simulated latency percentiles (log-log), one marker per statistic, with the ±20% band
-    (p50/p90) and the ±35% band (p99, p99.9, longest stall); the worst misses are labelled."""
+    (p50/p90) and the ±35% band (p99, p99.9, longest stall); the worst misses are labelled, and
+    ``notes`` (why classes miss: :func:`desim.kvm.validate_tails.tails_why`) go below the plot."""
     fig, ax = plt.subplots(figsize=(7.5, 6.5))
     vals = [v for r in rows for v in (r["real"], r["sim"]) if v > 0]
     lo, hi = (min(vals) / 1.5, max(vals) * 1.5) if vals else (1.0, 10.0)
@@ -103,8 +106,11 @@ def plot_validation_tails(rows: list[dict[str, Any]], path: str | Path, title: s
     n = sum(r["within"] for r in rows)
     ax.set_title(title or "Latency tails: real vs simulated", fontsize=10)
     ax.text(0.02, 0.98, f"{n}/{len(rows)} within target", transform=ax.transAxes, va="top", fontsize=9)
+    why = [ln for w in notes for ln in textwrap.wrap(w.strip(), 175, subsequent_indent="    ")]
+    if why:  # the reasons the summary prints for the misses, as a footnote
+        fig.text(0.01, 0.005, "\n".join(why), fontsize=5.5, va="bottom")
     ax.legend(fontsize=7, loc="lower right", ncol=2)
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.018 * len(why), 1, 1))
     fig.savefig(path)
     plt.close(fig)

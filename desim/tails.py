@@ -254,24 +254,48 @@ def _class_order(key: str) -> tuple[int, str]:
 
 def format_tails(table: pd.DataFrame, baseline: str = "fast", alternative: str = "targeted",
                  confidence: float = 0.95) -> str:
-    """The tails table for a terminal: estimate [CI] per policy and the paired ratio."""
-    pct = int(round(confidence * 100))
+    """The tails table for a terminal, in the comparison table's format (:func:`desim.report.format_table`).
 
-    def ns(x: float) -> str:
-        if not np.isfinite(x):
-            return "n/a"
-        return f"{x / 1e6:.3g}ms" if x >= 1e6 else (f"{x / 1e3:.3g}us" if x >= 1e3 else f"{x:.3g}ns")
+    Columns: class, percentile, the row's display unit, each policy's
+    estimate with its CI as ``v [low to high]``, and the paired ratio
+    alternative/baseline with its CI. Each row picks one unit from its
+    largest value (:func:`desim.report.display_scale`), so the numbers of a
+    row are read on one scale.
+    """
+    from .report import display_scale, fmt, fmt_quantity
 
-    lines = [f"latency tails, pooled over replications ({pct}% cluster-bootstrap CIs)",
-             f"{'class':<28} {'pct':>5} {baseline + ' [CI]':>30} {alternative + ' [CI]':>30} "
-             f"{'ratio [CI]':>24}"]
+    pct = f"{confidence * 100:g}%"
+    header = ["class", "pct", "unit", f"{baseline} [{pct} CI]", f"{alternative} [{pct} CI]",
+              f"{alternative} / {baseline} [{pct} CI]"]
+    rows = []
     for _, r in table.iterrows():
-        a = f"{ns(r[baseline])} [{ns(r[baseline + '_low'])}, {ns(r[baseline + '_high'])}]"
-        b = f"{ns(r[alternative])} [{ns(r[alternative + '_low'])}, {ns(r[alternative + '_high'])}]"
-        rat = (f"{r['ratio']:.3f} [{r['ratio_low']:.3f}, {r['ratio_high']:.3f}]"
-               if np.isfinite(r["ratio"]) else "n/a")
-        lines.append(f"{r['class']:<28} {'p' + format(r['percentile'], 'g'):>5} {a:>30} {b:>30} {rat:>24}")
-    return "\n".join(lines)
+        cols = [baseline, baseline + "_low", baseline + "_high", alternative, alternative + "_low",
+                alternative + "_high"]
+        name, div, dec = display_scale([r[c] for c in cols], "ns")
+
+        def cell(v: float) -> str:
+            s = fmt(v, div, dec)
+            # a value too small for the row's scale keeps its own unit instead of reading as 0
+            return fmt_quantity(v, "ns") if s.lstrip("-") == "0" and np.isfinite(v) and v != 0 else s
+
+        def est(p: str) -> str:
+            out = cell(r[p])
+            if np.isfinite(r[p + "_low"]) and np.isfinite(r[p + "_high"]):
+                out += f" [{cell(r[p + '_low'])} to {cell(r[p + '_high'])}]"
+            return out
+        rat = "n/a"
+        if np.isfinite(r["ratio"]):
+            rat = f"{r['ratio']:.3f}"
+            if np.isfinite(r["ratio_low"]) and np.isfinite(r["ratio_high"]):
+                rat += f" [{r['ratio_low']:.3f} to {r['ratio_high']:.3f}]"
+        rows.append([r["class"], "p" + format(r["percentile"], "g"), name, est(baseline), est(alternative), rat])
+    widths = [max(len(str(x[i])) for x in [header] + rows) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        first = f"{cells[0]:<{widths[0]}}  {cells[1]:>{widths[1]}}  {cells[2]:<{widths[2]}}"
+        return "  ".join([first] + [f"{c:>{w}}" for c, w in zip(cells[3:], widths[3:])]).rstrip()
+    title = f"latency tails, pooled over replications ({pct} cluster-bootstrap CIs)"
+    return "\n".join([title] + [line(c) for c in [header] + rows])
 
 
 def around_band(samples: dict[int, dict[str, Any]], series: str, confidence: float = 0.95

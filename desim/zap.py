@@ -40,6 +40,30 @@ two can be true depends on the preemption model and the kernel version
 the lock for a waiter, only for ``need_resched``. The targeted zap flushes
 remote TLBs before each break that follows zapped SPTEs; the fast zap does not.
 
+What a vCPU waiting on ``mmu_lock`` sees during a fast zap on the legacy or
+shadow MMU: ``kvm_zap_obsolete_pages`` calls ``cond_resched_rwlock_write``
+only after ``BATCH_ZAP_PAGES`` (10) zapped pages, and that drops the lock only
+if ``rwlock_needbreak()`` or ``need_resched()`` (``__cond_resched_rwlock_write``,
+kernel/sched/core.c). A batch is therefore the *granularity of the check*,
+not the length of a hold: on 6.11+ booted ``none`` or ``voluntary`` (this
+project's kvm_pvm hosts: 6.18, ``Dynamic Preempt: none``) no waiter ever
+breaks the lock, and a vCPU that needs it (a fault, or
+``kvm_mmu_free_obsolete_roots`` after the ``KVM_REQ_MMU_FREE_OBSOLETE_ROOTS``
+kick, both ``write_lock`` on a shadow MMU) spins until the whole zap ends or
+until the scheduler's tick sets ``need_resched()`` for the zapping thread,
+which needs another runnable task on its CPU (:class:`desim.sched.NeedResched`,
+``kernel.competing_task``). Measured with the timed guest on these hosts
+(``desim.kvm.latency``, the op issued while the vCPUs touch; a loaded host):
+one vCPU on 256 MiB (VMM and vCPU threads on the 2 CPUs): the vCPU stalled
+8.1, 8.2 and 12.2 ms in one piece, the whole zap, then re-faulted; two vCPUs
+on 1 GiB (three threads on 2 CPUs: the VMM thread always has a competitor):
+stalls of 3.7 to 6.6 ms (a 4 ms tick at HZ = 250 after the 1.5 ms slice), a
+few hundred microseconds of re-faults, then the next hold. The earlier reading
+that a vCPU waits one batch (~190 us) came from a model that let waiters break
+the lock; the real harness's 50-120 us "longest stalls" were the run-queue
+filter (:func:`desim.kvm.latency.not_preempted`) dropping these spins on a
+loaded host, where a pass's run-queue wait covers them.
+
 Simplifications: the per-SPTE and per-probe work is charged as time in
 slices of ``ZAP_SLICE`` units; a lock break can only happen at a slice end
 (the kernel checks every iteration).

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from desim.tails import (
-    LAT_EDGES, _hist, around_band, around_ops, hist_percentile, latency_histograms, latency_samples, tails_table,
+    LAT_EDGES, _hist, around_band, around_ops, format_tails, hist_percentile, latency_histograms, latency_samples,
+    tails_table,
 )
 from desim.vm import run_scenario
 
@@ -62,5 +63,11 @@ def test_tails_table_is_deterministic_and_paired():
     same = tails_table({"fast": samples["fast"], "targeted": samples["fast"]}, n_boot=300)
     assert np.allclose(same.dropna(subset=["ratio"]).ratio, 1.0)
     assert np.allclose(same.dropna(subset=["ratio_low"]).ratio_low, 1.0)
+    # printed in the comparison table's format: a unit column, CIs as [low to high], no unit inside
+    text = format_tails(t1).splitlines()
+    assert text[1].split()[:4] == ["class", "pct", "unit", "fast"] and "[95% CI]" in text[1]
+    line = next(ln for ln in text if ln.startswith("fault/phase:populate") and " p50 " in ln)
+    assert line.split()[2] in ("ns", "us", "ms") and " to " in line and "," not in line.split("[")[1]
+    assert not any(u in line.split(None, 3)[3] for u in ("ns", "us", "ms"))
     x, mean, lo, hi = around_band(samples["fast"], "faults_per_us")
     assert len(x) == len(mean) and np.all(lo <= mean + 1e-9) and np.all(mean <= hi + 1e-9)

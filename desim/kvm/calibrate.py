@@ -333,7 +333,11 @@ RDTSC_COSTS = EXIT_PATH + ("host_alloc_4k", "prefetch_spte")
 def apply_rdtsc_means(cal: Calibration, base: Any, rd: dict[str, float]) -> None:
     """Replace the fault-path costs fitted from wall times (R1, F1, R8 of :func:`fit`) by the same
     formulas on the rdtsc means (:func:`desim.kvm.fitdist.rdtsc_fault_means`), keeping the wall-time
-    numbers as observations and warning when the two disagree by more than :data:`RDTSC_GAP`."""
+    numbers as observations and warning when the two disagree by more than :data:`RDTSC_GAP`.
+
+    The exit path's constant terms are the re-fault's *median* split in the base's proportions and
+    ``fault_handle`` is the rest of the mean R1, as :func:`desim.kvm.fitdist.fit_tables` splits the
+    quantiles: a fitted table's mean is then its cost's value, and the sampler keeps its shape."""
     P = {k: c.value for k, c in base.costs.items()}
     obs = cal.observations
     for key, wall in (("R1", "R1_refault_ns"), ("F1", "F1_first_touch_ns"), ("R8", "R8_refault_ns")):
@@ -344,12 +348,22 @@ def apply_rdtsc_means(cal: Calibration, base: Any, rd: dict[str, float]) -> None
                                 "scheduler stretched the wall times (the rdtsc means, which drop preempted "
                                 "accesses, are used)")
     r1, f1, r8 = rd["R1"], rd["F1"], rd["R8"]
+    # the constant terms: the re-fault's median split in the base's proportions; fault_handle, which
+    # carries the exit path's variation (desim.kvm.fitdist), takes the rest of the mean
+    med = rd.get("R1_median", r1)
     share = sum(P[k] for k in EXIT_PATH)
     for k in EXIT_PATH:
-        cal.costs[k] = r1 * P[k] / share if share else r1 / len(EXIT_PATH)
-        cal.sources[k] = (f"R1 = {r1:.0f} ns per re-fault without prefetch (rdtsc in the guest, mean), "
+        if k == "fault_handle":
+            continue
+        cal.costs[k] = med * P[k] / share if share else med / len(EXIT_PATH)
+        cal.sources[k] = (f"R1 median = {med:.0f} ns per re-fault without prefetch (rdtsc in the guest), "
                           f"split in {base.name}'s proportions")
         cal.ci95.pop(k, None)
+    cal.costs["fault_handle"] = max(0.0, r1 - sum(cal.costs[k] for k in EXIT_PATH if k != "fault_handle"))
+    cal.sources["fault_handle"] = (f"R1 = {r1:.0f} ns per re-fault without prefetch (rdtsc in the guest, mean) "
+                                   f"minus the other exit-path terms (the median {med:.0f} ns split in "
+                                   f"{base.name}'s proportions): its share of the median and all of the spread")
+    cal.ci95.pop("fault_handle", None)
     cal.costs["host_alloc_4k"] = max(0.0, cal.costs["faultin_resident"] + f1 - r1)
     cal.sources["host_alloc_4k"] = (f"faultin_resident + (first-touch fault {f1:.0f} ns - re-fault {r1:.0f} ns), "
                                     "rdtsc in the guest, means")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -252,9 +253,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if not args.tails_only:
         print(summary(res))
     if "tails" in res:
-        from desim.kvm.validate_tails import tails_summary
+        from desim.kvm.validate_tails import tails_summary, tails_why
 
         print(tails_summary(res["tails"]))
+        for line in tails_why(res["tails"]):
+            print(line)
     if args.out is not None:
         _write_json(args.out, res)
         print(f"wrote {args.out}")
@@ -268,7 +271,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
         path = args.plot.with_name(f"{args.plot.stem}-tails{args.plot.suffix}")
         tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-        plot_validation_tails(res["tails"], tmp, f"desim validate: latency tails, profile {res['profile']}")
+        from desim.kvm.validate_tails import tails_why
+
+        plot_validation_tails(res["tails"], tmp, f"desim validate: latency tails, profile {res['profile']}",
+                              tails_why(res["tails"]))
         os.replace(tmp, path)
         print(f"wrote {path}")
     if args.max_error is not None and worst_error(res) > args.max_error:

@@ -126,8 +126,30 @@ def sim_metrics(sc: KvmScenario, profile: str = "shadow-pvm", seed: int = 1, rep
     }
 
 
+def during_competing_task(vcpus: int, host_cpus: int | None = None) -> bool:
+    """Whether the VMM thread shares its CPU with a runnable task while the op runs during passes.
+
+    :meth:`desim.kvm.machine.TouchVm.memslot_op_during_passes` runs no
+    spinners: each vCPU thread is always runnable (in the guest, or spinning
+    on ``mmu_lock`` with preemption disabled), so with ``vcpus + 1`` threads
+    on ``host_cpus`` CPUs the VMM thread always has a competitor, and the
+    scheduler's tick sets ``need_resched()`` once its slice is used
+    (:class:`desim.sched.NeedResched`): ``kvm_zap_obsolete_pages`` then drops
+    ``mmu_lock`` at its next ``cond_resched_rwlock_write``. Measured here
+    (2 vCPUs, 1 GiB, 2 CPUs, fast zap): a vCPU stalled 3.7-6.6 ms (a 4 ms
+    tick at HZ = 250 after the 1.5 ms slice), re-faulted for a while, then
+    stalled again at the VMM's next hold; with 1 vCPU (2 threads on 2 CPUs)
+    it stalled for the whole zap. Other processes on the host (a shared
+    machine) are not counted: the harness assumes an otherwise idle host.
+    """
+    import os
+
+    cpus = host_cpus if host_cpus is not None else (os.cpu_count() or 1)
+    return vcpus + 1 > cpus
+
+
 def to_sim_during(sc: KvmScenario, profile: str = "shadow-pvm", access_ns: float = 30.0,
-                  costs: dict[str, float] | None = None) -> Any:
+                  costs: dict[str, float] | None = None, host_cpus: int | None = None) -> Any:
     """The second VM of a timed run (:func:`desim.kvm.latency.run_timed`): populate, warm, then the
     memslot operation while the vCPUs keep touching their regions (``until = "vmm"``).
 
@@ -135,11 +157,14 @@ def to_sim_during(sc: KvmScenario, profile: str = "shadow-pvm", access_ns: float
     after its first pass, i.e. at a random point of a pass: here a quarter
     into the second pass of the phase (the share of a pass is an
     estimate; what is compared, the stalls overlapping the ioctl, does not
-    depend on it while the ioctl is shorter than a pass).
+    depend on it while the ioctl is shorter than a pass). The host's CPUs
+    (``host_cpus``, default this machine's) decide whether the VMM thread
+    has a competing task (:func:`during_competing_task`).
     """
     from desim.scenario import validate_scenario
 
-    base = to_sim(sc, profile, access_ns, costs).model_dump()
+    base = to_sim(sc, profile, access_ns, costs,
+                  kernel={"competing_task": during_competing_task(sc.vcpus, host_cpus)}).model_dump()
     lay = layout(sc)
     touched = [s for s in lay.slots if s.touched]
     phases = [p for p in base["phases"] if p["name"].split(":")[0] in ("populate", "warm")]
@@ -156,7 +181,8 @@ def to_sim_during(sc: KvmScenario, profile: str = "shadow-pvm", access_ns: float
 
 
 def sim_latency(sc: KvmScenario, profile: str = "shadow-pvm", seed: int = 1, replication: int = 0,
-                access_ns: float = 30.0, costs: dict[str, float] | None = None) -> dict[str, Any]:
+                access_ns: float = 30.0, costs: dict[str, float] | None = None,
+                host_cpus: int | None = None) -> dict[str, Any]:
     """The latency classes of :mod:`desim.kvm.latency` from simulator runs of ``sc``: ``first_touch``
     (accesses of the populate phase), ``refault`` (stalled accesses of retouch, as the harness's
     accesses slower than ``STALL_NS``), ``during_op`` (stalls overlapping the DELETE/MOVE) and
@@ -188,7 +214,7 @@ def sim_latency(sc: KvmScenario, profile: str = "shadow-pvm", seed: int = 1, rep
     out["first_touch"] = lat[within("populate")]
     r = lat[within("retouch")]
     out["refault"] = r[r > STALL_NS]
-    raw, t, lat = stalls(Vm(to_sim_during(sc, profile, access_ns, costs), sc.policy, seed, replication))
+    raw, t, lat = stalls(Vm(to_sim_during(sc, profile, access_ns, costs, host_cpus), sc.policy, seed, replication))
     wins = [(a, a + b) for op, a, b in zip(raw.ioctl_ops, raw.ioctl_time, raw.ioctl_latency) if op in ZAP_IOCTLS]
     sel = np.zeros(len(t), dtype=bool)
     for a, b in wins:
