@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             verdict = "identical" if not diffs else f"DIFFERENT ({len(diffs)}): " + "; ".join(diffs[:3])
             rows.append((name, mode, n, verdict, res))
     print(f"\nbase {a.base} ({srcs['base']}) vs head {a.head} ({srcs['head']}), DESIM_ENGINE={a.engine}\n")
-    print(f"| experiment | mode | files | wall s base / head | result |\n|---|---|---|---|---|")
+    print("| experiment | mode | files | wall s base / head | result |\n|---|---|---|---|---|")
     for name, mode, n, verdict, res in rows:
         print(f"| {name} | {mode} | {n} | {res['base'][1]:.0f} / {res['head'][1]:.0f} | {verdict} |")
     return 0 if all(r[3] == "identical" for r in rows) else 1

@@ -562,15 +562,6 @@ class Mmu:
             counts[level] = 0 if r is None else r[0].count_masked(r[1], r[2], TAG_MASK, tag)
         return counts
 
-    def slot_pt_pages(self, ss: SlotSptes) -> int:
-        """Present level-1 page-table pages covering the slot's gfn range."""
-        d = self.pt_tags[1]
-        tag = self.root_tag
-        lo, hi = ss.slot.base_gfn >> 9, (ss.slot.end_gfn - 1) >> 9
-        if hi - lo + 1 > len(d):
-            return sum(1 for k, t in d.items() if lo <= k <= hi and t == tag)
-        return sum(1 for k in range(lo, hi + 1) if d.get(k) == tag)
-
     # -- shadow pages of guest page tables ---------------------------------------------
     def zap_gpte_shadow_pages(self, ss: SlotSptes, gpt_base: int) -> tuple[int, int]:
         """Shadow pages whose guest page table lies in ``ss`` (``for_each_gfn_valid_sp_with_gptes`` +

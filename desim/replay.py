@@ -67,7 +67,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 import simpy
 
-from .memslot import Memslot, MemslotOp, MrChange
+from .memslot import MemslotOp, MrChange
 from .record.format import Recording, load_recording_cached
 from .workload import CHUNK, AccessStream
 

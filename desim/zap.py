@@ -263,7 +263,6 @@ class TargetedZap(ZapPolicy):
         start = env.now
         yield from lock.take(WRITE, "zap", token)
         npages = ss.slot.npages
-        pt_pages = vm.mmu.slot_pt_pages(ss)
         # the slot is INVALID, so no fault can map it meanwhile: count now, clear at the walk's end
         zapped = sum(vm.mmu.slot_leaf_counts(ss).values())
         vm.metrics.zaps["targeted"] = vm.metrics.zaps.get("targeted", 0) + 1

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from desim import faultrun
-from desim.engine import FastEnvironment, FastProcess, make_environment
+from desim.engine import FastEnvironment, make_environment
 from desim.errors import DesimInputError
 from desim.profile import HostProfile, load_profile
 from desim.scenario import load_scenario

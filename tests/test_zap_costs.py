@@ -6,8 +6,6 @@ writes all 512 entries of each removed table.
 """
 from __future__ import annotations
 
-import pytest
-
 from desim.memslot import Memslot
 from desim.mmu import PG_LEVEL_4K, Mmu
 from desim.profile import load_profile
