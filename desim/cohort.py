@@ -26,6 +26,20 @@ due: the vCPUs are handed back to their processes in the state they are in,
 each waiting on the event it waits on, and the process goes on from there
 (:meth:`~desim.vcpu.Vcpu._handed_back`).
 
+Planned faults. Where a vCPU's next faults are plain 4 KiB faults on a 4 KiB-backed
+slot (no NX huge pages, nothing for ``direct_pte_prefetch`` to map, no other vCPU's
+fault on the same gfn or allocating the same page-table page meanwhile), the loop
+finds them in one vectorised lookup (:class:`_Plan`: the positions of the misses in
+the vCPU's chunk, each page's residency, "ever mapped" and page-table pages, from
+:meth:`desim.mmu.Mmu.plan_install_4k`) and takes each fault without the SPTE
+lookups: the timeline, costs, ``kvm_faultin_pfn``'s host allocation
+(:meth:`desim.hostmm.HostMm.first_touch`), ``mmu_lock``
+(:meth:`desim.lock.MmuLock.acquire` / ``release_after``) and the fault's record
+are the same calls and float operations as :mod:`desim.vcpu`'s, in the same
+order; the SPTE installs are applied in one step
+(:meth:`desim.mmu.Mmu.commit_install_4k`) before anything else can look at the
+SPTE state: before a vCPU takes a step the plain way, and when the loop ends.
+
 Why it is exact: the loop takes the events in SimPy's own queue, in its own
 order (time, priority, id), and schedules the events it creates in that queue
 with SimPy's own ids, in the order the per-event path would create them; it
@@ -45,9 +59,11 @@ from __future__ import annotations
 from heapq import heappop, heappush
 from typing import TYPE_CHECKING
 
+import numpy as np
 from simpy.events import NORMAL, Event
 
 from .lock import MmuLock
+from .mmu import HOST_RESIDENT, PTE_PREFETCH_NUM, TAG_MASK
 
 if TYPE_CHECKING:  # pragma: no cover
     from .vcpu import Vcpu
@@ -55,6 +71,29 @@ if TYPE_CHECKING:  # pragma: no cover
 
 _BACKOFF_MAX = 64  # loop tops to skip after attempts that took (almost) nothing
 _LOCK_CALLBACKS = (MmuLock._timer_cb, MmuLock._release_cb)
+_PLAN_ACCESSES = 4096  # accesses of a vCPU's chunk looked at per plan
+
+
+class _Plan:
+    """A vCPU's next plain 4 KiB faults (see the module docstring). ``k`` faults begun (their guest run
+    computed), ``locked`` of them done under ``mmu_lock``, ``committed`` of those applied to the SPTE
+    state; ``step`` is where the fault ``locked`` is: ``idle`` (not begun), ``run`` (its guest run in
+    flight) or ``pending`` (past ``kvm_faultin_pfn``, waiting or about to take ``mmu_lock``)."""
+
+    __slots__ = ("ss", "install", "fpos", "gfns", "gset", "resident", "ever", "fkeys", "lost", "k", "locked",
+                 "committed", "step")
+
+    def __init__(self, ss, install, fpos, gfns, resident, ever, fkeys) -> None:
+        self.ss = ss
+        self.install = install
+        self.fpos, self.gfns, self.resident, self.ever = fpos, gfns, resident, ever
+        self.gset = set(gfns)
+        self.fkeys = fkeys  # per fault: the page-table pages (level, index) it allocates unless one is there
+        self.lost: list = []  # of those, the pages found there (allocated by another fault first)
+        self.k = 0
+        self.locked = 0
+        self.committed = 0
+        self.step = "idle"
 
 
 class Cohort:
@@ -66,7 +105,13 @@ class Cohort:
         self.backoff = 0  # loop tops to leave to the per-event path before trying again
         self._misses = 0
         self._procs: dict | None = None  # id of a process -> its vCPU
+        self._plans: dict = {}  # vCPU -> its _Plan (while the loop runs)
+        self._tables: set = set()  # page-table pages allocated by planned faults, not committed yet
+        k = vm.profile.kernel
+        self._prefetch = k.pte_prefetch
+        self._plannable = vm.mmu.nx_exec is None
         self.steps = 0  # vCPU steps taken here (for benchmarks and tests)
+        self.planned = 0  # of those, faults taken from plans
         self.runs = 0  # loops that took at least one step
 
     def _missed(self) -> None:
@@ -87,6 +132,214 @@ class Cohort:
             return ("run", None, None)
         t0, ctx = wc
         return ("host" if ctx[0] == "host" else "lock", t0, ctx)
+
+    # -- plans ---------------------------------------------------------------------
+    def _plan(self, x: "Vcpu") -> _Plan | None:
+        """Plan ``x``'s next faults from its position in its chunk (None: none can be planned)."""
+        if not self._plannable:
+            return None
+        mmu = self.vm.mmu
+        pos = x._pos
+        seg = x._chunk[pos:pos + _PLAN_ACCESSES]
+        unmapped = np.flatnonzero(~mmu.mapped_mask(seg))
+        if len(unmapped) == 0:
+            return None
+        g = seg[unmapped]
+        if len(g) < 2 or bool((g[1:] > g[:-1]).all()):
+            fpos = unmapped  # increasing gfns (a sequential pass): each is a first access
+        else:
+            _, first = np.unique(g, return_index=True)
+            fpos = unmapped[np.sort(first)]
+        fg = seg[fpos].astype(np.int64)
+        ss = mmu.slot_of(int(fg[0]))
+        if ss is None or ss.slot.invalid or ss.block.backing != "4k":
+            return None
+        base, end = ss.slot.base_gfn, ss.slot.end_gfn
+        outside = np.flatnonzero((fg < base) | (fg >= end))
+        K = int(outside[0]) if len(outside) else len(fg)
+        if K == 0:
+            return None
+        fpos, fg = fpos[:K], fg[:K]
+        others = [p for v, p in self._plans.items() if v is not x]
+        if others:
+            # another plan's gfn (installed by it, or to be): this vCPU's view of the SPTEs would be stale
+            taken = np.concatenate([p.install.gfns for p in others])
+            clash = np.flatnonzero(np.isin(fg, taken))
+            if len(clash):
+                K = int(clash[0])
+                if K == 0:
+                    return None
+                fpos, fg = fpos[:K], fg[:K]
+        if self._prefetch:
+            # direct_pte_prefetch maps resident, non-present neighbours: the plan needs there to be none
+            starts = np.unique(fg & ~(PTE_PREFETCH_NUM - 1))
+            grp = (starts[:, None] + np.arange(PTE_PREFETCH_NUM)).ravel()
+            grp = grp[(grp >= base) & (grp < end)]
+            b = np.asarray(ss.state[grp - base])
+            if bool((((b & TAG_MASK) != mmu.root_tag) & ((b & HOST_RESIDENT) != 0)).any()):
+                return None
+        plan = mmu.plan_install_4k(ss, fg)
+        if plan is None:
+            return None
+        # the page-table pages each fault would allocate: whether it does is decided when it is under
+        # mmu_lock (another plan's fault may have allocated the page first: _locked_planned)
+        fkeys = [()] * K
+        for lvl, (shift, nf) in plan.new_tables.items():
+            for i, key in zip(nf.tolist(), (fg[nf] >> shift).tolist()):
+                fkeys[i] = fkeys[i] + ((lvl, key),)
+        return _Plan(ss, plan, (fpos + pos).tolist(), fg.tolist(), plan.resident.tolist(),
+                     plan.ever_mapped.tolist(), fkeys)
+
+    def _commit(self, x: "Vcpu", p: _Plan, final: bool) -> None:
+        """Apply the SPTE installs of ``x``'s planned faults done under ``mmu_lock`` since the last commit
+        (as :meth:`desim.mmu.Mmu.make_resident` / ``install`` did for each); ``final``: also the host page
+        of a fault past ``kvm_faultin_pfn``, which the vCPU's own code finishes."""
+        mmu = self.vm.mmu
+        c, k = p.committed, p.locked
+        if k > c:
+            ip = p.install
+            tables = {lvl: (shift, nf[(nf >= c) & (nf < k)] - c) for lvl, (shift, nf) in ip.new_tables.items()}
+            sub = type(ip)(ip.ss, ip.gfns[c:k], ip.state[c:k], ip.resident[c:k], ip.ever_mapped[c:k],
+                           ip.allocated[c:k], tables)
+            mmu.commit_install_4k(sub, k - c)
+            for lvl, _ in p.lost:
+                # a page another fault allocated first: commit_install_4k counted it as this plan's too
+                mmu.present_pt_level[lvl] -= 1
+                mmu.present_pt -= 1
+            p.lost.clear()
+            p.committed = k
+        if final and p.step == "pending" and not p.resident[k]:
+            mmu.make_resident(p.ss, p.gfns[k], 1)
+        x._seq = -1  # the vCPU's cached miss list predates these installs
+
+    def _flush(self, final: bool = False) -> None:
+        """Commit every plan (before a step that reads the SPTE state; ``final``: when the loop ends)."""
+        for x, p in self._plans.items():
+            self._commit(x, p, final)
+        self._tables.clear()
+        if final:
+            self._plans.clear()
+
+    def _clashes(self, gfn: int) -> bool:
+        """Is ``gfn`` one of a plan's faults (a plain step on it would change what that plan found)?"""
+        return any(gfn in p.gset for p in self._plans.values())
+
+    # -- planned steps (the same operations as Vcpu._begin_run, _run_end, _faultin, _fault_locked) -------
+    def _begin_planned(self, x: "Vcpu", p: _Plan) -> float:
+        P = x.P
+        k = p.k
+        miss = p.fpos[k]
+        gfn = p.gfns[k]
+        n = miss - x._pos
+        pre = P.fault_handle + (P.faultin_resident if p.resident[k] else P.host_alloc_4k)
+        now = self.env._now
+        carry, x._carry = x._carry, 0.0
+        g0 = now + carry
+        entry, x._entry = (P.vm_entry if x._entry is None else x._entry), None
+        a = x.access_ns
+        g1 = g0 + entry + n * a
+        if x._stalled_since is not None and n > 0:
+            self.vm.metrics.record_access_stall(x._stalled_since, g0 + entry + a - x._stalled_since, a)
+            x._stalled_since = None
+        x._g0, x._g1 = g0, g1
+        x._running = True
+        if x._srcu_waiters:
+            x._srcu_unlock_at(g0)
+        exit_ns = P.vm_exit + pre
+        x._run = (now, carry, g0, entry, g1, n, miss, True, "fault", gfn, exit_ns)
+        p.k = k + 1
+        p.step = "run"
+        return g1 - now + exit_ns
+
+    def _end_planned(self, x: "Vcpu", p: _Plan):
+        """The guest run ends in its planned fault: returns None (done), or ``(event, ctx)`` to wait on."""
+        now, carry, g0, entry, g1, n, miss, faults, stop, gfn, exit_ns = x._run
+        x._running = False
+        m = x.m
+        t = m.time
+        t["host"] += carry + exit_ns
+        t["guest"] += g1 - g0
+        x._pos += n
+        m.accesses += n
+        vm = self.vm
+        hits = vm.metrics.hit_ns
+        hits[x.access_ns] = hits.get(x.access_ns, 0) + n
+        if x._stalled_since is None:
+            x._stalled_since = g1
+        m.stall_ns += exit_ns
+        ctx = (p.ss, gfn, 1, x.root_tag, g1)
+        p.step = "pending"
+        if not p.resident[p.locked]:
+            vm.metrics.host_page_allocs["4k"] += 1
+            t_alloc = self.env._now - vm.P.host_alloc_4k
+            extra = vm.hostmm.first_touch(x.index, t_alloc, 1)
+            if extra > 0:
+                return self.env.timeout(extra), ("host", ctx)
+        return self._acquire_planned(x, p, ctx)
+
+    def _acquire_planned(self, x: "Vcpu", p: _Plan, ctx: tuple):
+        vm = self.vm
+        ev = vm.lock.acquire(vm.fault_lock_mode, "fault", x)
+        if ev is not None:
+            return ev, ctx
+        self._locked_planned(x, p, ctx, 0.0)
+        return None
+
+    def _locked_planned(self, x: "Vcpu", p: _Plan, ctx: tuple, handoff: float) -> None:
+        vm = self.vm
+        P = x.P
+        metrics = vm.metrics
+        k = p.locked
+        allocated = 0
+        tables = self._tables
+        pt = vm.mmu.pt_tags
+        tag = vm.mmu.root_tag
+        for lk in p.fkeys[k]:
+            if lk in tables or pt[lk[0]].get(lk[1]) == tag:
+                p.lost.append(lk)
+            else:
+                tables.add(lk)
+                allocated += 1
+        metrics.sptes_installed += 1
+        metrics.pt_pages_allocated += allocated
+        hold = P.spte_install + allocated * P.pt_page_alloc + 0 * P.prefetch_spte
+        hold += handoff
+        if hold:
+            vm.lock.release_after(x, hold)
+            x._carry = hold
+            x.m.stall_ns += hold
+        else:
+            vm.lock.release(x)
+        now = self.env._now
+        x._entry = entry = P.vm_entry
+        start = ctx[4]
+        metrics.record_fault(x.index, "after_zap" if p.ever[k] else "first_touch", start, now + hold + entry - start)
+        p.locked = k + 1
+        p.step = "idle"
+
+    # -- the loop ------------------------------------------------------------------
+    def _begin(self, x: "Vcpu") -> float:
+        """``x``'s next guest run, planned if it can be, else the plain way (after committing the plans)."""
+        plans = self._plans
+        p = plans.get(x)
+        if p is not None and p.k < len(p.fpos):
+            return self._begin_planned(x, p)
+        p = self._replan(x)
+        if p is not None:
+            return self._begin_planned(x, p)
+        self._flush()
+        return x._begin_run()
+
+    def _replan(self, x: "Vcpu") -> _Plan | None:
+        """A new plan for ``x`` from where it is (its old plan committed and dropped)."""
+        plans = self._plans
+        old = plans.pop(x, None)
+        if old is not None:
+            self._commit(x, old, False)
+        p = self._plan(x)
+        if p is not None:
+            plans[x] = p
+        return p
 
     def run(self, x0: "Vcpu") -> Event | None:
         """Called by ``x0`` at the top of its loop, before it begins a guest run. None when the head of the
@@ -114,14 +367,15 @@ class Cohort:
         mmu = vm.mmu
         lock = vm.lock
         eid = env._eid
+        plans = self._plans
         # x0's guest run begins now, as its own loop would begin it
         ev = Event(env)
         ev._ok, ev._value = True, None
-        delay = x0._begin_run()
+        delay = self._begin(x0)
         heappush(queue, (env._now + delay, NORMAL, next(eid), ev))
         owned = {ev: x0}  # pending event -> the vCPU that waits on it
         state = {x0: ("run", None, None, ev)}  # vCPU -> (kind, t0, ctx, pending event)
-        steps = 0
+        steps = planned = 0
         while queue:
             t, _, _, ev = queue[0]
             x = owned.get(ev)
@@ -151,38 +405,67 @@ class Cohort:
             # the step and the guest run after it must be plain: nothing pending for the vCPU
             if x.requests or x.root_tag != mmu.root_tag or x._srcu_waiters:
                 break
+            p = plans.get(x)
             if kind == "run":
-                r = x._run
-                if not r[7] or r[8] != "fault":
-                    break  # the run ends without a fault (its chunk's end), or at a CR3 / page-table write
-                ss = mmu.slot_of(r[9])
-                if ss is None or ss.slot.invalid:
-                    break  # MMIO, or RET_PF_RETRY on an INVALID slot
+                if p is None or p.step != "run":
+                    r = x._run
+                    if not r[7] or r[8] != "fault":
+                        break  # the run ends without a fault (its chunk's end), or at a CR3 / page-table write
+                    ss = mmu.slot_of(r[9])
+                    if ss is None or ss.slot.invalid:
+                        break  # MMIO, or RET_PF_RETRY on an INVALID slot
+                    # a guest run begun the plain way: plan from its fault on if the plan finds that fault
+                    p = self._replan(x) if p is None or p.step == "idle" else None
+                    if p is not None and p.fpos[0] == r[6] and p.gfns[0] == r[9]:
+                        p.k = 1
+                        p.step = "run"
+                    else:
+                        p = None
+                        if self._clashes(r[9]):
+                            break
+            elif p is None or p.step != "pending":
+                p = None
+                if self._clashes(ctx[1][1] if kind == "host" else ctx[1]):
+                    break
             # take it, as Environment.step would: the clock, the event processed, the vCPU's code
             heappop(queue)
             env._now = t
+            ev.callbacks = None
             if fresh:
-                ev.callbacks = None
                 x._handback = None
             else:
-                ev.callbacks = None
                 del owned[ev]
-            if kind == "run":
-                res = x._run_end()
-            else:
-                x.m.stall_ns += t - t0
-                x.m.time["host"] += t - t0
-                if kind == "host":
-                    res = x._fault_acquire(ctx[1])
+            if p is not None:
+                planned += 1
+                if kind == "run":
+                    res = self._end_planned(x, p)
                 else:
-                    x._fault_locked(ctx, ev._value)
-                    res = None
+                    x.m.stall_ns += t - t0
+                    x.m.time["host"] += t - t0
+                    if kind == "host":
+                        res = self._acquire_planned(x, p, ctx[1])
+                    else:
+                        self._locked_planned(x, p, ctx, ev._value)
+                        res = None
+            else:
+                if plans:
+                    self._flush()  # the plain path reads the SPTE state
+                if kind == "run":
+                    res = x._run_end()
+                else:
+                    x.m.stall_ns += t - t0
+                    x.m.time["host"] += t - t0
+                    if kind == "host":
+                        res = x._fault_acquire(ctx[1])
+                    else:
+                        x._fault_locked(ctx, ev._value)
+                        res = None
             steps += 1
             if res is None:
                 # the top of Vcpu.run's loop: nothing pending (checked above), the next guest run begins
                 nev = Event(env)
                 nev._ok, nev._value = True, None
-                delay = x._begin_run()
+                delay = self._begin(x)
                 heappush(queue, (env._now + delay, NORMAL, next(eid), nev))
                 owned[nev] = x
                 state[x] = ("run", None, None, nev)
@@ -190,6 +473,7 @@ class Cohort:
                 nev, nctx = res
                 owned[nev] = x
                 state[x] = ("host" if nctx[0] == "host" else "lock", env._now, nctx, nev)
+        self._flush(final=True)
         # hand every vCPU back to its process, waiting on its pending event in the state it is in
         for x, (kind, t0, ctx, ev) in state.items():
             x._handback = (kind, t0, ctx)
@@ -198,6 +482,7 @@ class Cohort:
                 ev.callbacks.append(x.proc._resume)
                 x.proc._target = ev
         self.steps += steps
+        self.planned += planned
         if steps > len(state):
             self._misses = 0
             self.runs += 1
