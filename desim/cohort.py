@@ -112,6 +112,7 @@ class Cohort:
         self._plannable = vm.mmu.nx_exec is None
         self.steps = 0  # vCPU steps taken here (for benchmarks and tests)
         self.planned = 0  # of those, faults taken from plans
+        self.shared_tables = 0  # page-table pages a plan would have allocated, found allocated by another fault
         self.runs = 0  # loops that took at least one step
 
     def _missed(self) -> None:
@@ -220,6 +221,12 @@ class Cohort:
         if final:
             self._plans.clear()
 
+    def _table_there(self, lk: tuple) -> bool:
+        """Is the page-table page ``lk`` (level, index) there: allocated by another fault since the plans
+        were made (``kvm_tdp_mmu_map`` / ``direct_map`` link a page only where none is)?"""
+        mmu = self.vm.mmu
+        return lk in self._tables or mmu.pt_tags[lk[0]].get(lk[1]) == mmu.root_tag
+
     def _clashes(self, gfn: int) -> bool:
         """Is ``gfn`` one of a plan's faults (a plain step on it would change what that plan found)?"""
         return any(gfn in p.gset for p in self._plans.values())
@@ -291,14 +298,12 @@ class Cohort:
         metrics = vm.metrics
         k = p.locked
         allocated = 0
-        tables = self._tables
-        pt = vm.mmu.pt_tags
-        tag = vm.mmu.root_tag
         for lk in p.fkeys[k]:
-            if lk in tables or pt[lk[0]].get(lk[1]) == tag:
+            if self._table_there(lk):
                 p.lost.append(lk)
+                self.shared_tables += 1
             else:
-                tables.add(lk)
+                self._tables.add(lk)
                 allocated += 1
         metrics.sptes_installed += 1
         metrics.pt_pages_allocated += allocated

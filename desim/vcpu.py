@@ -419,8 +419,8 @@ class Vcpu:
         if self._stalled_since is None:
             self._stalled_since = g1
         self.m.stall_ns += exit_ns
-        if stop != "fault":
-            return stop  # "cr3" or "wp"
+        if stop == "cr3" or stop == "wp":
+            return stop
         return self._fault_begin(gfn, g1)
 
     def _after_run(self, res) -> Generator:
