@@ -96,6 +96,28 @@ class _Plan:
         self.step = "idle"
 
 
+def _reader(view, name: str):
+    """A zero-argument callable giving what the next read of ``view.<name>`` gives (a draw, or the value)."""
+    d = view.draws(name)
+    if d is not None:
+        return d.next
+    value = getattr(view, name)
+    return lambda: value
+
+
+class _Costs:
+    """One vCPU's fault costs as readers (the same draws, in each stream's order, as reading ``P.<name>``)."""
+
+    __slots__ = ("fault_handle", "faultin_resident", "host_alloc_4k", "vm_entry", "vm_exit", "spte_install",
+                 "pt_page_alloc", "prefetch_spte")
+
+    def __init__(self, P) -> None:
+        for name in self.__slots__[:6]:
+            setattr(self, name, _reader(P, name))
+        self.pt_page_alloc = P.pt_page_alloc  # per-unit costs are never drawn (desim.costs.PER_UNIT_COSTS)
+        self.prefetch_spte = P.prefetch_spte
+
+
 class Cohort:
     """The fast engine's loop over the steps of many vCPUs (see the module docstring)."""
 
@@ -113,6 +135,15 @@ class Cohort:
         self.steps = 0  # vCPU steps taken here (for benchmarks and tests)
         self.planned = 0  # of those, faults taken from plans
         self.shared_tables = 0  # page-table pages a plan would have allocated, found allocated by another fault
+        self._costs: dict = {}  # vCPU -> _Costs
+        self._vmm_alloc = _reader(vm.P, "host_alloc_4k")
+        # fault and access-stall records of planned faults, in order, appended to the metrics at each flush
+        self._lat: list = []
+        self._start: list = []
+        self._refault: list = []
+        self._stall_start: list = []
+        self._stall_lat: list = []
+        self._stall_a: list = []
         self.runs = 0  # loops that took at least one step
 
     def _missed(self) -> None:
@@ -214,12 +245,36 @@ class Cohort:
         x._seq = -1  # the vCPU's cached miss list predates these installs
 
     def _flush(self, final: bool = False) -> None:
-        """Commit every plan (before a step that reads the SPTE state; ``final``: when the loop ends)."""
+        """Commit every plan and the records of its faults (before a step that reads the SPTE state or records
+        a fault; ``final``: when the loop ends)."""
         for x, p in self._plans.items():
             self._commit(x, p, final)
+        metrics = self.vm.metrics
+        if self._lat:
+            metrics.record_faults(0, {}, np.array(self._start), np.array(self._lat),
+                                  np.array(self._refault, dtype=np.int8))
+            self._lat.clear()
+            self._start.clear()
+            self._refault.clear()
+        if self._stall_lat:
+            sa = self._stall_a
+            a0 = sa[0]
+            metrics.record_access_stalls(np.array(self._stall_start), np.array(self._stall_lat), a0)
+            hits = metrics.hit_ns
+            for a in sa:
+                if a != a0:  # counted against a0 above: move the stall to its own access time
+                    hits[a0] += 1
+                    hits[a] = hits.get(a, 0) - 1
+            self._stall_start.clear()
+            self._stall_lat.clear()
+            sa.clear()
         self._tables.clear()
         if final:
             self._plans.clear()
+
+    def _costs_of(self, x: "Vcpu") -> _Costs:
+        c = self._costs[x] = _Costs(x.P)
+        return c
 
     def _table_there(self, lk: tuple) -> bool:
         """Is the page-table page ``lk`` (level, index) there: allocated by another fault since the plans
@@ -233,26 +288,29 @@ class Cohort:
 
     # -- planned steps (the same operations as Vcpu._begin_run, _run_end, _faultin, _fault_locked) -------
     def _begin_planned(self, x: "Vcpu", p: _Plan) -> float:
-        P = x.P
+        c = self._costs.get(x) or self._costs_of(x)
         k = p.k
         miss = p.fpos[k]
         gfn = p.gfns[k]
         n = miss - x._pos
-        pre = P.fault_handle + (P.faultin_resident if p.resident[k] else P.host_alloc_4k)
+        pre = c.fault_handle() + (c.faultin_resident() if p.resident[k] else c.host_alloc_4k())
         now = self.env._now
         carry, x._carry = x._carry, 0.0
         g0 = now + carry
-        entry, x._entry = (P.vm_entry if x._entry is None else x._entry), None
+        entry, x._entry = (c.vm_entry() if x._entry is None else x._entry), None
         a = x.access_ns
         g1 = g0 + entry + n * a
         if x._stalled_since is not None and n > 0:
-            self.vm.metrics.record_access_stall(x._stalled_since, g0 + entry + a - x._stalled_since, a)
+            # Metrics.record_access_stall, appended at the next flush
+            self._stall_start.append(x._stalled_since)
+            self._stall_lat.append(g0 + entry + a - x._stalled_since)
+            self._stall_a.append(a)
             x._stalled_since = None
         x._g0, x._g1 = g0, g1
         x._running = True
         if x._srcu_waiters:
             x._srcu_unlock_at(g0)
-        exit_ns = P.vm_exit + pre
+        exit_ns = c.vm_exit() + pre
         x._run = (now, carry, g0, entry, g1, n, miss, True, "fault", gfn, exit_ns)
         p.k = k + 1
         p.step = "run"
@@ -278,7 +336,7 @@ class Cohort:
         p.step = "pending"
         if not p.resident[p.locked]:
             vm.metrics.host_page_allocs["4k"] += 1
-            t_alloc = self.env._now - vm.P.host_alloc_4k
+            t_alloc = self.env._now - self._vmm_alloc()
             extra = vm.hostmm.first_touch(x.index, t_alloc, 1)
             if extra > 0:
                 return self.env.timeout(extra), ("host", ctx)
@@ -294,7 +352,7 @@ class Cohort:
 
     def _locked_planned(self, x: "Vcpu", p: _Plan, ctx: tuple, handoff: float) -> None:
         vm = self.vm
-        P = x.P
+        c = self._costs.get(x) or self._costs_of(x)
         metrics = vm.metrics
         k = p.locked
         allocated = 0
@@ -307,7 +365,7 @@ class Cohort:
                 allocated += 1
         metrics.sptes_installed += 1
         metrics.pt_pages_allocated += allocated
-        hold = P.spte_install + allocated * P.pt_page_alloc + 0 * P.prefetch_spte
+        hold = c.spte_install() + allocated * c.pt_page_alloc + 0 * c.prefetch_spte
         hold += handoff
         if hold:
             vm.lock.release_after(x, hold)
@@ -316,9 +374,14 @@ class Cohort:
         else:
             vm.lock.release(x)
         now = self.env._now
-        x._entry = entry = P.vm_entry
+        x._entry = entry = c.vm_entry()
         start = ctx[4]
-        metrics.record_fault(x.index, "after_zap" if p.ever[k] else "first_touch", start, now + hold + entry - start)
+        # Metrics.record_fault: counted now, the samples appended at the next flush
+        ever = p.ever[k]
+        x.m.faults["after_zap" if ever else "first_touch"] += 1
+        self._lat.append(now + hold + entry - start)
+        self._start.append(start)
+        self._refault.append(1 if ever else 0)
         p.locked = k + 1
         p.step = "idle"
 
@@ -453,8 +516,8 @@ class Cohort:
                         self._locked_planned(x, p, ctx, ev._value)
                         res = None
             else:
-                if plans:
-                    self._flush()  # the plain path reads the SPTE state
+                if plans or self._lat or self._stall_lat:
+                    self._flush()  # the plain path reads the SPTE state and records in order
                 if kind == "run":
                     res = x._run_end()
                 else:
