@@ -72,6 +72,7 @@ if TYPE_CHECKING:  # pragma: no cover
 _BACKOFF_MAX = 64  # loop tops to skip after attempts that took (almost) nothing
 _LOCK_CALLBACKS = (MmuLock._timer_cb, MmuLock._release_cb)
 _PLAN_ACCESSES = 4096  # accesses of a vCPU's chunk looked at per plan
+_PLAN_MIN = 8  # a plan with fewer faults makes the next plans wait (planning costs about as much as 8 faults)
 
 
 class _Plan:
@@ -81,7 +82,7 @@ class _Plan:
     flight) or ``pending`` (past ``kvm_faultin_pfn``, waiting or about to take ``mmu_lock``)."""
 
     __slots__ = ("ss", "install", "fpos", "gfns", "gset", "resident", "ever", "fkeys", "lost", "k", "locked",
-                 "committed", "step")
+                 "committed", "step", "lo", "hi")
 
     def __init__(self, ss, install, fpos, gfns, resident, ever, fkeys) -> None:
         self.ss = ss
@@ -136,6 +137,8 @@ class Cohort:
         self.planned = 0  # of those, faults taken from plans
         self.shared_tables = 0  # page-table pages a plan would have allocated, found allocated by another fault
         self._costs: dict = {}  # vCPU -> _Costs
+        self._skip: dict = {}  # vCPU -> guest runs to begin the plain way before planning again
+        self._misses_of: dict = {}
         self._vmm_alloc = _reader(vm.P, "host_alloc_4k")
         # fault and access-stall records of planned faults, in order, appended to the metrics at each flush
         self._lat: list = []
@@ -192,7 +195,8 @@ class Cohort:
         if K == 0:
             return None
         fpos, fg = fpos[:K], fg[:K]
-        others = [p for v, p in self._plans.items() if v is not x]
+        lo, hi = int(fg.min()), int(fg.max())
+        others = [p for v, p in self._plans.items() if v is not x and p.lo <= hi and lo <= p.hi]
         if others:
             # another plan's gfn (installed by it, or to be): this vCPU's view of the SPTEs would be stale
             taken = np.concatenate([p.install.gfns for p in others])
@@ -202,6 +206,7 @@ class Cohort:
                 if K == 0:
                     return None
                 fpos, fg = fpos[:K], fg[:K]
+                lo, hi = int(fg.min()), int(fg.max())
         if self._prefetch:
             # direct_pte_prefetch maps resident, non-present neighbours: the plan needs there to be none
             starts = np.unique(fg & ~(PTE_PREFETCH_NUM - 1))
@@ -219,8 +224,10 @@ class Cohort:
         for lvl, (shift, nf) in plan.new_tables.items():
             for i, key in zip(nf.tolist(), (fg[nf] >> shift).tolist()):
                 fkeys[i] = fkeys[i] + ((lvl, key),)
-        return _Plan(ss, plan, (fpos + pos).tolist(), fg.tolist(), plan.resident.tolist(),
-                     plan.ever_mapped.tolist(), fkeys)
+        out = _Plan(ss, plan, (fpos + pos).tolist(), fg.tolist(), plan.resident.tolist(),
+                    plan.ever_mapped.tolist(), fkeys)
+        out.lo, out.hi = lo, hi
+        return out
 
     def _commit(self, x: "Vcpu", p: _Plan, final: bool) -> None:
         """Apply the SPTE installs of ``x``'s planned faults done under ``mmu_lock`` since the last commit
@@ -240,9 +247,9 @@ class Cohort:
                 mmu.present_pt -= 1
             p.lost.clear()
             p.committed = k
+            x._seq = -1  # the vCPU's cached miss list predates these installs
         if final and p.step == "pending" and not p.resident[k]:
             mmu.make_resident(p.ss, p.gfns[k], 1)
-        x._seq = -1  # the vCPU's cached miss list predates these installs
 
     def _flush(self, final: bool = False) -> None:
         """Commit every plan and the records of its faults (before a step that reads the SPTE state or records
@@ -392,9 +399,22 @@ class Cohort:
         p = plans.get(x)
         if p is not None and p.k < len(p.fpos):
             return self._begin_planned(x, p)
-        p = self._replan(x)
-        if p is not None:
-            return self._begin_planned(x, p)
+        skip = self._skip.get(x, 0)
+        if skip:
+            self._skip[x] = skip - 1
+            if p is not None:
+                self._commit(x, p, False)
+                del plans[x]
+        else:
+            p = self._replan(x)
+            if p is not None and len(p.fpos) >= _PLAN_MIN:
+                self._misses_of.pop(x, None)
+                return self._begin_planned(x, p)
+            # few or no faults ahead (a guest run without faults, hits): plan again later
+            m = self._misses_of[x] = min(2 * self._misses_of.get(x, 0) + 1, _BACKOFF_MAX)
+            self._skip[x] = m
+            if p is not None:
+                return self._begin_planned(x, p)
         self._flush()
         return x._begin_run()
 
@@ -483,11 +503,15 @@ class Cohort:
                     if ss is None or ss.slot.invalid:
                         break  # MMIO, or RET_PF_RETRY on an INVALID slot
                     # a guest run begun the plain way: plan from its fault on if the plan finds that fault
-                    p = self._replan(x) if p is None or p.step == "idle" else None
+                    tried = (p is None or p.step == "idle") and not self._skip.get(x)
+                    p = self._replan(x) if tried else None
                     if p is not None and p.fpos[0] == r[6] and p.gfns[0] == r[9]:
                         p.k = 1
                         p.step = "run"
                     else:
+                        if tried and p is None:
+                            # nothing to plan here: plan again later (Cohort._begin)
+                            self._skip[x] = self._misses_of[x] = min(2 * self._misses_of.get(x, 0) + 1, _BACKOFF_MAX)
                         p = None
                         if self._clashes(r[9]):
                             break
