@@ -137,6 +137,7 @@ class Cohort:
         self.planned = 0  # of those, faults taken from plans
         self.shared_tables = 0  # page-table pages a plan would have allocated, found allocated by another fault
         self._costs: dict = {}  # vCPU -> _Costs
+        self._active = False  # a loop is running (a process resumed from it must not start another)
         self._skip: dict = {}  # vCPU -> guest runs to begin the plain way before planning again
         self._misses_of: dict = {}
         self._vmm_alloc = _reader(vm.P, "host_alloc_4k")
@@ -278,6 +279,20 @@ class Cohort:
         self._tables.clear()
         if final:
             self._plans.clear()
+
+    def _resume_at_top(self, x: "Vcpu", ev: Event) -> None:
+        """Resume ``x``'s process now, at the top of its loop (its step is done), as SimPy would go on with it
+        within the step that processed ``ev``; it runs until it waits again."""
+        env = self.env
+        # the process's code reads and changes the SPTE state and records faults: plans are dropped first
+        self._flush(final=True)
+        x._handback = ("top", None, None)
+        x._wait = None
+        proc = x.proc
+        active = env._active_proc
+        proc._target = ev
+        proc._resume(ev)
+        env._active_proc = active
 
     def _costs_of(self, x: "Vcpu") -> _Costs:
         c = self._costs[x] = _Costs(x.P)
@@ -436,26 +451,26 @@ class Cohort:
         env = self.env
         queue = env._queue
         vm = self.vm
-        if not env._last_callback or not queue:
+        if self._active or not env._last_callback or not queue:
             self._missed()
             return None
         procs = self._procs
         if procs is None:
             procs = self._procs = {id(v.proc): v for v in vm.vcpus}
         # worth it only if the next event is another vCPU's step
+        # (a cheap check, made at every loop top: no backoff for it)
         head = queue[0][3]
         cbs = head.callbacks
         if not cbs or len(cbs) != 1:
-            self._missed()
             return None
         x = procs.get(id(getattr(cbs[0], "__self__", None)))
         if x is None or x is x0 or self._state(x, head) is None:
-            self._missed()
             return None
         mmu = vm.mmu
         lock = vm.lock
         eid = env._eid
         plans = self._plans
+        self._active = True
         # x0's guest run begins now, as its own loop would begin it
         ev = Event(env)
         ev._ok, ev._value = True, None
@@ -497,8 +512,25 @@ class Cohort:
             if kind == "run":
                 if p is None or p.step != "run":
                     r = x._run
-                    if not r[7] or r[8] != "fault":
-                        break  # the run ends without a fault (its chunk's end), or at a CR3 / page-table write
+                    if r[8] != "fault":
+                        break  # a CR3 or guest page-table write (shadow paging: never here)
+                    if not r[7]:
+                        # the run ends at its chunk's end, without a fault: what comes next (the next chunk,
+                        # a pause, the end of the stream) is the process's own code, resumed right away
+                        if x is x0:
+                            break
+                        heappop(queue)
+                        env._now = t
+                        ev.callbacks = None
+                        if not fresh:
+                            del owned[ev]
+                            del state[x]
+                        x._handback = None
+                        if x._run_end() is not None:  # pragma: no cover (a run without a fault)
+                            raise AssertionError("a guest run without a fault must not wait")
+                        self._resume_at_top(x, ev)
+                        steps += 1
+                        continue
                     ss = mmu.slot_of(r[9])
                     if ss is None or ss.slot.invalid:
                         break  # MMIO, or RET_PF_RETRY on an INVALID slot
@@ -566,6 +598,7 @@ class Cohort:
                 owned[nev] = x
                 state[x] = ("host" if nctx[0] == "host" else "lock", env._now, nctx, nev)
         self._flush(final=True)
+        self._active = False
         # hand every vCPU back to its process, waiting on its pending event in the state it is in
         for x, (kind, t0, ctx, ev) in state.items():
             x._handback = (kind, t0, ctx)

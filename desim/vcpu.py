@@ -438,9 +438,12 @@ class Vcpu:
     def _handed_back(self, got):
         """Resumed after a cohort run (desim/cohort.py) took this vCPU's steps: go on from the state it
         left (``_handback``: the end of the guest run in ``_run``, of a host allocation's wait or of a
-        wait for ``mmu_lock``), as the step's own code would have. Returns as :meth:`_run_end`."""
+        wait for ``mmu_lock``, or the top of the loop), as the step's own code would have. Returns as
+        :meth:`_run_end`."""
         kind, t0, ctx = self._handback
         self._handback = None
+        if kind == "top":
+            return None  # the step is done: the top of the loop
         if kind == "run":
             return self._run_end()
         now = self.env.now
