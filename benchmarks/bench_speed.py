@@ -15,7 +15,8 @@ Rows (each a median of ``--repeats`` runs, interleaved: SimPy, reference, fast, 
   distributions): the fast engine's scalar fault-run loop (``desim/faultrun.py``).
 * ``concurrent``: 8 vCPUs populating 128 MiB each on the TDP MMU (read-locked faults, 4 KiB pages).
 * The ``batched`` column: the share of the fast engine's faults taken in fault runs (in
-  vectorised blocks).
+  vectorised blocks); ``cohort``: the share taken as planned faults of cohort runs (many vCPUs in one
+  loop, ``desim/cohort.py``).
 * ``--profile``: pyinstrument's call tree of the fast engine on ``uncontended`` and ``contended``
   (``pip install -e ".[bench]"``).
 * ``peak RSS / GiB``: peak resident set (``ru_maxrss`` of a fresh subprocess, minus that of the
@@ -88,9 +89,9 @@ def simpy_rate(n: int = 300_000) -> tuple[float, float]:
     return n / (time.perf_counter() - w0), n / max(time.process_time() - c0, 1e-9)
 
 
-def fault_rate(scenario, engine: str) -> tuple[float, float, int, float, float]:
+def fault_rate(scenario, engine: str) -> tuple[float, float, int, float, float, float]:
     """Faults per wall second and per CPU second of one run, the faults, and the shares of them taken in
-    fault runs and in vectorised blocks (fast engine)."""
+    fault runs, in vectorised blocks and as planned faults of cohort runs (fast engine)."""
     vm = make_vm(scenario, engine)
     w0, c0 = time.perf_counter(), time.process_time()
     res = vm.run()
@@ -99,7 +100,9 @@ def fault_rate(scenario, engine: str) -> tuple[float, float, int, float, float]:
     runs = [r for r in (getattr(v, "fault_run", None) for v in vm.vcpus) if r is not None]
     taken = sum(r.faults for r in runs) / max(f, 1)
     vector = sum(r.vector_faults for r in runs) / max(f, 1)
-    return f / w, f / max(c, 1e-9), f, taken, vector
+    cohort = getattr(vm, "cohort", None)
+    planned = (cohort.planned if cohort is not None else 0) / max(f, 1)
+    return f / w, f / max(c, 1e-9), f, taken, vector, planned
 
 
 def profile(scenario, title: str) -> None:
@@ -188,13 +191,13 @@ def main() -> None:
             sw, sc_ = simpy_rate()
             samples.setdefault("simpy", []).append((sw, sc_))
             for name, scen in cases:
-                w, c, f, taken, vector = fault_rate(scen, eng)
-                samples.setdefault(f"{name}/{eng}", []).append((w, c, w / sw, c / sc_, f, taken, vector))
+                w, c, f, taken, vector, planned = fault_rate(scen, eng)
+                samples.setdefault(f"{name}/{eng}", []).append((w, c, w / sw, c / sc_, f, taken, vector, planned))
     med = lambda xs, i: statistics.median(x[i] for x in xs)  # noqa: E731
     print(f"desim speed and scale ({'engines: ' + ', '.join(ENGINES)}; medians of {args.repeats} interleaved "
           f"runs; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
     print(f"{'row':<34} {'engine':<10} {'per wall s':>14} {'per CPU s':>14} {'x SimPy (wall)':>15} "
-          f"{'x SimPy (CPU)':>14} {'batched (vector)':>17}")
+          f"{'x SimPy (CPU)':>14} {'batched (vector)':>17} {'cohort':>7}")
     s = samples["simpy"]
     print(f"{'simpy timeout events':<34} {'-':<10} {med(s, 0):>14,.0f} {med(s, 1):>14,.0f} {1:>15.3f} {1:>14.3f}")
     for name, label in (("uncontended", "uncontended faults (1 vCPU, TDP)"),
@@ -204,8 +207,9 @@ def main() -> None:
         for eng in ENGINES:
             x = samples[f"{name}/{eng}"]
             share = f"{med(x, 5):>8.0%} ({med(x, 6):.0%})" if eng == "fast" else ""
+            co = f"{med(x, 7):.0%}" if eng == "fast" else ""
             print(f"{label:<34} {eng:<10} {med(x, 0):>14,.0f} {med(x, 1):>14,.0f} {med(x, 2):>15.3f} "
-                  f"{med(x, 3):>14.3f} {share:>17}")
+                  f"{med(x, 3):>14.3f} {share:>17} {co:>7}")
     for eng in ENGINES:
         per_gib, per_page = memory(args.memory_gib, eng)
         print(f"{'peak RSS per simulated GiB':<34} {eng:<10} {per_gib / 1024:>12,.0f} KiB  "
