@@ -81,7 +81,7 @@ class _Plan:
     state; ``step`` is where the fault ``locked`` is: ``idle`` (not begun), ``run`` (its guest run in
     flight) or ``pending`` (past ``kvm_faultin_pfn``, waiting or about to take ``mmu_lock``)."""
 
-    __slots__ = ("ss", "install", "fpos", "gfns", "gset", "resident", "ever", "fkeys", "lost", "k", "locked",
+    __slots__ = ("ss", "install", "fpos", "gfns", "gset", "resident", "ever", "fkeys", "k", "locked",
                  "committed", "step", "lo", "hi")
 
     def __init__(self, ss, install, fpos, gfns, resident, ever, fkeys) -> None:
@@ -90,7 +90,6 @@ class _Plan:
         self.fpos, self.gfns, self.resident, self.ever = fpos, gfns, resident, ever
         self.gset = set(gfns)
         self.fkeys = fkeys  # per fault: the page-table pages (level, index) it allocates unless one is there
-        self.lost: list = []  # of those, the pages found there (allocated by another fault first)
         self.k = 0
         self.locked = 0
         self.committed = 0
@@ -129,7 +128,6 @@ class Cohort:
         self._misses = 0
         self._procs: dict | None = None  # id of a process -> its vCPU
         self._plans: dict = {}  # vCPU -> its _Plan (while the loop runs)
-        self._tables: set = set()  # page-table pages allocated by planned faults, not committed yet
         k = vm.profile.kernel
         self._prefetch = k.pte_prefetch
         self._plannable = vm.mmu.nx_exec is None
@@ -238,15 +236,9 @@ class Cohort:
         c, k = p.committed, p.locked
         if k > c:
             ip = p.install
-            tables = {lvl: (shift, nf[(nf >= c) & (nf < k)] - c) for lvl, (shift, nf) in ip.new_tables.items()}
             sub = type(ip)(ip.ss, ip.gfns[c:k], ip.state[c:k], ip.resident[c:k], ip.ever_mapped[c:k],
-                           ip.allocated[c:k], tables)
-            mmu.commit_install_4k(sub, k - c)
-            for lvl, _ in p.lost:
-                # a page another fault allocated first: commit_install_4k counted it as this plan's too
-                mmu.present_pt_level[lvl] -= 1
-                mmu.present_pt -= 1
-            p.lost.clear()
+                           ip.allocated[c:k], {})
+            mmu.commit_install_4k(sub, k - c, tables=False)  # the page-table pages are linked already
             p.committed = k
             x._seq = -1  # the vCPU's cached miss list predates these installs
         if final and p.step == "pending" and not p.resident[k]:
@@ -257,6 +249,12 @@ class Cohort:
         a fault; ``final``: when the loop ends)."""
         for x, p in self._plans.items():
             self._commit(x, p, final)
+        self._flush_records()
+        if final:
+            self._plans.clear()
+
+    def _flush_records(self) -> None:
+        """Append the planned faults' records to the metrics (before a step that records a fault)."""
         metrics = self.vm.metrics
         if self._lat:
             metrics.record_faults(0, {}, np.array(self._start), np.array(self._lat),
@@ -276,9 +274,6 @@ class Cohort:
             self._stall_start.clear()
             self._stall_lat.clear()
             sa.clear()
-        self._tables.clear()
-        if final:
-            self._plans.clear()
 
     def _resume_at_top(self, x: "Vcpu", ev: Event) -> None:
         """Resume ``x``'s process now, at the top of its loop (its step is done), as SimPy would go on with it
@@ -302,10 +297,14 @@ class Cohort:
         """Is the page-table page ``lk`` (level, index) there: allocated by another fault since the plans
         were made (``kvm_tdp_mmu_map`` / ``direct_map`` link a page only where none is)?"""
         mmu = self.vm.mmu
-        return lk in self._tables or mmu.pt_tags[lk[0]].get(lk[1]) == mmu.root_tag
+        return mmu.pt_tags[lk[0]].get(lk[1]) == mmu.root_tag
 
     def _clashes(self, gfn: int) -> bool:
-        """Is ``gfn`` one of a plan's faults (a plain step on it would change what that plan found)?"""
+        """Is ``gfn`` one of a plan's faults, or with PTE prefetch one of its neighbours (a plain step on it would
+        change what that plan found)?"""
+        if self._prefetch:
+            start = gfn & ~(PTE_PREFETCH_NUM - 1)
+            return any(g in p.gset for p in self._plans.values() for g in range(start, start + PTE_PREFETCH_NUM))
         return any(gfn in p.gset for p in self._plans.values())
 
     # -- planned steps (the same operations as Vcpu._begin_run, _run_end, _faultin, _fault_locked) -------
@@ -380,10 +379,13 @@ class Cohort:
         allocated = 0
         for lk in p.fkeys[k]:
             if self._table_there(lk):
-                p.lost.append(lk)
                 self.shared_tables += 1
             else:
-                self._tables.add(lk)
+                # link the page-table page now, as Mmu.install does (the leaves are committed later)
+                mmu = vm.mmu
+                mmu.pt_tags[lk[0]][lk[1]] = mmu.root_tag
+                mmu.present_pt_level[lk[0]] += 1
+                mmu.present_pt += 1
                 allocated += 1
         metrics.sptes_installed += 1
         metrics.pt_pages_allocated += allocated
@@ -572,8 +574,8 @@ class Cohort:
                         self._locked_planned(x, p, ctx, ev._value)
                         res = None
             else:
-                if plans or self._lat or self._stall_lat:
-                    self._flush()  # the plain path reads the SPTE state and records in order
+                if self._lat or self._stall_lat:
+                    self._flush_records()  # the plain path records in order
                 if kind == "run":
                     res = x._run_end()
                 else:

@@ -464,14 +464,17 @@ class Mmu:
             new_tables[lvl] = (shift, nf)
         return InstallPlan(ss, gfns, st, (st & HOST_RESIDENT) != 0, (st & EVER_MAPPED) != 0, alloc, new_tables)
 
-    def commit_install_4k(self, plan: "InstallPlan", k: int) -> int:
+    def commit_install_4k(self, plan: "InstallPlan", k: int, tables: bool = True) -> int:
         """Apply the first ``k`` installs of ``plan`` (as :meth:`make_resident` + :meth:`install` would, one
-        after the other); returns the page-table pages allocated."""
+        after the other); returns the page-table pages allocated. ``tables=False``: the leaves only (the
+        caller linked the page-table pages as each install reached them: desim/cohort.py)."""
         ss, tag = plan.ss, self.root_tag
         rel = plan.gfns[:k] - ss.slot.base_gfn
         ss.state[rel] = (plan.state[:k] & KEEP_BITS) | HOST_RESIDENT | EVER_MAPPED | tag
         self.present_leaf += k
         total = 0
+        if not tables:
+            return total
         for lvl, (shift, nf) in plan.new_tables.items():
             nf = nf[nf < k]
             d = self.pt_tags[lvl]
