@@ -482,6 +482,50 @@ class Mmu:
         self.present_pt += total
         return total
 
+    def plan_prefetch_4k(self, ss: SlotSptes, gfns: np.ndarray, need_accessed: bool):
+        """Which of ``gfns`` fault, and what each fault prefetches, when each fault at 4 KiB runs
+        :meth:`prefetch_candidates` (desim/faultrun.py's vectorised blocks).
+
+        ``gfns``: the first accesses, in order, to distinct gfns of ``ss`` without a present SPTE.
+        Only a fault of the same aligned group of ``PTE_PREFETCH_NUM`` changes a group's state, so the
+        first of them in a group faults and prefetches every neighbour that is eligible then (not
+        present, host page resident, and "ever mapped" for the Accessed bit) and so is as at the
+        start; a later access in the group faults only if its gfn was not eligible, and prefetches
+        nothing (the eligible ones are present by then). Returns ``(fault, members, take)``: a mask
+        over ``gfns``, and for each fault the gfns of its group (one row of ``PTE_PREFETCH_NUM``) and
+        which of them it prefetches. None where :meth:`ever_mapped` would read a huge level."""
+        block = ss.block
+        if block.state2m.live or block.state1g.live:
+            return None
+        base, end, tag = ss.slot.base_gfn, ss.slot.end_gfn, self.root_tag
+        st = ss.state[gfns - base]
+        grp = gfns >> 3
+        if len(grp) < 2 or bool((grp[1:] >= grp[:-1]).all()):
+            first = np.concatenate(([True], grp[1:] != grp[:-1]))
+        else:
+            first = np.zeros(len(grp), dtype=bool)
+            first[np.unique(grp, return_index=True)[1]] = True
+        eligible = (st & HOST_RESIDENT) != 0
+        if need_accessed:
+            eligible &= (st & EVER_MAPPED) != 0
+        fault = first | ~eligible
+        fg = gfns[fault]
+        members = (fg & ~(PTE_PREFETCH_NUM - 1))[:, None] + np.arange(PTE_PREFETCH_NUM)
+        look = (members >= base) & (members < end) & (members != fg[:, None]) & first[fault][:, None]
+        b = np.zeros(members.shape, np.uint8)
+        b[look] = ss.state[members[look] - base]
+        take = look & ((b & TAG_MASK) != tag) & ((b & HOST_RESIDENT) != 0)
+        if need_accessed:
+            take &= (b & EVER_MAPPED) != 0
+        return fault, members, take
+
+    def commit_prefetch_4k(self, ss: SlotSptes, gfns: np.ndarray) -> None:
+        """:meth:`install` at 4 KiB of prefetched ``gfns`` whose page-table pages are present (their
+        fault installed the leaf next to them)."""
+        rel = gfns - ss.slot.base_gfn
+        ss.state[rel] = (ss.state[rel] & KEEP_BITS) | EVER_MAPPED | self.root_tag
+        self.present_leaf += len(gfns)
+
     def prefetch_candidates(self, ss: SlotSptes, gfn: int, need_accessed: bool) -> list[int]:
         """Neighbours ``direct_pte_prefetch`` / ``FNAME(pte_prefetch)`` would map.
 
