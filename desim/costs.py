@@ -141,16 +141,18 @@ class _Draws:
         """The next ``k`` values :meth:`next` would return, as an array, without consuming them
         (``i += n`` consumes n)."""
         if len(self.arr) - self.i < k:
-            more = [self._block() for _ in range(-(-(k - (len(self.arr) - self.i)) // BLOCK))]
-            self.arr = np.concatenate([self.arr[self.i:], *more])
+            # several blocks in one call: the same numbers as one call per block (each value uses the
+            # generator's next output(s) in turn; tests/test_costs.py checks it for both kinds)
+            more = self._block(-(-(k - (len(self.arr) - self.i)) // BLOCK))
+            self.arr = np.concatenate([self.arr[self.i:], more])
             self.buf = None
             self.i = 0
         return self.arr[self.i:self.i + k]
 
-    def _block(self) -> np.ndarray:
+    def _block(self, blocks: int = 1) -> np.ndarray:
         if self.kind == "lognormal":
-            return self.a * np.exp(self.b * self.rng.standard_normal(BLOCK))
-        return np.interp(self.rng.random(BLOCK), self.a, self.b)
+            return self.a * np.exp(self.b * self.rng.standard_normal(blocks * BLOCK))
+        return np.interp(self.rng.random(blocks * BLOCK), self.a, self.b)
 
 
 class CostView:

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .chunked import ChunkedBytes, ChunkedView
+from .chunked import ChunkedBytes, ChunkedView, SparseBytes
 from .errors import DesimInputError
 from .memslot import KVM_MEMSLOT_INVALID, Memslot
 from .nx import ExecRanges
@@ -190,8 +190,10 @@ class Mmu:
     blocks: list[RamBlock] = field(default_factory=list)
     _bases: list[int] = field(default_factory=list)
     _sorted: list[SlotSptes] = field(default_factory=list)
-    # non-leaf: level -> {region index: tag}; level 1 (PT pages) keyed by 2M index
-    pt_tags: dict[int, dict[int, int]] = field(default_factory=lambda: {1: {}, 2: {}, 3: {}})
+    # non-leaf: level -> region index -> tag (0: none), a byte per region where any was written (PT pages
+    # by 2 MiB region, PD by 1 GiB, PDPT by 512 GiB; SparseBytes: no Python object per page-table page)
+    pt_tags: dict[int, SparseBytes] = field(default_factory=lambda: {1: SparseBytes(), 2: SparseBytes(),
+                                                                     3: SparseBytes()})
     present_leaf: int = 0  # leaf SPTEs present in the current roots
     present_pt: int = 0  # page-table pages present in the current roots (excl. the root)
     present_pt_level: dict[int, int] = field(default_factory=lambda: {1: 0, 2: 0, 3: 0})  # the same by level
@@ -453,12 +455,11 @@ class Mmu:
                 uk = keys[fi]
             else:
                 uk, fi = np.unique(keys, return_index=True)
-            d = pt[lvl]
-            tagged = np.fromiter((d.get(k) == tag for k in uk.tolist()), dtype=bool, count=len(uk))
+            tagged = pt[lvl].take(uk) == tag
             if lvl == 1 and tagged.any():
-                for k in uk[tagged].tolist():
-                    if pt[2].get(k >> 9) != tag or pt[3].get(k >> 18) != tag:
-                        return None
+                k = uk[tagged]
+                if (pt[2].take(k >> 9) != tag).any() or (pt[3].take(k >> 18) != tag).any():
+                    return None
             nf = np.sort(fi[~tagged])
             alloc[nf] += 1
             new_tables[lvl] = (shift, nf)
@@ -474,9 +475,7 @@ class Mmu:
         total = 0
         for lvl, (shift, nf) in plan.new_tables.items():
             nf = nf[nf < k]
-            d = self.pt_tags[lvl]
-            for key in (plan.gfns[nf] >> shift).tolist():
-                d[key] = tag
+            self.pt_tags[lvl].put(plan.gfns[nf] >> shift, tag)
             self.present_pt_level[lvl] += len(nf)
             total += len(nf)
         self.present_pt += total
@@ -621,7 +620,7 @@ class Mmu:
             return 0, 0
         tag = self.root_tag
         d = self.pt_tags[1]
-        regions = [r for r, t in d.items() if t == tag and lo <= r < hi]
+        regions = d.find(tag, max(lo, 0), hi - 1).tolist()
         children = 0
         for r in regions:
             del d[r]
@@ -742,13 +741,9 @@ class Mmu:
         tag = self.root_tag
         visits = ((hi - 1) >> 27) - (lo >> 27) + 1  # root entries (512 GiB each)
         for lvl, table_shift, entry_shift in ((3, 27, 18), (2, 18, 9), (1, 9, 0)):
-            d = self.pt_tags[lvl]
-            k0, k1 = lo >> table_shift, (hi - 1) >> table_shift
-            keys = (k for k, t in d.items() if k0 <= k <= k1 and t == tag) if k1 - k0 + 1 > len(d) else (
-                k for k in range(k0, k1 + 1) if d.get(k) == tag)
-            for k in keys:
-                a, b = max(lo, k << table_shift), min(hi, (k + 1) << table_shift)
-                visits += ((b - 1) >> entry_shift) - (a >> entry_shift) + 1
+            k = self.pt_tags[lvl].find(tag, lo >> table_shift, (hi - 1) >> table_shift)
+            a, b = np.maximum(lo, k << table_shift), np.minimum(hi, (k + 1) << table_shift)
+            visits += int((((b - 1) >> entry_shift) - (a >> entry_shift) + 1).sum())
         return visits
 
     def zap_slot_leafs(self, ss: SlotSptes) -> dict[int, int]:

@@ -86,15 +86,19 @@ def _in_binade(t: float, c: np.ndarray, e: np.ndarray, x: np.ndarray, y: np.ndar
     if u == 0.0:
         return np.zeros(0), False
     T0 = t / u  # an integer in [2**52, 2**53)
-    rc, tie_c = _to_grid(c / u)
+    rc, tie = _to_grid(c / u)
     re_, tie_e = _to_grid(e / u)
+    tie |= tie_e
     rx, tie_x = _to_grid(x / u)
+    tie |= tie_x
     D1 = rc + re_ + rx  # (g1 - t) / u, exact (integers; checked below 2**53 through T)
     rd, tie_d = _to_grid((D1 * u + y) / u)  # ((g1 - t) + y) rounded onto the grid: t' - t, in units of u
-    bad = tie_c | tie_e | tie_x | tie_d | ~(c >= 0) | ~(e >= 0) | ~(x >= 0) | ~(y >= 0)
+    tie |= tie_d
     T = T0 + np.cumsum(rd)  # exact while below 2**53 (then each partial sum is an integer < 2**53)
-    bad |= ~(T < _TWO53)
-    k = int(np.argmax(bad)) if bad.any() else len(T)
+    tie |= T >= _TWO53
+    if not all(a.min() >= 0 for a in (c, e, x, y)):  # a negative or not-a-number value (never a cost)
+        tie |= ~(c >= 0) | ~(e >= 0) | ~(x >= 0) | ~(y >= 0)
+    k = int(np.argmax(tie)) if tie.any() else len(T)
     ends = T[:k] * u
     j = int(np.searchsorted(ends, head, side="left"))
     if j < k:
@@ -106,4 +110,4 @@ def _to_grid(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``v`` rounded to the nearest integer, and where ``v`` lay exactly halfway (a tie: its rounding
     depends on the parity of what it is added to)."""
     r = np.rint(v)
-    return r, np.abs(v - np.trunc(v)) == 0.5
+    return r, np.abs(v - r) == 0.5  # v - r is exact (|v - r| <= 0.5)
