@@ -82,6 +82,11 @@ def metric_names(phase_names: list[str] | tuple[str, ...] = ()) -> list[str]:
     return names
 
 
+def _as_bytes(values, dtype) -> memoryview:
+    """The bytes of ``values`` as ``dtype``, without a copy where they already are (for ``array.frombytes``)."""
+    return memoryview(np.ascontiguousarray(values, dtype=dtype)).cast("B")
+
+
 @dataclass
 class VcpuMetrics:
     """Per-vCPU counters and time by state (ns)."""
@@ -179,16 +184,16 @@ class Metrics:
         f = self.vcpus[vcpu].faults
         for c, n in causes.items():
             f[c] += n
-        self._lat_buf.frombytes(np.ascontiguousarray(latency_ns, dtype=np.float64).tobytes())
-        self._fault_time.frombytes(np.ascontiguousarray(start_ns, dtype=np.float64).tobytes())
-        self._fault_is_refault.frombytes(np.ascontiguousarray(refault, dtype=np.int8).tobytes())
+        self._lat_buf.frombytes(_as_bytes(latency_ns, np.float64))
+        self._fault_time.frombytes(_as_bytes(start_ns, np.float64))
+        self._fault_is_refault.frombytes(_as_bytes(refault, np.int8))
         if len(self._lat_buf) > self._fault_spill_at:
             self._spill_faults()
 
     def record_access_stalls(self, start_ns: np.ndarray, latency_ns: np.ndarray, access_ns: float) -> None:
         """:meth:`record_access_stall` for many accesses, in order (a batch of the fast engine, desim/faultrun.py)."""
-        self._stall_buf.frombytes(np.ascontiguousarray(latency_ns, dtype=np.float64).tobytes())
-        self._stall_time.frombytes(np.ascontiguousarray(start_ns, dtype=np.float64).tobytes())
+        self._stall_buf.frombytes(_as_bytes(latency_ns, np.float64))
+        self._stall_time.frombytes(_as_bytes(start_ns, np.float64))
         self.hit_ns[access_ns] = self.hit_ns.get(access_ns, 0) - len(latency_ns)
         if len(self._stall_buf) > self._stall_spill_at:
             self._spill_stalls()
