@@ -36,6 +36,7 @@ start or finish (no processor sharing); one NUMA node, one zone.
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -136,8 +137,7 @@ class HostMm:
         later call's time, looked for among the calls less than ``clear_page_4k + slack`` of
         ``order`` earlier (no earlier one can still be running).
         """
-        tl = t.tolist()
-        m = len(tl)
+        m = len(t)
         if m == 0:
             return 0
         base = 1 * self.clear_page_4k
@@ -148,14 +148,18 @@ class HostMm:
         # and of this CPU's earlier calls: t[j - L] + base above t[j - L + 1 .. j], for the lags L that
         # can hold one (started within base + slack of order earlier; a margin for rounding)
         window = (base + slack) * (1 + 1e-9) + 1e-6
-        lags = np.arange(m) - np.searchsorted(order, order - window, side="left")
-        if m and int(lags.max()) > _LAGS_MAX:
-            m = int(np.argmax(lags > _LAGS_MAX))
-            if m == 0:
-                return 0
-            t, order, tl, lags, flight = t[:m], order[:m], tl[:m], lags[:m], flight[:m]
+        gap = float(np.diff(order).min()) if m > 1 else math.inf
+        lag_max = int(window // gap) + 1 if gap > 0 else m  # no more calls than that fit in the window
+        if lag_max > _LAGS_MAX:  # calls close together: count them
+            lags = np.arange(m) - np.searchsorted(order, order - window, side="left")
+            if int(lags.max()) > _LAGS_MAX:
+                m = int(np.argmax(lags > _LAGS_MAX))
+                if m == 0:
+                    return 0
+                t, order, flight = t[:m], order[:m], flight[:m]
+            lag_max = int(lags[:m].max())
         W = t.copy()  # max(t[j - L + 1 .. j])
-        for L in range(1, int(lags.max()) + 1 if m else 0):
+        for L in range(1, min(lag_max, m - 1) + 1):
             if L > 1:
                 W[L - 1:] = np.maximum(W[L - 1:], t[:m - L + 1])
             flight[L:] += (t[:m - L] + base) > W[L:]
@@ -178,11 +182,11 @@ class HostMm:
         if m == 0:
             return 0
         if len(refills):
-            self.zone.free_at = tl[int(refills[-1])] + refill_hold
+            self.zone.free_at = float(t[refills[-1]]) + refill_hold
         self.zone.holds += len(refills)
         self._pcp[cpu] = (left - m) % PCP_BATCH if left < m else left - m
         if len(drains):
-            self.lru.free_at = tl[int(drains[-1])] + drain_hold
+            self.lru.free_at = float(t[drains[-1]]) + drain_hold
         self.lru.holds += len(drains)
         self._lru_pending[cpu] = (pend + m) % self.lru_batch if pend + m >= self.lru_batch else pend + m
         # the heap after the m-th call: an entry is gone once a call's time reached it (each call pops

@@ -351,17 +351,15 @@ class Metrics:
             out[f"faults_{c}"] = n
         fl = self._fault_lat
         if len(fl):
-            p50, p95, p99 = fl.percentiles([50, 95, 99])
+            p50, p95, p99, p90, p999 = fl.percentiles([50, 95, 99, 90, 99.9])  # one partition of the samples
             out.update(fault_latency_mean_ns=fl.mean(), fault_latency_p50_ns=p50,
                        fault_latency_p95_ns=p95, fault_latency_p99_ns=p99,
                        fault_latency_max_ns=fl.max())
         else:
+            p90 = p999 = 0.0
             out.update(fault_latency_mean_ns=0.0, fault_latency_p50_ns=0.0, fault_latency_p95_ns=0.0,
                        fault_latency_p99_ns=0.0, fault_latency_max_ns=0.0)
-        if len(fl):
-            out["fault_latency_p90_ns"], out["fault_latency_p999_ns"] = fl.percentiles([90, 99.9])
-        else:
-            out["fault_latency_p90_ns"] = out["fault_latency_p999_ns"] = 0.0
+        out["fault_latency_p90_ns"], out["fault_latency_p999_ns"] = p90, p999
         for q, v in zip(("p50", "p90", "p99", "p999"), self.access_latency_percentiles()):
             out[f"access_latency_{q}_ns"] = v
         out["access_stall_max_ns"] = self._stall_lat.max()

@@ -331,6 +331,9 @@ class Mmu:
         out = np.zeros(len(gfns), dtype=bool)
         if not self._sorted or len(gfns) == 0:
             return out
+        ss = self.slot_of(int(gfns.min()))
+        if ss is not None and int(gfns.max()) < ss.slot.end_gfn:  # the usual case: all in one slot
+            return self._mapped_in_slot(ss, gfns)
         idx = np.searchsorted(np.asarray(self._bases), gfns, side="right") - 1
         lo, hi = int(idx.min()), int(idx.max())
         # usually every gfn falls in one slot: no sort (np.unique) needed to find the slots
@@ -344,19 +347,23 @@ class Mmu:
             sel, g = sel[inside], g[inside]
             if len(g) == 0:
                 continue
-            rel = g - ss.slot.base_gfn
-            m = (ss.block.state.take(ss.off + rel) & TAG_MASK) == self.root_tag
-            if ss.block.backing != "4k":
-                huge = np.zeros(len(g), dtype=bool)
-                if ss.congruent2m:
-                    huge |= self._huge_mask(ss, rel, PG_LEVEL_2M)
-                if ss.congruent1g:
-                    huge |= self._huge_mask(ss, rel, PG_LEVEL_1G)
-                if self.nx_exec is not None and huge.any():
-                    huge &= ~self.nx_exec.mask(g)
-                m |= huge
-            out[sel] = m
+            out[sel] = self._mapped_in_slot(ss, g)
         return out
+
+    def _mapped_in_slot(self, ss: SlotSptes, g: np.ndarray) -> np.ndarray:
+        """Vectorised :meth:`_mapped_in` for gfns ``g`` of slot ``ss``."""
+        rel = g - ss.slot.base_gfn
+        m = (ss.block.state.take(ss.off + rel) & TAG_MASK) == self.root_tag
+        if ss.block.backing != "4k":
+            huge = np.zeros(len(g), dtype=bool)
+            if ss.congruent2m:
+                huge |= self._huge_mask(ss, rel, PG_LEVEL_2M)
+            if ss.congruent1g:
+                huge |= self._huge_mask(ss, rel, PG_LEVEL_1G)
+            if self.nx_exec is not None and huge.any():
+                huge &= ~self.nx_exec.mask(g)
+            m |= huge
+        return m
 
     def _huge_mask(self, ss: SlotSptes, rel: np.ndarray, level: int) -> np.ndarray:
         arr = ss.block.state2m if level == PG_LEVEL_2M else ss.block.state1g
