@@ -106,7 +106,7 @@ class Vcpu:
         self._chunk: np.ndarray | None = None
         self._chunk_list: range | memoryview | list[int] = []
         self._pos = 0
-        self._misses: list[int] = []
+        self._misses: memoryview | list[int] = []
         self._mi = 0
         self._seq = -1
         self._carry = 0.0  # host time still owed by the last fault (its lock hold)
@@ -206,7 +206,7 @@ class Vcpu:
         mmu = self.vm.mmu
         if self._seq != mmu.zap_seq:
             miss = np.flatnonzero(~mmu.mapped_mask(self._chunk[self._pos:]))
-            self._misses = (miss + self._pos).tolist()
+            self._misses = memoryview(miss + self._pos)  # no Python int per miss
             self._mi = 0
             self._seq = mmu.zap_seq
         misses = self._misses
@@ -224,7 +224,7 @@ class Vcpu:
                     # faults since the list was made mapped these (a huge page maps a whole unit):
                     # look the rest of the chunk up again at once instead of access by access
                     miss = np.flatnonzero(~mmu.mapped_mask(self._chunk[pos:]))
-                    self._misses = misses = (miss + pos).tolist()
+                    self._misses = misses = memoryview(miss + pos)
                     self._mi = 0
                     skipped = 0
                     continue
