@@ -312,10 +312,17 @@ class FaultRun:
         fh = costs("fault_handle", K)
         ha = costs("host_alloc_4k", n_ft)
         fr = costs("faultin_resident", n_res)
-        ha_k = ha[np.maximum(ft_idx, 0)] if not isinstance(ha, float) and n_ft else ha if n_ft else 0.0
-        fr_k = fr[np.maximum(res_idx, 0)] if not isinstance(fr, float) and n_res else fr if n_res else 0.0
-        pre = np.where(resident, fh + fr_k, fh + ha_k)
+        if n_res == 0:  # all first touches (a populate)
+            pre = fh + ha
+        elif n_ft == 0:  # all resident (re-faults after a zap)
+            pre = fh + fr
+        else:
+            ha_k = ha if isinstance(ha, float) else ha[np.maximum(ft_idx, 0)]
+            fr_k = fr if isinstance(fr, float) else fr[np.maximum(res_idx, 0)]
+            pre = np.where(resident, fh + fr_k, fh + ha_k)
         exit_ns = costs("vm_exit", K) + pre
+        if np.ndim(exit_ns) == 0:  # every cost constant
+            exit_ns = np.full(K, exit_ns)
         hold = costs("spte_install", K) + alloc * src["pt_page_alloc"][1] + prefetched * src["prefetch_spte"][1]
         if not (hold > 0).all():
             return 0  # a zero hold releases mmu_lock at once (MmuLock.release): the per-fault path
