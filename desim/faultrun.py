@@ -139,6 +139,7 @@ class FaultRun:
         t = m.time
         costs = self._costs
         taken = 0
+        chunk_end = False  # stopped at the end of the chunk, not for another process: no back-off
         while self.batchable():
             if self._vector is not None:
                 k = self._vector_block()
@@ -148,6 +149,7 @@ class FaultRun:
             miss = v._next_miss()
             chunk = v._chunk_list
             if miss >= len(chunk):
+                chunk_end = True
                 break  # the run ends without a fault (end of chunk): the per-fault path
             gfn = chunk[miss]
             ss = mmu.slot_of(gfn)
@@ -216,7 +218,7 @@ class FaultRun:
                 self._misses = 0
                 return taken, res
         self.faults += taken
-        if taken:
+        if taken or chunk_end:
             self._misses = 0
         else:
             self.missed()
@@ -267,13 +269,18 @@ class FaultRun:
         else:
             _, first = np.unique(g, return_index=True)
             fpos = unmapped[np.sort(first)]
-        fg = seg[fpos].astype(np.int64)
+        fg = seg[fpos]
+        if fg.dtype != np.int64:
+            fg = fg.astype(np.int64)
         ss = mmu.slot_of(int(fg[0]))
         if ss is None or ss.slot.invalid or ss.slot.dirty_logging or ss.block.backing != "4k":
             return 0
         base, end = ss.slot.base_gfn, ss.slot.end_gfn
-        outside = np.flatnonzero((fg < base) | (fg >= end))
-        K = int(outside[0]) if len(outside) else len(fg)
+        if int(fg.min()) >= base and int(fg.max()) < end:
+            K = len(fg)
+        else:
+            outside = np.flatnonzero((fg < base) | (fg >= end))
+            K = int(outside[0])
         if K == 0:
             return 0
         fpos, fg = fpos[:K], fg[:K]
@@ -293,9 +300,8 @@ class FaultRun:
             return 0
         resident, ever, alloc = plan.resident, plan.ever_mapped, plan.allocated
         # the costs of K faults, in each stream's order (peeked, consumed below for the faults taken)
-        ft_idx = np.cumsum(~resident) - 1  # index of each first touch among the first touches
-        res_idx = np.cumsum(resident) - 1
-        n_ft, n_res = int(ft_idx[-1]) + 1, int(res_idx[-1]) + 1
+        n_res = int(np.count_nonzero(resident))
+        n_ft = K - n_res
         need_entry = v._entry is None
 
         def costs(name: str, k: int):
@@ -317,6 +323,8 @@ class FaultRun:
         elif n_ft == 0:  # all resident (re-faults after a zap)
             pre = fh + fr
         else:
+            ft_idx = np.cumsum(~resident) - 1  # index of each first touch among the first touches
+            res_idx = np.cumsum(resident) - 1
             ha_k = ha if isinstance(ha, float) else ha[np.maximum(ft_idx, 0)]
             fr_k = fr if isinstance(fr, float) else fr[np.maximum(res_idx, 0)]
             pre = np.where(resident, fh + fr_k, fh + ha_k)
@@ -430,7 +438,7 @@ class FaultRun:
         if K > 1:
             dts = rel_t[:-1] - t1[:-1]
             lock._area_holders = _accumulate(lock._area_holders, dts[dts != 0] * 1)
-            stats.hold_ns = _accumulate(stats.hold_ns, rel_t[:-1] - t1[:-1])
+            stats.hold_ns = _accumulate(stats.hold_ns, dts)
         lock._last_t = float(t1[-1])
         stats.acquisitions += K
         if own is None:

@@ -83,16 +83,17 @@ def _in_binade(t: float, c: np.ndarray, e: np.ndarray, x: np.ndarray, y: np.ndar
         return np.zeros(0), False
     m, p1 = math.frexp(t)  # t = m * 2**p1, 0.5 <= m < 1: the binade [2**(p1-1), 2**p1)
     u = math.ldexp(1.0, p1 - 53)
-    if u == 0.0:
+    if not 2.0 ** -1000 < u < 2.0 ** 1000:  # 1 / u exact and finite
         return np.zeros(0), False
     T0 = t / u  # an integer in [2**52, 2**53)
-    rc, tie = _to_grid(c / u)
-    re_, tie_e = _to_grid(e / u)
+    inv = 1.0 / u  # a power of two: v * inv is v / u, exactly
+    rc, tie = _to_grid(c * inv)
+    re_, tie_e = _to_grid(e * inv)
     tie |= tie_e
-    rx, tie_x = _to_grid(x / u)
+    rx, tie_x = _to_grid(x * inv)
     tie |= tie_x
     D1 = rc + re_ + rx  # (g1 - t) / u, exact (integers; checked below 2**53 through T)
-    rd, tie_d = _to_grid((D1 * u + y) / u)  # ((g1 - t) + y) rounded onto the grid: t' - t, in units of u
+    rd, tie_d = _to_grid((D1 * u + y) * inv)  # ((g1 - t) + y) rounded onto the grid: t' - t, in units of u
     tie |= tie_d
     T = T0 + np.cumsum(rd)  # exact while below 2**53 (then each partial sum is an integer < 2**53)
     tie |= T >= _TWO53
