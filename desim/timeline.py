@@ -54,15 +54,22 @@ def run_ends(now: float, c: np.ndarray, e: np.ndarray, x: np.ndarray, y: np.ndar
     out: list[np.ndarray] = []
     start = 0
     t = float(now)
+    if n == 0:
+        return np.zeros(0)
+    if not all(a.min() >= 0 for a in (c, e, x, y)):  # a negative or not-a-number value (never a cost)
+        return _loop(t, c, e, x, y, head)
+    # where each run ends, roughly (rounding aside): only to cut the input at each binade's end, so
+    # that no run past it is computed in vain; the ends themselves come from _in_binade
+    approx = t + np.cumsum(c + e + x + y)
     while start < n:
-        ends, stopped = _in_binade(t, c[start:], e[start:], x[start:], y[start:], head)
+        top = math.ldexp(1.0, math.frexp(t)[1])  # the end of t's binade
+        stop = max(min(n, int(np.searchsorted(approx, top)) + 2), start + 1)
+        ends, stopped = _in_binade(t, c[start:stop], e[start:stop], x[start:stop], y[start:stop], head)
         if len(ends) == 0 and not stopped:
             # the next run leaves the binade (or hits a tie): the scalar recurrence, once
-            g1 = t + float(c[start]) + float(e[start]) + float(x[start])
-            t1 = t + (g1 - t + float(y[start]))
-            if t1 >= head:
+            ends = _loop(t, c[start:start + 1], e[start:start + 1], x[start:start + 1], y[start:start + 1], head)
+            if len(ends) == 0:
                 break
-            ends = np.array([t1])
         if len(ends):
             out.append(ends)
             start += len(ends)
@@ -74,11 +81,24 @@ def run_ends(now: float, c: np.ndarray, e: np.ndarray, x: np.ndarray, y: np.ndar
     return out[0] if len(out) == 1 else np.concatenate(out)
 
 
+def _loop(t: float, c: np.ndarray, e: np.ndarray, x: np.ndarray, y: np.ndarray, head: float) -> np.ndarray:
+    """The recurrence one run at a time, as the per-fault path computes it."""
+    out = []
+    for ci, ei, xi, yi in zip(c.tolist(), e.tolist(), x.tolist(), y.tolist()):
+        g1 = t + ci + ei + xi
+        t1 = t + (g1 - t + yi)
+        if t1 >= head:
+            break
+        out.append(t1)
+        t = t1
+    return np.array(out)
+
+
 def _in_binade(t: float, c: np.ndarray, e: np.ndarray, x: np.ndarray, y: np.ndarray,
                head: float) -> tuple[np.ndarray, bool]:
     """The ends of the runs from ``t`` that stay in ``t``'s binade and need no tie broken:
     ``(ends, stopped)``, ``stopped`` when the runs were cut by ``head`` (else by the binade, a tie,
-    a negative or non-finite value, or the end of the input)."""
+    or the end of the input). Every value must be >= 0."""
     if not (t > 0.0 and math.isfinite(t)):
         return np.zeros(0), False
     m, p1 = math.frexp(t)  # t = m * 2**p1, 0.5 <= m < 1: the binade [2**(p1-1), 2**p1)
@@ -96,9 +116,7 @@ def _in_binade(t: float, c: np.ndarray, e: np.ndarray, x: np.ndarray, y: np.ndar
     rd, tie_d = _to_grid((D1 * u + y) * inv)  # ((g1 - t) + y) rounded onto the grid: t' - t, in units of u
     tie |= tie_d
     T = T0 + np.cumsum(rd)  # exact while below 2**53 (then each partial sum is an integer < 2**53)
-    tie |= T >= _TWO53
-    if not all(a.min() >= 0 for a in (c, e, x, y)):  # a negative or not-a-number value (never a cost)
-        tie |= ~(c >= 0) | ~(e >= 0) | ~(x >= 0) | ~(y >= 0)
+    tie |= T >= _TWO53  # (every value is >= 0: run_ends checks)
     k = int(np.argmax(tie)) if tie.any() else len(T)
     ends = T[:k] * u
     j = int(np.searchsorted(ends, head, side="left"))

@@ -89,3 +89,11 @@ def test_empty_and_immediate_head():
     assert len(run_ends(5.0, z, z, z, z, math.inf)) == 0
     one = np.ones(3)
     assert len(run_ends(5.0, one, one, one, one, 5.0)) == 0
+
+
+def test_values_that_are_no_costs_take_the_loop():
+    k = 50
+    c = np.linspace(-5.0, 5.0, k)
+    one = np.ones(k)
+    same(1e6, c, one, one, one)
+    same(1e6, one, one, one, np.where(np.arange(k) == 7, np.nan, 1.0))
