@@ -1,6 +1,7 @@
 """Speed and scale of the simulator, both engines, in one table (run on demand, not a test).
 
-    python benchmarks/bench_speed.py [--repeats 5] [--quick] [--boot] [--vcpu-scaling] [--largest] [--profile]
+    python benchmarks/bench_speed.py [--repeats 5] [--quick] [--set costs=mean] [--only drawn,...] [--boot]
+        [--vcpu-scaling] [--largest] [--profile]
 
 Rows (each a median of ``--repeats`` runs, interleaved: SimPy, reference, fast, SimPy, ...):
 
@@ -17,7 +18,11 @@ Rows (each a median of ``--repeats`` runs, interleaved: SimPy, reference, fast, 
 * The ``batched`` column: the share of the fast engine's faults taken in fault runs (in
   vectorised blocks); ``cohort``: the share taken as planned faults of cohort runs (many vCPUs in one
   loop, ``desim/cohort.py``).
-* ``--profile``: pyinstrument's call tree of the fast engine on ``uncontended`` and ``contended``
+* ``--set FIELD=VALUE`` (repeatable): override a field of every row's scenario, as ``desim run --set``
+  does; ``--set costs=mean`` gives every cost its mean (no draws: the rates with constant costs).
+* ``--only uncontended,drawn``: measure only these rows (``uncontended``, ``contended``, ``drawn``,
+  ``concurrent``).
+* ``--profile``: pyinstrument's call tree of the fast engine on each measured row
   (``pip install -e ".[bench]"``).
 * ``peak RSS / GiB``: peak resident set (``ru_maxrss`` of a fresh subprocess, minus that of the
   same subprocess importing desim only) per simulated GiB for a 64 GiB VM on THP, and the SPTE
@@ -51,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 
 import simpy  # noqa: E402
 
+from desim.cli import _parse_set  # noqa: E402
 from desim.scenario import load_scenario, validate_scenario  # noqa: E402
 from desim.vm import Vm  # noqa: E402
 
@@ -175,16 +181,28 @@ def main() -> None:
     ap.add_argument("--largest-vcpus", type=int, default=896)
     ap.add_argument("--memory-gib", type=int, default=64)
     ap.add_argument("--profile", action="store_true", help="print pyinstrument call trees (needs .[bench])")
+    ap.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                    help="override a scenario field of every row, e.g. --set costs=mean (repeatable)")
+    ap.add_argument("--only", default=None, help="comma-separated rows: uncontended,contended,drawn,concurrent")
     args = ap.parse_args()
+    overrides = _parse_set(args.set)
     ram = (64 if args.quick else 512) * MiB
     un_sc = sc(1, ram, "tdp-icelake", "4k", 50.0)
     co_sc = sc(32, ram, "legacy-2020", "4k", 1.0)
     dr_sc = sc(1, ram // 4, "shadow-pvm", "4k", 50.0)
     cc_sc = sc(8, ram // 4 * 8, "tdp-icelake", "4k", 50.0)
     cases = (("uncontended", un_sc), ("contended", co_sc), ("drawn", dr_sc), ("concurrent", cc_sc))
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {name for name, _ in cases}
+        if unknown:
+            ap.error(f"--only {','.join(sorted(unknown))}: choose among uncontended, contended, drawn, concurrent")
+        cases = tuple((name, scen) for name, scen in cases if name in wanted)
+    if overrides:
+        cases = tuple((name, scen.with_overrides(overrides)) for name, scen in cases)
     if args.profile:
-        profile(un_sc, "uncontended")
-        profile(co_sc, "contended")
+        for name, scen in cases:
+            profile(scen, name)
     samples: dict[str, list] = {}
     for _ in range(args.repeats):
         for eng in ENGINES:
@@ -194,8 +212,9 @@ def main() -> None:
                 w, c, f, taken, vector, planned = fault_rate(scen, eng)
                 samples.setdefault(f"{name}/{eng}", []).append((w, c, w / sw, c / sc_, f, taken, vector, planned))
     med = lambda xs, i: statistics.median(x[i] for x in xs)  # noqa: E731
+    shown = "; " + ", ".join(f"{k}={v}" for k, v in overrides.items()) if overrides else ""
     print(f"desim speed and scale ({'engines: ' + ', '.join(ENGINES)}; medians of {args.repeats} interleaved "
-          f"runs; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+          f"runs; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs{shown})")
     print(f"{'row':<34} {'engine':<10} {'per wall s':>14} {'per CPU s':>14} {'x SimPy (wall)':>15} "
           f"{'x SimPy (CPU)':>14} {'batched (vector)':>17} {'cohort':>7}")
     s = samples["simpy"]
@@ -204,6 +223,8 @@ def main() -> None:
                         ("contended", "contended faults (32 vCPU, excl.)"),
                         ("drawn", "drawn costs (1 vCPU, shadow-pvm)"),
                         ("concurrent", "concurrent (8 vCPU, TDP read lock)")):
+        if f"{name}/{ENGINES[0]}" not in samples:
+            continue
         for eng in ENGINES:
             x = samples[f"{name}/{eng}"]
             share = f"{med(x, 5):>8.0%} ({med(x, 6):.0%})" if eng == "fast" else ""
