@@ -134,7 +134,7 @@ class Cohort:
         self._shared = vm.lock.kind == "rwlock" and vm.fault_lock_mode == "read"
         self._plannable = vm.mmu.nx_exec is None
         self.steps = 0  # vCPU steps taken here (for benchmarks and tests)
-        self.planned = 0  # of those, faults taken from plans
+        self.planned = 0  # faults taken from plans (their steps counted in ``steps``)
         self.shared_tables = 0  # page-table pages a plan would have allocated, found allocated by another fault
         self._costs: dict = {}  # vCPU -> _Costs
         self._active = False  # a loop is running (a process resumed from it must not start another)
@@ -448,6 +448,7 @@ class Cohort:
         self._refault.append(1 if ever else 0)
         p.locked = k + 1
         p.step = "idle"
+        self.planned += 1
 
     # -- the loop ------------------------------------------------------------------
     def _begin(self, x: "Vcpu") -> float:
@@ -520,7 +521,7 @@ class Cohort:
         heappush(queue, (env._now + delay, NORMAL, next(eid), ev))
         owned = {ev: x0}  # pending event -> the vCPU that waits on it
         state = {x0: ("run", None, None, ev)}  # vCPU -> (kind, t0, ctx, pending event)
-        steps = planned = 0
+        steps = 0
         while queue:
             t, _, _, ev = queue[0]
             x = owned.get(ev)
@@ -602,7 +603,6 @@ class Cohort:
             else:
                 del owned[ev]
             if p is not None:
-                planned += 1
                 if kind == "run":
                     res = self._end_planned(x, p)
                 else:
@@ -649,7 +649,6 @@ class Cohort:
                 ev.callbacks.append(x.proc._resume)
                 x.proc._target = ev
         self.steps += steps
-        self.planned += planned
         if steps > len(state):
             self._misses = 0
             self.runs += 1
