@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -80,10 +81,13 @@ POPULATE_4T = {"4t-4k-448v": {"name": "populate-4t-4k", "file": str(ROOT / "work
                               "policy": "fast"}}
 
 
-def run_case(spec: dict) -> dict:
+def run_case(spec: dict, root: Path | None = None, engine: str | None = None) -> dict:
+    """Run one case in a fresh interpreter on the desim at ``root`` (default: ``ROOT``) and ``engine``
+    (``DESIM_ENGINE``; default: that desim's default engine)."""
     t = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", _CHILD.format(root=str(ROOT), spec=spec)], capture_output=True,
-                         text=True, check=False)
+    env = dict(os.environ, DESIM_ENGINE=engine) if engine else None
+    out = subprocess.run([sys.executable, "-c", _CHILD.format(root=str(root or ROOT), spec=spec)],
+                         capture_output=True, text=True, check=False, env=env)
     if out.returncode:
         raise SystemExit(f"desim: error: case {spec['name']} failed:\n{out.stderr[-2000:]}")
     r = json.loads(out.stdout.strip().splitlines()[-1])

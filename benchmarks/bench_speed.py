@@ -25,7 +25,9 @@ Rows (each a median of ``--repeats`` runs, interleaved: SimPy, reference, fast, 
 * ``--profile``: pyinstrument's call tree of the fast engine on each measured row
   (``pip install -e ".[bench]"``).
 * ``peak RSS / GiB``: peak resident set (``ru_maxrss`` of a fresh subprocess, minus that of the
-  same subprocess importing desim only) per simulated GiB for a 64 GiB VM on THP, and the SPTE
+  same subprocess after importing desim) per simulated GiB for a 1 GiB VM on 4 KiB host pages
+  populated by 8 vCPUs (``benchmarks/bench_memory.py``'s ``1g-4k-8v``: on 4 KiB pages the state
+  grows with RAM; on huge pages it follows the mappings, see that script), and the SPTE
   state's own bytes per 4 KiB guest page.
 * ``--boot``: wall time of ``workloads/boot/boot-32g-churn.toml`` (one replication, fast zap)
   per engine.
@@ -133,15 +135,14 @@ def rss_child(code: str) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def memory(gib: int, engine: str) -> tuple[float, float]:
-    """(peak RSS above the bare interpreter per simulated GiB, SPTE bytes per 4 KiB page)."""
-    base = rss_child("import desim.vm, desim.scenario\nout = {}")
-    eng = f", engine={engine!r}" if HAS_ENGINES else ""
-    run = rss_child(
-        "import benchmarks.bench_speed as B\nfrom desim.vm import Vm\n"
-        f"vm = Vm(B.sc(4, {gib} << 30, 'tdp-icelake', 'thp', 50.0), 'fast', seed=1{eng})\n"
-        "vm.run()\nout = {'spte_bytes': vm.mmu.memory_bytes()}")
-    return (run["maxrss"] - base["maxrss"]) / gib, run["spte_bytes"] / (gib << 18)
+def memory(engine: str) -> tuple[float, float]:
+    """(peak RSS above the imports, bytes per simulated GiB; SPTE bytes per 4 KiB page): the
+    ``1g-4k-8v`` case of ``bench_memory.py``, on ``engine``."""
+    from benchmarks.bench_memory import CASES, run_case
+
+    r = run_case(CASES["1g-4k-8v"], root=ROOT, engine=engine if HAS_ENGINES else None)
+    gib = r["ram"] / (1 << 30)
+    return (r["peak"] - r["base"]) / gib, r["spte"] / (r["ram"] >> 12)
 
 
 def boot_wall(engine: str) -> tuple[float, float]:
@@ -179,7 +180,6 @@ def main() -> None:
     ap.add_argument("--largest", action="store_true", help="also run the largest VM (--largest-tib)")
     ap.add_argument("--largest-tib", type=float, default=32.0)
     ap.add_argument("--largest-vcpus", type=int, default=896)
-    ap.add_argument("--memory-gib", type=int, default=64)
     ap.add_argument("--profile", action="store_true", help="print pyinstrument call trees (needs .[bench])")
     ap.add_argument("--set", action="append", metavar="FIELD=VALUE",
                     help="override a scenario field of every row, e.g. --set costs=mean (repeatable)")
@@ -232,9 +232,9 @@ def main() -> None:
             print(f"{label:<34} {eng:<10} {med(x, 0):>14,.0f} {med(x, 1):>14,.0f} {med(x, 2):>15.3f} "
                   f"{med(x, 3):>14.3f} {share:>17} {co:>7}")
     for eng in ENGINES:
-        per_gib, per_page = memory(args.memory_gib, eng)
-        print(f"{'peak RSS per simulated GiB':<34} {eng:<10} {per_gib / 1024:>12,.0f} KiB  "
-              f"(SPTE state {per_page:.4f} bytes per 4 KiB page; {args.memory_gib} GiB VM on THP)")
+        per_gib, per_page = memory(eng)
+        print(f"{'peak RSS per simulated GiB':<34} {eng:<10} {per_gib / (1 << 20):>12,.2f} MiB  "
+              f"(SPTE state {per_page:.4f} bytes per 4 KiB page; 1 GiB VM on 4 KiB pages, 8 vCPUs)")
     if args.boot:
         for eng in ENGINES:
             w, c = boot_wall(eng)
