@@ -279,7 +279,7 @@ def test_a_lock_storm_agrees():
     assert_same(ref, fast, "lock storm")
     assert json.loads(fast)["metrics"]["lock_contended_fault"] > 900
     steps, planned = in_cohorts(vm)
-    assert steps > 1500 and planned > 1500
+    assert steps > 1500 and planned > 800  # of 1,024 faults (two steps each: the guest run, the hand-over)
 
 
 def _many(vcpus: int, profile: str, costs: str = "mean", ops: list | None = None, **kw):
