@@ -44,8 +44,12 @@ def checkout(rev: str, work: Path) -> Path:
     """A directory holding ``rev``: the directory itself, or a detached worktree under ``work``."""
     if Path(rev).is_dir():
         return Path(rev).resolve()
-    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", rev], check=True,
-                         capture_output=True, text=True).stdout.strip()
+    got = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", "--short=12", f"{rev}^{{commit}}"],
+                         capture_output=True, text=True)
+    if got.returncode:
+        raise SystemExit(f"desim: error: --base/--head {rev!r}: neither a directory nor a git revision of {ROOT}; "
+                         "give a commit (e.g. main, f86fd70) or an existing checkout's directory")
+    sha = got.stdout.strip()
     dest = work / f"src-{sha}"
     if not dest.exists():
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(dest), sha], check=True,
