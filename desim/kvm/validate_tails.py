@@ -60,7 +60,8 @@ from desim.kvm.latency import TimedRun, run_timed
 from desim.kvm.measure import check_resources
 from desim.kvm.machine import install_kick_handler
 from desim.kvm.scenario import POLICIES, KvmScenario
-from desim.kvm.simbridge import sim_latency
+from desim.hitdist import shape_percentiles
+from desim.kvm.simbridge import harness_access_dist, sim_latency
 from desim.kvm.vm import Kvm
 
 CLASSES = ("first_touch", "refault", "during_op", "hit")
@@ -104,6 +105,7 @@ def _pool(runs: list[TimedRun], cls: str) -> np.ndarray:
 def tail_rows(scenarios: list[KvmScenario], real: list[dict[str, list[TimedRun]]], profile: str,
               replications: int = 1, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
+    hit_shape = harness_access_dist(profile)
     for sc, by_pol in zip(scenarios, real):
         for pol in POLICIES:
             runs = by_pol[pol]
@@ -112,16 +114,21 @@ def tail_rows(scenarios: list[KvmScenario], real: list[dict[str, list[TimedRun]]
             access_ns = float(np.mean(_pool(runs, "hit")))
             sims = [sim_latency(sc.with_policy(pol), profile, seed=1, replication=r, access_ns=access_ns)
                     for r in range(replications)]
+            # the model's hits: access_ns, distributed as the profile's [harness] access_dist if calibrate
+            # measured one (desim/hitdist.py), its percentiles exact (no draws)
+            hit_q = dict(zip((s for s, _, _ in STATS), shape_percentiles(hit_shape, access_ns,
+                                                                          tuple(q for _, q, _ in STATS))))
             for cls in CLASSES:
                 x = _pool(runs, cls)
-                y = (np.concatenate([s[cls] for s in sims]) if cls != "hit"
-                     else np.full(max(len(x), 1), access_ns))  # the model's hits all take access_ns
+                y = np.concatenate([s[cls] for s in sims]) if cls != "hit" else None
+                n_y = len(y) if y is not None else len(x)
                 for stat, q, target in STATS:
                     need = MIN_SAMPLES[stat]
-                    if len(x) < need or len(y) < need:
+                    if len(x) < need or n_y < need:
                         continue
-                    rv, sv = float(np.percentile(x, q)), float(np.percentile(y, q))
-                    rows.append(_row(sc, pol, cls, stat, rv, sv, target, len(x), len(y)))
+                    rv = float(np.percentile(x, q))
+                    sv = float(np.percentile(y, q)) if y is not None else hit_q[stat]
+                    rows.append(_row(sc, pol, cls, stat, rv, sv, target, len(x), n_y))
             # the raw slowest access: a vCPU spinning on mmu_lock is on its CPU, so the run-queue filter
             # (not_preempted) cannot tell its spin from a preemption and drops it on a loaded host
             longest = [r.longest_stall_raw_ns for r in runs if r.during_accesses > 0]
