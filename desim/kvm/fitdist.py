@@ -228,7 +228,8 @@ def tick_ns(x: np.ndarray, merge_ns: float = 1.0) -> float:
     (10.0 ns at 2445 MHz): a hit measures 40.1, 50.1, 60.1 ns ... and nothing
     between. The distinct values are grouped where they lie within
     ``merge_ns`` of each other (a step's rounding to whole cycles, 0.4 ns), and
-    the step is the median gap between the first 20 groups' centres, if at
+    the step is the smallest gap between the centres of the groups that hold
+    at least 0.5% of the readings each, if at
     least 90% of the readings lie within a tenth of a step of that lattice
     (a clock that counts single cycles, or continuous data, gives 0)."""
     u = np.unique(np.asarray(x, dtype=np.float64))
@@ -236,10 +237,12 @@ def tick_ns(x: np.ndarray, merge_ns: float = 1.0) -> float:
         return 0.0
     starts = np.concatenate([[0], np.flatnonzero(np.diff(u) > merge_ns) + 1])
     ends = np.append(starts[1:], len(u))
-    centres = np.array([u[a:b].mean() for a, b in zip(starts, ends)])
-    if len(centres) < 3:
+    xs = np.sort(np.asarray(x, dtype=np.float64))
+    counts = np.diff(np.searchsorted(xs, np.append(u[starts], np.inf), side="left"))
+    centres = np.array([u[a:b].mean() for a, b in zip(starts, ends)])[counts >= 0.005 * len(xs)]
+    if len(centres) < 2:
         return 0.0
-    tick = float(np.median(np.diff(centres[:20])))
+    tick = float(np.min(np.diff(centres)))
     # a clock with steps puts (nearly) every reading on the lattice centres[0] + k tick
     r = (np.asarray(x, dtype=np.float64) - centres[0]) / tick
     return tick if np.mean(np.abs(r - np.round(r)) < 0.1) >= 0.9 else 0.0
