@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from desim.errors import DesimInputError
@@ -172,7 +173,13 @@ def test_calibrate_on_real_kvm(tmp_path):
     assert all(v >= 0 for v in c.costs.values())
     path = tmp_path / "cal.toml"
     path.write_text(cal.profile_toml(c, base, "here"))
-    assert load_profile(str(path)).name == "here"
+    p = load_profile(str(path))
+    assert p.name == "here"
+    # the THP allocation's shape (scenario T), the hits' shape (A) and the kick's cost (D) are measured
+    assert p.costs["host_alloc_2m"].dist is not None and "scenario T" in p.costs["host_alloc_2m"].dist.source
+    assert p.harness.access_dist is not None and "scenario A" in p.harness.access_dist.source
+    # (a loaded host can leave no kick stall that its run queue does not explain)
+    assert p.costs["ipi_ack"].source.startswith("measured") == (c.observations["kick_stalls"] > 0)
 
 
 def test_drift_is_reported_only_when_the_host_changed_speed():
@@ -358,3 +365,11 @@ def test_fitted_table_means_are_the_fitted_values_so_the_body_keeps_its_scale():
     real = np.concatenate([r["refault"] for r in runs])
     for q in (50, 90):
         assert np.percentile(sim, q) == pytest.approx(np.percentile(real, q), rel=0.03), q
+
+
+def test_ipi_ack_is_the_kicked_accesss_stall_minus_reentry():
+    from desim.kvm import fitdist
+
+    kicks = [np.array([21_000.0, 19_000.0]), np.array([20_000.0, 80_000.0, 18_000.0])]  # one SRCU kworker stall
+    assert fitdist.fit_ipi_ack(kicks, vm_entry=600.0, access_ns=50.0) == pytest.approx(20_000.0 - 650.0)
+    assert fitdist.fit_ipi_ack([np.zeros(0)], 600.0, 50.0) is None

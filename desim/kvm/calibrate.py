@@ -59,7 +59,11 @@ The two costs that carry a fault's variation, ``fault_handle`` and
 quantile table with a bootstrap 95% interval per quantile) from per-access
 rdtsc latencies of microscenario C: :mod:`desim.kvm.fitdist`.
 
-Costs not identifiable here (``ipi_*``, ``invept``, ``root_alloc``, 1 GiB
+``ipi_ack`` (IPI delivery to a running vCPU) comes from the stalls a vCPU
+that keeps touching sees during D's targeted DELETE (the kicks of the memslot
+swaps): :func:`desim.kvm.fitdist.fit_ipi_ack`.
+
+Costs not identifiable here (``ipi_send``, ``invept``, ``root_alloc``, 1 GiB
 host allocation, ``pt_page_alloc``, ``lock_handoff``, ``mmio_emulation``) keep
 the base profile's value and source. Every fitted cost's ``source`` says
 ``measured: desim kvm calibrate`` with the kernel, date and the numbers used.
@@ -298,8 +302,8 @@ def calibrate(base: str = "shadow-pvm", repeats: int = 7, progress: Callable[[st
     """Measure and fit; returns the calibration and the base HostProfile."""
     from desim.profile import load_profile
 
-    from desim.kvm.fitdist import (DIST_SCENARIO, HIT_SCENARIO, collect_latency, fit_dists, fit_hit_dist,
-                                   rdtsc_fault_means)
+    from desim.kvm.fitdist import (DIST_SCENARIO, HIT_SCENARIO, KICK_SCENARIO, collect_kicks, collect_latency,
+                                   fit_dists, fit_hit_dist, fit_ipi_ack, rdtsc_fault_means)
     prof = load_profile(base)
     cal = fit(collect(repeats, progress, kvm_path), prof)
     # the fault path from the timed guest: means (microscenarios C, A and T) and shapes (C and T); the
@@ -307,6 +311,7 @@ def calibrate(base: str = "shadow-pvm", repeats: int = 7, progress: Callable[[st
     with Kvm(kvm_path) as kvm:
         lat = collect_latency(MICRO[DIST_SCENARIO], repeats, kvm, progress)
         lat_a = collect_latency(MICRO[HIT_SCENARIO], repeats, kvm, progress)
+        kicks = collect_kicks(MICRO[KICK_SCENARIO], repeats, kvm)
         lat_t = collect_latency(MICRO["T"], repeats, kvm, progress)  # host THP last (compaction)
     hit = float(np.mean(np.concatenate([r["hit"] for r in lat_a])))
     apply_rdtsc_means(cal, prof, rdtsc_fault_means(lat, lat_a, hit, lat_t))
@@ -328,6 +333,20 @@ def calibrate(base: str = "shadow-pvm", repeats: int = 7, progress: Callable[[st
     stamp = f"measured: desim kvm calibrate, {os.uname().release}, {time.strftime('%Y-%m-%d')}"
     cal.dists = fit_dists(lat, costs, hit, stamp, t_runs=lat_t)
     cal.harness["access_dist"] = fit_hit_dist(lat_a, stamp)
+    ack = fit_ipi_ack(kicks, cal.costs["vm_entry"], hit)
+    n = sum(len(k) for k in kicks)
+    cal.observations["kick_stalls"] = n
+    if ack is not None:
+        cal.costs["ipi_ack"] = ack
+        cal.sources["ipi_ack"] = (f"median of {n} stalls of a running vCPU during {len(kicks)} targeted DELETEs of "
+                                  f"calibration scenario {KICK_SCENARIO} (the kicks of kvm_arch_memslots_updated, "
+                                  f"rdtsc in the guest, run-queue waits dropped) minus vm_entry and access_ns")
+        if len(kicks) >= 2:
+            rng = np.random.default_rng(2)
+            bs = [fit_ipi_ack([kicks[i] for i in rng.integers(0, len(kicks), len(kicks))], cal.costs["vm_entry"], hit)
+                  for _ in range(BOOTSTRAP_RESAMPLES)]
+            lo, hi = np.percentile([b for b in bs if b is not None], [2.5, 97.5])
+            cal.ci95["ipi_ack"] = (float(lo), float(hi))
     return cal, prof
 
 

@@ -37,18 +37,44 @@ shape spreads each reading over its step (:func:`desim.kvm.fitdist.dequantize`)
 and the simulated median is ~45 ns, within 20% of both.
 
 The stalls during the op (``during_op``, ``longest``) depend on the host's
-scheduler as much as on KVM, and are only comparable on an otherwise idle
-host: a vCPU spinning on ``mmu_lock`` is on its CPU, so its run-queue wait
-does not show the spin, but on a loaded host a pass's run-queue wait covers
-it and :func:`desim.kvm.latency.not_preempted` drops it (the filtered
-longest stall of a fast zap then reads 0-150 us where the vCPU spun for the
-whole zap, milliseconds: see :mod:`desim.zap`), so the ``longest`` row takes
-every access, preempted or not (on a loaded host it then also carries
-neighbours' preemptions, and reads long); and a vCPU thread preempted by the
-VMM thread itself (more runnable threads than CPUs, or a neighbour on the
-other CPU) stalls 0.1-3 ms while a targeted DELETE runs, which no KVM
-mechanism explains (the kernel's part, one kick per memslot swap, costs a
-vCPU ~1.5 us: ``kvm_arch_memslots_updated`` in :mod:`desim.vmm`).
+scheduler as much as on KVM. A fast zap: a vCPU that needs ``mmu_lock`` (a
+fault, or freeing its obsolete root after the kick) spins through the zap
+(``kvm_zap_obsolete_pages`` never yields to a waiter on a ``preempt=none``
+6.11+ kernel, :mod:`desim.zap`), which the model has; a spinning vCPU is on its
+CPU, so the run-queue filter (:func:`desim.kvm.latency.not_preempted`) cannot
+see its spin and the ``longest`` row takes every access, preempted or not. A
+targeted DELETE/MOVE of a slot the guest does not touch, traced on an idle
+host with ftrace events (``sched_switch``, ``sched_wakeup``, ``ipi_send_cpu``,
+``reschedule_entry``, ``workqueue_execute_start``; one vCPU, 2 CPUs): each of
+its two memslot swaps (``kvm_invalidate_memslot``, then ``kvm_delete_memslot``
+or ``kvm_move_memslot``, each through ``kvm_swap_active_memslots``) reaches
+the running vCPU in up to two ways:
+
+1. ``kvm_arch_memslots_updated`` -> ``kvm_vcpu_kick``: a reschedule IPI. The
+   guest loses 10-25 us per kick, nearly all of it the outer hypervisor's
+   IPI delivery on these nested machines (``ipi_send_cpu`` to the target's
+   ``reschedule_entry``: 21-36 us in the trace), against ~1 us on bare
+   metal. Modelled: the kicked access pays ``ipi_ack`` (+ re-entry), which
+   ``desim calibrate`` measures from these stalls
+   (:func:`desim.kvm.fitdist.fit_ipi_ack`).
+2. ``synchronize_srcu_expedited(&kvm->srcu)``: while an ``srcu_struct`` is
+   small (it grows only under contention), SRCU queues every waiter's callback
+   on the *boot CPU's* ``srcu_data`` (``srcu_gp_start_if_needed``:
+   ``ss_state < SRCU_SIZE_WAIT_CALL`` -> ``get_boot_cpu_id()``,
+   kernel/rcu/srcutree.c) and ``srcu_schedule_cbs_sdp`` runs
+   ``srcu_invoke_callbacks`` in a kworker bound to that CPU. If the vCPU
+   thread runs on CPU 0, the kworker's wakeup preempts it
+   (``wakeup_preempt``'s reschedule IPI, then ``srcu_invoke_callbacks`` waking
+   the VMM on the other CPU, then the switch back): 50-120 us of guest time
+   per swap, most of it on the pass's run queue. Not modelled: which CPU a
+   vCPU thread runs on is the host scheduler's choice (with one vCPU on two
+   CPUs either one; the row's median of 3 runs is one or the other), so the
+   targeted ``longest`` row reads ~20 us (the kicks) or 50-120 us.
+
+With two vCPUs (three runnable threads on two CPUs) a vCPU thread also
+shares its CPU with the VMM thread, which runs the DELETE between them:
+130-940 us, neither modelled (``competing_task`` only gives the zapping
+thread a competitor, :func:`desim.kvm.simbridge.during_competing_task`).
 """
 from __future__ import annotations
 
@@ -186,9 +212,11 @@ MISS_REASONS: dict[tuple[str, str], str] = {
     ("hit", "tail"): "hits are drawn from the shape calibrate measured on scenario A's warm passes (the "
                      "profile's [harness] access_dist; none: every hit takes access_ns); a miss is that shape "
                      "differing from this scenario's hits (host interrupts differ from run to run)",
-    ("during_op", "any"): "stalls during the op are the host's scheduler as much as KVM: a spin on mmu_lock "
-                          "that the run-queue filter drops on a loaded host, vCPU threads preempted by the "
-                          "VMM thread, a DELETE stretched by waits for a CPU",
+    ("during_op", "any"): "a targeted op's stall on a vCPU thread that runs on the boot CPU: SRCU's callback "
+                          "kworker (srcu_invoke_callbacks, bound to CPU 0 while the srcu_struct is small) "
+                          "preempts it after each synchronize_srcu_expedited, 50-120 us (the kicks, 10-25 us, "
+                          "are modelled); with 2 vCPUs the VMM thread shares a vCPU's CPU; a loaded host adds "
+                          "neighbours' preemptions",
     ("fault", "p99.9"): "a few faults in a thousand: host interrupts and neighbours, which differ from run to run",
     ("fault", "body"): "the fault path's means and shapes were fitted in another session, under another host "
                        "load (re-fit them with desim calibrate in the same session)",
