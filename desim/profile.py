@@ -231,7 +231,9 @@ class Harness(BaseModel):
 
     model_config = ConfigDict(**INPUT_MODEL_CONFIG, frozen=True)
     access_dist: Dist | None = None
-    """The shape of the harness guest's hits (rdtsc in the guest), the validation scenarios' ``access_dist`` (desim/hitdist.py)."""
+    """The shape of the harness guest's hits (rdtsc in the guest) on 4 KiB host pages, the validation scenarios' ``access_dist`` (desim/hitdist.py)."""
+    access_dist_thp: Dist | None = None
+    """The same with 2 MiB guest pages on host THP (fewer TLB misses), for the scenarios with ``host_thp``."""
 
 
 class HostProfile(BaseModel):

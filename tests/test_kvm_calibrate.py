@@ -178,6 +178,7 @@ def test_calibrate_on_real_kvm(tmp_path):
     # the THP allocation's shape (scenario T), the hits' shape (A) and the kick's cost (D) are measured
     assert p.costs["host_alloc_2m"].dist is not None and "scenario T" in p.costs["host_alloc_2m"].dist.source
     assert p.harness.access_dist is not None and "scenario A" in p.harness.access_dist.source
+    assert p.harness.access_dist_thp is not None and "scenario T" in p.harness.access_dist_thp.source
     # (a loaded host can leave no kick stall that its run queue does not explain)
     assert p.costs["ipi_ack"].source.startswith("measured") == (c.observations["kick_stalls"] > 0)
 

@@ -100,6 +100,7 @@ def test_simulated_hits_follow_the_profiles_harness_shape(monkeypatch, tmp_path)
     shape = to_sim(sc, str(prof)).access_dist
     assert shape is not None and shape.ns[3] == 250.0
     assert to_sim(sc, "legacy-2020").access_dist is None  # no [harness]: every hit takes access_ns
+    assert to_sim(replace(named("thp"), ram_mib=16, vcpus=1), str(prof)).access_dist is None  # no THP shape here
     monkeypatch.setattr("desim.kvm.validate_tails.sim_latency",
                         lambda *a, **k: {"first_touch": np.full(3000, 5000.0), "refault": np.full(3000, 9000.0),
                                          "during_op": np.zeros(0), "longest_stall": 1.0})

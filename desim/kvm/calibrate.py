@@ -333,6 +333,7 @@ def calibrate(base: str = "shadow-pvm", repeats: int = 7, progress: Callable[[st
     stamp = f"measured: desim kvm calibrate, {os.uname().release}, {time.strftime('%Y-%m-%d')}"
     cal.dists = fit_dists(lat, costs, hit, stamp, t_runs=lat_t)
     cal.harness["access_dist"] = fit_hit_dist(lat_a, stamp)
+    cal.harness["access_dist_thp"] = fit_hit_dist(lat_t, stamp, scenario="T")
     ack = fit_ipi_ack(kicks, cal.costs["vm_entry"], hit)
     n = sum(len(k) for k in kicks)
     cal.observations["kick_stalls"] = n

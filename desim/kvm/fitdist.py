@@ -278,7 +278,7 @@ def dequantize(x: np.ndarray, tick: float) -> np.ndarray:
     return out
 
 
-HIT_SCENARIO = "A"  # every 4 KiB page touched, as in the validation scenarios
+HIT_SCENARIO = "A"  # every 4 KiB page touched, as in the validation scenarios (host THP: T)
 
 
 def hit_table(runs: list[dict[str, np.ndarray]]) -> np.ndarray:
@@ -288,11 +288,12 @@ def hit_table(runs: list[dict[str, np.ndarray]]) -> np.ndarray:
 
 
 def fit_hit_dist(runs: list[dict[str, np.ndarray]], source: str, resamples: int = BOOTSTRAP,
-                 seed: int = 1) -> dict[str, Any]:
+                 seed: int = 1, scenario: str = HIT_SCENARIO) -> dict[str, Any]:
     """The ``[harness] access_dist`` of a calibrated profile: the shape of the hits of calibration
     scenario A's warm passes (every access touches a new 4 KiB page and hits: no fault), as a
     quantile table with a bootstrap 95% interval per quantile; :mod:`desim.hitdist` scales it to
-    each validation scenario's own mean hit (its ``access_ns``)."""
+    each validation scenario's own mean hit (its ``access_ns``). ``access_dist_thp`` is the same
+    from T's warm passes (2 MiB guest pages on host THP: a hit misses the TLB far less often)."""
     t = hit_table(runs)
     d: dict[str, Any] = {"kind": "quantiles", "p": list(P_GRID), "ns": [round(float(v), 2) for v in t]}
     if len(runs) >= 2:
@@ -303,7 +304,7 @@ def fit_hit_dist(runs: list[dict[str, np.ndarray]], source: str, resamples: int 
         d["ci95_ns"] = [[round(float(a), 2), round(float(c), 2)] for a, c in zip(lo, hi)]
     x = np.concatenate([r["hit"] for r in runs])
     d["source"] = (f"{source}: quantiles of {len(x)} hits (rdtsc in the guest) of {len(runs)} warm passes of "
-                   f"calibration scenario {HIT_SCENARIO}, each reading spread over the guest clock's step "
+                   f"calibration scenario {scenario}, each reading spread over the guest clock's step "
                    f"({tick_ns(x):.2f} ns), clipped at the p99.99; p = 1 makes the last segment carry the "
                    "samples' mean above the p99.95")
     return d

@@ -49,7 +49,7 @@ def to_sim(sc: KvmScenario, profile: str = "shadow-pvm", access_ns: float = 30.0
     target = lay.slot(lay.target_slot)
     touched = [s for s in lay.slots if s.touched]
     backing = {"backing": "thp" if sc.host_thp else "4k"}
-    hit_shape = harness_access_dist(profile)
+    hit_shape = harness_access_dist(profile, sc.host_thp)
     phases: list[dict[str, Any]] = []
     for name in ("populate", "warm", "op", "retouch"):
         if name == "op":
@@ -82,12 +82,14 @@ def to_sim(sc: KvmScenario, profile: str = "shadow-pvm", access_ns: float = 30.0
     return validate_scenario(data, f"kvm scenario {sc.name} (simulated)")
 
 
-def harness_access_dist(profile: str) -> Any:
+def harness_access_dist(profile: str, host_thp: bool = False) -> Any:
     """The shape of the harness guest's hits that ``desim calibrate`` measured with ``profile``
-    (its ``[harness] access_dist``), or None: the mirrored scenario's ``access_dist``."""
+    (its ``[harness] access_dist``, or ``access_dist_thp`` on host THP), or None: the mirrored
+    scenario's ``access_dist``."""
     from desim.profile import load_profile
 
-    return load_profile(profile).harness.access_dist
+    h = load_profile(profile).harness
+    return h.access_dist_thp if host_thp else h.access_dist
 
 
 def _memslot(plan: Any) -> dict[str, Any]:

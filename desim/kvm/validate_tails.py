@@ -132,8 +132,8 @@ def _pool(runs: list[TimedRun], cls: str) -> np.ndarray:
 def tail_rows(scenarios: list[KvmScenario], real: list[dict[str, list[TimedRun]]], profile: str,
               replications: int = 1, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    hit_shape = harness_access_dist(profile)
     for sc, by_pol in zip(scenarios, real):
+        hit_shape = harness_access_dist(profile, sc.host_thp)
         for pol in POLICIES:
             runs = by_pol[pol]
             # the guest's time per hit: the mean of the timed warm pass (its wall time includes
