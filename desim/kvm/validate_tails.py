@@ -214,8 +214,8 @@ MISS_REASONS: dict[tuple[str, str], str] = {
                      "differing from this scenario's hits (host interrupts differ from run to run)",
     ("during_op", "any"): "a targeted op's stall on a vCPU thread that runs on the boot CPU: SRCU's callback "
                           "kworker (srcu_invoke_callbacks, bound to CPU 0 while the srcu_struct is small) "
-                          "preempts it after each synchronize_srcu_expedited, 50-120 us (the kicks, 10-25 us, "
-                          "are modelled); with 2 vCPUs the VMM thread shares a vCPU's CPU; a loaded host adds "
+                          "preempts it after each synchronize_srcu_expedited, 50-120 us (the kicks, 10-25 us here, "
+                          "are modelled, at the profile's ipi_ack); with 2 vCPUs the VMM thread shares a vCPU's CPU; a loaded host adds "
                           "neighbours' preemptions",
     ("fault", "p99.9"): "a few faults in a thousand: host interrupts and neighbours, which differ from run to run",
     ("fault", "body"): "the fault path's means and shapes were fitted in another session, under another host "
