@@ -332,10 +332,12 @@ class Vcpu:
             g0 = now + carry
             entry, self._entry = (P.vm_entry if self._entry is None else self._entry), None
             g1 = g0 + entry + n * self.access_ns
+            recorded_until = 0.0
             if self._stalled_since is not None and n > 0:
                 # the stalled access completes as the first access of this guest run
-                vm.metrics.record_access_stall(self._stalled_since, g0 + entry + self.access_ns
-                                               - self._stalled_since, self.access_ns)
+                recorded_until = g0 + entry + self.access_ns
+                vm.metrics.record_access_stall(self._stalled_since, recorded_until - self._stalled_since,
+                                               self.access_ns)
                 self._stalled_since = None
             self._g0, self._g1 = g0, g1
             self._running = True
@@ -354,8 +356,12 @@ class Vcpu:
                     continue
                 done = int((t - g0 - entry) // self.access_ns) if self.access_ns else n
                 self._consume(min(max(done, 0), n))
-                if self._stalled_since is None:
-                    self._stalled_since = t  # the access in flight waits for the IPI's exit and re-entry
+                if self._stalled_since is None and t >= recorded_until:
+                    # the access in flight waits for the IPI's exit and re-entry (unless it is the one
+                    # whose stall was recorded at this run's start, up to its planned completion: a kick
+                    # before that completion is not added to it, rather than recorded as a second,
+                    # overlapping stall of the same access)
+                    self._stalled_since = t
                 self._account(carry, t - g0, 0.0)
                 # IPI delivery and the VM exit it causes; the exit acks the sender
                 yield env.timeout(P.ipi_ack)
