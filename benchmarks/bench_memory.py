@@ -8,11 +8,15 @@ of guest RAM, next to the model's own accounting: the leaf SPTE state (``Mmu.mem
 guest page (at most 1 byte, and proportional to the mappings where huge pages back the memory) and the
 per-sample arrays and sketches of the metrics (``Metrics.samples_nbytes``). One table.
 
-Cases (every one populates its RAM sequentially, ``sharing = "private"``, ``tdp-icelake``):
+Cases (``tdp-icelake``; every one but ``1g-thp-448v-uniform`` populates its RAM sequentially,
+``sharing = "private"``):
 
 * ``1g-4k-8v``: 1 GiB, 4 KiB host pages, 8 vCPUs (262,144 faults: 1 byte of SPTE state per page);
 * ``64g-thp-4v``: 64 GiB on THP, 4 vCPUs (32,768 2 MiB mappings);
 * ``4t-1g-448v``: 4 TiB on 1 GiB pages, 448 vCPUs (4,096 mappings; the issue's slow case);
+* ``1g-thp-448v-uniform``: 1 GiB on THP, 448 vCPUs each making 4,096 uniform random accesses (one
+  chunk of the access stream each, all held at once: the per-vCPU state of a wide VM whose accesses
+  mostly hit);
 * ``--largest``: ``workloads/scale/boot-32t-churn.toml`` under both policies (32 TiB, 896 vCPUs on 1 GiB
   pages, booting through the 32G-churn memslot script scaled up): the largest VM simulated here;
 * ``--populate-4t``: ``workloads/scale/populate-4t-4k.toml`` (4 TiB on 4 KiB pages, 448 vCPUs: a billion
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -44,8 +49,8 @@ else:
         "name": spec["name"], "profile": "tdp-icelake", "time_limit_ms": 1e9,
         "profile_overrides": {{"kernel": {{"backing": spec["backing"]}}}},
         "vm": {{"vcpus": spec["vcpus"], "memslots": [{{"id": 0, "gpa": 0, "size": spec["ram"]}}]}},
-        "phases": [{{"name": "populate", "pattern": "sequential", "slot": 0, "sharing": "private",
-                     "access_ns": 200}}]}}, "bench_memory")
+        "phases": [{{"name": "populate", "slot": 0, "access_ns": 200,
+                     **spec.get("phase", {{"pattern": "sequential", "sharing": "private"}})}}]}}, "bench_memory")
 t = time.perf_counter()
 vm = Vm(sc, spec["policy"], seed=1)
 res = vm.run()
@@ -67,6 +72,8 @@ CASES = {
     "64g-thp-4v": {"name": "64g-thp-4v", "ram": 64 * GiB, "backing": "thp", "vcpus": 4, "policy": "fast"},
     "4t-1g-448v": {"name": "4t-1g-448v", "ram": 4096 * GiB, "backing": "hugetlbfs-1g", "vcpus": 448,
                    "policy": "fast"},
+    "1g-thp-448v-uniform": {"name": "1g-thp-448v-uniform", "ram": GiB, "backing": "thp", "vcpus": 448,
+                            "policy": "fast", "phase": {"pattern": "uniform", "sharing": "shared", "accesses": 4096}},
 }
 LARGEST = {f"32t-churn-{p}": {"name": f"boot-32t-churn {p}", "file": str(ROOT / "workloads/scale/boot-32t-churn.toml"),
                               "policy": p} for p in ("fast", "targeted")}
@@ -74,10 +81,13 @@ POPULATE_4T = {"4t-4k-448v": {"name": "populate-4t-4k", "file": str(ROOT / "work
                               "policy": "fast"}}
 
 
-def run_case(spec: dict) -> dict:
+def run_case(spec: dict, root: Path | None = None, engine: str | None = None) -> dict:
+    """Run one case in a fresh interpreter on the desim at ``root`` (default: ``ROOT``) and ``engine``
+    (``DESIM_ENGINE``; default: that desim's default engine)."""
     t = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", _CHILD.format(root=str(ROOT), spec=spec)], capture_output=True,
-                         text=True, check=False)
+    env = dict(os.environ, DESIM_ENGINE=engine) if engine else None
+    out = subprocess.run([sys.executable, "-c", _CHILD.format(root=str(root or ROOT), spec=spec)],
+                         capture_output=True, text=True, check=False, env=env)
     if out.returncode:
         raise SystemExit(f"desim: error: case {spec['name']} failed:\n{out.stderr[-2000:]}")
     r = json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,6 +1,7 @@
 """Speed and scale of the simulator, both engines, in one table (run on demand, not a test).
 
-    python benchmarks/bench_speed.py [--repeats 5] [--quick] [--boot] [--vcpu-scaling] [--largest] [--profile]
+    python benchmarks/bench_speed.py [--repeats 5] [--quick] [--set costs=mean] [--only drawn,...] [--boot]
+        [--vcpu-scaling] [--largest] [--profile]
 
 Rows (each a median of ``--repeats`` runs, interleaved: SimPy, reference, fast, SimPy, ...):
 
@@ -15,11 +16,18 @@ Rows (each a median of ``--repeats`` runs, interleaved: SimPy, reference, fast, 
   distributions): the fast engine's scalar fault-run loop (``desim/faultrun.py``).
 * ``concurrent``: 8 vCPUs populating 128 MiB each on the TDP MMU (read-locked faults, 4 KiB pages).
 * The ``batched`` column: the share of the fast engine's faults taken in fault runs (in
-  vectorised blocks).
-* ``--profile``: pyinstrument's call tree of the fast engine on ``uncontended`` and ``contended``
+  vectorised blocks); ``cohort``: the share taken as planned faults of cohort runs (many vCPUs in one
+  loop, ``desim/cohort.py``).
+* ``--set FIELD=VALUE`` (repeatable): override a field of every row's scenario, as ``desim run --set``
+  does; ``--set costs=mean`` gives every cost its mean (no draws: the rates with constant costs).
+* ``--only uncontended,drawn``: measure only these rows (``uncontended``, ``contended``, ``drawn``,
+  ``concurrent``).
+* ``--profile``: pyinstrument's call tree of the fast engine on each measured row
   (``pip install -e ".[bench]"``).
 * ``peak RSS / GiB``: peak resident set (``ru_maxrss`` of a fresh subprocess, minus that of the
-  same subprocess importing desim only) per simulated GiB for a 64 GiB VM on THP, and the SPTE
+  same subprocess after importing desim) per simulated GiB for a 1 GiB VM on 4 KiB host pages
+  populated by 8 vCPUs (``benchmarks/bench_memory.py``'s ``1g-4k-8v``: on 4 KiB pages the state
+  grows with RAM; on huge pages it follows the mappings, see that script), and the SPTE
   state's own bytes per 4 KiB guest page.
 * ``--boot``: wall time of ``workloads/boot/boot-32g-churn.toml`` (one replication, fast zap)
   per engine.
@@ -50,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 import simpy  # noqa: E402
 
+from desim.cli import _parse_set  # noqa: E402
 from desim.scenario import load_scenario, validate_scenario  # noqa: E402
 from desim.vm import Vm  # noqa: E402
 
@@ -88,9 +97,9 @@ def simpy_rate(n: int = 300_000) -> tuple[float, float]:
     return n / (time.perf_counter() - w0), n / max(time.process_time() - c0, 1e-9)
 
 
-def fault_rate(scenario, engine: str) -> tuple[float, float, int, float, float]:
+def fault_rate(scenario, engine: str) -> tuple[float, float, int, float, float, float]:
     """Faults per wall second and per CPU second of one run, the faults, and the shares of them taken in
-    fault runs and in vectorised blocks (fast engine)."""
+    fault runs, in vectorised blocks and as planned faults of cohort runs (fast engine)."""
     vm = make_vm(scenario, engine)
     w0, c0 = time.perf_counter(), time.process_time()
     res = vm.run()
@@ -99,7 +108,9 @@ def fault_rate(scenario, engine: str) -> tuple[float, float, int, float, float]:
     runs = [r for r in (getattr(v, "fault_run", None) for v in vm.vcpus) if r is not None]
     taken = sum(r.faults for r in runs) / max(f, 1)
     vector = sum(r.vector_faults for r in runs) / max(f, 1)
-    return f / w, f / max(c, 1e-9), f, taken, vector
+    cohort = getattr(vm, "cohort", None)
+    planned = (cohort.planned if cohort is not None else 0) / max(f, 1)
+    return f / w, f / max(c, 1e-9), f, taken, vector, planned
 
 
 def profile(scenario, title: str) -> None:
@@ -124,15 +135,14 @@ def rss_child(code: str) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def memory(gib: int, engine: str) -> tuple[float, float]:
-    """(peak RSS above the bare interpreter per simulated GiB, SPTE bytes per 4 KiB page)."""
-    base = rss_child("import desim.vm, desim.scenario\nout = {}")
-    eng = f", engine={engine!r}" if HAS_ENGINES else ""
-    run = rss_child(
-        "import benchmarks.bench_speed as B\nfrom desim.vm import Vm\n"
-        f"vm = Vm(B.sc(4, {gib} << 30, 'tdp-icelake', 'thp', 50.0), 'fast', seed=1{eng})\n"
-        "vm.run()\nout = {'spte_bytes': vm.mmu.memory_bytes()}")
-    return (run["maxrss"] - base["maxrss"]) / gib, run["spte_bytes"] / (gib << 18)
+def memory(engine: str) -> tuple[float, float]:
+    """(peak RSS above the imports, bytes per simulated GiB; SPTE bytes per 4 KiB page): the
+    ``1g-4k-8v`` case of ``bench_memory.py``, on ``engine``."""
+    from benchmarks.bench_memory import CASES, run_case
+
+    r = run_case(CASES["1g-4k-8v"], root=ROOT, engine=engine if HAS_ENGINES else None)
+    gib = r["ram"] / (1 << 30)
+    return (r["peak"] - r["base"]) / gib, r["spte"] / (r["ram"] >> 12)
 
 
 def boot_wall(engine: str) -> tuple[float, float]:
@@ -170,46 +180,61 @@ def main() -> None:
     ap.add_argument("--largest", action="store_true", help="also run the largest VM (--largest-tib)")
     ap.add_argument("--largest-tib", type=float, default=32.0)
     ap.add_argument("--largest-vcpus", type=int, default=896)
-    ap.add_argument("--memory-gib", type=int, default=64)
     ap.add_argument("--profile", action="store_true", help="print pyinstrument call trees (needs .[bench])")
+    ap.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                    help="override a scenario field of every row, e.g. --set costs=mean (repeatable)")
+    ap.add_argument("--only", default=None, help="comma-separated rows: uncontended,contended,drawn,concurrent")
     args = ap.parse_args()
+    overrides = _parse_set(args.set)
     ram = (64 if args.quick else 512) * MiB
     un_sc = sc(1, ram, "tdp-icelake", "4k", 50.0)
     co_sc = sc(32, ram, "legacy-2020", "4k", 1.0)
     dr_sc = sc(1, ram // 4, "shadow-pvm", "4k", 50.0)
     cc_sc = sc(8, ram // 4 * 8, "tdp-icelake", "4k", 50.0)
     cases = (("uncontended", un_sc), ("contended", co_sc), ("drawn", dr_sc), ("concurrent", cc_sc))
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {name for name, _ in cases}
+        if unknown:
+            ap.error(f"--only {','.join(sorted(unknown))}: choose among uncontended, contended, drawn, concurrent")
+        cases = tuple((name, scen) for name, scen in cases if name in wanted)
+    if overrides:
+        cases = tuple((name, scen.with_overrides(overrides)) for name, scen in cases)
     if args.profile:
-        profile(un_sc, "uncontended")
-        profile(co_sc, "contended")
+        for name, scen in cases:
+            profile(scen, name)
     samples: dict[str, list] = {}
     for _ in range(args.repeats):
         for eng in ENGINES:
             sw, sc_ = simpy_rate()
             samples.setdefault("simpy", []).append((sw, sc_))
             for name, scen in cases:
-                w, c, f, taken, vector = fault_rate(scen, eng)
-                samples.setdefault(f"{name}/{eng}", []).append((w, c, w / sw, c / sc_, f, taken, vector))
+                w, c, f, taken, vector, planned = fault_rate(scen, eng)
+                samples.setdefault(f"{name}/{eng}", []).append((w, c, w / sw, c / sc_, f, taken, vector, planned))
     med = lambda xs, i: statistics.median(x[i] for x in xs)  # noqa: E731
+    shown = "; " + ", ".join(f"{k}={v}" for k, v in overrides.items()) if overrides else ""
     print(f"desim speed and scale ({'engines: ' + ', '.join(ENGINES)}; medians of {args.repeats} interleaved "
-          f"runs; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+          f"runs; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs{shown})")
     print(f"{'row':<34} {'engine':<10} {'per wall s':>14} {'per CPU s':>14} {'x SimPy (wall)':>15} "
-          f"{'x SimPy (CPU)':>14} {'batched (vector)':>17}")
+          f"{'x SimPy (CPU)':>14} {'batched (vector)':>17} {'cohort':>7}")
     s = samples["simpy"]
     print(f"{'simpy timeout events':<34} {'-':<10} {med(s, 0):>14,.0f} {med(s, 1):>14,.0f} {1:>15.3f} {1:>14.3f}")
     for name, label in (("uncontended", "uncontended faults (1 vCPU, TDP)"),
                         ("contended", "contended faults (32 vCPU, excl.)"),
                         ("drawn", "drawn costs (1 vCPU, shadow-pvm)"),
                         ("concurrent", "concurrent (8 vCPU, TDP read lock)")):
+        if f"{name}/{ENGINES[0]}" not in samples:
+            continue
         for eng in ENGINES:
             x = samples[f"{name}/{eng}"]
             share = f"{med(x, 5):>8.0%} ({med(x, 6):.0%})" if eng == "fast" else ""
+            co = f"{med(x, 7):.0%}" if eng == "fast" else ""
             print(f"{label:<34} {eng:<10} {med(x, 0):>14,.0f} {med(x, 1):>14,.0f} {med(x, 2):>15.3f} "
-                  f"{med(x, 3):>14.3f} {share:>17}")
+                  f"{med(x, 3):>14.3f} {share:>17} {co:>7}")
     for eng in ENGINES:
-        per_gib, per_page = memory(args.memory_gib, eng)
-        print(f"{'peak RSS per simulated GiB':<34} {eng:<10} {per_gib / 1024:>12,.0f} KiB  "
-              f"(SPTE state {per_page:.4f} bytes per 4 KiB page; {args.memory_gib} GiB VM on THP)")
+        per_gib, per_page = memory(eng)
+        print(f"{'peak RSS per simulated GiB':<34} {eng:<10} {per_gib / (1 << 20):>12,.2f} MiB  "
+              f"(SPTE state {per_page:.4f} bytes per 4 KiB page; 1 GiB VM on 4 KiB pages, 8 vCPUs)")
     if args.boot:
         for eng in ENGINES:
             w, c = boot_wall(eng)

@@ -212,4 +212,86 @@ class ChunkedView:
         return a if dtype is None else a.astype(dtype)
 
 
-__all__ = ["ChunkedBytes", "ChunkedView"]
+class SparseBytes:
+    """Bytes at any non-negative integer key, 0 where never written: chunks of ``2**shift`` entries
+    allocated on their first non-zero write, found by chunk number in a dict.
+
+    For keys spread over a huge range with no size known up front (the page-table pages of a
+    VM, one key per 2 MiB, 1 GiB or 512 GiB region of guest physical address space: memslots can
+    be created anywhere): a written chunk costs its ``2**shift`` bytes, a key never written nothing.
+    Reads and writes go one key at a time (``get``, ``d[k] = v``, ``del d[k]``, the same spelling as
+    a dict) or a key array at a time (``take``, ``put``, ``find``)."""
+
+    __slots__ = ("shift", "mask", "chunks", "mvs")
+
+    def __init__(self, shift: int = 12) -> None:
+        self.shift = shift
+        self.mask = (1 << shift) - 1
+        self.chunks: dict[int, np.ndarray] = {}
+        self.mvs: dict[int, memoryview] = {}
+
+    def get(self, k: int) -> int:
+        mv = self.mvs.get(k >> self.shift)
+        return 0 if mv is None else mv[k & self.mask]
+
+    def __setitem__(self, k: int, value: int) -> None:
+        c = k >> self.shift
+        mv = self.mvs.get(c)
+        if mv is None:
+            if not value:
+                return
+            arr = self.chunks[c] = np.zeros(1 << self.shift, np.uint8)
+            mv = self.mvs[c] = memoryview(arr)
+        mv[k & self.mask] = value
+
+    def __delitem__(self, k: int) -> None:
+        self[k] = 0
+
+    def clear(self) -> None:
+        self.chunks.clear()
+        self.mvs.clear()
+
+    def take(self, keys: np.ndarray) -> np.ndarray:
+        """The entries at ``keys`` (an integer array), as a new ``uint8`` array."""
+        out = np.zeros(len(keys), np.uint8)
+        if len(keys) == 0 or not self.chunks:
+            return out
+        c = keys >> self.shift
+        for cc in ((int(c[0]),) if (c == c[0]).all() else np.unique(c).tolist()):
+            arr = self.chunks.get(cc)
+            if arr is not None:
+                sel = c == cc
+                out[sel] = arr[keys[sel] & self.mask]
+        return out
+
+    def put(self, keys: np.ndarray, value: int) -> None:
+        """``d[k] = value`` for every key of ``keys``."""
+        if len(keys) == 0:
+            return
+        c = keys >> self.shift
+        for cc in ((int(c[0]),) if (c == c[0]).all() else np.unique(c).tolist()):
+            arr = self.chunks.get(cc)
+            if arr is None:
+                if not value:
+                    continue
+                arr = self.chunks[cc] = np.zeros(1 << self.shift, np.uint8)
+                self.mvs[cc] = memoryview(arr)
+            arr[keys[c == cc] & self.mask] = value
+
+    def find(self, value: int, lo: int, hi: int) -> np.ndarray:
+        """The keys in ``[lo, hi]`` whose entry is ``value`` (non-zero), ascending."""
+        if hi < lo or not value:
+            return np.zeros(0, np.int64)
+        found = []
+        for cc in sorted(c for c in self.chunks if lo >> self.shift <= c <= hi >> self.shift):
+            base = cc << self.shift
+            a, b = max(lo - base, 0), min(hi - base, self.mask) + 1
+            found.append(np.flatnonzero(self.chunks[cc][a:b] == value) + (base + a))
+        return np.concatenate(found) if found else np.zeros(0, np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.chunks.values())
+
+
+__all__ = ["ChunkedBytes", "ChunkedView", "SparseBytes"]

@@ -94,9 +94,15 @@ def lognormal_median(mean: float, sigma: float) -> float:
 
 
 class _Draws:
-    """Block-wise draws of one cost for one actor."""
+    """Block-wise draws of one cost for one actor.
 
-    __slots__ = ("rng", "kind", "a", "b", "buf", "i")
+    The values come in blocks of ``BLOCK`` (one numpy call each: uniform or normal numbers
+    transformed at once). ``arr`` holds the values not yet consumed from ``i`` on; ``buf`` is the
+    same values as a Python list, made when a scalar read first needs it (:meth:`next`, :meth:`peek`),
+    so a vectorised reader (:meth:`peek_many`) never pays for a list. Which numbers come out, and in
+    which order, does not depend on how they are read."""
+
+    __slots__ = ("rng", "kind", "a", "b", "arr", "buf", "i")
 
     def __init__(self, cost: "Cost", rng: np.random.Generator) -> None:
         d = cost.dist
@@ -110,38 +116,43 @@ class _Draws:
             scale = cost.value / d.table_mean()
             self.a = np.asarray(d.p, dtype=np.float64)
             self.b = np.asarray(d.ns, dtype=np.float64) * scale
-        self.buf: list[float] = []
+        self.arr = np.zeros(0)
+        self.buf: list[float] | None = []
         self.i = 0
 
     def next(self) -> float:
-        if self.i >= len(self.buf):
-            self._refill()
-        v = self.buf[self.i]
+        v = self.peek()
         self.i += 1
         return v
 
     def peek(self) -> float:
         """The value :meth:`next` returns next, without consuming it (the stream is the same either way:
         a refill draws the same block whenever it happens)."""
-        if self.i >= len(self.buf):
-            self._refill()
-        return self.buf[self.i]
+        if self.i >= len(self.arr):
+            self.arr = self._block()
+            self.buf = None
+            self.i = 0
+        buf = self.buf
+        if buf is None:
+            buf = self.buf = self.arr.tolist()
+        return buf[self.i]
 
-    def peek_many(self, k: int) -> list[float]:
-        """The next ``k`` values :meth:`next` would return, without consuming them (``i += n`` consumes n)."""
-        while len(self.buf) - self.i < k:
-            rest = self.buf[self.i:]
-            self._refill()
-            self.buf = rest + self.buf
-        return self.buf[self.i:self.i + k]
+    def peek_many(self, k: int) -> np.ndarray:
+        """The next ``k`` values :meth:`next` would return, as an array, without consuming them
+        (``i += n`` consumes n)."""
+        if len(self.arr) - self.i < k:
+            # several blocks in one call: the same numbers as one call per block (each value uses the
+            # generator's next output(s) in turn; tests/test_costs.py checks it for both kinds)
+            more = self._block(-(-(k - (len(self.arr) - self.i)) // BLOCK))
+            self.arr = np.concatenate([self.arr[self.i:], more])
+            self.buf = None
+            self.i = 0
+        return self.arr[self.i:self.i + k]
 
-    def _refill(self) -> None:
+    def _block(self, blocks: int = 1) -> np.ndarray:
         if self.kind == "lognormal":
-            x = self.a * np.exp(self.b * self.rng.standard_normal(BLOCK))
-        else:
-            x = np.interp(self.rng.random(BLOCK), self.a, self.b)
-        self.buf = x.tolist()
-        self.i = 0
+            return self.a * np.exp(self.b * self.rng.standard_normal(blocks * BLOCK))
+        return np.interp(self.rng.random(blocks * BLOCK), self.a, self.b)
 
 
 class CostView:

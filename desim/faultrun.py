@@ -40,11 +40,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .timeline import run_ends
 
 if TYPE_CHECKING:  # pragma: no cover
     from .vcpu import Vcpu
 
-_EXACT = 2.0 ** 50  # integers below this add and subtract exactly in float64, in any order
 _VECTOR_MIN = 32  # a vectorised block pays off when about this many faults fit before the next event
 _VECTOR_MAX = 8192  # accesses looked at per vectorised block
 _BACKOFF_MAX = 16  # at most this many guest runs go by without a check (see FaultRun.missed)
@@ -56,10 +56,6 @@ def next_event_at(queue: list) -> float:
 
 
 _NEVER = float("inf")
-
-
-def _exact(x: float) -> bool:
-    return x.is_integer() and abs(x) < _EXACT
 
 
 _PRE_COST = {1: "host_alloc_4k", 2: "host_alloc_2m", 3: "host_alloc_1g"}  # first touch, by host level
@@ -87,14 +83,16 @@ class FaultRun:
         self._misses = 0
         self.vector_faults = 0  # of those, taken in vectorised blocks
         self._vector = self._vector_costs()
+        kernel = vcpu.vm.profile.kernel
+        # PTE prefetch at 4 KiB (Vcpu._fault_locked): None when off, else whether it needs the Accessed bit
+        self._prefetch = (kernel.mmu == "shadow") if kernel.pte_prefetch else None
 
     def _vector_costs(self) -> dict[str, tuple] | None:
         """Where a vectorised block reads its costs: ``name -> (draws, None)`` for a drawn cost, ``(None,
-        value)`` for a constant; None when no block may be used (PTE prefetch, NX huge pages: the
-        per-fault path)."""
+        value)`` for a constant; None when no block may be used (NX huge pages: the per-fault path)."""
         v = self.vcpu
         vm = v.vm
-        if vm.profile.kernel.pte_prefetch or vm.mmu.nx_exec is not None:
+        if vm.mmu.nx_exec is not None:
             return None
         out = {}
         for view, name, key in ((v.P, "vm_entry", "vm_entry"), (v.P, "vm_exit", "vm_exit"),
@@ -141,6 +139,7 @@ class FaultRun:
         t = m.time
         costs = self._costs
         taken = 0
+        chunk_end = False  # stopped at the end of the chunk, not for another process: no back-off
         while self.batchable():
             if self._vector is not None:
                 k = self._vector_block()
@@ -150,6 +149,7 @@ class FaultRun:
             miss = v._next_miss()
             chunk = v._chunk_list
             if miss >= len(chunk):
+                chunk_end = True
                 break  # the run ends without a fault (end of chunk): the per-fault path
             gfn = chunk[miss]
             ss = mmu.slot_of(gfn)
@@ -183,7 +183,8 @@ class FaultRun:
                     d.i += 1
             v._carry = 0.0
             if v._stalled_since is not None and n > 0:
-                v.vm.metrics.record_access_stall(v._stalled_since, g0 + entry + v.access_ns - v._stalled_since,
+                v._recorded_until = g0 + entry + v.access_ns  # as Vcpu._begin_run
+                v.vm.metrics.record_access_stall(v._stalled_since, v._recorded_until - v._stalled_since,
                                                  v.access_ns)
                 v._stalled_since = None
             v._g0, v._g1 = g0, g1
@@ -218,7 +219,7 @@ class FaultRun:
                 self._misses = 0
                 return taken, res
         self.faults += taken
-        if taken:
+        if taken or chunk_end:
             self._misses = 0
         else:
             self.missed()
@@ -226,14 +227,15 @@ class FaultRun:
 
 
     def _vector_block(self) -> int:
-        """Take the vCPU's next faults in one vectorised step: 4 KiB faults of one 4 KiB-backed slot on
-        the TDP MMU's plain path, with the vCPU alone on ``mmu_lock``. Returns the faults taken (0: none,
-        the scalar loop takes the next one).
+        """Take the vCPU's next faults in one vectorised step: 4 KiB faults of one 4 KiB-backed slot
+        (TDP MMU, legacy MMU or shadow paging without guest address spaces; PTE prefetch groups
+        included, :meth:`desim.mmu.Mmu.plan_prefetch_4k`), with the vCPU alone on ``mmu_lock``. Returns
+        the faults taken (0: none, the scalar loop takes the next one).
 
         Exactness: each quantity is computed with the per-fault path's float operations in its order.
         The only sequential dependency, the timeline (each guest run starts where the last fault
-        ended), is a short Python loop over floats; when every time and cost is an integer it is one
-        ``cumsum`` instead (integers below 2**50 add exactly in any order). Accumulators (time by
+        ended), is computed without a loop by :func:`desim.timeline.run_ends`, with the loop's bits.
+        Accumulators (time by
         state, stall time, the lock's integrals and hold time) are summed with ``np.add.accumulate``,
         which adds left to right exactly as ``+=`` does. Drawn costs are peeked and only the draws of
         the faults taken are consumed.
@@ -268,29 +270,44 @@ class FaultRun:
         else:
             _, first = np.unique(g, return_index=True)
             fpos = unmapped[np.sort(first)]
-        fg = seg[fpos].astype(np.int64)
+        fg = seg[fpos]
+        if fg.dtype != np.int64:
+            fg = fg.astype(np.int64)
         ss = mmu.slot_of(int(fg[0]))
         if ss is None or ss.slot.invalid or ss.slot.dirty_logging or ss.block.backing != "4k":
             return 0
         base, end = ss.slot.base_gfn, ss.slot.end_gfn
-        outside = np.flatnonzero((fg < base) | (fg >= end))
-        K = int(outside[0]) if len(outside) else len(fg)
+        if int(fg.min()) >= base and int(fg.max()) < end:
+            K = len(fg)
+        else:
+            outside = np.flatnonzero((fg < base) | (fg >= end))
+            K = int(outside[0])
         if K == 0:
             return 0
         fpos, fg = fpos[:K], fg[:K]
+        pf_members = pf_take = None
+        prefetched = 0
+        if self._prefetch is not None:
+            # PTE prefetch: a fault maps its group's eligible neighbours, whose accesses then hit
+            pp = mmu.plan_prefetch_4k(ss, fg, self._prefetch)
+            if pp is None:
+                return 0
+            fault, pf_members, pf_take = pp
+            fpos, fg = fpos[fault], fg[fault]
+            K = len(fg)
+            prefetched = pf_take.sum(axis=1)
         plan = mmu.plan_install_4k(ss, fg)
         if plan is None:
             return 0
         resident, ever, alloc = plan.resident, plan.ever_mapped, plan.allocated
         # the costs of K faults, in each stream's order (peeked, consumed below for the faults taken)
-        ft_idx = np.cumsum(~resident) - 1  # index of each first touch among the first touches
-        res_idx = np.cumsum(resident) - 1
-        n_ft, n_res = int(ft_idx[-1]) + 1, int(res_idx[-1]) + 1
+        n_res = int(np.count_nonzero(resident))
+        n_ft = K - n_res
         need_entry = v._entry is None
 
         def costs(name: str, k: int):
             d, c = src[name]
-            return c if d is None else np.array(d.peek_many(k))
+            return c if d is None else d.peek_many(k)
 
         draws_entry = costs("vm_entry", K + 1 if need_entry else K)
         if isinstance(draws_entry, float):
@@ -302,11 +319,20 @@ class FaultRun:
         fh = costs("fault_handle", K)
         ha = costs("host_alloc_4k", n_ft)
         fr = costs("faultin_resident", n_res)
-        ha_k = ha[np.maximum(ft_idx, 0)] if not isinstance(ha, float) and n_ft else ha if n_ft else 0.0
-        fr_k = fr[np.maximum(res_idx, 0)] if not isinstance(fr, float) and n_res else fr if n_res else 0.0
-        pre = np.where(resident, fh + fr_k, fh + ha_k)
+        if n_res == 0:  # all first touches (a populate)
+            pre = fh + ha
+        elif n_ft == 0:  # all resident (re-faults after a zap)
+            pre = fh + fr
+        else:
+            ft_idx = np.cumsum(~resident) - 1  # index of each first touch among the first touches
+            res_idx = np.cumsum(resident) - 1
+            ha_k = ha if isinstance(ha, float) else ha[np.maximum(ft_idx, 0)]
+            fr_k = fr if isinstance(fr, float) else fr[np.maximum(res_idx, 0)]
+            pre = np.where(resident, fh + fr_k, fh + ha_k)
         exit_ns = costs("vm_exit", K) + pre
-        hold = costs("spte_install", K) + alloc * src["pt_page_alloc"][1] + 0 * src["prefetch_spte"][1]
+        if np.ndim(exit_ns) == 0:  # every cost constant
+            exit_ns = np.full(K, exit_ns)
+        hold = costs("spte_install", K) + alloc * src["pt_page_alloc"][1] + prefetched * src["prefetch_spte"][1]
         if not (hold > 0).all():
             return 0  # a zero hold releases mmu_lock at once (MmuLock.release): the per-fault path
         a = v.access_ns
@@ -319,30 +345,11 @@ class FaultRun:
         entry[0] = entry0
         entry[1:] = E[:-1]
         # the timeline, as Vcpu.run computes it: g0 = now + carry, g1 = g0 + entry + n * access_ns,
-        # the fault at t1 = now + (g1 - now + exit_ns); strictly before the next event
+        # the fault at t1 = now + (g1 - now + exit_ns); strictly before the next event (desim/timeline.py:
+        # the same bits as that loop)
         stalled = v._stalled_since
-        exact = all(_exact(float(x)) for x in (now, v._carry, entry0, a, lock._last_t,
-                                                own[0] if own else 0.0, lock._hold_since[v][0] if own else 0.0,
-                                                stalled if stalled is not None else 0.0))
-        if exact and all(src[name][0] is None and _exact(src[name][1]) for name in src):
-            t1 = now + np.cumsum(carry + entry + na + exit_ns)
-            if not t1[-1] < _EXACT:
-                return 0
-            K = int(np.searchsorted(t1, head, side="left"))
-        else:
-            out = []
-            t = now
-            for c, e, x, y in zip(carry.tolist(), entry.tolist(), na.tolist(), exit_ns.tolist()):
-                g1 = t + c + e + x
-                t1_ = t + (g1 - t + y)
-                if t1_ >= head:
-                    break
-                out.append(t1_)
-                t = t1_
-            K = len(out)
-            if K == 0:
-                return 0
-            t1 = np.array(out)
+        t1 = run_ends(now, carry, entry, na, exit_ns, head)
+        K = len(t1)
         if K == 0:
             return 0
         t1 = t1[:K]
@@ -385,6 +392,11 @@ class FaultRun:
         metrics.host_page_allocs["4k"] += n_ft
         metrics.sptes_installed += K
         metrics.pt_pages_allocated += total_alloc
+        if pf_take is not None:
+            pg = pf_members[:K][pf_take[:K]]
+            mmu.commit_prefetch_4k(ss, pg)  # Mmu.install of each prefetched neighbour
+            metrics.sptes_prefetched += len(pg)
+            metrics.sptes_installed += len(pg)
         # fault records: latency = exit .. the next VM entry (now + hold + entry - start)
         refaults = int(ever.sum())
         lat = t1 + hold + E - g1
@@ -427,7 +439,7 @@ class FaultRun:
         if K > 1:
             dts = rel_t[:-1] - t1[:-1]
             lock._area_holders = _accumulate(lock._area_holders, dts[dts != 0] * 1)
-            stats.hold_ns = _accumulate(stats.hold_ns, rel_t[:-1] - t1[:-1])
+            stats.hold_ns = _accumulate(stats.hold_ns, dts)
         lock._last_t = float(t1[-1])
         stats.acquisitions += K
         if own is None:

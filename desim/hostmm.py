@@ -36,6 +36,7 @@ start or finish (no processor sharing); one NUMA node, one zone.
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +44,7 @@ import numpy as np
 PCP_BATCH = 63  # zone_batchsize() for zones above 1 GiB (mm/page_alloc.c)
 # folio_batch size: PAGEVEC_SIZE 15, FOLIO_BATCH_SIZE 31 since 6.5 (include/linux/pagevec.h)
 LRU_BATCH_OLD, LRU_BATCH_NEW, LRU_BATCH_SINCE = 15, 31, (6, 5)
+_LAGS_MAX = 64  # first_touches_4k: at most this many earlier calls looked at per call (else cut there)
 
 
 @dataclass
@@ -64,6 +66,20 @@ class FifoServer:
             self.contended += 1
             self.wait_ns += wait
         return wait
+
+
+def _first_busy(t: np.ndarray, at: np.ndarray, free_at: float, hold_ns: float, m: int) -> int:
+    """The first of the lock holds at calls ``at`` (indices into ``t``, in order, each held ``hold_ns``
+    from its call's time; the lock free from ``free_at``) that would find the lock held: its index
+    (the calls from there are not taken), else ``m``."""
+    if len(at) == 0:
+        return m
+    ta = t[at]
+    free = np.empty(len(at))
+    free[0] = free_at
+    free[1:] = ta[:-1] + hold_ns
+    busy = np.flatnonzero(ta < free)
+    return int(at[busy[0]]) if len(busy) else m
 
 
 @dataclass
@@ -115,53 +131,62 @@ class HostMm:
         of the ``x`` (the times come from faults in order; their allocations started a drawn cost
         earlier). The same state changes as that many calls (desim/faultrun.py relies on it): a per-CPU
         list refill every ``PCP_BATCH`` pages and an LRU drain every ``lru_batch`` that find their lock
-        free, and zeroings that never saturate the memory bandwidth (bounded from above: at most
-        the zeroings still running from before plus those of this CPU started less than
-        ``clear_page_4k + slack`` of ``order`` earlier).
+        free, and zeroings that do not saturate the memory bandwidth: the zeroings in flight when
+        the j-th starts (those :meth:`_zero` finds in its heap) are counted exactly, the ones from
+        before that no call so far has popped plus each earlier call's whose end lies above every
+        later call's time, looked for among the calls less than ``clear_page_4k + slack`` of
+        ``order`` earlier (no earlier one can still be running).
         """
-        tl = t.tolist()
-        m = len(tl)
+        m = len(t)
         if m == 0:
             return 0
         base = 1 * self.clear_page_4k
         z = self._zeroing
-        t_min = float(t.min())
-        older = sum(1 for e in z if e > t_min)
-        # own zeroings that can still run when the j-th starts: started within base + slack of order
-        recent = np.arange(m) - np.searchsorted(order, order - (base + slack), side="right")
-        ok = (2 + older + recent) * 1 * self.membw_4k <= base  # one more: rounding at the window's edge
-        if not ok.all():
-            m = int(np.argmin(ok))
+        # in flight at the j-th call, from before: entries above the time of every call up to j
+        old = np.sort(np.array(z, dtype=np.float64))
+        flight = len(old) - np.searchsorted(old, np.maximum.accumulate(t), side="right")
+        # and of this CPU's earlier calls: t[j - L] + base above t[j - L + 1 .. j], for the lags L that
+        # can hold one (started within base + slack of order earlier; a margin for rounding)
+        window = (base + slack) * (1 + 1e-9) + 1e-6
+        gap = float(np.diff(order).min()) if m > 1 else math.inf
+        lag_max = int(window // gap) + 1 if gap > 0 else m  # no more calls than that fit in the window
+        if lag_max > _LAGS_MAX:  # calls close together: count them
+            lags = np.arange(m) - np.searchsorted(order, order - window, side="left")
+            if int(lags.max()) > _LAGS_MAX:
+                m = int(np.argmax(lags > _LAGS_MAX))
+                if m == 0:
+                    return 0
+                t, order, flight = t[:m], order[:m], flight[:m]
+            lag_max = int(lags[:m].max())
+        W = t.copy()  # max(t[j - L + 1 .. j])
+        for L in range(1, min(lag_max, m - 1) + 1):
+            if L > 1:
+                W[L - 1:] = np.maximum(W[L - 1:], t[:m - L + 1])
+            flight[L:] += (t[:m - L] + base) > W[L:]
+        stretched = (flight + 1) * 1 * self.membw_4k > base  # _zero: took = max(base, k * pages * membw_4k)
+        if stretched.any():
+            m = int(np.argmax(stretched))
             if m == 0:
                 return 0
+        # per-CPU list refills (rmqueue_bulk) every PCP_BATCH calls and LRU drains every lru_batch, each
+        # at a call's time: stop at the first one whose lock is still held (by the previous one)
         left = self._pcp.get(cpu, 0)
-        zone_free = self.zone.free_at
-        refills = []
-        for j in range(left, m, PCP_BATCH):
-            if tl[j] < zone_free:  # rmqueue_bulk would wait for zone->lock
-                m = j
-                break
-            zone_free = tl[j] + PCP_BATCH * self.zone_lock_page
-            refills.append(j)
+        refill_hold = PCP_BATCH * self.zone_lock_page
+        refills = np.arange(left, m, PCP_BATCH)
+        m = _first_busy(t, refills, self.zone.free_at, refill_hold, m)
         pend = self._lru_pending.get(cpu, 0)
-        lru_free = self.lru.free_at
-        drains = []
-        for j in range(max(self.lru_batch - pend - 1, 0), m, self.lru_batch):
-            if tl[j] < lru_free:
-                m = j
-                break
-            lru_free = tl[j] + self.lru_batch * self.lru_lock_page
-            drains.append(j)
-        refills = [j for j in refills if j < m]
-        drains = [j for j in drains if j < m]
+        drain_hold = self.lru_batch * self.lru_lock_page
+        drains = np.arange(max(self.lru_batch - pend - 1, 0), m, self.lru_batch)
+        m = _first_busy(t, drains, self.lru.free_at, drain_hold, m)
+        refills, drains = refills[refills < m], drains[drains < m]
         if m == 0:
             return 0
-        for j in refills:
-            self.zone.free_at = tl[j] + PCP_BATCH * self.zone_lock_page
+        if len(refills):
+            self.zone.free_at = float(t[refills[-1]]) + refill_hold
         self.zone.holds += len(refills)
         self._pcp[cpu] = (left - m) % PCP_BATCH if left < m else left - m
-        for j in drains:
-            self.lru.free_at = tl[j] + self.lru_batch * self.lru_lock_page
+        if len(drains):
+            self.lru.free_at = float(t[drains[-1]]) + drain_hold
         self.lru.holds += len(drains)
         self._lru_pending[cpu] = (pend + m) % self.lru_batch if pend + m >= self.lru_batch else pend + m
         # the heap after the m-th call: an entry is gone once a call's time reached it (each call pops

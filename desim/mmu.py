@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .chunked import ChunkedBytes, ChunkedView
+from .chunked import ChunkedBytes, ChunkedView, SparseBytes
 from .errors import DesimInputError
 from .memslot import KVM_MEMSLOT_INVALID, Memslot
 from .nx import ExecRanges
@@ -190,8 +190,10 @@ class Mmu:
     blocks: list[RamBlock] = field(default_factory=list)
     _bases: list[int] = field(default_factory=list)
     _sorted: list[SlotSptes] = field(default_factory=list)
-    # non-leaf: level -> {region index: tag}; level 1 (PT pages) keyed by 2M index
-    pt_tags: dict[int, dict[int, int]] = field(default_factory=lambda: {1: {}, 2: {}, 3: {}})
+    # non-leaf: level -> region index -> tag (0: none), a byte per region where any was written (PT pages
+    # by 2 MiB region, PD by 1 GiB, PDPT by 512 GiB; SparseBytes: no Python object per page-table page)
+    pt_tags: dict[int, SparseBytes] = field(default_factory=lambda: {1: SparseBytes(), 2: SparseBytes(),
+                                                                     3: SparseBytes()})
     present_leaf: int = 0  # leaf SPTEs present in the current roots
     present_pt: int = 0  # page-table pages present in the current roots (excl. the root)
     present_pt_level: dict[int, int] = field(default_factory=lambda: {1: 0, 2: 0, 3: 0})  # the same by level
@@ -329,6 +331,9 @@ class Mmu:
         out = np.zeros(len(gfns), dtype=bool)
         if not self._sorted or len(gfns) == 0:
             return out
+        ss = self.slot_of(int(gfns.min()))
+        if ss is not None and int(gfns.max()) < ss.slot.end_gfn:  # the usual case: all in one slot
+            return self._mapped_in_slot(ss, gfns)
         idx = np.searchsorted(np.asarray(self._bases), gfns, side="right") - 1
         lo, hi = int(idx.min()), int(idx.max())
         # usually every gfn falls in one slot: no sort (np.unique) needed to find the slots
@@ -342,19 +347,23 @@ class Mmu:
             sel, g = sel[inside], g[inside]
             if len(g) == 0:
                 continue
-            rel = g - ss.slot.base_gfn
-            m = (ss.block.state.take(ss.off + rel) & TAG_MASK) == self.root_tag
-            if ss.block.backing != "4k":
-                huge = np.zeros(len(g), dtype=bool)
-                if ss.congruent2m:
-                    huge |= self._huge_mask(ss, rel, PG_LEVEL_2M)
-                if ss.congruent1g:
-                    huge |= self._huge_mask(ss, rel, PG_LEVEL_1G)
-                if self.nx_exec is not None and huge.any():
-                    huge &= ~self.nx_exec.mask(g)
-                m |= huge
-            out[sel] = m
+            out[sel] = self._mapped_in_slot(ss, g)
         return out
+
+    def _mapped_in_slot(self, ss: SlotSptes, g: np.ndarray) -> np.ndarray:
+        """Vectorised :meth:`_mapped_in` for gfns ``g`` of slot ``ss``."""
+        rel = g - ss.slot.base_gfn
+        m = (ss.block.state.take(ss.off + rel) & TAG_MASK) == self.root_tag
+        if ss.block.backing != "4k":
+            huge = np.zeros(len(g), dtype=bool)
+            if ss.congruent2m:
+                huge |= self._huge_mask(ss, rel, PG_LEVEL_2M)
+            if ss.congruent1g:
+                huge |= self._huge_mask(ss, rel, PG_LEVEL_1G)
+            if self.nx_exec is not None and huge.any():
+                huge &= ~self.nx_exec.mask(g)
+            m |= huge
+        return m
 
     def _huge_mask(self, ss: SlotSptes, rel: np.ndarray, level: int) -> np.ndarray:
         arr = ss.block.state2m if level == PG_LEVEL_2M else ss.block.state1g
@@ -453,34 +462,78 @@ class Mmu:
                 uk = keys[fi]
             else:
                 uk, fi = np.unique(keys, return_index=True)
-            d = pt[lvl]
-            tagged = np.fromiter((d.get(k) == tag for k in uk.tolist()), dtype=bool, count=len(uk))
+            tagged = pt[lvl].take(uk) == tag
             if lvl == 1 and tagged.any():
-                for k in uk[tagged].tolist():
-                    if pt[2].get(k >> 9) != tag or pt[3].get(k >> 18) != tag:
-                        return None
+                k = uk[tagged]
+                if (pt[2].take(k >> 9) != tag).any() or (pt[3].take(k >> 18) != tag).any():
+                    return None
             nf = np.sort(fi[~tagged])
             alloc[nf] += 1
             new_tables[lvl] = (shift, nf)
         return InstallPlan(ss, gfns, st, (st & HOST_RESIDENT) != 0, (st & EVER_MAPPED) != 0, alloc, new_tables)
 
-    def commit_install_4k(self, plan: "InstallPlan", k: int) -> int:
+    def commit_install_4k(self, plan: "InstallPlan", k: int, tables: bool = True) -> int:
         """Apply the first ``k`` installs of ``plan`` (as :meth:`make_resident` + :meth:`install` would, one
-        after the other); returns the page-table pages allocated."""
+        after the other); returns the page-table pages allocated. ``tables=False``: the leaves only (the
+        caller linked the page-table pages as each install reached them: desim/cohort.py)."""
         ss, tag = plan.ss, self.root_tag
         rel = plan.gfns[:k] - ss.slot.base_gfn
         ss.state[rel] = (plan.state[:k] & KEEP_BITS) | HOST_RESIDENT | EVER_MAPPED | tag
         self.present_leaf += k
         total = 0
+        if not tables:
+            return total
         for lvl, (shift, nf) in plan.new_tables.items():
             nf = nf[nf < k]
-            d = self.pt_tags[lvl]
-            for key in (plan.gfns[nf] >> shift).tolist():
-                d[key] = tag
+            self.pt_tags[lvl].put(plan.gfns[nf] >> shift, tag)
             self.present_pt_level[lvl] += len(nf)
             total += len(nf)
         self.present_pt += total
         return total
+
+    def plan_prefetch_4k(self, ss: SlotSptes, gfns: np.ndarray, need_accessed: bool):
+        """Which of ``gfns`` fault, and what each fault prefetches, when each fault at 4 KiB runs
+        :meth:`prefetch_candidates` (desim/faultrun.py's vectorised blocks).
+
+        ``gfns``: the first accesses, in order, to distinct gfns of ``ss`` without a present SPTE.
+        Only a fault of the same aligned group of ``PTE_PREFETCH_NUM`` changes a group's state, so the
+        first of them in a group faults and prefetches every neighbour that is eligible then (not
+        present, host page resident, and "ever mapped" for the Accessed bit) and so is as at the
+        start; a later access in the group faults only if its gfn was not eligible, and prefetches
+        nothing (the eligible ones are present by then). Returns ``(fault, members, take)``: a mask
+        over ``gfns``, and for each fault the gfns of its group (one row of ``PTE_PREFETCH_NUM``) and
+        which of them it prefetches. None where :meth:`ever_mapped` would read a huge level."""
+        block = ss.block
+        if block.state2m.live or block.state1g.live:
+            return None
+        base, end, tag = ss.slot.base_gfn, ss.slot.end_gfn, self.root_tag
+        st = ss.state[gfns - base]
+        grp = gfns >> 3
+        if len(grp) < 2 or bool((grp[1:] >= grp[:-1]).all()):
+            first = np.concatenate(([True], grp[1:] != grp[:-1]))
+        else:
+            first = np.zeros(len(grp), dtype=bool)
+            first[np.unique(grp, return_index=True)[1]] = True
+        eligible = (st & HOST_RESIDENT) != 0
+        if need_accessed:
+            eligible &= (st & EVER_MAPPED) != 0
+        fault = first | ~eligible
+        fg = gfns[fault]
+        members = (fg & ~(PTE_PREFETCH_NUM - 1))[:, None] + np.arange(PTE_PREFETCH_NUM)
+        look = (members >= base) & (members < end) & (members != fg[:, None]) & first[fault][:, None]
+        b = np.zeros(members.shape, np.uint8)
+        b[look] = ss.state[members[look] - base]
+        take = look & ((b & TAG_MASK) != tag) & ((b & HOST_RESIDENT) != 0)
+        if need_accessed:
+            take &= (b & EVER_MAPPED) != 0
+        return fault, members, take
+
+    def commit_prefetch_4k(self, ss: SlotSptes, gfns: np.ndarray) -> None:
+        """:meth:`install` at 4 KiB of prefetched ``gfns`` whose page-table pages are present (their
+        fault installed the leaf next to them)."""
+        rel = gfns - ss.slot.base_gfn
+        ss.state[rel] = (ss.state[rel] & KEEP_BITS) | EVER_MAPPED | self.root_tag
+        self.present_leaf += len(gfns)
 
     def prefetch_candidates(self, ss: SlotSptes, gfn: int, need_accessed: bool) -> list[int]:
         """Neighbours ``direct_pte_prefetch`` / ``FNAME(pte_prefetch)`` would map.
@@ -577,7 +630,7 @@ class Mmu:
             return 0, 0
         tag = self.root_tag
         d = self.pt_tags[1]
-        regions = [r for r, t in d.items() if t == tag and lo <= r < hi]
+        regions = d.find(tag, max(lo, 0), hi - 1).tolist()
         children = 0
         for r in regions:
             del d[r]
@@ -698,13 +751,9 @@ class Mmu:
         tag = self.root_tag
         visits = ((hi - 1) >> 27) - (lo >> 27) + 1  # root entries (512 GiB each)
         for lvl, table_shift, entry_shift in ((3, 27, 18), (2, 18, 9), (1, 9, 0)):
-            d = self.pt_tags[lvl]
-            k0, k1 = lo >> table_shift, (hi - 1) >> table_shift
-            keys = (k for k, t in d.items() if k0 <= k <= k1 and t == tag) if k1 - k0 + 1 > len(d) else (
-                k for k in range(k0, k1 + 1) if d.get(k) == tag)
-            for k in keys:
-                a, b = max(lo, k << table_shift), min(hi, (k + 1) << table_shift)
-                visits += ((b - 1) >> entry_shift) - (a >> entry_shift) + 1
+            k = self.pt_tags[lvl].find(tag, lo >> table_shift, (hi - 1) >> table_shift)
+            a, b = np.maximum(lo, k << table_shift), np.minimum(hi, (k + 1) << table_shift)
+            visits += int((((b - 1) >> entry_shift) - (a >> entry_shift) + 1).sum())
         return visits
 
     def zap_slot_leafs(self, ss: SlotSptes) -> dict[int, int]:

@@ -72,12 +72,14 @@ _HOST_ALLOC = {PG_LEVEL_4K: ("host_alloc_4k", "4k"), PG_LEVEL_2M: ("host_alloc_2
 
 
 def _as_sequence(chunk: np.ndarray):
-    """The chunk's gfns as Python ints for scalar reads: a ``range`` for a run of consecutive gfns
-    (a sequential pattern: nothing per access), else a list."""
+    """The chunk's gfns for scalar reads (each a Python int): a ``range`` for a run of consecutive
+    gfns (a sequential pattern: nothing per access), else a ``memoryview`` of the array itself (no
+    Python object per access: a list would cost 36 bytes an access and a conversion per chunk,
+    more than the reads of a chunk that mostly hits)."""
     n = len(chunk)
     if n > 1 and int(chunk[-1]) - int(chunk[0]) == n - 1 and bool((np.diff(chunk) == 1).all()):
         return range(int(chunk[0]), int(chunk[-1]) + 1)
-    return chunk.tolist()
+    return memoryview(np.ascontiguousarray(chunk, dtype=np.int64))
 
 
 class Vcpu:
@@ -91,6 +93,8 @@ class Vcpu:
         self.P = vm.costs.view(f"vcpu{index}")  # this vCPU's costs (desim.costs: own streams, CRN)
         self._entry: float | None = None  # the next VM entry's cost when a fault already counted it
         self._stalled_since: float | None = None  # start of the access that is stalled in the host
+        # the recorded completion of the stalled access that began the current guest run (0: none)
+        self._recorded_until = 0.0
         self.mode = HALTED
         self._mode_since = 0.0
         self.requests = 0
@@ -102,9 +106,9 @@ class Vcpu:
         self._wake: simpy.Event | None = None
         self._ack: simpy.Event | None = None
         self._chunk: np.ndarray | None = None
-        self._chunk_list: list[int] = []
+        self._chunk_list: range | memoryview | list[int] = []
         self._pos = 0
-        self._misses: list[int] = []
+        self._misses: memoryview | list[int] = []
         self._mi = 0
         self._seq = -1
         self._carry = 0.0  # host time still owed by the last fault (its lock hold)
@@ -113,6 +117,12 @@ class Vcpu:
         self._running = False
         self._retrying = False  # bouncing in and out of the guest on RET_PF_RETRY: no SRCU reader
         self.fault_run: FaultRun | None = None  # the fast engine's loop over non-interacting faults
+        # what the process waits on (a guest run's timeout, or a fault's wait with (t0, ctx)), and where a
+        # cohort run left the vCPU when it handed it back (desim/cohort.py)
+        self._run: tuple = ()
+        self._wait = None
+        self._wait_ctx: tuple | None = None
+        self._handback: tuple | None = None
         # shadow paging with guest processes or page-table writes: roots per CR3, prev_roots (desim/guest_as.py)
         self.gas = VcpuAddressSpace(vm.guest, vm, index) if vm.guest is not None else None
         self.proc = self.env.process(self.run())
@@ -204,7 +214,7 @@ class Vcpu:
         mmu = self.vm.mmu
         if self._seq != mmu.zap_seq:
             miss = np.flatnonzero(~mmu.mapped_mask(self._chunk[self._pos:]))
-            self._misses = (miss + self._pos).tolist()
+            self._misses = memoryview(miss + self._pos)  # no Python int per miss
             self._mi = 0
             self._seq = mmu.zap_seq
         misses = self._misses
@@ -222,7 +232,7 @@ class Vcpu:
                     # faults since the list was made mapped these (a huge page maps a whole unit):
                     # look the rest of the chunk up again at once instead of access by access
                     miss = np.flatnonzero(~mmu.mapped_mask(self._chunk[pos:]))
-                    self._misses = misses = (miss + pos).tolist()
+                    self._misses = misses = memoryview(miss + pos)
                     self._mi = 0
                     skipped = 0
                     continue
@@ -257,6 +267,7 @@ class Vcpu:
         audit = vm.audit
         fault_run = self.fault_run = (FaultRun(self) if isinstance(env, FastEnvironment) and audit is None
                                       and self.gas is None else None)
+        cohort = vm.cohort
         self._mode_since = env.now
         while True:
             if self._chunk is None or self._pos >= len(self._chunk_list):
@@ -310,124 +321,175 @@ class Vcpu:
                         continue
                 else:
                     fault_run.missed()
-            miss = self._next_miss()
-            stop = "fault"
-            if self.gas is not None:
-                # a CR3 write, a write to a write-protected guest page table or an unlinked root entry first?
-                miss, stop = self.gas.next_stop(self, miss)
-            n = miss - self._pos
-            if stop == "fault":
-                faults = miss < len(self._chunk_list)
-                gfn = self._chunk_list[miss] if faults else -1
-                pre = self._pre_lock_ns(gfn) if faults else 0.0
-            else:
-                faults = True
-                gfn = self._chunk_list[miss] if stop != "cr3" else -1
-                pre = (P.cr3_switch if stop == "cr3" else P.fault_handle + P.pt_write_emulate if stop == "wp"
-                       else self._pre_lock_ns(gfn))
-            if audit is not None:
-                audit.guest_run_start(self, self._chunk[self._pos:miss])
-            now = env.now
-            carry, self._carry = self._carry, 0.0
-            g0 = now + carry
-            entry, self._entry = (P.vm_entry if self._entry is None else self._entry), None
-            g1 = g0 + entry + n * self.access_ns
-            recorded_until = 0.0
-            if self._stalled_since is not None and n > 0:
-                # the stalled access completes as the first access of this guest run
-                recorded_until = g0 + entry + self.access_ns
-                vm.metrics.record_access_stall(self._stalled_since, recorded_until - self._stalled_since,
-                                               self.access_ns)
-                self._stalled_since = None
-            self._g0, self._g1 = g0, g1
-            self._running = True
-            self._srcu_unlock_at(g0)
-            exit_ns = P.vm_exit + pre if faults else 0.0
+            ev = None
+            if cohort is not None:
+                if cohort.backoff:
+                    cohort.backoff -= 1
+                else:
+                    # the fast engine: several vCPUs' steps in one loop, in event order (desim/cohort.py)
+                    ev = cohort.run(self)
+            if ev is None:
+                ev = env.timeout(self._begin_run())
+            self._wait, self._wait_ctx = ev, None
             try:
-                yield env.timeout(g1 - now + exit_ns)
+                got = yield ev
             except simpy.Interrupt as irq:
-                t = env.now
-                self._running = False
-                if irq.cause == "request":
-                    # interrupted in the host before entry: the rest of the hold is still owed
-                    self._carry = g0 - t
-                    self._entry = entry
-                    self.m.time[HOST] += t - now
-                    continue
-                done = int((t - g0 - entry) // self.access_ns) if self.access_ns else n
-                self._consume(min(max(done, 0), n))
-                if self._stalled_since is None and t >= recorded_until:
-                    # the access in flight waits for the IPI's exit and re-entry (unless it is the one
-                    # whose stall was recorded at this run's start, up to its planned completion: a kick
-                    # before that completion is not added to it, rather than recorded as a second,
-                    # overlapping stall of the same access)
-                    self._stalled_since = t
-                self._account(carry, t - g0, 0.0)
-                # IPI delivery and the VM exit it causes; the exit acks the sender
-                yield env.timeout(P.ipi_ack)
-                self.m.time[HOST] += P.ipi_ack
-                self.m.stall_ns += P.ipi_ack
-                ack, self._ack = self._ack, None
-                ack.succeed(env.now)
+                yield from self._run_interrupted(irq)
                 continue
-            self._running = False
-            self._account(carry, g1 - g0, exit_ns)
-            if audit is not None:
-                audit.guest_run_end(self, self._chunk[self._pos:miss], g0, g1)
-            self._consume(n)
-            if faults:
-                if self._stalled_since is None:
-                    self._stalled_since = g1
-                self.m.stall_ns += exit_ns
-                if stop == "cr3":
-                    yield from kvm_set_cr3(self)
-                    continue
-                if stop == "wp":
-                    yield from kvm_mmu_pte_write(self, gfn, g1)
-                    continue
-                res = self._fault_begin(gfn, g1)
-                if res is None:
-                    continue
-                if res == "retry":
-                    yield from self._retry_wait(g1)
-                    continue
-                # inline rather than through _fault_wait: a lock storm waits at nearly every fault
-                ev, ctx = res
-                if ctx[0] == "host":
-                    # the host allocation's contention, then mmu_lock
-                    t0 = env.now
-                    yield ev
-                    self.m.stall_ns += env.now - t0
-                    self.m.time[HOST] += env.now - t0
-                    res = self._fault_acquire(ctx[1])
-                    if res is None:
-                        continue
-                    ev, ctx = res
-                t0 = env.now
-                handoff = yield ev
-                self.m.stall_ns += env.now - t0
-                self.m.time[HOST] += env.now - t0
-                self._fault_locked(ctx, handoff)
+            res = self._handed_back(got) if self._handback is not None else self._run_end()
+            if res is not None:
+                yield from self._after_run(res)
+
+    def _begin_run(self) -> float:
+        """Begin the next guest run at ``env.now`` (VM entry, the accesses up to the next miss, the VM exit
+        and the fault's work before ``mmu_lock``): set the vCPU's timeline (``_run``) and return how long
+        the run lasts until the fault reaches ``mmu_lock`` (the delay of its timeout)."""
+        env = self.env
+        vm = self.vm
+        P = self.P
+        audit = vm.audit
+        miss = self._next_miss()
+        stop = "fault"
+        if self.gas is not None:
+            # a CR3 write, a write to a write-protected guest page table or an unlinked root entry first?
+            miss, stop = self.gas.next_stop(self, miss)
+        n = miss - self._pos
+        if stop == "fault":
+            faults = miss < len(self._chunk_list)
+            gfn = self._chunk_list[miss] if faults else -1
+            pre = self._pre_lock_ns(gfn) if faults else 0.0
+        else:
+            faults = True
+            gfn = self._chunk_list[miss] if stop != "cr3" else -1
+            pre = (P.cr3_switch if stop == "cr3" else P.fault_handle + P.pt_write_emulate if stop == "wp"
+                   else self._pre_lock_ns(gfn))
+        if audit is not None:
+            audit.guest_run_start(self, self._chunk[self._pos:miss])
+        now = env.now
+        carry, self._carry = self._carry, 0.0
+        g0 = now + carry
+        entry, self._entry = (P.vm_entry if self._entry is None else self._entry), None
+        g1 = g0 + entry + n * self.access_ns
+        if self._stalled_since is not None and n > 0:
+            # the stalled access completes as the first access of this guest run
+            self._recorded_until = g0 + entry + self.access_ns
+            vm.metrics.record_access_stall(self._stalled_since, self._recorded_until - self._stalled_since,
+                                           self.access_ns)
+            self._stalled_since = None
+        self._g0, self._g1 = g0, g1
+        self._running = True
+        self._srcu_unlock_at(g0)
+        exit_ns = P.vm_exit + pre if faults else 0.0
+        self._run = (now, carry, g0, entry, g1, n, miss, faults, stop, gfn, exit_ns)
+        return g1 - now + exit_ns
+
+    def _run_interrupted(self, irq: simpy.Interrupt) -> Generator:
+        """The guest run in ``_run`` was interrupted: a request before entry, or a kick (IPI) in the guest."""
+        env = self.env
+        P = self.P
+        self._handback = None
+        now, carry, g0, entry, g1, n, miss, faults, stop, gfn, exit_ns = self._run
+        t = env.now
+        self._running = False
+        if irq.cause == "request":
+            # interrupted in the host before entry: the rest of the hold is still owed
+            self._carry = g0 - t
+            self._entry = entry
+            self.m.time[HOST] += t - now
+            return
+        done = int((t - g0 - entry) // self.access_ns) if self.access_ns else n
+        self._consume(min(max(done, 0), n))
+        if self._stalled_since is None and t >= self._recorded_until:
+            # the access in flight waits for the IPI's exit and re-entry (unless it is the one whose
+            # stall was recorded at this run's start, up to its planned completion: a kick before that
+            # completion is not added to it, rather than recorded as a second, overlapping stall)
+            self._stalled_since = t
+        self._account(carry, t - g0, 0.0)
+        # IPI delivery and the VM exit it causes; the exit acks the sender
+        yield env.timeout(P.ipi_ack)
+        self.m.time[HOST] += P.ipi_ack
+        self.m.stall_ns += P.ipi_ack
+        ack, self._ack = self._ack, None
+        ack.succeed(env.now)
+
+    def _run_end(self):
+        """The guest run in ``_run`` ended: account it, consume its accesses and start its fault. Returns
+        None when the vCPU goes on at once, else what it must wait for (see :meth:`_after_run`)."""
+        now, carry, g0, entry, g1, n, miss, faults, stop, gfn, exit_ns = self._run
+        self._running = False
+        self._account(carry, g1 - g0, exit_ns)
+        audit = self.vm.audit
+        if audit is not None:
+            audit.guest_run_end(self, self._chunk[self._pos:miss], g0, g1)
+        self._consume(n)
+        if not faults:
+            return None
+        if self._stalled_since is None:
+            self._stalled_since = g1
+        self.m.stall_ns += exit_ns
+        if stop == "cr3" or stop == "wp":
+            return stop
+        return self._fault_begin(gfn, g1)
+
+    def _after_run(self, res) -> Generator:
+        """What a guest run's end must wait for: a CR3 write, an emulated page-table write, RET_PF_RETRY,
+        or a fault's waits (``res`` from :meth:`_run_end`)."""
+        if res == "cr3":
+            yield from kvm_set_cr3(self)
+        elif res == "wp":
+            yield from kvm_mmu_pte_write(self, self._run[9], self._run[4])
+        elif res == "retry":
+            yield from self._retry_wait(self._run[4])
+        else:
+            yield from self._fault_wait(res)
+
+    def _handed_back(self, got):
+        """Resumed after a cohort run (desim/cohort.py) took this vCPU's steps: go on from the state it
+        left (``_handback``: the end of the guest run in ``_run``, of a host allocation's wait or of a
+        wait for ``mmu_lock``, or the top of the loop), as the step's own code would have. Returns as
+        :meth:`_run_end`."""
+        kind, t0, ctx = self._handback
+        self._handback = None
+        if kind == "top":
+            return None  # the step is done: the top of the loop
+        if kind == "run":
+            return self._run_end()
+        now = self.env.now
+        self.m.stall_ns += now - t0
+        self.m.time[HOST] += now - t0
+        if kind == "host":
+            return self._fault_acquire(ctx[1])
+        self._fault_locked(ctx, got)
+        return None
 
     def _fault_wait(self, res: tuple) -> Generator:
         """A fault that must wait (``res`` from :meth:`_fault_begin`): the host allocation's contention,
         then ``mmu_lock``; then the part under the lock."""
         env = self.env
         ev, ctx = res
-        if ctx[0] == "host":
+        while True:
             t0 = env.now
-            yield ev
+            self._wait, self._wait_ctx = ev, (t0, ctx)  # where desim/cohort.py finds a waiting vCPU
+            try:
+                got = yield ev
+            except simpy.Interrupt as irq:
+                # only after a cohort run handed the vCPU back inside a guest run (desim/cohort.py)
+                yield from self._run_interrupted(irq)
+                return
+            if self._handback is not None:
+                res = self._handed_back(got)
+                if res is not None:
+                    yield from self._after_run(res)
+                return
             self.m.stall_ns += env.now - t0
             self.m.time[HOST] += env.now - t0
+            if ctx[0] != "host":
+                self._fault_locked(ctx, got)
+                return
             res = self._fault_acquire(ctx[1])
             if res is None:
                 return
             ev, ctx = res
-        t0 = env.now
-        handoff = yield ev
-        self.m.stall_ns += env.now - t0
-        self.m.time[HOST] += env.now - t0
-        self._fault_locked(ctx, handoff)
 
     def _pre_lock_ns(self, gfn: int) -> float:
         """The fault path's cost before ``mmu_lock``: exit handling and ``kvm_faultin_pfn``."""

@@ -17,8 +17,9 @@ import simpy
 
 from . import model_fingerprint
 from .audit import Audit
+from .cohort import Cohort
 from .costs import CostSampler
-from .engine import make_environment
+from .engine import FastEnvironment, make_environment
 from .errors import DesimInputError
 from .guest_as import GuestAddressSpaces
 from .hostmm import LRU_BATCH_NEW, LRU_BATCH_OLD, LRU_BATCH_SINCE, HostMm
@@ -99,6 +100,9 @@ class Vm:
             if s.prealloc:
                 ss.block.prealloc()
         self.vmm = Vmm(self)
+        # the fast engine takes many vCPUs' steps in one loop (desim/cohort.py)
+        self.cohort = (Cohort(self) if isinstance(self.env, FastEnvironment) and self.audit is None
+                       and self.guest is None and scenario.vm.vcpus > 1 else None)
         self.vcpus = [Vcpu(self, i) for i in range(scenario.vm.vcpus)]
         self._slot_update: simpy.Event | None = None
         self._vmm_running = False

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from desim.chunked import ChunkedBytes
+from desim.chunked import ChunkedBytes, SparseBytes
 from desim.mmu import PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K, Mmu
 from desim.memslot import Memslot
 
@@ -105,3 +105,38 @@ def test_a_slot_view_reads_and_writes_through_like_an_array():
     mmu.remove_slot(0)  # QEMU re-creates a slot over part of the same RAM block: same state, an offset
     other = mmu.add_slot(Memslot(id=1, base_gfn=1 << 20, npages=16, ua=(1 << 40) + (4 << 12)))
     assert other.block is ss.block and other.off == 4 and other.state[0:3].tolist() == [0, 9, 0]
+
+
+sparse_ops = st.one_of(
+    st.tuples(st.just("set"), st.integers(0, 1 << 40), st.integers(0, 63)),
+    st.tuples(st.just("del"), st.integers(0, 1 << 40)),
+    st.tuples(st.just("put"), st.lists(st.integers(0, 1 << 20), max_size=20), st.integers(0, 63)),
+    st.tuples(st.just("clear")),
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(sparse_ops, max_size=40), st.integers(0, 63), st.integers(0, 1 << 21), st.integers(0, 1 << 21))
+def test_sparse_bytes_behave_as_a_dict_of_region_tags(seq, value, lo, hi):
+    """The page-table tags (Mmu.pt_tags): a dict of key -> tag (0 = none), by key or by key array."""
+    s = SparseBytes(shift=6)
+    ref: dict[int, int] = {}
+    for op in seq:
+        if op[0] == "set":
+            s[op[1]] = op[2]
+            ref[op[1]] = op[2]
+        elif op[0] == "del":
+            del s[op[1]]
+            ref.pop(op[1], None)
+        elif op[0] == "put":
+            s.put(np.array(op[1], dtype=np.int64), op[2])
+            ref.update(dict.fromkeys(op[1], op[2]))
+        else:
+            s.clear()
+            ref.clear()
+    keys = sorted(ref) + [lo, hi]
+    assert [s.get(k) for k in keys] == [ref.get(k, 0) for k in keys]
+    assert s.take(np.array(keys, dtype=np.int64)).tolist() == [ref.get(k, 0) for k in keys]
+    want = sorted(k for k, t in ref.items() if t == value and lo <= k <= hi) if value else []
+    assert s.find(value, lo, hi).tolist() == want
+    assert s.nbytes <= 64 * (len({k >> 6 for k in ref}) + len(seq))

@@ -63,6 +63,24 @@ def test_same_seed_same_draws_whatever_the_interleaving():
     assert [other.fault_handle for _ in range(5)] != xs[:5]
 
 
+@pytest.mark.parametrize("dist", [LOGN, TABLE], ids=["lognormal", "quantiles"])
+def test_peeking_many_draws_at_once_gives_the_numbers_read_one_by_one(dist):
+    """The fast engine peeks a block's costs as an array (several BLOCKs drawn in one numpy call), then
+    consumes only those of the faults it takes: the stream is the one a reader of single values sees."""
+    prof = _profile(fault_handle=dist)
+    one = CostSampler(prof, "sampled", seed=4).view("vcpu0")
+    xs = [one.fault_handle for _ in range(5 * BLOCK)]
+    d = CostSampler(prof, "sampled", seed=4).view("vcpu0").draws("fault_handle")
+    got = [d.next() for _ in range(7)]
+    for k, used in ((3 * BLOCK + 11, 2 * BLOCK), (10, 3), (BLOCK, BLOCK - 1)):
+        peeked = d.peek_many(k)
+        assert peeked.tolist() == xs[len(got):len(got) + k]
+        d.i += used
+        got += peeked[:used].tolist()
+        got.append(d.next())
+    assert got == xs[:len(got)]
+
+
 def test_per_unit_costs_cannot_be_distributions():
     with pytest.raises(Exception, match="spte_zap.dist: not allowed"):
         _profile(spte_zap=LOGN)

@@ -12,11 +12,16 @@ the same float on both engines (compared as their exact JSON/bytes representatio
   that includes their memslot deletions and the re-faults after them;
 * targeted cases of each batched path: a lone vCPU's vectorised populate split by memslot
   updates (both policies), the scalar loop (sampled costs, shadow paging, PTE prefetch), a lock
-  storm of exclusive faults, host-allocator waits inside a run, progress checkpoints.
+  storm of exclusive faults, host-allocator waits inside a run, progress checkpoints;
+* cohort runs (``desim/cohort.py``: many vCPUs' steps in one loop): lock storms of exclusive faults,
+  many read-locked TDP vCPUs, identical vCPUs faulting at identical times (integer constant costs:
+  ties broken by scheduling order), runs split by memslot updates, kicks and the zap's writer,
+  drawn costs, host-allocator waits, page-table pages shared between vCPUs' plans.
 
 A deliberately broken fast engine (one that processes a yielded event even when another event
-is due first) and a broken fault run (one that ignores the event queue) must fail the
-comparison: the test can fail.
+is due first), a broken fault run (one that ignores the event queue) and broken cohort runs (one
+that schedules its events in the wrong order at equal times, one that lets two vCPUs both pay for
+a shared page-table page) must fail the comparison: the test can fail.
 """
 from __future__ import annotations
 
@@ -25,13 +30,15 @@ import json
 from heapq import heapify
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from desim import faultrun
+from desim import cohort, faultrun
 from desim.engine import FastEnvironment, make_environment
 from desim.errors import DesimInputError
+from desim.mmu import Mmu
 from desim.profile import HostProfile, load_profile
 from desim.scenario import load_scenario
 from desim.vm import Vm
@@ -91,6 +98,11 @@ def both(sc, policy: str, seed: int = 1, until_ns: float | None = None, progress
     ref = fingerprint(Vm(sc, policy, seed=seed, audit=audit, engine="reference"), until_ns, progress)
     fast_vm = Vm(sc, policy, seed=seed, audit=audit, engine="fast")
     return ref, fingerprint(fast_vm, until_ns, progress), fast_vm
+
+
+def in_cohorts(vm: Vm) -> tuple[int, int]:
+    """(vCPU steps taken in cohort runs, of those planned faults' steps)."""
+    return (vm.cohort.steps, vm.cohort.planned) if vm.cohort is not None else (0, 0)
 
 
 def batched(vm: Vm) -> tuple[int, int]:
@@ -212,15 +224,35 @@ def test_vectorised_blocks_with_drawn_costs(policy):
 
 @pytest.mark.parametrize("profile,costs", [("shadow-pvm", "sampled"), ("legacy-2020", "mean"),
                                            ("tdp-icelake", "sampled")])
-def test_scalar_fault_runs_agree(profile, costs):
-    """Drawn costs (peeked, consumed only when a fault is taken), shadow paging, PTE prefetch: the scalar loop."""
+def test_scalar_fault_runs_agree(profile, costs, monkeypatch):
+    """Drawn costs (peeked, consumed only when a fault is taken), shadow paging, PTE prefetch: the scalar
+    loop, with the vectorised blocks turned off."""
+    monkeypatch.setattr(faultrun, "_VECTOR_MIN", float("inf"))
     sc = _populate_with_churn(profile, costs=costs)
     ref, fast, vm = both(sc, "fast", seed=3)
     assert_same(ref, fast, f"{profile}/{costs}")
     taken, vector = batched(vm)
-    assert taken > 0
-    if profile != "tdp-icelake":
-        assert vector == 0
+    assert taken > 0 and vector == 0
+
+
+@pytest.mark.parametrize("policy", ["fast", "targeted"])
+@pytest.mark.parametrize("profile,costs", [("shadow-pvm", "sampled"), ("legacy-2020", "mean"),
+                                           ("legacy-2020", "sampled")])
+def test_vectorised_blocks_with_pte_prefetch(profile, costs, policy, monkeypatch):
+    """Shadow paging and the legacy MMU prefetch a fault's neighbours (the Accessed bit on shadow
+    paging): the re-faults of the second pass after a zap find resident neighbours to prefetch, and
+    those accesses then hit, in vectorised blocks (desim.mmu.Mmu.plan_prefetch_4k)."""
+    in_blocks = []
+    commit = Mmu.commit_prefetch_4k
+    monkeypatch.setattr(Mmu, "commit_prefetch_4k", lambda self, ss, g: (in_blocks.append(len(g)), commit(self, ss, g)))
+    sc = _populate_with_churn(profile, costs=costs)
+    ref, fast, vm = both(sc, policy, seed=3)
+    assert_same(ref, fast, f"{profile}/{costs}/{policy}")
+    m = json.loads(fast)["metrics"]
+    taken, vector = batched(vm)
+    assert vector > 0.5 * m["faults_first_touch"]
+    if policy == "fast":
+        assert m["faults_after_zap"] > 0 and sum(in_blocks) > 0.5 * m["sptes_prefetched"] > 100
 
 
 def test_runs_are_split_where_another_process_intervenes():
@@ -239,87 +271,92 @@ def test_runs_are_split_where_another_process_intervenes():
 
 
 def test_a_lock_storm_agrees():
-    """32 vCPUs faulting back to back on the legacy MMU's exclusive mmu_lock: waits hand back to the queue."""
+    """32 vCPUs faulting back to back on the legacy MMU's exclusive mmu_lock, all at identical times (constant
+    integer costs): the storm is drained in cohort runs, FIFO hand-over after hand-over."""
     sc = scenario(vcpus=32, ram_mib=4, profile="legacy-2020", kernel={"backing": "4k"},
                   phases=[{"name": "populate", "pattern": "sequential", "slot": 0, "access_ns": 1.0}])
     ref, fast, vm = both(sc, "targeted")
     assert_same(ref, fast, "lock storm")
     assert json.loads(fast)["metrics"]["lock_contended_fault"] > 900
+    steps, planned = in_cohorts(vm)
+    assert steps > 1500 and planned > 800  # of 1,024 faults (two steps each: the guest run, the hand-over)
 
 
-def test_host_allocator_waits_inside_a_fault_run():
-    """Zeroing slower than the memory bandwidth allows: every first touch waits (desim/hostmm.py)."""
-    sc = scenario(vcpus=1, ram_mib=4,
-                  profile_overrides={"kernel": {"backing": "4k"}, "costs": {"membw_4k": 900.0}})
+def _many(vcpus: int, profile: str, costs: str = "mean", ops: list | None = None, **kw):
+    """``vcpus`` vCPUs populating their own 512 KiB, the VMM's ``ops`` meanwhile; then random accesses to their
+    own 1.5 MiB of a slot at 1 GiB (page tables shared by two vCPUs' regions, first reached in cohort runs);
+    then a few uniform accesses."""
+    phases = [{"name": "populate", "pattern": "sequential", "slot": 0, "access_ns": 20.0, "memslot_ops": ops or []},
+              {"name": "second", "pattern": "uniform", "slot": 1, "accesses": 300, "sharing": "private",
+               "access_ns": 20.0},
+              {"name": "work", "pattern": "uniform", "slot": 0, "accesses": 400, "access_ns": 20.0}]
+    return scenario(vcpus=vcpus, ram_mib=vcpus // 2, phases=phases, profile=profile, kernel={"backing": "4k"},
+                    costs=costs, extra_slots=[{"id": 1, "gpa": 1 << 30, "size": vcpus * 1536 * 1024}], **kw)
+
+
+@pytest.mark.parametrize("profile,costs", [("tdp-icelake", "mean"), ("tdp-icelake", "sampled"),
+                                           ("legacy-2020", "sampled"), ("shadow-pvm", "sampled")])
+def test_cohort_runs_agree(profile, costs):
+    """Many vCPUs faulting at once: read-locked TDP faults (no waits on each other) and exclusive ones (a lock
+    storm), constant and drawn costs; with constant costs the identical vCPUs fault at identical times."""
+    sc = _many(16, profile, costs)
     ref, fast, vm = both(sc, "fast")
-    assert_same(ref, fast, "host allocator waits")
+    assert_same(ref, fast, f"{profile}/{costs}")
+    steps, planned = in_cohorts(vm)
+    faults = json.loads(fast)["metrics"]["faults"]
+    assert planned > 0.8 * faults and steps >= planned
+    if costs == "mean":
+        t = np.frombuffer(vm.metrics.fault_time, dtype=np.float64)
+        assert len(np.unique(t)) < len(t)  # ties (the first faults at least): SimPy's scheduling order decides
+
+
+@pytest.mark.parametrize("profile", ["tdp-icelake", "legacy-2020"])
+@pytest.mark.parametrize("policy", ["fast", "targeted"])
+def test_cohort_runs_are_split_by_memslot_updates(profile, policy):
+    """The VMM's ioctls, the zap's write lock (a writer among the readers), its kicks and requests end cohort
+    runs where they are due; the vCPUs are handed back mid-run, mid-wait or holding the lock."""
+    ops = [{"at_us": 15 + 25 * i, "op": op, "slot": 5, **({"gpa": 16 * MiB, "size": 2 * MiB} if op == "create" else {})}
+           for i, op in enumerate(["create", "delete"] * 4)]
+    sc = _many(8, profile, "sampled", ops)
+    ref, fast, vm = both(sc, policy)
+    assert_same(ref, fast, f"{profile}/{policy}")
     m = json.loads(fast)["metrics"]
-    assert m["membw_stretch_ns"] > 0 and batched(vm)[0] > 0
+    assert m["memslot_ioctls"] == 8 and vm.cohort.runs > 4 and in_cohorts(vm)[1] > 0
+    if policy == "fast":
+        assert m["ipis_sent"] > 0 and m["faults_after_zap"] > 0
 
 
-def test_progress_checkpoints_split_fault_runs():
-    """Progress reports are events too: the runs are split at each and the results do not change."""
-    sc = _populate_with_churn("tdp-icelake")
-    seen: list = []
-    ref, fast, _ = both(sc, "fast", progress=seen.append)
-    assert_same(ref, fast, "with progress")
-    assert seen and fast == both(sc, "fast")[1]
+def test_cohort_runs_with_host_allocator_waits():
+    """Zeroing slower than the memory bandwidth allows, with 8 vCPUs: first touches wait inside cohort runs."""
+    sc = _many(8, "tdp-icelake", profile_overrides={"kernel": {"backing": "4k"}, "costs": {"membw_4k": 200.0}})
+    ref, fast, vm = both(sc, "targeted")
+    assert_same(ref, fast, "host allocator waits")
+    assert json.loads(fast)["metrics"]["membw_stretch_ns"] > 0 and in_cohorts(vm)[1] > 0
 
 
-def test_engines_agree_with_guest_processes_under_shadow_paging():
-    """Per-CR3 roots, prev_roots, private pages, page-table writes and a root in a moved slot (desim/guest_as.py)."""
-    ops = [{"at_us": 30, "op": "toggle", "slot": 5, "gpa": 16 * MiB, "size": 2 * MiB, "hold_us": 10, "repeat": 2,
-            "every_us": 30}, {"at_us": 50, "op": "move", "slot": 1, "gpa": 32 * MiB}]
-    phases = [{"name": "populate", "pattern": "sequential", "slot": 0, "size": 2 * MiB},
-              {"name": "work", "pattern": "uniform", "slot": 0, "accesses": 1000, "access_ns": 20.0,
-               "sharing": "shared", "memslot_ops": ops}]
-    guest = {"processes": 5, "context_switch_us": 5, "pt_write_share": 0.01, "process_pages": 32,
-             "process_gpa": 4 * MiB, "user_share": 0.3, "pgd_gpa": 8 * MiB - 2 * 4096}
-    sc = scenario(vcpus=2, ram_mib=8, phases=phases, profile="shadow-pvm", kernel={"backing": "4k"}, guest=guest,
-                  extra_slots=[{"id": 1, "gpa": 8 * MiB, "size": 2 * MiB}])
-    for policy in ("fast", "targeted"):
-        ref, fast, vm = both(sc, policy, audit=True)
-        assert_same(ref, fast, f"guest processes ({policy})")
-        m = json.loads(fast)["metrics"]
-        assert m["cr3_switches"] > 0 and m["faults_wp"] > 0 and vm.env.inlined > 0, policy
-
-
-def test_a_broken_fast_engine_is_caught(monkeypatch):
-    """Process a yielded timeout even when another event is due first: the comparison must fail."""
-    sc = scenario(vcpus=3, ram_mib=4, kernel={"backing": "4k"}, profile="legacy-2020")
+def test_a_broken_cohort_order_is_caught(monkeypatch):
+    """A cohort run numbering the events it schedules with its own (decreasing) counter instead of SimPy's:
+    at equal times (constant integer costs make ties) they are taken in another order than the reference
+    takes them, and the comparison must fail."""
+    ops = [{"at_us": 15 + 25 * i, "op": op, "slot": 5, **({"gpa": 16 * MiB, "size": 2 * MiB} if op == "create" else {})}
+           for i, op in enumerate(["create", "delete"] * 4)]
+    sc = _many(8, "tdp-icelake", "mean", ops)
     ref = fingerprint(Vm(sc, "fast", seed=1, engine="reference"))
-
-    def overtaking(self, event):
-        # the event is due no later than the head of the queue: take it out of the queue wherever it is
-        for i, item in enumerate(self._queue):
-            if item[3] is event:
-                self._queue[i] = self._queue[-1]
-                self._queue.pop()
-                heapify(self._queue)
-                self._queue.insert(0, item)
-                return True
-        return False
-
-    monkeypatch.setattr(FastEnvironment, "_is_next", overtaking)
-    broken = fingerprint(Vm(sc, "fast", seed=1, engine="fast"))
-    assert ref != broken
+    own = iter(range(0, -10**9, -1))
+    push = cohort.heappush
+    monkeypatch.setattr(cohort, "heappush", lambda queue, item: push(
+        queue, (*item[:2], next(own), item[3]) if queue is vm.env._queue else item))
+    vm = Vm(sc, "fast", seed=1, engine="fast")
+    assert ref != fingerprint(vm) and vm.cohort.steps > 0
 
 
-def test_a_broken_fault_run_is_caught(monkeypatch):
-    """A fault run that does not look at the event queue runs past the VMM's ioctls: the comparison must fail."""
-    sc = _populate_with_churn("tdp-icelake")
+def test_a_broken_cohort_plan_is_caught(monkeypatch):
+    """Planned faults that ignore who allocated a shared page-table page first (both vCPUs pay for it): the
+    comparison must fail."""
+    sc = _many(8, "tdp-icelake")
     ref = fingerprint(Vm(sc, "fast", seed=1, engine="reference"))
-    monkeypatch.setattr(faultrun, "next_event_at", lambda queue: float("inf"))
-    assert ref != fingerprint(Vm(sc, "fast", seed=1, engine="fast"))
-
-
-def test_engine_selection(monkeypatch):
-    assert isinstance(make_environment("fast"), FastEnvironment)
-    assert not isinstance(make_environment("reference"), FastEnvironment)
-    monkeypatch.setenv("DESIM_ENGINE", "reference")
-    assert not isinstance(make_environment(), FastEnvironment)
-    monkeypatch.setenv("DESIM_ENGINE", "turbo")
-    with pytest.raises(DesimInputError, match="DESIM_ENGINE"):
-        make_environment()
-    with pytest.raises(DesimInputError, match="engine 'turbo'"):
-        make_environment("turbo")
+    vm = Vm(sc, "fast", seed=1, engine="fast")
+    assert ref == fingerprint(vm) and vm.cohort.shared_tables > 0
+    monkeypatch.setattr(cohort.Cohort, "_table_there", lambda self, lk: False)
+    vm = Vm(sc, "fast", seed=1, engine="fast")
+    assert ref != fingerprint(vm)

@@ -1,0 +1,661 @@
+"""Cohort runs: several vCPUs' guest runs and faults taken in one loop, in SimPy's event order (fast engine).
+
+A fault run (:mod:`desim.faultrun`) advances one vCPU while its next step is due
+before anything else; among many busy vCPUs that is almost never the case, and
+every guest run and every fault wait goes through SimPy: an event, the
+``Environment.step`` round trip and a resumption of the vCPU's generator. A
+lock storm (every fault takes ``mmu_lock`` exclusively: the legacy MMU, shadow
+paging, every kernel before 5.12) and many TDP vCPUs faulting at once are made
+of nothing else.
+
+:meth:`Cohort.run` processes the head of the event queue itself for as long as
+it is a step of a vCPU in one of the three states of the fault cycle:
+
+* the end of a guest run that ends in a fault on a valid memslot
+  (:meth:`~desim.vcpu.Vcpu._run_end`: the accounting, ``kvm_faultin_pfn`` and
+  the acquisition of ``mmu_lock``), after which the vCPU may wait;
+* the end of a host allocation's wait (:mod:`desim.hostmm`), then ``mmu_lock``;
+* the hand-over of ``mmu_lock`` to a waiting vCPU (the fault under the lock:
+  :meth:`~desim.vcpu.Vcpu._fault_locked`);
+
+and after each the vCPU's next guest run (:meth:`~desim.vcpu.Vcpu._begin_run`),
+plus the lock's own timers (:meth:`desim.lock.MmuLock._timer_cb`). Every other
+event (the VMM, a kick, a request, an SRCU sync, a memslot update, a progress
+checkpoint, a vCPU halting or starting a new chunk) ends the loop where it is
+due: the vCPUs are handed back to their processes in the state they are in,
+each waiting on the event it waits on, and the process goes on from there
+(:meth:`~desim.vcpu.Vcpu._handed_back`).
+
+Planned faults. Where a vCPU's next faults are plain 4 KiB faults on a 4 KiB-backed
+slot (no NX huge pages, nothing for ``direct_pte_prefetch`` to map, no other vCPU's
+fault on the same gfn or allocating the same page-table page meanwhile), the loop
+finds them in one vectorised lookup (:class:`_Plan`: the positions of the misses in
+the vCPU's chunk, each page's residency, "ever mapped" and page-table pages, from
+:meth:`desim.mmu.Mmu.plan_install_4k`) and takes each fault without the SPTE
+lookups: the timeline, costs, ``kvm_faultin_pfn``'s host allocation
+(:meth:`desim.hostmm.HostMm.first_touch`), ``mmu_lock``
+(:meth:`desim.lock.MmuLock.acquire` / ``release_after``) and the fault's record
+are the same calls and float operations as :mod:`desim.vcpu`'s, in the same
+order; the SPTE installs are applied in one step
+(:meth:`desim.mmu.Mmu.commit_install_4k`) before anything else can look at the
+SPTE state: before a vCPU takes a step the plain way, and when the loop ends.
+
+Why it is exact: the loop takes the events in SimPy's own queue, in its own
+order (time, priority, id), and schedules the events it creates in that queue
+with SimPy's own ids, in the order the per-event path would create them; it
+processes only the head of the queue, as :meth:`simpy.Environment.step` would,
+and runs the same model code for each step (:mod:`desim.vcpu`,
+:mod:`desim.lock`, :mod:`desim.hostmm`, :mod:`desim.mmu`). What it leaves out is
+the generator resumption and the loop of :meth:`desim.vcpu.Vcpu.run` around the
+steps, which the steps taken here do not need (nothing is pending: no request,
+no obsolete root, no SRCU writer waiting for the vCPU, the chunk not at its end;
+each checked before the step is taken). ``tests/test_engines_differential.py``
+compares both engines bit for bit on lock storms, read-locked TDP faults of many
+vCPUs, ties at equal times and runs split by memslot updates, kicks and
+checkpoints.
+"""
+from __future__ import annotations
+
+from heapq import heappop, heappush
+from typing import TYPE_CHECKING
+
+import numpy as np
+from simpy.events import NORMAL, Event
+
+from .lock import MmuLock
+from .mmu import HOST_RESIDENT, PTE_PREFETCH_NUM, TAG_MASK
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .vcpu import Vcpu
+    from .vm import Vm
+
+_BACKOFF_MAX = 64  # loop tops to skip after attempts that took (almost) nothing
+_LOCK_CALLBACKS = (MmuLock._timer_cb, MmuLock._release_cb)
+_PLAN_ACCESSES = 4096  # accesses of a vCPU's chunk looked at per plan
+_PLAN_MIN = 32  # a plan with fewer faults makes the next plans wait (planning costs about as much as 10-20 faults)
+
+
+class _Plan:
+    """A vCPU's next plain 4 KiB faults (see the module docstring). ``k`` faults begun (their guest run
+    computed), ``locked`` of them done under ``mmu_lock``, ``committed`` of those applied to the SPTE
+    state; ``step`` is where the fault ``locked`` is: ``idle`` (not begun), ``run`` (its guest run in
+    flight) or ``pending`` (past ``kvm_faultin_pfn``, waiting or about to take ``mmu_lock``)."""
+
+    __slots__ = ("ss", "install", "fpos", "gfns", "gset", "resident", "ever", "fkeys", "k", "locked",
+                 "committed", "step", "lo", "hi")
+
+    def __init__(self, ss, install, fpos, gfns, resident, ever, fkeys) -> None:
+        self.ss = ss
+        self.install = install
+        self.fpos, self.gfns, self.resident, self.ever = fpos, gfns, resident, ever
+        self.gset = set(gfns)
+        self.fkeys = fkeys  # per fault: the page-table pages (level, index) it allocates unless one is there
+        self.k = 0
+        self.locked = 0
+        self.committed = 0
+        self.step = "idle"
+
+
+def _reader(view, name: str):
+    """A zero-argument callable giving what the next read of ``view.<name>`` gives (a draw, or the value)."""
+    d = view.draws(name)
+    if d is not None:
+        return d.next
+    value = getattr(view, name)
+    return lambda: value
+
+
+class _Costs:
+    """One vCPU's fault costs as readers (the same draws, in each stream's order, as reading ``P.<name>``)."""
+
+    __slots__ = ("fault_handle", "faultin_resident", "host_alloc_4k", "vm_entry", "vm_exit", "spte_install",
+                 "pt_page_alloc", "prefetch_spte")
+
+    def __init__(self, P) -> None:
+        for name in self.__slots__[:6]:
+            setattr(self, name, _reader(P, name))
+        self.pt_page_alloc = P.pt_page_alloc  # per-unit costs are never drawn (desim.costs.PER_UNIT_COSTS)
+        self.prefetch_spte = P.prefetch_spte
+
+
+class Cohort:
+    """The fast engine's loop over the steps of many vCPUs (see the module docstring)."""
+
+    def __init__(self, vm: "Vm") -> None:
+        self.vm = vm
+        self.env = vm.env
+        self.backoff = 0  # loop tops to leave to the per-event path before trying again
+        self._misses = 0
+        self._procs: dict | None = None  # id of a process -> its vCPU
+        self._plans: dict = {}  # vCPU -> its _Plan (while the loop runs)
+        k = vm.profile.kernel
+        self._prefetch = k.pte_prefetch
+        # TDP MMU faults take mmu_lock for read (a qrwlock): their common case is taken inline (_read_lock)
+        self._shared = vm.lock.kind == "rwlock" and vm.fault_lock_mode == "read"
+        self._plannable = vm.mmu.nx_exec is None
+        self.steps = 0  # vCPU steps taken here (for benchmarks and tests)
+        self.planned = 0  # faults taken from plans (their steps counted in ``steps``)
+        self.shared_tables = 0  # page-table pages a plan would have allocated, found allocated by another fault
+        self._costs: dict = {}  # vCPU -> _Costs
+        self._active = False  # a loop is running (a process resumed from it must not start another)
+        self._skip: dict = {}  # vCPU -> guest runs to begin the plain way before planning again
+        self._misses_of: dict = {}
+        self._vmm_alloc = _reader(vm.P, "host_alloc_4k")
+        # fault and access-stall records of planned faults, in order, appended to the metrics at each flush
+        self._lat: list = []
+        self._start: list = []
+        self._refault: list = []
+        self._stall_start: list = []
+        self._stall_lat: list = []
+        self._stall_a: list = []
+        self.runs = 0  # loops that took at least one step
+
+    def _missed(self) -> None:
+        self._misses = min(2 * self._misses + 1, _BACKOFF_MAX)
+        self.backoff = self._misses
+
+    @staticmethod
+    def _state(x: "Vcpu", ev: Event) -> tuple | None:
+        """The state of a vCPU whose process waits on ``ev``: ``(kind, t0, ctx)`` with kind ``run`` (the
+        guest run in ``_run`` ends), ``host`` (a host allocation's wait since ``t0``) or ``lock``
+        (``mmu_lock`` waited for since ``t0``); None where the process waits on anything else."""
+        if x._wait is not ev or x.proc._target is not ev:
+            return None
+        if x._handback is not None:
+            return x._handback
+        wc = x._wait_ctx
+        if wc is None:
+            return ("run", None, None)
+        t0, ctx = wc
+        return ("host" if ctx[0] == "host" else "lock", t0, ctx)
+
+    # -- plans ---------------------------------------------------------------------
+    def _plan(self, x: "Vcpu") -> _Plan | None:
+        """Plan ``x``'s next faults from its position in its chunk (None: none can be planned)."""
+        if not self._plannable:
+            return None
+        mmu = self.vm.mmu
+        pos = x._pos
+        seg = x._chunk[pos:pos + _PLAN_ACCESSES]
+        unmapped = np.flatnonzero(~mmu.mapped_mask(seg))
+        if len(unmapped) == 0:
+            return None
+        g = seg[unmapped]
+        if len(g) < 2 or bool((g[1:] > g[:-1]).all()):
+            fpos = unmapped  # increasing gfns (a sequential pass): each is a first access
+        else:
+            _, first = np.unique(g, return_index=True)
+            fpos = unmapped[np.sort(first)]
+        fg = seg[fpos].astype(np.int64)
+        ss = mmu.slot_of(int(fg[0]))
+        if ss is None or ss.slot.invalid or ss.block.backing != "4k":
+            return None
+        base, end = ss.slot.base_gfn, ss.slot.end_gfn
+        outside = np.flatnonzero((fg < base) | (fg >= end))
+        K = int(outside[0]) if len(outside) else len(fg)
+        if K == 0:
+            return None
+        fpos, fg = fpos[:K], fg[:K]
+        lo, hi = int(fg.min()), int(fg.max())
+        others = [p for v, p in self._plans.items() if v is not x and p.lo <= hi and lo <= p.hi]
+        if others:
+            # another plan's gfn (installed by it, or to be): this vCPU's view of the SPTEs would be stale
+            taken = np.concatenate([p.install.gfns for p in others])
+            clash = np.flatnonzero(np.isin(fg, taken))
+            if len(clash):
+                K = int(clash[0])
+                if K == 0:
+                    return None
+                fpos, fg = fpos[:K], fg[:K]
+                lo, hi = int(fg.min()), int(fg.max())
+        if self._prefetch:
+            # direct_pte_prefetch maps resident, non-present neighbours: the plan needs there to be none
+            starts = np.unique(fg & ~(PTE_PREFETCH_NUM - 1))
+            grp = (starts[:, None] + np.arange(PTE_PREFETCH_NUM)).ravel()
+            grp = grp[(grp >= base) & (grp < end)]
+            b = np.asarray(ss.state[grp - base])
+            if bool((((b & TAG_MASK) != mmu.root_tag) & ((b & HOST_RESIDENT) != 0)).any()):
+                return None
+        plan = mmu.plan_install_4k(ss, fg)
+        if plan is None:
+            return None
+        # the page-table pages each fault would allocate: whether it does is decided when it is under
+        # mmu_lock (another plan's fault may have allocated the page first: _locked_planned)
+        fkeys = [()] * K
+        for lvl, (shift, nf) in plan.new_tables.items():
+            for i, key in zip(nf.tolist(), (fg[nf] >> shift).tolist()):
+                fkeys[i] = fkeys[i] + ((lvl, key),)
+        out = _Plan(ss, plan, (fpos + pos).tolist(), fg.tolist(), plan.resident.tolist(),
+                    plan.ever_mapped.tolist(), fkeys)
+        out.lo, out.hi = lo, hi
+        return out
+
+    def _commit(self, x: "Vcpu", p: _Plan, final: bool) -> None:
+        """Apply the SPTE installs of ``x``'s planned faults done under ``mmu_lock`` since the last commit
+        (as :meth:`desim.mmu.Mmu.make_resident` / ``install`` did for each); ``final``: also the host page
+        of a fault past ``kvm_faultin_pfn``, which the vCPU's own code finishes."""
+        mmu = self.vm.mmu
+        c, k = p.committed, p.locked
+        if k > c:
+            ip = p.install
+            sub = type(ip)(ip.ss, ip.gfns[c:k], ip.state[c:k], ip.resident[c:k], ip.ever_mapped[c:k],
+                           ip.allocated[c:k], {})
+            mmu.commit_install_4k(sub, k - c, tables=False)  # the page-table pages are linked already
+            p.committed = k
+            x._seq = -1  # the vCPU's cached miss list predates these installs
+        if final and p.step == "pending" and not p.resident[k]:
+            mmu.make_resident(p.ss, p.gfns[k], 1)
+
+    def _flush(self, final: bool = False) -> None:
+        """Commit every plan and the records of its faults (before a step that reads the SPTE state or records
+        a fault; ``final``: when the loop ends)."""
+        for x, p in self._plans.items():
+            self._commit(x, p, final)
+        self._flush_records()
+        if final:
+            self._plans.clear()
+
+    def _flush_records(self) -> None:
+        """Append the planned faults' records to the metrics (before a step that records a fault)."""
+        metrics = self.vm.metrics
+        if self._lat:
+            metrics.record_faults(0, {}, np.array(self._start), np.array(self._lat),
+                                  np.array(self._refault, dtype=np.int8))
+            self._lat.clear()
+            self._start.clear()
+            self._refault.clear()
+        if self._stall_lat:
+            sa = self._stall_a
+            a0 = sa[0]
+            metrics.record_access_stalls(np.array(self._stall_start), np.array(self._stall_lat), a0)
+            hits = metrics.hit_ns
+            for a in sa:
+                if a != a0:  # counted against a0 above: move the stall to its own access time
+                    hits[a0] += 1
+                    hits[a] = hits.get(a, 0) - 1
+            self._stall_start.clear()
+            self._stall_lat.clear()
+            sa.clear()
+
+    def _resume_at_top(self, x: "Vcpu", ev: Event) -> None:
+        """Resume ``x``'s process now, at the top of its loop (its step is done), as SimPy would go on with it
+        within the step that processed ``ev``; it runs until it waits again."""
+        env = self.env
+        # the process's code reads and changes the SPTE state and records faults: plans are dropped first
+        self._flush(final=True)
+        x._handback = ("top", None, None)
+        x._wait = None
+        proc = x.proc
+        active = env._active_proc
+        proc._target = ev
+        proc._resume(ev)
+        env._active_proc = active
+
+    def _costs_of(self, x: "Vcpu") -> _Costs:
+        c = self._costs[x] = _Costs(x.P)
+        return c
+
+    def _table_there(self, lk: tuple) -> bool:
+        """Is the page-table page ``lk`` (level, index) there: allocated by another fault since the plans
+        were made (``kvm_tdp_mmu_map`` / ``direct_map`` link a page only where none is)?"""
+        mmu = self.vm.mmu
+        return mmu.pt_tags[lk[0]].get(lk[1]) == mmu.root_tag
+
+    def _clashes(self, gfn: int) -> bool:
+        """Is ``gfn`` one of a plan's faults, or with PTE prefetch one of its neighbours (a plain step on it would
+        change what that plan found)?"""
+        if self._prefetch:
+            start = gfn & ~(PTE_PREFETCH_NUM - 1)
+            return any(g in p.gset for p in self._plans.values() for g in range(start, start + PTE_PREFETCH_NUM))
+        return any(gfn in p.gset for p in self._plans.values())
+
+    # -- planned steps (the same operations as Vcpu._begin_run, _run_end, _faultin, _fault_locked) -------
+    def _begin_planned(self, x: "Vcpu", p: _Plan) -> float:
+        c = self._costs.get(x) or self._costs_of(x)
+        k = p.k
+        miss = p.fpos[k]
+        gfn = p.gfns[k]
+        n = miss - x._pos
+        pre = c.fault_handle() + (c.faultin_resident() if p.resident[k] else c.host_alloc_4k())
+        now = self.env._now
+        carry, x._carry = x._carry, 0.0
+        g0 = now + carry
+        entry, x._entry = (c.vm_entry() if x._entry is None else x._entry), None
+        a = x.access_ns
+        g1 = g0 + entry + n * a
+        if x._stalled_since is not None and n > 0:
+            # Metrics.record_access_stall, appended at the next flush
+            self._stall_start.append(x._stalled_since)
+            self._stall_lat.append(g0 + entry + a - x._stalled_since)
+            self._stall_a.append(a)
+            x._recorded_until = g0 + entry + a  # as Vcpu._begin_run
+            x._stalled_since = None
+        x._g0, x._g1 = g0, g1
+        x._running = True
+        if x._srcu_waiters:
+            x._srcu_unlock_at(g0)
+        exit_ns = c.vm_exit() + pre
+        x._run = (now, carry, g0, entry, g1, n, miss, True, "fault", gfn, exit_ns)
+        p.k = k + 1
+        p.step = "run"
+        return g1 - now + exit_ns
+
+    def _end_planned(self, x: "Vcpu", p: _Plan):
+        """The guest run ends in its planned fault: returns None (done), or ``(event, ctx)`` to wait on."""
+        now, carry, g0, entry, g1, n, miss, faults, stop, gfn, exit_ns = x._run
+        x._running = False
+        m = x.m
+        t = m.time
+        t["host"] += carry + exit_ns
+        t["guest"] += g1 - g0
+        x._pos += n
+        m.accesses += n
+        vm = self.vm
+        hits = vm.metrics.hit_ns
+        hits[x.access_ns] = hits.get(x.access_ns, 0) + n
+        if x._stalled_since is None:
+            x._stalled_since = g1
+        m.stall_ns += exit_ns
+        ctx = (p.ss, gfn, 1, x.root_tag, g1)
+        p.step = "pending"
+        if not p.resident[p.locked]:
+            vm.metrics.host_page_allocs["4k"] += 1
+            t_alloc = self.env._now - self._vmm_alloc()
+            extra = vm.hostmm.first_touch(x.index, t_alloc, 1)
+            if extra > 0:
+                return self.env.timeout(extra), ("host", ctx)
+        return self._acquire_planned(x, p, ctx)
+
+    def _acquire_planned(self, x: "Vcpu", p: _Plan, ctx: tuple):
+        vm = self.vm
+        lock = vm.lock
+        if self._shared and not lock.waiters and not lock.writer:
+            self._read_lock(lock, x)
+        else:
+            ev = lock.acquire(vm.fault_lock_mode, "fault", x)
+            if ev is not None:
+                return ev, ctx
+        self._locked_planned(x, p, ctx, 0.0)
+        return None
+
+    def _read_lock(self, lock: MmuLock, x: "Vcpu") -> None:
+        """``MmuLock.acquire(READ, "fault", x)`` when nobody waits and no writer holds the lock (granted at
+        once): the deferred releases due are applied and the integrals advanced, the same float
+        operations in the same order as ``_catch_up``, ``_advance`` and ``_grant``."""
+        now = self.env._now
+        pend = lock._pending
+        last = lock._last_t
+        area = lock._area_holders
+        readers = lock.readers
+        while pend and pend[0][0] <= now:
+            t, _, token = heappop(pend)
+            dt = t - last
+            if dt:
+                area += dt * readers  # no writer, no waiter: _area_waiters += dt * 0 changes nothing
+                last = t
+            since, role = lock._hold_since.pop(token)
+            lock._role(role).hold_ns += t - since
+            readers -= 1
+        dt = now - last
+        if dt:
+            area += dt * readers
+            last = now
+        lock._last_t = last
+        lock._area_holders = area
+        lock.readers = readers + 1
+        lock._hold_since[x] = (now, "fault")
+        lock._role("fault").acquisitions += 1
+
+    def _locked_planned(self, x: "Vcpu", p: _Plan, ctx: tuple, handoff: float) -> None:
+        vm = self.vm
+        c = self._costs.get(x) or self._costs_of(x)
+        metrics = vm.metrics
+        k = p.locked
+        allocated = 0
+        for lk in p.fkeys[k]:
+            if self._table_there(lk):
+                self.shared_tables += 1
+            else:
+                # link the page-table page now, as Mmu.install does (the leaves are committed later)
+                mmu = vm.mmu
+                mmu.pt_tags[lk[0]][lk[1]] = mmu.root_tag
+                mmu.present_pt_level[lk[0]] += 1
+                mmu.present_pt += 1
+                allocated += 1
+        metrics.sptes_installed += 1
+        metrics.pt_pages_allocated += allocated
+        hold = c.spte_install() + allocated * c.pt_page_alloc + 0 * c.prefetch_spte
+        hold += handoff
+        if hold:
+            lock = vm.lock
+            if self._shared and not lock.waiters and not (lock._pending and lock._pending[0][0] <= self.env._now):
+                # MmuLock.release_after with nobody waiting: a deferred release
+                lock._seq += 1
+                heappush(lock._pending, (self.env._now + hold, lock._seq, x))
+            else:
+                lock.release_after(x, hold)
+            x._carry = hold
+            x.m.stall_ns += hold
+        else:
+            vm.lock.release(x)
+        now = self.env._now
+        x._entry = entry = c.vm_entry()
+        start = ctx[4]
+        # Metrics.record_fault: counted now, the samples appended at the next flush
+        ever = p.ever[k]
+        x.m.faults["after_zap" if ever else "first_touch"] += 1
+        self._lat.append(now + hold + entry - start)
+        self._start.append(start)
+        self._refault.append(1 if ever else 0)
+        p.locked = k + 1
+        p.step = "idle"
+        self.planned += 1
+
+    # -- the loop ------------------------------------------------------------------
+    def _begin(self, x: "Vcpu") -> float:
+        """``x``'s next guest run, planned if it can be, else the plain way (after committing the plans)."""
+        plans = self._plans
+        p = plans.get(x)
+        if p is not None and p.k < len(p.fpos):
+            return self._begin_planned(x, p)
+        skip = self._skip.get(x, 0)
+        if skip:
+            self._skip[x] = skip - 1
+            if p is not None:
+                self._commit(x, p, False)
+                del plans[x]
+        else:
+            p = self._replan(x)
+            if p is not None and len(p.fpos) >= _PLAN_MIN:
+                self._misses_of.pop(x, None)
+                return self._begin_planned(x, p)
+            # few or no faults ahead (a guest run without faults, hits): plan again later
+            m = self._misses_of[x] = min(2 * self._misses_of.get(x, 0) + 1, _BACKOFF_MAX)
+            self._skip[x] = m
+            if p is not None:
+                return self._begin_planned(x, p)
+        self._flush()
+        return x._begin_run()
+
+    def _replan(self, x: "Vcpu") -> _Plan | None:
+        """A new plan for ``x`` from where it is (its old plan committed and dropped)."""
+        plans = self._plans
+        old = plans.pop(x, None)
+        if old is not None:
+            self._commit(x, old, False)
+        p = self._plan(x)
+        if p is not None:
+            plans[x] = p
+        return p
+
+    def run(self, x0: "Vcpu") -> Event | None:
+        """Called by ``x0`` at the top of its loop, before it begins a guest run. None when the head of the
+        queue is not a vCPU's step (``x0`` goes on by itself); else the loop has begun ``x0``'s guest run,
+        taken every vCPU step at the head of the queue, and returns the event ``x0`` must wait on."""
+        env = self.env
+        queue = env._queue
+        vm = self.vm
+        if self._active or not env._last_callback or not queue:
+            self._missed()
+            return None
+        procs = self._procs
+        if procs is None:
+            procs = self._procs = {id(v.proc): v for v in vm.vcpus}
+        # worth it only if the next event is another vCPU's step
+        # (a cheap check, made at every loop top: no backoff for it)
+        head = queue[0][3]
+        cbs = head.callbacks
+        if not cbs or len(cbs) != 1:
+            return None
+        x = procs.get(id(getattr(cbs[0], "__self__", None)))
+        if x is None or x is x0 or self._state(x, head) is None:
+            return None
+        mmu = vm.mmu
+        lock = vm.lock
+        eid = env._eid
+        plans = self._plans
+        self._active = True
+        # x0's guest run begins now, as its own loop would begin it
+        ev = Event(env)
+        ev._ok, ev._value = True, None
+        delay = self._begin(x0)
+        heappush(queue, (env._now + delay, NORMAL, next(eid), ev))
+        owned = {ev: x0}  # pending event -> the vCPU that waits on it
+        state = {x0: ("run", None, None, ev)}  # vCPU -> (kind, t0, ctx, pending event)
+        steps = 0
+        while queue:
+            t, _, _, ev = queue[0]
+            x = owned.get(ev)
+            if x is None:
+                cbs = ev.callbacks
+                if not cbs or len(cbs) != 1:
+                    break
+                cb = cbs[0]
+                owner = getattr(cb, "__self__", None)
+                if owner is lock and cb.__func__ in _LOCK_CALLBACKS:
+                    heappop(queue)
+                    env._now = t
+                    ev.callbacks = None
+                    cb(ev)
+                    continue
+                x = procs.get(id(owner))
+                if x is None:
+                    break
+                st = self._state(x, ev)
+                if st is None:
+                    break
+                kind, t0, ctx = st
+                fresh = True
+            else:
+                kind, t0, ctx, _ = state[x]
+                fresh = False
+            # the step and the guest run after it must be plain: nothing pending for the vCPU
+            if x.requests or x.root_tag != mmu.root_tag or x._srcu_waiters:
+                break
+            p = plans.get(x)
+            if kind == "run":
+                if p is None or p.step != "run":
+                    r = x._run
+                    if r[8] != "fault":
+                        break  # a CR3 or guest page-table write (shadow paging: never here)
+                    if not r[7]:
+                        # the run ends at its chunk's end, without a fault: what comes next (the next chunk,
+                        # a pause, the end of the stream) is the process's own code, resumed right away
+                        if x is x0:
+                            break
+                        heappop(queue)
+                        env._now = t
+                        ev.callbacks = None
+                        if not fresh:
+                            del owned[ev]
+                            del state[x]
+                        x._handback = None
+                        if x._run_end() is not None:  # pragma: no cover (a run without a fault)
+                            raise AssertionError("a guest run without a fault must not wait")
+                        self._resume_at_top(x, ev)
+                        steps += 1
+                        continue
+                    ss = mmu.slot_of(r[9])
+                    if ss is None or ss.slot.invalid:
+                        break  # MMIO, or RET_PF_RETRY on an INVALID slot
+                    # a guest run begun the plain way: plan from its fault on if the plan finds that fault
+                    tried = (p is None or p.step == "idle") and not self._skip.get(x)
+                    p = self._replan(x) if tried else None
+                    if p is not None and p.fpos[0] == r[6] and p.gfns[0] == r[9]:
+                        p.k = 1
+                        p.step = "run"
+                    else:
+                        if tried and p is None:
+                            # nothing to plan here: plan again later (Cohort._begin)
+                            self._skip[x] = self._misses_of[x] = min(2 * self._misses_of.get(x, 0) + 1, _BACKOFF_MAX)
+                        p = None
+                        if self._clashes(r[9]):
+                            break
+            elif p is None or p.step != "pending":
+                p = None
+                if self._clashes(ctx[1][1] if kind == "host" else ctx[1]):
+                    break
+            # take it, as Environment.step would: the clock, the event processed, the vCPU's code
+            heappop(queue)
+            env._now = t
+            ev.callbacks = None
+            if fresh:
+                x._handback = None
+            else:
+                del owned[ev]
+            if p is not None:
+                if kind == "run":
+                    res = self._end_planned(x, p)
+                else:
+                    x.m.stall_ns += t - t0
+                    x.m.time["host"] += t - t0
+                    if kind == "host":
+                        res = self._acquire_planned(x, p, ctx[1])
+                    else:
+                        self._locked_planned(x, p, ctx, ev._value)
+                        res = None
+            else:
+                if self._lat or self._stall_lat:
+                    self._flush_records()  # the plain path records in order
+                if kind == "run":
+                    res = x._run_end()
+                else:
+                    x.m.stall_ns += t - t0
+                    x.m.time["host"] += t - t0
+                    if kind == "host":
+                        res = x._fault_acquire(ctx[1])
+                    else:
+                        x._fault_locked(ctx, ev._value)
+                        res = None
+            steps += 1
+            if res is None:
+                # the top of Vcpu.run's loop: nothing pending (checked above), the next guest run begins
+                nev = Event(env)
+                nev._ok, nev._value = True, None
+                delay = self._begin(x)
+                heappush(queue, (env._now + delay, NORMAL, next(eid), nev))
+                owned[nev] = x
+                state[x] = ("run", None, None, nev)
+            else:
+                nev, nctx = res
+                owned[nev] = x
+                state[x] = ("host" if nctx[0] == "host" else "lock", env._now, nctx, nev)
+        self._flush(final=True)
+        self._active = False
+        # hand every vCPU back to its process, waiting on its pending event in the state it is in
+        for x, (kind, t0, ctx, ev) in state.items():
+            x._handback = (kind, t0, ctx)
+            x._wait, x._wait_ctx = ev, None
+            if x is not x0:
+                ev.callbacks.append(x.proc._resume)
+                x.proc._target = ev
+        self.steps += steps
+        if steps > len(state):
+            self._misses = 0
+            self.runs += 1
+        else:
+            self._missed()
+        return state[x0][3]
+
+
+__all__ = ["Cohort"]
