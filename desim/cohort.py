@@ -328,6 +328,7 @@ class Cohort:
             self._stall_start.append(x._stalled_since)
             self._stall_lat.append(g0 + entry + a - x._stalled_since)
             self._stall_a.append(a)
+            x._recorded_until = g0 + entry + a  # as Vcpu._begin_run
             x._stalled_since = None
         x._g0, x._g1 = g0, g1
         x._running = True

@@ -183,7 +183,8 @@ class FaultRun:
                     d.i += 1
             v._carry = 0.0
             if v._stalled_since is not None and n > 0:
-                v.vm.metrics.record_access_stall(v._stalled_since, g0 + entry + v.access_ns - v._stalled_since,
+                v._recorded_until = g0 + entry + v.access_ns  # as Vcpu._begin_run
+                v.vm.metrics.record_access_stall(v._stalled_since, v._recorded_until - v._stalled_since,
                                                  v.access_ns)
                 v._stalled_since = None
             v._g0, v._g1 = g0, g1

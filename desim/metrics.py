@@ -38,11 +38,13 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from .errors import DesimInputError
 from . import quantiles
+from .hitdist import hit_points, mixture_percentiles
 from .quantiles import LatencySamples, LogSketch, TimeHistogram
 
 SPILL_BATCH = 1 << 16  # once sketched, samples are folded in batches of this many
@@ -156,6 +158,9 @@ class Metrics:
     # (access_stall, access_stall_time); every other access took its touch's access_ns (hits, counted
     # by access_ns in hit_ns)
     hit_ns: dict[float, int] = field(default_factory=dict)
+    # the shape of a hit's latency around its access_ns (the scenario's access_dist, None with costs = "mean"):
+    # read by the statistics only (desim/hitdist.py)
+    hit_dist: Any = None
     completion_ns: float = 0.0
 
     def __post_init__(self) -> None:
@@ -289,15 +294,22 @@ class Metrics:
                 + len(self._fault_is_refault) + 8 * len(self._stall_time) + hists)
 
     def access_latency_percentiles(self, qs: tuple[float, ...] = (50, 90, 99, 99.9)) -> list[float]:
-        """Percentiles of per-access latency: hits at their access_ns, stalled accesses as recorded."""
+        """Percentiles of per-access latency: hits at their access_ns (or drawn from ``hit_dist`` around it,
+        desim/hitdist.py), stalled accesses as recorded."""
         if not self._stall_lat.exact:
             sk = LogSketch(self._stall_lat.sketch.alpha)
             sk.merge(self._stall_lat.sketch)
             sk.add_many(np.frombuffer(self._stall_buf, dtype=np.float64))
             for v, c in self.hit_ns.items():
-                sk.add_weighted(v, max(c, 0))
+                if self.hit_dist is None:
+                    sk.add_weighted(v, max(c, 0))
+                else:
+                    for hv, hc in zip(*hit_points(max(c, 0), self.hit_dist, v)):
+                        sk.add_weighted(float(hv), int(hc))
             return sk.quantiles([q / 100 for q in qs])
         stalls = np.frombuffer(self.access_stall, dtype=np.float64)
+        if self.hit_dist is not None:
+            return mixture_percentiles({v: max(c, 0) for v, c in self.hit_ns.items()}, self.hit_dist, stalls, qs)
         hv = np.array(sorted(self.hit_ns), dtype=np.float64)
         hc = np.array([max(self.hit_ns[k], 0) for k in sorted(self.hit_ns)], dtype=np.int64)
         values = np.concatenate([hv, np.sort(stalls)])

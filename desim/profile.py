@@ -220,6 +220,22 @@ class Kernel(BaseModel):
         return self
 
 
+class Harness(BaseModel):
+    """What ``desim calibrate`` measured of the ``desim kvm`` harness's own guest on this host (``[harness]``).
+
+    Not a host cost and never read by the simulator's model: a workload
+    property of the harness (its timed guest touches a new 4 KiB page at
+    every access), kept with the profile it was calibrated with so that
+    ``desim validate`` (:mod:`desim.kvm.simbridge`) can give it to the
+    validation scenarios."""
+
+    model_config = ConfigDict(**INPUT_MODEL_CONFIG, frozen=True)
+    access_dist: Dist | None = None
+    """The shape of the harness guest's hits (rdtsc in the guest) on 4 KiB host pages, the validation scenarios' ``access_dist`` (desim/hitdist.py)."""
+    access_dist_thp: Dist | None = None
+    """The same with 2 MiB guest pages on host THP (fewer TLB misses), for the scenarios with ``host_thp``."""
+
+
 class HostProfile(BaseModel):
     """Costs (ns) and kernel configuration of one host."""
 
@@ -228,6 +244,7 @@ class HostProfile(BaseModel):
     description: str = ""
     kernel: Kernel
     costs: dict[str, Cost]
+    harness: Harness = Field(default_factory=Harness)
 
     @field_validator("costs")
     @classmethod

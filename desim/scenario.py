@@ -43,7 +43,7 @@ from .errors import DesimInputError
 from .inputfiles import MAX_TOML_BYTES, parse_toml, read_text
 from .limits import KVM_ADDRESS_SPACE_NUM, KVM_MEM_MAX_NR_PAGES, check_memslot, guest_phys_bits
 from .memslot import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, MemslotOp, MrChange, PAGE_SIZE
-from .profile import HostProfile, load_profile
+from .profile import Dist, HostProfile, load_profile
 from .validation import INPUT_MODEL_CONFIG, format_validation_error
 from .zap import ZAP_POLICIES, policy_from_zap_control
 
@@ -454,6 +454,8 @@ class Scenario(_Model):
     """Simulated time after which the run is refused as unfinished."""
     costs: Literal["sampled", "mean"] = "sampled"
     """Costs with a distribution (``dist`` in the profile) are drawn per event (``sampled``, from named streams: ``desim/costs.py``), or every cost is its mean (``mean``: the constant-cost model)."""
+    access_dist: Dist | None = None
+    """The shape of a hit's latency (an access that neither faults nor stalls: the guest's own TLB and cache misses, host interrupts), as a profile cost's ``dist``: ``kind = "quantiles"`` with ``p`` and ``ns``, or ``"lognormal"`` with ``sigma``; scaled so that its mean is each touch's ``access_ns``. Only the per-access latency statistics read it (``desim/hitdist.py``); every time and count is as without it. Unset, or ``costs = "mean"``: every hit takes ``access_ns``."""
 
     @field_validator("zap_control")
     @classmethod

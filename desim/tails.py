@@ -13,7 +13,8 @@ replications:
   - ``fault``: every fault's latency (VM exit to VM entry), all of the run,
     per phase (by the fault's start) and during DELETE/MOVE ioctls;
   - ``access``: per-access latency, as the real guest measures it with rdtsc:
-    hits at their touch's ``access_ns`` plus every access that stalled (a
+    hits at their touch's ``access_ns`` (or distributed as the scenario's
+    ``access_dist`` around it, :mod:`desim.hitdist`) plus every access that stalled (a
     fault, RET_PF_RETRY while the slot is INVALID, a kick) from its start to
     its completion after re-entry; per phase and during DELETE/MOVE only the
     stalled accesses (hits carry no time stamp).
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .hitdist import hit_histogram
 from .stats import t_ci
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -114,7 +116,11 @@ def latency_histograms(m: "Metrics") -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {"fault/all": _hist(fl)}
     hv = np.array(list(m.hit_ns), dtype=np.float64)
     hc = np.array([max(c, 0) for c in m.hit_ns.values()], dtype=np.float64)
-    out["access/all"] = _hist(sl) + (_hist(hv, hc) if len(hv) else 0.0)
+    if m.hit_dist is not None:  # each hit drawn from the scenario's access_dist (desim/hitdist.py)
+        hits = hit_histogram({v: max(c, 0) for v, c in m.hit_ns.items()}, m.hit_dist, LAT_EDGES)
+    else:
+        hits = _hist(hv, hc) if len(hv) else 0.0
+    out["access/all"] = _hist(sl) + hits
     start = 0.0
     for name, end in m.phase_end_ns.items():
         out[f"fault/phase:{name}"] = _hist(fl[(ft >= start) & (ft < end)])

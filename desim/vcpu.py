@@ -93,6 +93,8 @@ class Vcpu:
         self.P = vm.costs.view(f"vcpu{index}")  # this vCPU's costs (desim.costs: own streams, CRN)
         self._entry: float | None = None  # the next VM entry's cost when a fault already counted it
         self._stalled_since: float | None = None  # start of the access that is stalled in the host
+        # the recorded completion of the stalled access that began the current guest run (0: none)
+        self._recorded_until = 0.0
         self.mode = HALTED
         self._mode_since = 0.0
         self.requests = 0
@@ -370,8 +372,9 @@ class Vcpu:
         g1 = g0 + entry + n * self.access_ns
         if self._stalled_since is not None and n > 0:
             # the stalled access completes as the first access of this guest run
-            vm.metrics.record_access_stall(self._stalled_since, g0 + entry + self.access_ns
-                                           - self._stalled_since, self.access_ns)
+            self._recorded_until = g0 + entry + self.access_ns
+            vm.metrics.record_access_stall(self._stalled_since, self._recorded_until - self._stalled_since,
+                                           self.access_ns)
             self._stalled_since = None
         self._g0, self._g1 = g0, g1
         self._running = True
@@ -396,8 +399,11 @@ class Vcpu:
             return
         done = int((t - g0 - entry) // self.access_ns) if self.access_ns else n
         self._consume(min(max(done, 0), n))
-        if self._stalled_since is None:
-            self._stalled_since = t  # the access in flight waits for the IPI's exit and re-entry
+        if self._stalled_since is None and t >= self._recorded_until:
+            # the access in flight waits for the IPI's exit and re-entry (unless it is the one whose
+            # stall was recorded at this run's start, up to its planned completion: a kick before that
+            # completion is not added to it, rather than recorded as a second, overlapping stall)
+            self._stalled_since = t
         self._account(carry, t - g0, 0.0)
         # IPI delivery and the VM exit it causes; the exit acks the sender
         yield env.timeout(P.ipi_ack)

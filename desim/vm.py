@@ -71,6 +71,8 @@ class Vm:
         self.policy_name = policy
         self.policy = make_policy(policy)
         self.metrics = Metrics(scenario.vm.vcpus)
+        # the hits' latency shape, read by the statistics only (desim/hitdist.py); none with costs = "mean"
+        self.metrics.hit_dist = scenario.access_dist if scenario.costs == "sampled" else None
         self.lock = MmuLock(self.env, kind=k.lock, preemption=k.needbreak_on_contention,
                             handoff_ns=self.costs.mean("lock_handoff"))
         self.need_resched = NeedResched.from_kernel(k)

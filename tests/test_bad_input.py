@@ -107,6 +107,7 @@ def _one_line(rc: int, err: str) -> None:
     (["--set", "phases.0.vcpus=3"], "phases.0.vcpus: 3 but the VM has 2"),
     (["--set", "phases.-1.name=x"], "negative indices are not accepted"),
     (["--set", "phases.0.vcpus=true"], "must be an integer"),
+    (["--set", "access_dist.kind=lognormal"], "access_dist: kind = 'lognormal' needs sigma"),
     (["--set", 'vm.memslots.0.prealloc="yes"'], "must be true or false"),
     (["--set", 'zap_control="1"'], "zap_control: must be an integer"),
     (["--set", "vm.memslots.0.size=8388608.0"], "vm.memslots.0.size"),

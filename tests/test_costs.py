@@ -112,7 +112,8 @@ def test_a_run_with_sampled_costs_is_bit_identical_for_a_seed_and_has_a_spread()
 
 def test_mean_mode_is_the_constant_cost_model():
     m = run_scenario(_sc("mean"), "fast", seed=4).metrics
-    assert m["fault_latency_p50_ns"] == m["fault_latency_p90_ns"]  # one vCPU-path cost per kind of fault
+    # one vCPU-path cost per kind of fault (up to the rounding of end - start at different times)
+    assert m["fault_latency_p50_ns"] == pytest.approx(m["fault_latency_p90_ns"], rel=1e-12)
     prof = load_profile("shadow-pvm")
     stripped = HostProfile.model_validate({**prof.model_dump(), "costs": {
         k: {kk: vv for kk, vv in c.items() if kk != "dist"} for k, c in prof.model_dump()["costs"].items()}})

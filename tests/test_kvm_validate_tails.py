@@ -56,7 +56,7 @@ def test_rows_compare_pooled_percentiles_against_targets(monkeypatch, tmp_path):
                 "during_op": np.zeros(0), "longest_stall": 50_000.0}
     monkeypatch.setattr("desim.kvm.validate_tails.sim_latency", fake_sim)
     real = [{p: [_run(4000, 3000, 20, 50_000), _run(4000, 3000, 20, 60_000)] for p in ("fast", "targeted")}]
-    rows = tail_rows([sc], real, "shadow-pvm")
+    rows = tail_rows([sc], real, "legacy-2020")  # a profile without [harness]: hits at their mean
     by = {(r["policy"], r["class"], r["stat"]): r for r in rows}
     assert by[("fast", "first_touch", "p50")]["within"]
     assert not by[("fast", "refault", "p50")]["within"] and by[("fast", "refault", "p50")]["rel_error"] > 1.5
@@ -70,7 +70,7 @@ def test_rows_compare_pooled_percentiles_against_targets(monkeypatch, tmp_path):
     # what misses says why: here the re-faults' body (the fault path fitted in another session)
     why = tails_why(rows)
     assert any("refault p50" in w and "another session" in w for w in why)
-    assert not any("hits take" in w for w in why)  # the hit rows are within target here
+    assert not any("hits are drawn" in w for w in why)  # the hit rows are within target here
     plot_validation_tails(rows, tmp_path / "t.png", notes=why)
     assert (tmp_path / "t.png").stat().st_size > 1000
 
@@ -81,3 +81,36 @@ def test_validate_tail_options_are_checked_before_any_vm(args, msg, capsys):
     assert main(["validate", *args]) == 2
     err = capsys.readouterr().err
     assert msg in err and err.count("\n") == 1
+
+
+def test_simulated_hits_follow_the_profiles_harness_shape(monkeypatch, tmp_path):
+    """The hit rows: the shape calibrate measured of the harness's guest (the profile's [harness]
+    access_dist) at the scenario's mean hit; the mirrored scenario carries it as its access_dist."""
+    from importlib import resources
+
+    from desim.hitdist import shape_percentiles
+    from desim.kvm.simbridge import to_sim
+
+    base = resources.files("desim.profiles").joinpath("shadow-pvm.toml").read_text()
+    base = base.split("\n[harness]")[0]  # this test's own shape, whatever the shipped profile has
+    prof = tmp_path / "p.toml"
+    prof.write_text(base + '\n[harness]\naccess_dist = { kind = "quantiles", p = [0.0, 0.5, 0.9, 0.99, 1.0], '
+                    'ns = [30.0, 45.0, 55.0, 250.0, 700.0] }\n')
+    sc = replace(named("outside"), name="fake", ram_mib=16, vcpus=1)
+    shape = to_sim(sc, str(prof)).access_dist
+    assert shape is not None and shape.ns[3] == 250.0
+    assert to_sim(sc, "legacy-2020").access_dist is None  # no [harness]: every hit takes access_ns
+    assert to_sim(replace(named("thp"), ram_mib=16, vcpus=1), str(prof)).access_dist is None  # no THP shape here
+    monkeypatch.setattr("desim.kvm.validate_tails.sim_latency",
+                        lambda *a, **k: {"first_touch": np.full(3000, 5000.0), "refault": np.full(3000, 9000.0),
+                                         "during_op": np.zeros(0), "longest_stall": 1.0})
+    rng = np.random.default_rng(3)
+    real_hits = np.interp(rng.random(5000), [0.0, 0.5, 0.9, 0.99, 1.0], [30.0, 45.0, 55.0, 250.0, 700.0])
+    runs = [_run(5000, 9000, 50, 1.0) for _ in range(2)]
+    for r in runs:
+        r.samples["hit"] = real_hits
+    rows = tail_rows([sc], [{p: runs for p in ("fast", "targeted")}], str(prof))
+    hit = {r["stat"]: r for r in rows if r["class"] == "hit" and r["policy"] == "fast"}
+    want = shape_percentiles(shape, float(real_hits.mean()))
+    assert [hit[s]["sim"] for s in ("p50", "p90", "p99", "p99.9")] == pytest.approx(want)
+    assert all(hit[s]["within"] for s in ("p50", "p90", "p99", "p99.9"))

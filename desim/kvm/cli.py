@@ -194,12 +194,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for k, v in cal.costs.items():
         lo, hi = cal.ci95.get(k, (v, v))
         print(f"  {k:18s} {v:12.1f} [{lo:10.1f}, {hi:10.1f}]  {cal.sources.get(k, 'kept from ' + base.name)}")
-    for k, d in cal.dists.items():
+    for k, d in list(cal.dists.items()) + [(f"hit ({k})", d) for k, d in cal.harness.items()]:
         q = dict(zip(d["p"], d["ns"]))
         ci = d.get("ci95_ns")
         p99 = f" [{ci[d['p'].index(0.99)][0]:.0f}, {ci[d['p'].index(0.99)][1]:.0f}]" if ci else ""
+        scaled = "each scenario's access_ns" if k.startswith("hit") else "the mean above"
         print(f"  {k:18s} shape: p50 {q[0.5]:.0f}, p90 {q[0.9]:.0f}, p99 {q[0.99]:.0f}{p99}, p99.9 {q[0.999]:.0f} ns "
-              f"(scaled to the mean above)")
+              f"(scaled to {scaled})")
     for w in cal.warnings:
         print(f"warning: host timing drifted during calibration: {w}", file=sys.stderr)
     if cal.warnings:

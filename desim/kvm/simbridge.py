@@ -17,7 +17,10 @@ slot per phase, so each touch phase becomes one phase per touched slot
 (``populate:1``, ``populate:2``, ...), summed back by :func:`sim_metrics`.
 :func:`sim_metrics` returns the harness's metric names
 (:data:`desim.kvm.measure.METRICS`) from a simulator run, so real and
-simulated runs can be compared metric by metric. Each touch phase starts
+simulated runs can be compared metric by metric. The hits' latency shape is
+the profile's ``[harness] access_dist`` (what ``desim calibrate`` measured of
+this harness's guest, :func:`harness_access_dist`), the mirrored scenario's
+``access_dist`` (:mod:`desim.hitdist`). Each touch phase starts
 with the guest's code page (``:code``: one first-touch fault, and the
 prefetch of its neighbours, the page tables the VMM wrote). Not modelled:
 ``accessed=False`` (the simulator takes "was ever mapped" for the guest
@@ -46,6 +49,7 @@ def to_sim(sc: KvmScenario, profile: str = "shadow-pvm", access_ns: float = 30.0
     target = lay.slot(lay.target_slot)
     touched = [s for s in lay.slots if s.touched]
     backing = {"backing": "thp" if sc.host_thp else "4k"}
+    hit_shape = harness_access_dist(profile, sc.host_thp)
     phases: list[dict[str, Any]] = []
     for name in ("populate", "warm", "op", "retouch"):
         if name == "op":
@@ -73,8 +77,19 @@ def to_sim(sc: KvmScenario, profile: str = "shadow-pvm", access_ns: float = 30.0
         "policy": sc.policy,
         "vm": {"vcpus": sc.vcpus, "memslots": [_memslot(s) for s in lay.slots]},
         "phases": phases,
+        "access_dist": hit_shape.model_dump(exclude_none=True) if hit_shape is not None else None,
     }
     return validate_scenario(data, f"kvm scenario {sc.name} (simulated)")
+
+
+def harness_access_dist(profile: str, host_thp: bool = False) -> Any:
+    """The shape of the harness guest's hits that ``desim calibrate`` measured with ``profile``
+    (its ``[harness] access_dist``, or ``access_dist_thp`` on host THP), or None: the mirrored
+    scenario's ``access_dist``."""
+    from desim.profile import load_profile
+
+    h = load_profile(profile).harness
+    return h.access_dist_thp if host_thp else h.access_dist
 
 
 def _memslot(plan: Any) -> dict[str, Any]:

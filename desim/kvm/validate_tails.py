@@ -17,37 +17,64 @@ for the longest stall. A class with fewer than :data:`MIN_SAMPLES` samples on
 either side gives no percentile row beyond what its size supports (a p99.9
 needs 1000 samples).
 
-Hits are not given a distribution, on purpose: the simulator's hits all take
-the scenario's ``access_ns`` (the mean of the real hits), so ``hit`` rows
-beyond p50 show what the model leaves out, and they are reported, not hidden.
-The real spread of a hit (p50 ~20-60 ns, p99/p99.9 300-500 ns on these hosts)
-is the guest's own work and the host's noise: the harness's guest touches a
-new 4 KiB page at every access, so each hit can miss the TLB and walk the
-(shadowed) guest page tables and miss the caches, and a host interrupt (the
-250 Hz tick, a neighbour's IPI) lands on whatever access is running. None of
-it depends on the zap policy, which is what the simulator compares; both
-policies' hits would draw the same numbers under common random numbers, so
-no ratio would change. The simulator charges a touch's hits as one sum
-(``access_ns`` times the count, :mod:`desim.vcpu`), whose relative spread
-shrinks as 1/sqrt(count) like the per-unit costs of :mod:`desim.costs`, so
-drawing each hit would cost a draw per access in every engine for no change
-in any timing. And a hit's shape belongs to the workload (its access pattern,
-the guest's page size), not to the host profile, so it has no place among a
-profile's costs.
+Hits (``hit``: the warm pass, every access a new 4 KiB page and no fault):
+the simulator charges each hit the scenario's ``access_ns`` (here the mean of
+the real hits) as one sum per run of hits, so no timing depends on a hit's
+spread, and no draw is made per access; their latency *distribution* is the
+scenario's ``access_dist`` (:mod:`desim.hitdist`), which the statistics fold
+in exactly. For validation it is the shape ``desim calibrate`` measured of
+this harness's own guest on calibration scenario A's warm passes (the
+profile's ``[harness] access_dist``; the validation scenarios' own hits give
+only the mean), so the ``hit`` rows test a shape fitted elsewhere. The spread
+(p50 ~45 ns, p99 ~250 ns, p99.9 ~450 ns here) is the guest's own work and the
+host's noise: each hit can miss the TLB and walk the shadowed guest page
+tables, miss the caches, or take a host interrupt. It does not depend on the
+zap policy, and it is the workload's, not the host profile's costs: a
+scenario gives it (or not) next to its ``access_ns``. The guest's clock
+advances in 10 ns steps here (24.5 TSC cycles), so the real p50 reads 40 or
+50 ns depending on which side of 50% a run's 4-step hits fall: the fitted
+shape spreads each reading over its step (:func:`desim.kvm.fitdist.dequantize`)
+and the simulated median is ~45 ns, within 20% of both.
 
 The stalls during the op (``during_op``, ``longest``) depend on the host's
-scheduler as much as on KVM, and are only comparable on an otherwise idle
-host: a vCPU spinning on ``mmu_lock`` is on its CPU, so its run-queue wait
-does not show the spin, but on a loaded host a pass's run-queue wait covers
-it and :func:`desim.kvm.latency.not_preempted` drops it (the filtered
-longest stall of a fast zap then reads 0-150 us where the vCPU spun for the
-whole zap, milliseconds: see :mod:`desim.zap`), so the ``longest`` row takes
-every access, preempted or not (on a loaded host it then also carries
-neighbours' preemptions, and reads long); and a vCPU thread preempted by the
-VMM thread itself (more runnable threads than CPUs, or a neighbour on the
-other CPU) stalls 0.1-3 ms while a targeted DELETE runs, which no KVM
-mechanism explains (the kernel's part, one kick per memslot swap, costs a
-vCPU ~1.5 us: ``kvm_arch_memslots_updated`` in :mod:`desim.vmm`).
+scheduler as much as on KVM. A fast zap: a vCPU that needs ``mmu_lock`` (a
+fault, or freeing its obsolete root after the kick) spins through the zap
+(``kvm_zap_obsolete_pages`` never yields to a waiter on a ``preempt=none``
+6.11+ kernel, :mod:`desim.zap`), which the model has; a spinning vCPU is on its
+CPU, so the run-queue filter (:func:`desim.kvm.latency.not_preempted`) cannot
+see its spin and the ``longest`` row takes every access, preempted or not. A
+targeted DELETE/MOVE of a slot the guest does not touch, traced on an idle
+host with ftrace events (``sched_switch``, ``sched_wakeup``, ``ipi_send_cpu``,
+``reschedule_entry``, ``workqueue_execute_start``; one vCPU, 2 CPUs): each of
+its two memslot swaps (``kvm_invalidate_memslot``, then ``kvm_delete_memslot``
+or ``kvm_move_memslot``, each through ``kvm_swap_active_memslots``) reaches
+the running vCPU in up to two ways:
+
+1. ``kvm_arch_memslots_updated`` -> ``kvm_vcpu_kick``: a reschedule IPI. The
+   guest loses 10-25 us per kick, nearly all of it the outer hypervisor's
+   IPI delivery on these nested machines (``ipi_send_cpu`` to the target's
+   ``reschedule_entry``: 21-36 us in the trace), against ~1 us on bare
+   metal. Modelled: the kicked access pays ``ipi_ack`` (+ re-entry), which
+   ``desim calibrate`` measures from these stalls
+   (:func:`desim.kvm.fitdist.fit_ipi_ack`).
+2. ``synchronize_srcu_expedited(&kvm->srcu)``: while an ``srcu_struct`` is
+   small (it grows only under contention), SRCU queues every waiter's callback
+   on the *boot CPU's* ``srcu_data`` (``srcu_gp_start_if_needed``:
+   ``ss_state < SRCU_SIZE_WAIT_CALL`` -> ``get_boot_cpu_id()``,
+   kernel/rcu/srcutree.c) and ``srcu_schedule_cbs_sdp`` runs
+   ``srcu_invoke_callbacks`` in a kworker bound to that CPU. If the vCPU
+   thread runs on CPU 0, the kworker's wakeup preempts it
+   (``wakeup_preempt``'s reschedule IPI, then ``srcu_invoke_callbacks`` waking
+   the VMM on the other CPU, then the switch back): 50-120 us of guest time
+   per swap, most of it on the pass's run queue. Not modelled: which CPU a
+   vCPU thread runs on is the host scheduler's choice (with one vCPU on two
+   CPUs either one; the row's median of 3 runs is one or the other), so the
+   targeted ``longest`` row reads ~20 us (the kicks) or 50-120 us.
+
+With two vCPUs (three runnable threads on two CPUs) a vCPU thread also
+shares its CPU with the VMM thread, which runs the DELETE between them:
+130-940 us, neither modelled (``competing_task`` only gives the zapping
+thread a competitor, :func:`desim.kvm.simbridge.during_competing_task`).
 """
 from __future__ import annotations
 
@@ -60,7 +87,8 @@ from desim.kvm.latency import TimedRun, run_timed
 from desim.kvm.measure import check_resources
 from desim.kvm.machine import install_kick_handler
 from desim.kvm.scenario import POLICIES, KvmScenario
-from desim.kvm.simbridge import sim_latency
+from desim.hitdist import shape_percentiles
+from desim.kvm.simbridge import harness_access_dist, sim_latency
 from desim.kvm.vm import Kvm
 
 CLASSES = ("first_touch", "refault", "during_op", "hit")
@@ -105,6 +133,7 @@ def tail_rows(scenarios: list[KvmScenario], real: list[dict[str, list[TimedRun]]
               replications: int = 1, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for sc, by_pol in zip(scenarios, real):
+        hit_shape = harness_access_dist(profile, sc.host_thp)
         for pol in POLICIES:
             runs = by_pol[pol]
             # the guest's time per hit: the mean of the timed warm pass (its wall time includes
@@ -112,16 +141,21 @@ def tail_rows(scenarios: list[KvmScenario], real: list[dict[str, list[TimedRun]]
             access_ns = float(np.mean(_pool(runs, "hit")))
             sims = [sim_latency(sc.with_policy(pol), profile, seed=1, replication=r, access_ns=access_ns)
                     for r in range(replications)]
+            # the model's hits: access_ns, distributed as the profile's [harness] access_dist if calibrate
+            # measured one (desim/hitdist.py), its percentiles exact (no draws)
+            hit_q = dict(zip((s for s, _, _ in STATS), shape_percentiles(hit_shape, access_ns,
+                                                                          tuple(q for _, q, _ in STATS))))
             for cls in CLASSES:
                 x = _pool(runs, cls)
-                y = (np.concatenate([s[cls] for s in sims]) if cls != "hit"
-                     else np.full(max(len(x), 1), access_ns))  # the model's hits all take access_ns
+                y = np.concatenate([s[cls] for s in sims]) if cls != "hit" else None
+                n_y = len(y) if y is not None else len(x)
                 for stat, q, target in STATS:
                     need = MIN_SAMPLES[stat]
-                    if len(x) < need or len(y) < need:
+                    if len(x) < need or n_y < need:
                         continue
-                    rv, sv = float(np.percentile(x, q)), float(np.percentile(y, q))
-                    rows.append(_row(sc, pol, cls, stat, rv, sv, target, len(x), len(y)))
+                    rv = float(np.percentile(x, q))
+                    sv = float(np.percentile(y, q)) if y is not None else hit_q[stat]
+                    rows.append(_row(sc, pol, cls, stat, rv, sv, target, len(x), n_y))
             # the raw slowest access: a vCPU spinning on mmu_lock is on its CPU, so the run-queue filter
             # (not_preempted) cannot tell its spin from a preemption and drops it on a loaded host
             longest = [r.longest_stall_raw_ns for r in runs if r.during_accesses > 0]
@@ -175,11 +209,14 @@ def tails_summary(rows: list[dict[str, Any]]) -> str:
 
 # why a class misses its target, in the words of this module's docstring (what the model leaves out)
 MISS_REASONS: dict[tuple[str, str], str] = {
-    ("hit", "tail"): "hits take the scenario's mean access_ns; their spread (the guest's TLB and cache "
-                     "misses, host interrupts) is not modelled",
-    ("during_op", "any"): "stalls during the op are the host's scheduler as much as KVM: a spin on mmu_lock "
-                          "that the run-queue filter drops on a loaded host, vCPU threads preempted by the "
-                          "VMM thread, a DELETE stretched by waits for a CPU",
+    ("hit", "tail"): "hits are drawn from the shape calibrate measured on scenario A's warm passes (the "
+                     "profile's [harness] access_dist; none: every hit takes access_ns); a miss is that shape "
+                     "differing from this scenario's hits (host interrupts differ from run to run)",
+    ("during_op", "any"): "a targeted op's stall on a vCPU thread that runs on the boot CPU: SRCU's callback "
+                          "kworker (srcu_invoke_callbacks, bound to CPU 0 while the srcu_struct is small) "
+                          "preempts it after each synchronize_srcu_expedited, 50-120 us (the kicks, 10-25 us here, "
+                          "are modelled, at the profile's ipi_ack); with 2 vCPUs the VMM thread shares a vCPU's CPU; a loaded host adds "
+                          "neighbours' preemptions",
     ("fault", "p99.9"): "a few faults in a thousand: host interrupts and neighbours, which differ from run to run",
     ("fault", "body"): "the fault path's means and shapes were fitted in another session, under another host "
                        "load (re-fit them with desim calibrate in the same session)",
