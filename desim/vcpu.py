@@ -262,7 +262,6 @@ class Vcpu:
     def run(self) -> Generator:
         env = self.env
         vm = self.vm
-        P = self.P
         mmu = vm.mmu
         audit = vm.audit
         fault_run = self.fault_run = (FaultRun(self) if isinstance(env, FastEnvironment) and audit is None

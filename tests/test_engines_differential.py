@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from heapq import heapify
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +35,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from desim import cohort, faultrun
-from desim.engine import FastEnvironment, make_environment
-from desim.errors import DesimInputError
 from desim.mmu import Mmu
 from desim.profile import HostProfile, load_profile
 from desim.scenario import load_scenario
