@@ -177,16 +177,10 @@ class Cohort:
         mmu = self.vm.mmu
         pos = x._pos
         seg = x._chunk[pos:pos + _PLAN_ACCESSES]
-        unmapped = np.flatnonzero(~mmu.mapped_mask(seg))
-        if len(unmapped) == 0:
+        misses = mmu.first_misses(seg)
+        if misses is None:
             return None
-        g = seg[unmapped]
-        if len(g) < 2 or bool((g[1:] > g[:-1]).all()):
-            fpos = unmapped  # increasing gfns (a sequential pass): each is a first access
-        else:
-            _, first = np.unique(g, return_index=True)
-            fpos = unmapped[np.sort(first)]
-        fg = seg[fpos].astype(np.int64)
+        fpos, fg = misses
         ss = mmu.slot_of(int(fg[0]))
         if ss is None or ss.slot.invalid or ss.block.backing != "4k":
             return None

@@ -261,18 +261,10 @@ class FaultRun:
         # the faults: the first access to each gfn without a present SPTE (4 KiB mappings map one gfn)
         pos = v._pos
         seg = v._chunk[pos:pos + int(min(_VECTOR_MAX, max(256.0, 4 * expect)))]
-        unmapped = np.flatnonzero(~mmu.mapped_mask(seg))
-        if len(unmapped) == 0:
+        misses = mmu.first_misses(seg)
+        if misses is None:
             return 0
-        g = seg[unmapped]
-        if len(g) < 2 or bool((g[1:] > g[:-1]).all()):
-            fpos = unmapped  # increasing gfns (a sequential pass): each is a first access
-        else:
-            _, first = np.unique(g, return_index=True)
-            fpos = unmapped[np.sort(first)]
-        fg = seg[fpos]
-        if fg.dtype != np.int64:
-            fg = fg.astype(np.int64)
+        fpos, fg = misses
         ss = mmu.slot_of(int(fg[0]))
         if ss is None or ss.slot.invalid or ss.slot.dirty_logging or ss.block.backing != "4k":
             return 0

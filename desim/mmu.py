@@ -326,6 +326,25 @@ class Mmu:
         return bool((block.state2m.get((upage >> 9) - (bpage >> 9)) | block.state1g.get((upage >> 18) - (bpage >> 18)))
                     & EVER_MAPPED)
 
+    def first_misses(self, seg: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """The faults a slice of an access stream would take, in stream order: the positions in ``seg``
+        of the first access to each gfn without a present SPTE, and those gfns (int64); None when every
+        access hits. (A 4 KiB mapping maps one gfn, so each such gfn faults once; the vectorised fault
+        blocks of :mod:`desim.faultrun` and the planned faults of :mod:`desim.cohort` start from it.)"""
+        unmapped = np.flatnonzero(~self.mapped_mask(seg))
+        if len(unmapped) == 0:
+            return None
+        g = seg[unmapped]
+        if len(g) < 2 or bool((g[1:] > g[:-1]).all()):
+            fpos = unmapped  # increasing gfns (a sequential pass): each is a first access
+        else:
+            _, first = np.unique(g, return_index=True)
+            fpos = unmapped[np.sort(first)]
+        fg = seg[fpos]
+        if fg.dtype != np.int64:
+            fg = fg.astype(np.int64)
+        return fpos, fg
+
     def mapped_mask(self, gfns: np.ndarray) -> np.ndarray:
         """Vectorised ``is_mapped`` over an array of gfns."""
         out = np.zeros(len(gfns), dtype=bool)
