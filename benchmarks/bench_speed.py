@@ -24,8 +24,8 @@ Rows (each a median of ``--repeats`` runs, interleaved: SimPy, reference, fast, 
   ``concurrent``).
 * ``--profile``: pyinstrument's call tree of the fast engine on each measured row
   (``pip install -e ".[bench]"``).
-* ``peak RSS / GiB``: peak resident set (``ru_maxrss`` of a fresh subprocess, minus that of the
-  same subprocess after importing desim) per simulated GiB for a 1 GiB VM on 4 KiB host pages
+* ``peak RSS / GiB``: the run's peak resident set in a fresh subprocess above its resident set
+  after importing desim (``benchmarks/bench_memory.py``'s measurement) per simulated GiB for a 1 GiB VM on 4 KiB host pages
   populated by 8 vCPUs (``benchmarks/bench_memory.py``'s ``1g-4k-8v``: on 4 KiB pages the state
   grows with RAM; on huge pages it follows the mappings, see that script), and the SPTE
   state's own bytes per 4 KiB guest page.

@@ -71,7 +71,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 _BACKOFF_MAX = 64  # loop tops to skip after attempts that took (almost) nothing
 _LOCK_CALLBACKS = (MmuLock._timer_cb, MmuLock._release_cb)
-_PLAN_ACCESSES = 4096  # accesses of a vCPU's chunk looked at per plan
+_PLAN_ACCESSES = 4096  # accesses of a vCPU's chunk looked at per plan, at most
+_PLAN_WINDOW0 = 512  # the first plan's window; then twice the accesses the vCPU's last plan lasted, within
+# [_PLAN_WINDOW0 / 4, _PLAN_ACCESSES]: planning costs per fault planned, and a plan dropped early (the loop
+# ends, another vCPU's plan clashes) wastes the rest (a speed heuristic only: what is taken is exact)
 _PLAN_MIN = 32  # a plan with fewer faults makes the next plans wait (planning costs about as much as 10-20 faults)
 
 
@@ -149,6 +152,8 @@ class Cohort:
         self._stall_lat: list = []
         self._stall_a: list = []
         self.runs = 0  # loops that took at least one step
+        self._window: dict = {}  # vCPU -> accesses its next plan looks at (Cohort._retire)
+        self._pos0: dict = {}  # vCPU -> its position in its chunk when its plan was made
 
     def _missed(self) -> None:
         self._misses = min(2 * self._misses + 1, _BACKOFF_MAX)
@@ -176,7 +181,8 @@ class Cohort:
             return None
         mmu = self.vm.mmu
         pos = x._pos
-        seg = x._chunk[pos:pos + _PLAN_ACCESSES]
+        self._pos0[x] = pos
+        seg = x._chunk[pos:pos + self._window.get(x, _PLAN_WINDOW0)]
         misses = mmu.first_misses(seg)
         if misses is None:
             return None
@@ -240,11 +246,18 @@ class Cohort:
         if final and p.step == "pending" and not p.resident[k]:
             mmu.make_resident(p.ss, p.gfns[k], 1)
 
+    def _retire(self, x: "Vcpu") -> None:
+        """``x``'s plan is dropped: size its next plan's window from the accesses this one lasted."""
+        used = x._pos - self._pos0.get(x, x._pos)
+        self._window[x] = min(max(2 * used, _PLAN_WINDOW0 // 4), _PLAN_ACCESSES)
+
     def _flush(self, final: bool = False) -> None:
         """Commit every plan and the records of its faults (before a step that reads the SPTE state or records
         a fault; ``final``: when the loop ends)."""
         for x, p in self._plans.items():
             self._commit(x, p, final)
+            if final:
+                self._retire(x)
         self._flush_records()
         if final:
             self._plans.clear()
@@ -457,6 +470,7 @@ class Cohort:
             self._skip[x] = skip - 1
             if p is not None:
                 self._commit(x, p, False)
+                self._retire(x)
                 del plans[x]
         else:
             p = self._replan(x)
@@ -477,6 +491,7 @@ class Cohort:
         old = plans.pop(x, None)
         if old is not None:
             self._commit(x, old, False)
+            self._retire(x)
         p = self._plan(x)
         if p is not None:
             plans[x] = p
@@ -578,9 +593,13 @@ class Cohort:
                     if p is not None and p.fpos[0] == r[6] and p.gfns[0] == r[9]:
                         p.k = 1
                         p.step = "run"
+                        if len(p.fpos) < _PLAN_MIN:
+                            # few faults ahead: take these, and plan again later (as Cohort._begin does)
+                            self._skip[x] = self._misses_of[x] = min(2 * self._misses_of.get(x, 0) + 1, _BACKOFF_MAX)
                     else:
-                        if tried and p is None:
-                            # nothing to plan here: plan again later (Cohort._begin)
+                        if tried:
+                            # nothing to plan here, or a plan that does not start at this fault: plan again
+                            # later (Cohort._begin)
                             self._skip[x] = self._misses_of[x] = min(2 * self._misses_of.get(x, 0) + 1, _BACKOFF_MAX)
                         p = None
                         if self._clashes(r[9]):
