@@ -56,12 +56,14 @@ checkpoints.
 """
 from __future__ import annotations
 
+import os
 from heapq import heappop, heappush
 from typing import TYPE_CHECKING
 
 import numpy as np
 from simpy.events import NORMAL, Event
 
+from .cohort_bridge import take
 from .lock import MmuLock
 from .mmu import HOST_RESIDENT, PTE_PREFETCH_NUM, TAG_MASK
 
@@ -75,6 +77,7 @@ _PLAN_ACCESSES = 4096  # accesses of a vCPU's chunk looked at per plan, at most
 _PLAN_WINDOW0 = 512  # the first plan's window; then twice the accesses the vCPU's last plan lasted, within
 # [_PLAN_WINDOW0 / 4, _PLAN_ACCESSES]: planning costs per fault planned, and a plan dropped early (the loop
 # ends, another vCPU's plan clashes) wastes the rest (a speed heuristic only: what is taken is exact)
+_KERNEL = os.environ.get("DESIM_COHORT_KERNEL", "1") != "0"  # "0": the Python steps only (tests, profiling)
 _PLAN_MIN = 32  # a plan with fewer faults makes the next plans wait (planning costs about as much as 10-20 faults)
 
 
@@ -85,7 +88,7 @@ class _Plan:
     flight) or ``pending`` (past ``kvm_faultin_pfn``, waiting or about to take ``mmu_lock``)."""
 
     __slots__ = ("ss", "install", "fpos", "gfns", "gset", "resident", "ever", "fkeys", "k", "locked",
-                 "committed", "step", "lo", "hi")
+                 "committed", "step", "lo", "hi", "fk_code", "fk_ptr", "arrays")
 
     def __init__(self, ss, install, fpos, gfns, resident, ever, fkeys) -> None:
         self.ss = ss
@@ -154,6 +157,11 @@ class Cohort:
         self.runs = 0  # loops that took at least one step
         self._window: dict = {}  # vCPU -> accesses its next plan looks at (Cohort._retire)
         self._pos0: dict = {}  # vCPU -> its position in its chunk when its plan was made
+        self._vidx: dict | None = None  # vCPU -> its index (desim/cohort_bridge.py)
+        self.kernel = _KERNEL  # planned steps in the compiled kernel (desim/cohort_kernel.py)
+        self._kskip = 0  # loop tops to leave to the Python steps before trying the kernel again
+        self._kmiss = 0
+        self.kernel_steps = 0  # vCPU steps the kernel took (for benchmarks and tests)
 
     def _missed(self) -> None:
         self._misses = min(2 * self._misses + 1, _BACKOFF_MAX)
@@ -222,12 +230,24 @@ class Cohort:
         # the page-table pages each fault would allocate: whether it does is decided when it is under
         # mmu_lock (another plan's fault may have allocated the page first: _locked_planned)
         fkeys = [()] * K
+        fi, fc = [], []
         for lvl, (shift, nf) in plan.new_tables.items():
-            for i, key in zip(nf.tolist(), (fg[nf] >> shift).tolist()):
+            keys = fg[nf] >> shift
+            for i, key in zip(nf.tolist(), keys.tolist()):
                 fkeys[i] = fkeys[i] + ((lvl, key),)
-        out = _Plan(ss, plan, (fpos + pos).tolist(), fg.tolist(), plan.resident.tolist(),
+            fi.append(nf)
+            fc.append(keys * 4 + lvl)
+        afpos = fpos + pos
+        out = _Plan(ss, plan, afpos.tolist(), fg.tolist(), plan.resident.tolist(),
                     plan.ever_mapped.tolist(), fkeys)
         out.lo, out.hi = lo, hi
+        # the same plan as arrays, for the compiled kernel (desim/cohort_kernel.py): per fault, its
+        # page-table pages (level + 4 * index) in fkeys' order, as offsets into fk_code
+        fi = np.concatenate(fi) if fi else np.zeros(0, np.int64)
+        order = np.argsort(fi, kind="stable")
+        out.fk_code = (np.concatenate(fc) if fc else np.zeros(0, np.int64))[order]
+        out.fk_ptr = np.searchsorted(fi[order], np.arange(K + 1), side="left")
+        out.arrays = (afpos, fg, plan.resident, plan.ever_mapped)
         return out
 
     def _commit(self, x: "Vcpu", p: _Plan, final: bool) -> None:
@@ -532,9 +552,28 @@ class Cohort:
         owned = {ev: x0}  # pending event -> the vCPU that waits on it
         state = {x0: ("run", None, None, ev)}  # vCPU -> (kind, t0, ctx, pending event)
         steps = 0
+        kernel = self.kernel
         while queue:
             t, _, _, ev = queue[0]
             x = owned.get(ev)
+            if kernel and x is not None:
+                if self._kskip:
+                    self._kskip -= 1
+                else:
+                    p = plans.get(x)
+                    if p is not None and p.k < len(p.fpos) and p.step != "idle" and len(plans) > 1:
+                        # the planned steps at the head of the queue, compiled (desim/cohort_kernel.py)
+                        n = take(self, owned, state)
+                        eid = env._eid  # the kernel numbered its events and moved SimPy's counter past them
+                        steps += n
+                        self.kernel_steps += n
+                        if n > 2 * len(plans):
+                            self._kmiss = 0
+                        else:
+                            self._kmiss = min(2 * self._kmiss + 1, _BACKOFF_MAX)
+                            self._kskip = self._kmiss
+                        if n:
+                            continue
             if x is None:
                 cbs = ev.callbacks
                 if not cbs or len(cbs) != 1:
