@@ -74,6 +74,8 @@ if TYPE_CHECKING:  # pragma: no cover
 _BACKOFF_MAX = 64  # loop tops to skip after attempts that took (almost) nothing
 _LOCK_CALLBACKS = (MmuLock._timer_cb, MmuLock._release_cb)
 _PLAN_ACCESSES = 4096  # accesses of a vCPU's chunk looked at per plan, at most
+_PLAN_ACCESSES_KERNEL = 1 << 16  # with the compiled kernel (each of its calls costs about as much as 100s of faults;
+# its plans grow eight-fold: a speed heuristic only)
 _PLAN_WINDOW0 = 512  # the first plan's window; then twice the accesses the vCPU's last plan lasted, within
 # [_PLAN_WINDOW0 / 4, _PLAN_ACCESSES]: planning costs per fault planned, and a plan dropped early (the loop
 # ends, another vCPU's plan clashes) wastes the rest (a speed heuristic only: what is taken is exact)
@@ -87,19 +89,33 @@ class _Plan:
     state; ``step`` is where the fault ``locked`` is: ``idle`` (not begun), ``run`` (its guest run in
     flight) or ``pending`` (past ``kvm_faultin_pfn``, waiting or about to take ``mmu_lock``)."""
 
-    __slots__ = ("ss", "install", "fpos", "gfns", "gset", "resident", "ever", "fkeys", "k", "locked",
-                 "committed", "step", "lo", "hi", "fk_code", "fk_ptr", "arrays")
+    __slots__ = ("ss", "install", "fpos", "gfns", "_gset", "resident", "ever", "k", "locked",
+                 "committed", "step", "lo", "hi", "fk_code", "fk_ptr", "arrays", "nres")
 
-    def __init__(self, ss, install, fpos, gfns, resident, ever, fkeys) -> None:
+    def __init__(self, ss, install, fpos, gfns, resident, ever) -> None:
         self.ss = ss
         self.install = install
-        self.fpos, self.gfns, self.resident, self.ever = fpos, gfns, resident, ever
-        self.gset = set(gfns)
-        self.fkeys = fkeys  # per fault: the page-table pages (level, index) it allocates unless one is there
+        self.fpos, self.gfns, self.resident, self.ever = fpos, gfns, resident, ever  # arrays
+        self._gset = None
         self.k = 0
         self.locked = 0
         self.committed = 0
         self.step = "idle"
+
+    @property
+    def gset(self) -> set:
+        """The plan's gfns as a set (made on first use: most plans are never asked)."""
+        if self._gset is None:
+            self._gset = set(self.gfns.tolist())
+        return self._gset
+
+    def fkeys(self, k: int):
+        """The page-table pages (level, index) fault ``k`` allocates unless one is there."""
+        return [(c & 3, c >> 2) for c in self.fk_code[self.fk_ptr[k]:self.fk_ptr[k + 1]].tolist()]
+
+    def nres_from(self, b: int) -> int:
+        """How many of the faults from ``b`` on find their host page resident."""
+        return int(self.nres[b]) if b < len(self.nres) else 0
 
 
 def _reader(view, name: str):
@@ -159,6 +175,7 @@ class Cohort:
         self._pos0: dict = {}  # vCPU -> its position in its chunk when its plan was made
         self._vidx: dict | None = None  # vCPU -> its index (desim/cohort_bridge.py)
         self.kernel = _KERNEL  # planned steps in the compiled kernel (desim/cohort_kernel.py)
+        self._kcosts: dict = {}  # vCPU -> per kernel cost: (row, its _Draws or None, its value if constant)
         self._kskip = 0  # loop tops to leave to the Python steps before trying the kernel again
         self._kmiss = 0
         self.kernel_steps = 0  # vCPU steps the kernel took (for benchmarks and tests)
@@ -229,25 +246,21 @@ class Cohort:
             return None
         # the page-table pages each fault would allocate: whether it does is decided when it is under
         # mmu_lock (another plan's fault may have allocated the page first: _locked_planned)
-        fkeys = [()] * K
         fi, fc = [], []
         for lvl, (shift, nf) in plan.new_tables.items():
-            keys = fg[nf] >> shift
-            for i, key in zip(nf.tolist(), keys.tolist()):
-                fkeys[i] = fkeys[i] + ((lvl, key),)
             fi.append(nf)
-            fc.append(keys * 4 + lvl)
+            fc.append((fg[nf] >> shift) * 4 + lvl)
         afpos = fpos + pos
-        out = _Plan(ss, plan, afpos.tolist(), fg.tolist(), plan.resident.tolist(),
-                    plan.ever_mapped.tolist(), fkeys)
+        out = _Plan(ss, plan, afpos, fg, plan.resident, plan.ever_mapped)
         out.lo, out.hi = lo, hi
-        # the same plan as arrays, for the compiled kernel (desim/cohort_kernel.py): per fault, its
-        # page-table pages (level + 4 * index) in fkeys' order, as offsets into fk_code
+        # per fault, its page-table pages (level + 4 * index; levels in new_tables' order), as offsets
+        # into fk_code; and the plan as one array for the compiled kernel (desim/cohort_kernel.py)
         fi = np.concatenate(fi) if fi else np.zeros(0, np.int64)
         order = np.argsort(fi, kind="stable")
         out.fk_code = (np.concatenate(fc) if fc else np.zeros(0, np.int64))[order]
         out.fk_ptr = np.searchsorted(fi[order], np.arange(K + 1), side="left")
-        out.arrays = (afpos, fg, plan.resident, plan.ever_mapped)
+        out.arrays = np.stack((afpos, fg, plan.resident, plan.ever_mapped)).astype(np.int64, copy=False)
+        out.nres = np.cumsum(plan.resident[::-1])[::-1]  # resident pages from each fault on
         return out
 
     def _commit(self, x: "Vcpu", p: _Plan, final: bool) -> None:
@@ -264,12 +277,15 @@ class Cohort:
             p.committed = k
             x._seq = -1  # the vCPU's cached miss list predates these installs
         if final and p.step == "pending" and not p.resident[k]:
-            mmu.make_resident(p.ss, p.gfns[k], 1)
+            mmu.make_resident(p.ss, int(p.gfns[k]), 1)
 
     def _retire(self, x: "Vcpu") -> None:
         """``x``'s plan is dropped: size its next plan's window from the accesses this one lasted."""
         used = x._pos - self._pos0.get(x, x._pos)
-        self._window[x] = min(max(2 * used, _PLAN_WINDOW0 // 4), _PLAN_ACCESSES)
+        if self.kernel:
+            self._window[x] = min(max(8 * used, _PLAN_WINDOW0 // 4), _PLAN_ACCESSES_KERNEL)
+        else:
+            self._window[x] = min(max(2 * used, _PLAN_WINDOW0 // 4), _PLAN_ACCESSES)
 
     def _flush(self, final: bool = False) -> None:
         """Commit every plan and the records of its faults (before a step that reads the SPTE state or records
@@ -340,8 +356,8 @@ class Cohort:
     def _begin_planned(self, x: "Vcpu", p: _Plan) -> float:
         c = self._costs.get(x) or self._costs_of(x)
         k = p.k
-        miss = p.fpos[k]
-        gfn = p.gfns[k]
+        miss = int(p.fpos[k])
+        gfn = int(p.gfns[k])
         n = miss - x._pos
         pre = c.fault_handle() + (c.faultin_resident() if p.resident[k] else c.host_alloc_4k())
         now = self.env._now
@@ -439,7 +455,7 @@ class Cohort:
         metrics = vm.metrics
         k = p.locked
         allocated = 0
-        for lk in p.fkeys[k]:
+        for lk in p.fkeys(k):
             if self._table_there(lk):
                 self.shared_tables += 1
             else:
@@ -469,7 +485,7 @@ class Cohort:
         x._entry = entry = c.vm_entry()
         start = ctx[4]
         # Metrics.record_fault: counted now, the samples appended at the next flush
-        ever = p.ever[k]
+        ever = bool(p.ever[k])
         x.m.faults["after_zap" if ever else "first_touch"] += 1
         self._lat.append(now + hold + entry - start)
         self._start.append(start)

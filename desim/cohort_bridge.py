@@ -72,267 +72,240 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
     planned = []
     for x, (kind, t0, ctx, ev) in state.items():
         p = plans.get(x)
-        if p is None or x.requests or x.root_tag != root or x._srcu_waiters or p.fk_code is None:
+        if p is None or x.requests or x.root_tag != root or x._srcu_waiters:
             continue
         if kind == "run":
             if p.step != "run":
                 continue
+            k = 0
         elif p.step != "pending":
             continue
-        planned.append((idx[x], x, p, kind, t0, ctx, ev))
+        else:
+            k = 1 if kind == "host" else (3 if ev.triggered else 2)
+        planned.append((idx[x], x, p, k, t0, ev))
     if not planned:
         return 0
-    IV = np.zeros((N, ck.N_IV), dtype=np.int64)
-    FV = np.zeros((N, ck.N_FV), dtype=np.float64)
-    IV[:, ck.I_FIRST_END] = -1
     hm = vm.hostmm
     pcp, lrup = hm._pcp, hm._lru_pending
-    n_planned = len(planned)
-    nfs = np.empty(n_planned, dtype=np.int64)
-    for j, (i, x, p, kind, t0, ctx, ev) in enumerate(planned):
-        nfs[j] = len(p.fpos) - p.locked
-    lens = nfs + 2
-    doffs = np.concatenate(([0], np.cumsum(lens)))
-    D = np.empty((6, int(doffs[-1])), dtype=np.float64)
-    DOFF = np.zeros(N, dtype=np.int64)
-    parts_f, parts_g, parts_r, parts_e, parts_ptr, parts_code = [], [], [], [], [], []
-    off = 0
-    fkoff = 0
-    codeoff = 0
-    nonres = 0
-    evmap = {}  # eid -> the Event pulled from the queue
-    for j, (i, x, p, kind, t0, ctx, ev) in enumerate(planned):
+    ivr, fvr, pls, fks, codes_l = [], [], [], [], []
+    off = fkoff = codeoff = nonres = doff = 0
+    lens = []
+    for (i, x, p, k, t0, ev) in planned:
         b = p.locked
-        nf = int(nfs[j])
-        iv = IV[i]
-        fv = FV[i]
-        iv[ck.I_PLANNED] = 1
-        iv[ck.I_POS] = x._pos
-        if x._entry is not None:
-            iv[ck.I_ENTRY_SET] = 1
-            fv[ck.F_ENTRY] = x._entry
-        if x._stalled_since is not None:
-            iv[ck.I_STALLED_SET] = 1
-            fv[ck.F_STALLED] = x._stalled_since
-        fv[ck.F_RECUNTIL] = x._recorded_until
-        fv[ck.F_CARRY] = x._carry
-        fv[ck.F_A] = x.access_ns
-        m = x.m
-        fv[ck.F_THOST] = m.time["host"]
-        fv[ck.F_TGUEST] = m.time["guest"]
-        fv[ck.F_STALL] = m.stall_ns
-        iv[ck.I_K] = p.k - b
-        iv[ck.I_NF] = nf
-        iv[ck.I_OFF] = off
-        iv[ck.I_FKOFF] = fkoff
-        iv[ck.I_STEP] = 1 if p.step == "run" else 2
-        iv[ck.I_CPU] = x.index
-        iv[ck.I_PCP] = pcp.get(x.index, 0)
-        iv[ck.I_LRU] = lrup.get(x.index, 0)
+        nf = len(p.fpos) - b
         r = x._run
-        fv[ck.F_RNOW], fv[ck.F_RCARRY], fv[ck.F_RG0], fv[ck.F_RENTRY], fv[ck.F_RG1] = r[0], r[1], r[2], r[3], r[4]
-        iv[ck.I_RUN_N], iv[ck.I_RUN_MISS], iv[ck.I_RUN_GFN] = r[5], r[6], r[9]
-        fv[ck.F_REXIT] = r[10]
-        fv[ck.F_T0] = t0 if t0 is not None else 0.0
-        if kind == "run":
-            iv[ck.I_KIND] = 0
-        elif kind == "host":
-            iv[ck.I_KIND] = 1
-        else:
-            iv[ck.I_KIND] = 3 if ev.triggered else 2
-        afpos, fg, res, ever = p.arrays
-        parts_f.append(afpos[b:])
-        parts_g.append(fg[b:])
-        parts_r.append(res[b:])
-        parts_e.append(ever[b:])
-        nonres += int(nf - np.count_nonzero(res[b:]))
+        e, ss = x._entry, x._stalled_since
+        m = x.m
+        ivr.append((1, x._pos, e is not None, ss is not None, k, p.k - b, 0, nf, 0, 0, 0, off, r[5], r[6], r[9], -1, 0,
+                    x.index, pcp.get(x.index, 0), lrup.get(x.index, 0), 1 if p.step == "run" else 2, fkoff, 0, doff))
+        fvr.append((x._carry, e or 0.0, ss or 0.0, x._recorded_until, x.access_ns, m.time["host"], m.time["guest"],
+                    m.stall_ns, t0 or 0.0, r[0], r[1], r[2], r[3], r[4], r[10], 0.0))
+        pls.append(p.arrays[:, b:])
+        nonres += nf - p.nres_from(b)
         ptr = p.fk_ptr[b:]
-        parts_ptr.append(ptr - ptr[0] + codeoff)
-        parts_code.append(p.fk_code[ptr[0]:])
+        fks.append(ptr - ptr[0] + codeoff)
+        codes_l.append(p.fk_code[ptr[0]:])
         codeoff += len(p.fk_code) - int(ptr[0])
         fkoff += nf + 1
         off += nf
-        d0 = int(doffs[j])
-        DOFF[i] = d0
-        L = int(lens[j])
-        for c, name in enumerate(ck.COST_NAMES):
-            d = x.P.draws(name)
+        lens.append(nf + 2)
+        doff += nf + 2
+    IV = np.zeros((N, ck.N_IV), dtype=np.int64)
+    FV = np.zeros((N, ck.N_FV), dtype=np.float64)
+    rows = [q[0] for q in planned]
+    IV[rows] = ivr
+    FV[rows] = fvr
+    # the cost draws: the next values of each stream (a constant cost: its value)
+    D = np.empty((6, doff), dtype=np.float64)
+    DS = np.zeros((N, 6), dtype=np.int64)
+    kc = co._kcosts
+    for (i, x, p, k, t0, ev), L in zip(planned, lens):
+        d0 = IV[i, ck.I_DOFF]
+        cs = kc.get(x)
+        if cs is None:
+            P = x.P
+            cs = kc[x] = [(c, P.draws(name), getattr(P, name) if P.draws(name) is None else None)
+                          for c, name in enumerate(ck.COST_NAMES)]
+        for c, d, value in cs:
             if d is None:
-                D[c, d0:d0 + L] = getattr(x.P, name)
+                D[c, d0] = value
             else:
                 D[c, d0:d0 + L] = d.peek_many(L)
-    fpos = np.concatenate(parts_f).astype(np.int64, copy=False)
-    gfn = np.concatenate(parts_g).astype(np.int64, copy=False)
-    res = np.concatenate(parts_r).astype(np.bool_, copy=False)
-    ever = np.concatenate(parts_e).astype(np.bool_, copy=False)
-    fk_ptr = np.concatenate(parts_ptr).astype(np.int64, copy=False)
-    codes = np.concatenate(parts_code).astype(np.int64, copy=False)
+                DS[i, c] = 1
+    PL = np.concatenate(pls, axis=1) if len(pls) > 1 else pls[0]
+    fk_ptr = np.concatenate(fks)
+    codes = np.concatenate(codes_l)
     if len(codes):
         ucodes, fk_id = np.unique(codes, return_inverse=True)
-        fk_id = fk_id.astype(np.int64).ravel()
-        there = np.zeros(len(ucodes), dtype=np.int64)
+        THERE = np.zeros(len(ucodes), dtype=np.int64)
         for lvl in (1, 2, 3):
             sel = np.flatnonzero((ucodes & 3) == lvl)
             if len(sel):
-                there[sel] = mmu.pt_tags[lvl].take(ucodes[sel] >> 2) == root
+                THERE[sel] = mmu.pt_tags[lvl].take(ucodes[sel] >> 2) == root
     else:
         ucodes = fk_id = np.zeros(0, dtype=np.int64)
-        there = np.zeros(0, dtype=np.int64)
-    linked = np.zeros(len(ucodes) + 1, dtype=np.int64)
+        THERE = np.zeros(0, dtype=np.int64)
+    FK = np.concatenate((fk_ptr + len(fk_ptr), fk_id.ravel())).astype(np.int64, copy=False)
+    LINKED = np.zeros(len(ucodes) + 1, dtype=np.int64)
     vd = vm.P.draws("host_alloc_4k")
-    VMM = vd.peek_many(nonres + 1).copy() if vd is not None else np.full(nonres + 1, vm.P.host_alloc_4k)
+    VMM = vd.peek_many(nonres + 1) if vd is not None else np.full(nonres + 1, vm.P.host_alloc_4k)
+    S = np.zeros(ck.N_S)
+    SI = np.zeros(ck.N_SI, dtype=np.int64)
     # mmu_lock
-    LF = np.zeros(10)
-    LI = np.zeros(9, dtype=np.int64)
     st = lock._role("fault")
-    LF[ck.L_LAST], LF[ck.L_AREA_H], LF[ck.L_AREA_W] = lock._last_t, lock._area_holders, lock._area_waiters
-    LF[ck.L_WAIT], LF[ck.L_HOLD], LF[ck.L_MAXWAIT] = st.wait_ns, st.hold_ns, st.max_wait_ns
-    LF[ck.L_TIMER_AT], LF[ck.L_HANDOFF] = lock._timer_at, lock.handoff_ns
-    x0P = planned[0][1].P
-    LF[ck.L_PT_ALLOC], LF[ck.L_PREFETCH] = x0P.pt_page_alloc, x0P.prefetch_spte
-    LI[ck.LI_READERS], LI[ck.LI_WRITER] = lock.readers, 1 if lock.writer else 0
-    LI[ck.LI_ACQ], LI[ck.LI_CONT], LI[ck.LI_SEQ] = st.acquisitions, st.contended, lock._seq
-    LI[ck.LI_WRITE_MODE] = 1 if write_mode else 0
+    S[ck.L_LAST], S[ck.L_AREA_H], S[ck.L_AREA_W] = lock._last_t, lock._area_holders, lock._area_waiters
+    S[ck.L_WAIT], S[ck.L_HOLD], S[ck.L_MAXWAIT] = st.wait_ns, st.hold_ns, st.max_wait_ns
+    S[ck.L_TIMER_AT], S[ck.L_HANDOFF] = lock._timer_at, lock.handoff_ns
+    P0 = planned[0][1].P
+    S[ck.L_PT_ALLOC], S[ck.L_PREFETCH] = P0.pt_page_alloc, P0.prefetch_spte
+    SI[ck.LI_READERS], SI[ck.LI_WRITER] = lock.readers, 1 if lock.writer else 0
+    SI[ck.LI_ACQ], SI[ck.LI_CONT], SI[ck.LI_SEQ] = st.acquisitions, st.contended, lock._seq
+    SI[ck.LI_WRITE_MODE] = 1 if write_mode else 0
     for tok, (since, _) in lock._hold_since.items():
         i = idx[tok]
         FV[i, ck.F_HOLDSINCE] = since
         IV[i, ck.I_HOLDING] = 1
-    pcap = 4 * N + len(lock._pending) + 64
-    pt = np.zeros(pcap)
-    ps = np.zeros(pcap, dtype=np.int64)
-    pk = np.zeros(pcap, dtype=np.int64)
-    for n, (t, seq, tok) in enumerate(sorted(lock._pending)):
-        pt[n], ps[n], pk[n] = t, seq, idx[tok]
-    LI[ck.LI_PEND_N] = len(lock._pending)
-    wq_who = np.zeros(N + 1, dtype=np.int64)
-    wq_since = np.zeros(N + 1)
-    fwait = {}  # vCPU index -> the waiter's event (a queued waiter, planned or not)
+    pend = lock._pending
+    pcap = 4 * N + len(pend) + 64
+    PT = np.zeros(pcap)
+    PI = np.zeros((pcap, 2), dtype=np.int64)
+    if pend:
+        srt = sorted(pend)  # a sorted list is a heap
+        PT[:len(srt)] = [q[0] for q in srt]
+        PI[:len(srt)] = [(q[1], idx[q[2]]) for q in srt]
+    SI[ck.LI_PEND_N] = len(pend)
+    W = np.zeros(N + 1, dtype=np.int64)
+    WS = np.zeros(N + 1)
+    fwait = {}  # vCPU index -> a queued waiter's event
     for n, w in enumerate(lock.waiters):
         i = idx[w.event.token]
-        wq_who[n], wq_since[n] = i, w.since
+        W[n], WS[n] = i, w.since
         fwait[i] = w.event
-    LI[ck.LI_WQ_N] = len(lock.waiters)
+    SI[ck.LI_WQ_N] = len(lock.waiters)
     # the host allocator
-    HF = np.zeros(9)
-    HI = np.zeros(6, dtype=np.int64)
-    HF[ck.H_ZONE_FREE], HF[ck.H_ZONE_WAIT] = hm.zone.free_at, hm.zone.wait_ns
-    HF[ck.H_LRU_FREE], HF[ck.H_LRU_WAIT] = hm.lru.free_at, hm.lru.wait_ns
-    HF[ck.H_STRETCH], HF[ck.H_ZONE_PAGE], HF[ck.H_LRU_PAGE] = hm.stretch_ns, hm.zone_lock_page, hm.lru_lock_page
-    HF[ck.H_CLEAR], HF[ck.H_MEMBW] = hm.clear_page_4k, hm.membw_4k
-    HI[ck.HI_ZONE_HOLDS], HI[ck.HI_ZONE_CONT] = hm.zone.holds, hm.zone.contended
-    HI[ck.HI_LRU_HOLDS], HI[ck.HI_LRU_CONT], HI[ck.HI_LRU_BATCH] = hm.lru.holds, hm.lru.contended, hm.lru_batch
+    S[ck.H_ZONE_FREE], S[ck.H_ZONE_WAIT] = hm.zone.free_at, hm.zone.wait_ns
+    S[ck.H_LRU_FREE], S[ck.H_LRU_WAIT] = hm.lru.free_at, hm.lru.wait_ns
+    S[ck.H_STRETCH], S[ck.H_ZONE_PAGE], S[ck.H_LRU_PAGE] = hm.stretch_ns, hm.zone_lock_page, hm.lru_lock_page
+    S[ck.H_CLEAR], S[ck.H_MEMBW] = hm.clear_page_4k, hm.membw_4k
+    SI[ck.HI_ZONE_HOLDS], SI[ck.HI_ZONE_CONT] = hm.zone.holds, hm.zone.contended
+    SI[ck.HI_LRU_HOLDS], SI[ck.HI_LRU_CONT], SI[ck.HI_LRU_BATCH] = hm.lru.holds, hm.lru.contended, hm.lru_batch
     zl = hm._zeroing
-    z = np.zeros(len(zl) + 4 * N + 64)
-    z[:len(zl)] = zl  # a heap list is a heap array
-    HI[ck.HI_ZN] = len(zl)
-    # the events: the planned vCPUs' and the lock's timers move to the kernel's heap
+    Z = np.zeros(len(zl) + 4 * N + 64)
+    Z[:len(zl)] = zl  # a heap list is a heap array
+    SI[ck.HI_ZN] = len(zl)
+    # the events: the planned vCPUs' and the lock's timers move to the kernel's heap (their own ids)
     queue = env._queue
-    pidx = {ev: i for (i, x, p, kind, t0, ctx, ev) in planned}
-    room = 4 * N + len(queue) + 1024
-    et = np.zeros(room)
-    ep = np.zeros(room, dtype=np.int64)
-    eid = np.zeros(room, dtype=np.int64)
-    ek = np.zeros(room, dtype=np.int64)
-    ew = np.zeros(room, dtype=np.int64)
-    evv = np.zeros(room)
-    K = np.zeros(ck.N_K, dtype=np.int64)
-    rest = []
+    pidx = {ev: (i, k) for (i, x, p, k, t0, ev) in planned}
+    evmap = {}  # id -> a lock timer's Event pulled from the queue
+    mine, rest = [], []
     for item in queue:
         t, prio, ident, ev = item
-        i = pidx.get(ev)
-        if i is not None:
-            kind = ck.EV_RUN if IV[i, ck.I_KIND] == 0 else ck.EV_HOST if IV[i, ck.I_KIND] == 1 else ck.EV_GRANT
-            val = ev._value if kind == ck.EV_GRANT else 0.0
-            ck.ev_insert(K, et, ep, eid, ek, ew, evv, t, prio, ident, kind, i, val)
+        q = pidx.get(ev)
+        if q is not None:
+            i, k = q
+            kind = ck.EV_RUN if k == 0 else ck.EV_HOST if k == 1 else ck.EV_GRANT
+            mine.append((t, prio, ident, kind, i, ev._value if kind == ck.EV_GRANT else 0.0))
             continue
         lk = _lock_cb_kind(ev, lock)
         if lk >= 0:
             who = idx.get(ev._value, -2) if lk == ck.EV_RELCB else -1
             if who != -2:
-                ck.ev_insert(K, et, ep, eid, ek, ew, evv, t, prio, ident, lk, who, 0.0)
+                mine.append((t, prio, ident, lk, who, 0.0))
                 evmap[ident] = ev
                 continue
         rest.append(item)
-    if len(rest) != len(queue):
+    if mine:
         heapify(rest)
         queue[:] = rest
-    ft, fp, fe = (queue[0][0], queue[0][1], queue[0][2]) if queue else (np.inf, 0, 0)
-    first_id = next(env._eid)
-    K[ck.K_NEXT_ID] = first_id
-    # run
-    lat_out = np.empty((3, max(off, 1)))
-    stall_out = np.empty((3, max(off, 1)))
+    room = 4 * N + len(mine) + 1024
+    E = np.zeros((room, 2))
+    EI = np.zeros((room, 4), dtype=np.int64)
+    mine.sort()  # a sorted array is a heap
+    if mine:
+        E[:len(mine)] = [(q[0], q[5]) for q in mine]
+        EI[:len(mine)] = [(q[1], q[2], q[3], q[4]) for q in mine]
+    SI[ck.K_EN] = len(mine)
+    if queue:
+        S[ck.S_FT], SI[ck.S_FP], SI[ck.S_FE] = queue[0][0], queue[0][1], queue[0][2]
+    else:
+        S[ck.S_FT] = np.inf
+    SI[ck.K_NEXT_ID] = next(env._eid)
+    OUT = np.empty((6, max(off, 1)))
     CUR = np.zeros((N, 6), dtype=np.int64)
-    ck.run(K, IV, FV, CUR, D, DOFF, VMM, LF, LI, pt, ps, pk, wq_who, wq_since, HF, HI, z,
-           fpos, gfn, res, ever, fk_ptr, fk_id, there, linked, lat_out, stall_out,
-           et, ep, eid, ek, ew, evv, float(ft), int(fp), int(fe), room)
-    env._eid = itertools.count(int(K[ck.K_NEXT_ID]))
-    steps = int(K[ck.K_STEPS])
-    if _DEBUG: print("take", len(planned), steps, int(K[ck.K_STOP]), int(K[ck.K_PLANNED]))
+    ck.run(S, SI, IV, FV, CUR, DS, D, VMM, PL, FK, THERE, LINKED, OUT, PT, PI, W, WS, Z, E, EI)
+    env._eid = itertools.count(int(SI[ck.K_NEXT_ID]))
+    steps = int(SI[ck.K_STEPS])
+    if _DEBUG:
+        print("take", len(planned), steps, int(SI[ck.K_STOP]), int(SI[ck.K_PLANNED]))
     # -- back to the Python objects --------------------------------------------------------------------
-    co.planned += int(K[ck.K_PLANNED])
-    co.shared_tables += int(K[ck.K_SHARED])
+    SIl = SI.tolist()
+    Sl = S.tolist()
+    co.planned += SIl[ck.K_PLANNED]
+    co.shared_tables += SIl[ck.K_SHARED]
     metrics = vm.metrics
-    metrics.sptes_installed += int(K[ck.K_SPTES])
-    metrics.pt_pages_allocated += int(K[ck.K_PTPAGES])
-    metrics.host_page_allocs["4k"] += int(K[ck.K_HOSTALLOC])
+    metrics.sptes_installed += SIl[ck.K_SPTES]
+    metrics.pt_pages_allocated += SIl[ck.K_PTPAGES]
+    metrics.host_page_allocs["4k"] += SIl[ck.K_HOSTALLOC]
     if vd is not None:
-        vd.i += int(K[ck.K_VMM])
-    nl = int(K[ck.K_NLINK])
+        vd.i += SIl[ck.K_VMM]
+    nl = SIl[ck.K_NLINK]
     if nl:
         pts, ppl = mmu.pt_tags, mmu.present_pt_level
-        for code in ucodes[linked[:nl]].tolist():
+        for code in ucodes[LINKED[:nl]].tolist():
             lvl = code & 3
             pts[lvl][code >> 2] = root
             ppl[lvl] += 1
         mmu.present_pt += nl
-    n = int(K[ck.K_NLAT])
+    n = SIl[ck.K_NLAT]
     if n:
-        co._lat.extend(lat_out[0, :n].tolist())
-        co._start.extend(lat_out[1, :n].tolist())
-        co._refault.extend(lat_out[2, :n].astype(np.int64).tolist())
-    n = int(K[ck.K_NSTALL])
+        co._lat.extend(OUT[ck.O_LAT, :n].tolist())
+        co._start.extend(OUT[ck.O_START, :n].tolist())
+        co._refault.extend(OUT[ck.O_REFAULT, :n].astype(np.int64).tolist())
+    n = SIl[ck.K_NSTALL]
     if n:
-        co._stall_start.extend(stall_out[0, :n].tolist())
-        co._stall_lat.extend(stall_out[1, :n].tolist())
-        co._stall_a.extend(stall_out[2, :n].tolist())
-    hits = metrics.hit_ns
-    ends = [(int(IV[i, ck.I_FIRST_END]), i) for (i, *_r) in planned if IV[i, ck.I_FIRST_END] >= 0]
-    ends.sort()
-    for _, i in ends:
-        a = vcpus[i].access_ns
-        hits[a] = hits.get(a, 0) + int(IV[i, ck.I_HITS])
+        co._stall_start.extend(OUT[ck.O_SSTART, :n].tolist())
+        co._stall_lat.extend(OUT[ck.O_SLAT, :n].tolist())
+        co._stall_a.extend(OUT[ck.O_SA, :n].tolist())
     # the lock
-    lock._last_t, lock._area_holders, lock._area_waiters = float(LF[ck.L_LAST]), float(LF[ck.L_AREA_H]), float(LF[ck.L_AREA_W])
-    st.wait_ns, st.hold_ns, st.max_wait_ns = float(LF[ck.L_WAIT]), float(LF[ck.L_HOLD]), float(LF[ck.L_MAXWAIT])
-    st.acquisitions, st.contended = int(LI[ck.LI_ACQ]), int(LI[ck.LI_CONT])
-    lock._timer_at = float(LF[ck.L_TIMER_AT])
-    lock.readers, lock.writer = int(LI[ck.LI_READERS]), bool(LI[ck.LI_WRITER])
-    lock._seq = int(LI[ck.LI_SEQ])
+    lock._last_t, lock._area_holders, lock._area_waiters = Sl[ck.L_LAST], Sl[ck.L_AREA_H], Sl[ck.L_AREA_W]
+    st.wait_ns, st.hold_ns, st.max_wait_ns = Sl[ck.L_WAIT], Sl[ck.L_HOLD], Sl[ck.L_MAXWAIT]
+    st.acquisitions, st.contended = SIl[ck.LI_ACQ], SIl[ck.LI_CONT]
+    lock._timer_at = Sl[ck.L_TIMER_AT]
+    lock.readers, lock.writer = SIl[ck.LI_READERS], bool(SIl[ck.LI_WRITER])
+    lock._seq = SIl[ck.LI_SEQ]
     hs = lock._hold_since
     hs.clear()  # every holder is a vCPU's fault (checked above)
     for i in np.flatnonzero(IV[:, ck.I_HOLDING]).tolist():
         hs[vcpus[i]] = (float(FV[i, ck.F_HOLDSINCE]), "fault")
-    npend = int(LI[ck.LI_PEND_N])
-    order = np.lexsort((ps[:npend], pt[:npend]))
-    lock._pending = [(float(pt[q]), int(ps[q]), vcpus[int(pk[q])]) for q in order.tolist()]
+    npend = SIl[ck.LI_PEND_N]
+    if npend:
+        order = np.lexsort((PI[:npend, 0], PT[:npend]))
+        lock._pending = [(t, sq, vcpus[tk]) for t, sq, tk in zip(PT[order].tolist(), PI[order, 0].tolist(),
+                                                                   PI[order, 1].tolist())]
+    else:
+        lock._pending = []
     # the host allocator
-    hm.zone.free_at, hm.zone.wait_ns = float(HF[ck.H_ZONE_FREE]), float(HF[ck.H_ZONE_WAIT])
-    hm.lru.free_at, hm.lru.wait_ns = float(HF[ck.H_LRU_FREE]), float(HF[ck.H_LRU_WAIT])
-    hm.stretch_ns = float(HF[ck.H_STRETCH])
-    hm.zone.holds, hm.zone.contended = int(HI[ck.HI_ZONE_HOLDS]), int(HI[ck.HI_ZONE_CONT])
-    hm.lru.holds, hm.lru.contended = int(HI[ck.HI_LRU_HOLDS]), int(HI[ck.HI_LRU_CONT])
-    hm._zeroing = z[:int(HI[ck.HI_ZN])].tolist()
+    hm.zone.free_at, hm.zone.wait_ns = Sl[ck.H_ZONE_FREE], Sl[ck.H_ZONE_WAIT]
+    hm.lru.free_at, hm.lru.wait_ns = Sl[ck.H_LRU_FREE], Sl[ck.H_LRU_WAIT]
+    hm.stretch_ns = Sl[ck.H_STRETCH]
+    hm.zone.holds, hm.zone.contended = SIl[ck.HI_ZONE_HOLDS], SIl[ck.HI_ZONE_CONT]
+    hm.lru.holds, hm.lru.contended = SIl[ck.HI_LRU_HOLDS], SIl[ck.HI_LRU_CONT]
+    hm._zeroing = Z[:SIl[ck.HI_ZN]].tolist()
     # the vCPUs and their plans
+    ivs = IV[rows].tolist()
+    fvs = FV[rows].tolist()
+    curs = CUR[rows].tolist()
+    hits = metrics.hit_ns
+    ends = sorted((iv[ck.I_FIRST_END], j) for j, iv in enumerate(ivs) if iv[ck.I_FIRST_END] >= 0)
+    for _, j in ends:
+        a = planned[j][1].access_ns
+        hits[a] = hits.get(a, 0) + ivs[j][ck.I_HITS]
     newev = {}
-    for (i, x, p, kind0, t0, ctx0, ev0) in planned:
-        iv = IV[i].tolist()
-        fv = FV[i].tolist()
-        b = p.locked
-        for c, name in enumerate(ck.COST_NAMES):
-            d = x.P.draws(name)
+    for (i, x, p, k0, t0, ev0), iv, fv, cur in zip(planned, ivs, fvs, curs):
+        for c, d, _ in kc[x]:
             if d is not None:
-                d.i += int(CUR[i, c])
+                d.i += cur[c]
+        b = p.locked
         pcp[x.index] = iv[ck.I_PCP]
         lrup[x.index] = iv[ck.I_LRU]
         x._pos = iv[ck.I_POS]
@@ -361,7 +334,7 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
         if kind == 0:
             state[x] = ("run", None, None, None)
         else:
-            ctx = (p.ss, p.gfns[p.locked], 1, x.root_tag, fv[ck.F_RG1])
+            ctx = (p.ss, int(p.gfns[p.locked]), 1, x.root_tag, fv[ck.F_RG1])
             t0 = fv[ck.F_T0]
             if kind == 1:
                 state[x] = ("host", t0, ("host", ctx), None)
@@ -373,19 +346,18 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
                 newev[i] = ev
                 owned[ev] = x
                 state[x] = ("lock", t0, ctx, ev)
-    # the lock's waiters, in order (a waiter's event: its own if it was queued before, else a new one)
-    waiters = deque()
-    h = int(LI[ck.LI_WQ_HEAD])
-    cap = len(wq_who)
-    for q in range(int(LI[ck.LI_WQ_N])):
-        i = int(wq_who[(h + q) % cap])
-        ev = newev.get(i) or fwait[i]
-        waiters.append(_Waiter(mode, "fault", float(wq_since[(h + q) % cap]), ev))
-    lock.waiters = waiters
+    # the lock's waiters, in order (a waiter the kernel did not run keeps its event)
+    if SIl[ck.LI_WQ_N] or lock.waiters:
+        waiters = deque()
+        h = SIl[ck.LI_WQ_HEAD]
+        cap = len(W)
+        for q in range(SIl[ck.LI_WQ_N]):
+            i = int(W[(h + q) % cap])
+            waiters.append(_Waiter(mode, "fault", float(WS[(h + q) % cap]), newev.get(i) or fwait[i]))
+        lock.waiters = waiters
     # the kernel's pending events back into SimPy's queue, with their ids
-    ne = int(K[ck.K_EN])
-    for q in range(ne):
-        t, prio, ident, kind, who, val = float(et[q]), int(ep[q]), int(eid[q]), int(ek[q]), int(ew[q]), float(evv[q])
+    ne = SIl[ck.K_EN]
+    for (t, val), (prio, ident, kind, who) in zip(E[:ne].tolist(), EI[:ne].tolist()):
         ev = evmap.get(ident)
         if ev is None:
             if kind == ck.EV_XGRANT:
