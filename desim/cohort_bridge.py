@@ -42,6 +42,16 @@ def _lock_cb_kind(ev, lock) -> int:
     return -1
 
 
+def _tables_there(mmu, codes: np.ndarray) -> np.ndarray:
+    """Which page-table pages (level + 4 * index) are linked in the current root (Cohort._table_there)."""
+    there = np.zeros(len(codes), dtype=np.int64)
+    for lvl in (1, 2, 3):
+        sel = np.flatnonzero((codes & 3) == lvl)
+        if len(sel):
+            there[sel] = mmu.pt_tags[lvl].take(codes[sel] >> 2) == mmu.root_tag
+    return there
+
+
 def take(co: "Cohort", owned: dict, state: dict) -> int:
     """Run the kernel from the head of the queue; returns the vCPU steps it took (0: declined)."""
     vm = co.vm
@@ -137,11 +147,7 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
     codes = np.concatenate(codes_l)
     if len(codes):
         ucodes, fk_id = np.unique(codes, return_inverse=True)
-        THERE = np.zeros(len(ucodes), dtype=np.int64)
-        for lvl in (1, 2, 3):
-            sel = np.flatnonzero((ucodes & 3) == lvl)
-            if len(sel):
-                THERE[sel] = mmu.pt_tags[lvl].take(ucodes[sel] >> 2) == root
+        THERE = _tables_there(mmu, ucodes)
     else:
         ucodes = fk_id = np.zeros(0, dtype=np.int64)
         THERE = np.zeros(0, dtype=np.int64)
