@@ -76,6 +76,7 @@ _LOCK_CALLBACKS = (MmuLock._timer_cb, MmuLock._release_cb)
 _PLAN_ACCESSES = 4096  # accesses of a vCPU's chunk looked at per plan, at most
 _PLAN_ACCESSES_KERNEL = 1 << 16  # with the compiled kernel (each of its calls costs about as much as 100s of faults;
 # its plans grow eight-fold: a speed heuristic only)
+_PLAN_WINDOW0_KERNEL = 4096  # the first plan's window with the kernel
 _PLAN_WINDOW0 = 512  # the first plan's window; then twice the accesses the vCPU's last plan lasted, within
 # [_PLAN_WINDOW0 / 4, _PLAN_ACCESSES]: planning costs per fault planned, and a plan dropped early (the loop
 # ends, another vCPU's plan clashes) wastes the rest (a speed heuristic only: what is taken is exact)
@@ -207,7 +208,7 @@ class Cohort:
         mmu = self.vm.mmu
         pos = x._pos
         self._pos0[x] = pos
-        seg = x._chunk[pos:pos + self._window.get(x, _PLAN_WINDOW0)]
+        seg = x._chunk[pos:pos + self._window.get(x, _PLAN_WINDOW0_KERNEL if self.kernel else _PLAN_WINDOW0)]
         misses = mmu.first_misses(seg)
         if misses is None:
             return None
@@ -324,8 +325,18 @@ class Cohort:
         """Resume ``x``'s process now, at the top of its loop (its step is done), as SimPy would go on with it
         within the step that processed ``ev``; it runs until it waits again."""
         env = self.env
-        # the process's code reads and changes the SPTE state and records faults: plans are dropped first
-        self._flush(final=True)
+        # the process's code reads the SPTE state: the plans' installs and records are committed first.
+        # The other vCPUs' plans are kept: the process only begins its vCPU's next guest run here (its
+        # fault is a plain step of this loop, checked against the plans: _clashes), once its fault run
+        # (which could install SPTEs another plan counts on) is held off for this one resumption.
+        p = self._plans.pop(x, None)
+        if p is not None:
+            self._commit(x, p, False)
+            self._retire(x)
+        self._flush()
+        fr = x.fault_run
+        if fr is not None and not fr.backoff:
+            fr.backoff = 1
         x._handback = ("top", None, None)
         x._wait = None
         proc = x.proc

@@ -262,16 +262,30 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
             pts[lvl][code >> 2] = root
             ppl[lvl] += 1
         mmu.present_pt += nl
-    n = SIl[ck.K_NLAT]
-    if n:
-        co._lat.extend(OUT[ck.O_LAT, :n].tolist())
-        co._start.extend(OUT[ck.O_START, :n].tolist())
-        co._refault.extend(OUT[ck.O_REFAULT, :n].astype(np.int64).tolist())
-    n = SIl[ck.K_NSTALL]
-    if n:
-        co._stall_start.extend(OUT[ck.O_SSTART, :n].tolist())
-        co._stall_lat.extend(OUT[ck.O_SLAT, :n].tolist())
-        co._stall_a.extend(OUT[ck.O_SA, :n].tolist())
+    # the hits of the planned guest runs (each access_ns counted in the order the runs ended)
+    ivs = IV[rows].tolist()
+    hits = metrics.hit_ns
+    ends = sorted((iv[ck.I_FIRST_END], j) for j, iv in enumerate(ivs) if iv[ck.I_FIRST_END] >= 0)
+    for _, j in ends:
+        a = planned[j][1].access_ns
+        hits[a] = hits.get(a, 0) + ivs[j][ck.I_HITS]
+    # the records, after the Python steps' (Cohort._flush_records: the same samples in the same order)
+    nlat, nst = SIl[ck.K_NLAT], SIl[ck.K_NSTALL]
+    if nlat or nst:
+        co._flush_records()
+    if nlat:
+        metrics.record_faults(0, {}, OUT[ck.O_START, :nlat], OUT[ck.O_LAT, :nlat],
+                              OUT[ck.O_REFAULT, :nlat].astype(np.int8))
+    if nst:
+        sa = OUT[ck.O_SA, :nst]
+        a0 = float(sa[0])
+        metrics.record_access_stalls(OUT[ck.O_SSTART, :nst], OUT[ck.O_SLAT, :nst], a0)
+        other = sa != a0
+        if other.any():  # counted against a0 above: move each stall to its own access time
+            hits = metrics.hit_ns
+            for a in sa[other].tolist():
+                hits[a0] += 1
+                hits[a] = hits.get(a, 0) - 1
     # the lock
     lock._last_t, lock._area_holders, lock._area_waiters = Sl[ck.L_LAST], Sl[ck.L_AREA_H], Sl[ck.L_AREA_W]
     st.wait_ns, st.hold_ns, st.max_wait_ns = Sl[ck.L_WAIT], Sl[ck.L_HOLD], Sl[ck.L_MAXWAIT]
@@ -298,14 +312,8 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
     hm.lru.holds, hm.lru.contended = SIl[ck.HI_LRU_HOLDS], SIl[ck.HI_LRU_CONT]
     hm._zeroing = Z[:SIl[ck.HI_ZN]].tolist()
     # the vCPUs and their plans
-    ivs = IV[rows].tolist()
     fvs = FV[rows].tolist()
     curs = CUR[rows].tolist()
-    hits = metrics.hit_ns
-    ends = sorted((iv[ck.I_FIRST_END], j) for j, iv in enumerate(ivs) if iv[ck.I_FIRST_END] >= 0)
-    for _, j in ends:
-        a = planned[j][1].access_ns
-        hits[a] = hits.get(a, 0) + ivs[j][ck.I_HITS]
     newev = {}
     for (i, x, p, k0, t0, ev0), iv, fv, cur in zip(planned, ivs, fvs, curs):
         for c, d, _ in kc[x]:
