@@ -63,7 +63,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 from simpy.events import NORMAL, Event
 
-from .cohort_bridge import take
 from .lock import MmuLock
 from .mmu import HOST_RESIDENT, PTE_PREFETCH_NUM, TAG_MASK
 
@@ -590,6 +589,8 @@ class Cohort:
                     p = plans.get(x)
                     if p is not None and p.k < len(p.fpos) and p.step != "idle" and len(plans) > 1:
                         # the planned steps at the head of the queue, compiled (desim/cohort_kernel.py)
+                        from .cohort_bridge import take  # numba, imported on first use
+
                         n = take(self, owned, state)
                         eid = env._eid  # the kernel numbered its events and moved SimPy's counter past them
                         steps += n

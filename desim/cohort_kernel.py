@@ -67,7 +67,7 @@ STOP_FOREIGN, STOP_EMPTY, STOP_PLAN, STOP_XGRANT, STOP_FULL = 0, 1, 2, 3, 4
 O_LAT, O_START, O_REFAULT, O_SSTART, O_SLAT, O_SA = range(6)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _less(t1, p1, e1, t2, p2, e2):
     if t1 != t2:
         return t1 < t2
@@ -76,7 +76,7 @@ def _less(t1, p1, e1, t2, p2, e2):
     return e1 < e2
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _ev_push(SI, E, EI, t, kind, who, val):
     """heapq.heappush of (t, NORMAL, next id) (SimPy's Environment.schedule)."""
     ident = SI[K_NEXT_ID]
@@ -95,7 +95,7 @@ def _ev_push(SI, E, EI, t, kind, who, val):
     EI[j, 0], EI[j, 1], EI[j, 2], EI[j, 3] = NORMAL, ident, kind, who
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _ev_pop(SI, E, EI):
     n = SI[K_EN] - 1
     SI[K_EN] = n
@@ -120,7 +120,7 @@ def _ev_pop(SI, E, EI):
     EI[j, 0], EI[j, 1], EI[j, 2], EI[j, 3] = p, i, k, w
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _pend_push(SI, P, PI, t, seq, tok):
     j = SI[LI_PEND_N]
     SI[LI_PEND_N] = j + 1
@@ -134,7 +134,7 @@ def _pend_push(SI, P, PI, t, seq, tok):
     P[j], PI[j, 0], PI[j, 1] = t, seq, tok
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _pend_pop(SI, P, PI):
     n = SI[LI_PEND_N] - 1
     SI[LI_PEND_N] = n
@@ -157,7 +157,7 @@ def _pend_pop(SI, P, PI):
 
 
 # -- desim.lock.MmuLock (kvm->mmu_lock) -------------------------------------------------------------------
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _advance(S, SI, now):
     """MmuLock._advance: the integrals of holders and waiters."""
     dt = now - S[L_LAST]
@@ -167,7 +167,7 @@ def _advance(S, SI, now):
         S[L_LAST] = now
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _drop(S, SI, IV, FV, tok, at):
     """MmuLock._drop (every holder's role is ``fault``)."""
     S[L_HOLD] += at - FV[tok, F_HOLDSINCE]
@@ -178,7 +178,7 @@ def _drop(S, SI, IV, FV, tok, at):
         SI[LI_READERS] -= 1
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _catch_up(S, SI, IV, FV, P, PI, now):
     """MmuLock._catch_up: the deferred releases that are due, in time order."""
     while SI[LI_PEND_N] and P[0] <= now:
@@ -188,7 +188,7 @@ def _catch_up(S, SI, IV, FV, P, PI, now):
         _drop(S, SI, IV, FV, tok, t)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _grant(S, SI, IV, FV, tok, since, at, queued):
     """MmuLock._grant, after MmuLock._admit's wait statistics for a queued waiter (``queued``)."""
     if queued:
@@ -205,7 +205,7 @@ def _grant(S, SI, IV, FV, tok, since, at, queued):
     SI[LI_ACQ] += 1
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _arm_timer(S, SI, P, E, EI, now):
     """MmuLock._arm_timer: a timeout at the first deferred release."""
     t = P[0]
@@ -215,7 +215,7 @@ def _arm_timer(S, SI, P, E, EI, now):
     _ev_push(SI, E, EI, now + (t - now), EV_TIMER, -1, 0.0)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _handover(S, SI, IV, FV, W, WS, E, EI, at, delay, direct):
     """The queue's head is admitted at ``at`` (``delay`` after now) and its event succeeds then, with the
     hand-off cost: a planned vCPU's step, or a vCPU the kernel does not run (it stops there)."""
@@ -233,7 +233,7 @@ def _handover(S, SI, IV, FV, W, WS, E, EI, at, delay, direct):
         _ev_push(SI, E, EI, at, EV_XGRANT, w, S[L_HANDOFF])
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _wake(S, SI, IV, FV, W, WS, E, EI, now):
     """MmuLock._wake (every waiter asks for the lock's one mode: the kernel runs faults only)."""
     while SI[LI_WQ_N]:
@@ -247,7 +247,7 @@ def _wake(S, SI, IV, FV, W, WS, E, EI, now):
             return
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _acquire(S, SI, IV, FV, P, PI, W, WS, E, EI, tok, now):
     """MmuLock.acquire: True when granted at once, else ``tok`` is queued (FIFO)."""
     if SI[LI_PEND_N]:
@@ -270,7 +270,7 @@ def _acquire(S, SI, IV, FV, P, PI, W, WS, E, EI, tok, now):
     return False
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _release(S, SI, IV, FV, P, PI, W, WS, E, EI, tok, now):
     """MmuLock.release."""
     if SI[LI_PEND_N]:
@@ -280,7 +280,7 @@ def _release(S, SI, IV, FV, P, PI, W, WS, E, EI, tok, now):
     _wake(S, SI, IV, FV, W, WS, E, EI, now)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _release_after(S, SI, IV, FV, P, PI, W, WS, E, EI, tok, delay, now):
     """MmuLock.release_after: deferred, a direct hand-over to a queued writer, or a timed release."""
     if SI[LI_PEND_N]:
@@ -297,7 +297,7 @@ def _release_after(S, SI, IV, FV, P, PI, W, WS, E, EI, tok, delay, now):
     _ev_push(SI, E, EI, now + delay, EV_RELCB, tok, 0.0)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _timer_cb(S, SI, IV, FV, P, PI, W, WS, E, EI, now):
     """MmuLock._timer_cb."""
     S[L_TIMER_AT] = -1.0
@@ -309,7 +309,7 @@ def _timer_cb(S, SI, IV, FV, P, PI, W, WS, E, EI, now):
 
 
 # -- desim.hostmm.HostMm (zone->lock, lru_lock, clear_page) ---------------------------------------------------
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _first_touch(S, SI, IV, Z, i, t):
     """HostMm.first_touch(cpu, t, 1): the FifoServer holds of zone->lock and lru_lock, then _zero."""
     extra = 0.0
@@ -383,7 +383,7 @@ def _first_touch(S, SI, IV, Z, i, t):
 
 
 # -- the planned steps (desim.cohort.Cohort._begin_planned ...) ------------------------------------------------
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _begin(SI, IV, FV, CUR, DS, D, PL, OUT, i, now):
     """Cohort._begin_planned (Vcpu._begin_run): returns the delay of the guest run's event."""
     o = IV[i, I_OFF]
@@ -429,7 +429,7 @@ def _begin(SI, IV, FV, CUR, DS, D, PL, OUT, i, now):
     return g1 - now + exit_ns
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def _locked(S, SI, IV, FV, CUR, DS, D, PL, FK, THERE, LINKED, OUT, P, PI, W, WS, E, EI, i, now, handoff):
     """Cohort._locked_planned (Vcpu._fault_locked on a planned fault), then the next guest run begins."""
     o = IV[i, I_OFF]
@@ -480,7 +480,7 @@ def _locked(S, SI, IV, FV, CUR, DS, D, PL, FK, THERE, LINKED, OUT, P, PI, W, WS,
     _ev_push(SI, E, EI, now + d, EV_RUN, i, 0.0)
 
 
-@njit(cache=True)
+@njit(cache=True, _nrt=False)
 def run(S, SI, IV, FV, CUR, DS, D, VMM, PL, FK, THERE, LINKED, OUT, P, PI, W, WS, Z, E, EI):
     """Take the steps at the head of the queue while they are the kernel's (see the module docstring).
     ``S[S_FT], SI[S_FP], SI[S_FE]``: the key of the first foreign event (time ``inf``: none)."""
