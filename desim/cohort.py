@@ -111,7 +111,8 @@ class _Plan:
 
     def fkeys(self, k: int):
         """The page-table pages (level, index) fault ``k`` allocates unless one is there."""
-        return [(c & 3, c >> 2) for c in self.fk_code[self.fk_ptr[k]:self.fk_ptr[k + 1]].tolist()]
+        a, b = self.fk_ptr[k:k + 2].tolist()
+        return [(c & 3, c >> 2) for c in self.fk_code[a:b].tolist()] if b > a else ()
 
     def nres_from(self, b: int) -> int:
         """How many of the faults from ``b`` on find their host page resident."""
@@ -616,6 +617,17 @@ class Cohort:
                     continue
                 x = procs.get(id(owner))
                 if x is None:
+                    if owner is not None and owner is vm.checkpoints and cb.__func__ is owner._resume.__func__:
+                        # a progress checkpoint (Vm._checkpoints: it only reads the model, after the records
+                        # are flushed): its step taken here, as Environment.step would, the loop going on
+                        heappop(queue)
+                        env._now = t
+                        ev.callbacks = None
+                        self._flush()
+                        active = env._active_proc
+                        owner._resume(ev)
+                        env._active_proc = active
+                        continue
                     break
                 st = self._state(x, ev)
                 if st is None:
