@@ -599,7 +599,8 @@ class Cohort:
                         if n > 2 * len(plans):
                             self._kmiss = 0
                         else:
-                            self._kmiss = min(2 * self._kmiss + 1, _BACKOFF_MAX)
+                            # a call costs O(vCPUs) Python: with many vCPUs, leave more steps to Python
+                            self._kmiss = min(2 * self._kmiss + 1, max(_BACKOFF_MAX, 2 * len(state)))
                             self._kskip = self._kmiss
                         if n:
                             continue
