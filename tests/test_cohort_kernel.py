@@ -47,9 +47,9 @@ def test_the_kernel_agrees(profile, costs):
 
 
 def test_the_kernel_with_host_allocator_contention():
-    """64 vCPUs first-touching at once with zeroing slower than the bandwidth allows: zone->lock, lru_lock and
+    """32 vCPUs first-touching at once with zeroing slower than the bandwidth allows: zone->lock, lru_lock and
     memory-bandwidth waits inside the kernel."""
-    sc = _sc(64, "tdp-icelake", profile_overrides={"kernel": {"backing": "4k"}, "costs": {"membw_4k": 200.0}})
+    sc = _sc(32, "tdp-icelake", profile_overrides={"kernel": {"backing": "4k"}, "costs": {"membw_4k": 200.0}})
     ref, py, fast, vm = _runs(sc)
     assert_same(ref, py, "python cohort, host allocator contention")
     assert_same(ref, fast, "kernel, host allocator contention")
