@@ -26,8 +26,6 @@ from .lock import WRITE, MmuLock, _Waiter
 if TYPE_CHECKING:  # pragma: no cover
     from .cohort import Cohort
 
-import os
-_DEBUG = os.environ.get("H15J_DEBUG")
 _LOCK_CBS = (MmuLock._timer_cb, MmuLock._release_cb)
 
 
@@ -241,8 +239,6 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
     ck.run(S, SI, IV, FV, CUR, DS, D, VMM, PL, FK, THERE, LINKED, OUT, PT, PI, W, WS, Z, E, EI)
     env._eid = itertools.count(int(SI[ck.K_NEXT_ID]))
     steps = int(SI[ck.K_STEPS])
-    if _DEBUG:
-        print("take", len(planned), steps, int(SI[ck.K_STOP]), int(SI[ck.K_PLANNED]))
     # -- back to the Python objects --------------------------------------------------------------------
     SIl = SI.tolist()
     Sl = S.tolist()
