@@ -269,7 +269,7 @@ class FaultRun:
         window = int(min(_VECTOR_MAX, max(256.0, 4 * expect)))
         seg = v._chunk[pos:pos + window]
         # where the window reaches past the chunk's end, the next chunks of a plain stream follow (each
-        # chunk end is a guest run without a fault: see _runs); bounds = where each next chunk starts in seg
+        # chunk end is a guest run without a fault, see below); bounds = where each next chunk starts in seg
         bounds: list[int] = []
         if len(seg) < window and v.stream is not None:
             parts = [seg]
