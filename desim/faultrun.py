@@ -18,10 +18,11 @@ that path would have reached, where
 * the fault must wait: ``mmu_lock`` is contended (a lock storm's waiters queue
   as usual), or the host allocation's contention (``desim.hostmm``) ends after
   the next event;
-* the run is anything else: the chunk ends, the next miss is MMIO or on an
-  INVALID slot (``RET_PF_RETRY``), a request is pending, the vCPU's root is
-  obsolete, an SRCU writer waits for the vCPU, the audit is on, or the engine is
-  ``reference``.
+* the run is anything else: the chunk ends (a vectorised block goes on into the
+  next chunks of a plain stream, the chunk end one more guest run of its
+  timeline), the next miss is MMIO or on an INVALID slot (``RET_PF_RETRY``), a
+  request is pending, the vCPU's root is obsolete, an SRCU writer waits for the
+  vCPU, the audit is on, or the engine is ``reference``.
 
 :meth:`FaultRun.batchable` is that predicate: whatever it does not accept runs on
 the per-fault path, so a model feature added there stays exact by default. The
