@@ -56,6 +56,7 @@ checkpoints.
 """
 from __future__ import annotations
 
+import os
 from heapq import heappop, heappush
 from typing import TYPE_CHECKING
 
@@ -72,9 +73,13 @@ if TYPE_CHECKING:  # pragma: no cover
 _BACKOFF_MAX = 64  # loop tops to skip after attempts that took (almost) nothing
 _LOCK_CALLBACKS = (MmuLock._timer_cb, MmuLock._release_cb)
 _PLAN_ACCESSES = 4096  # accesses of a vCPU's chunk looked at per plan, at most
+_PLAN_ACCESSES_KERNEL = 1 << 16  # with the compiled kernel (each of its calls costs about as much as 100s of faults;
+# its plans grow eight-fold: a speed heuristic only)
+_PLAN_WINDOW0_KERNEL = 4096  # the first plan's window with the kernel
 _PLAN_WINDOW0 = 512  # the first plan's window; then twice the accesses the vCPU's last plan lasted, within
 # [_PLAN_WINDOW0 / 4, _PLAN_ACCESSES]: planning costs per fault planned, and a plan dropped early (the loop
 # ends, another vCPU's plan clashes) wastes the rest (a speed heuristic only: what is taken is exact)
+_KERNEL = os.environ.get("DESIM_COHORT_KERNEL", "1") != "0"  # "0": the Python steps only (tests, profiling)
 _PLAN_MIN = 32  # a plan with fewer faults makes the next plans wait (planning costs about as much as 10-20 faults)
 
 
@@ -84,19 +89,34 @@ class _Plan:
     state; ``step`` is where the fault ``locked`` is: ``idle`` (not begun), ``run`` (its guest run in
     flight) or ``pending`` (past ``kvm_faultin_pfn``, waiting or about to take ``mmu_lock``)."""
 
-    __slots__ = ("ss", "install", "fpos", "gfns", "gset", "resident", "ever", "fkeys", "k", "locked",
-                 "committed", "step", "lo", "hi")
+    __slots__ = ("ss", "install", "fpos", "gfns", "_gset", "resident", "ever", "k", "locked",
+                 "committed", "step", "lo", "hi", "fk_code", "fk_ptr", "arrays", "nres")
 
-    def __init__(self, ss, install, fpos, gfns, resident, ever, fkeys) -> None:
+    def __init__(self, ss, install, fpos, gfns, resident, ever) -> None:
         self.ss = ss
         self.install = install
-        self.fpos, self.gfns, self.resident, self.ever = fpos, gfns, resident, ever
-        self.gset = set(gfns)
-        self.fkeys = fkeys  # per fault: the page-table pages (level, index) it allocates unless one is there
+        self.fpos, self.gfns, self.resident, self.ever = fpos, gfns, resident, ever  # arrays
+        self._gset = None
         self.k = 0
         self.locked = 0
         self.committed = 0
         self.step = "idle"
+
+    @property
+    def gset(self) -> set:
+        """The plan's gfns as a set (made on first use: most plans are never asked)."""
+        if self._gset is None:
+            self._gset = set(self.gfns.tolist())
+        return self._gset
+
+    def fkeys(self, k: int):
+        """The page-table pages (level, index) fault ``k`` allocates unless one is there."""
+        a, b = self.fk_ptr[k:k + 2].tolist()
+        return [(c & 3, c >> 2) for c in self.fk_code[a:b].tolist()] if b > a else ()
+
+    def nres_from(self, b: int) -> int:
+        """How many of the faults from ``b`` on find their host page resident."""
+        return int(self.nres[b]) if b < len(self.nres) else 0
 
 
 def _reader(view, name: str):
@@ -154,6 +174,12 @@ class Cohort:
         self.runs = 0  # loops that took at least one step
         self._window: dict = {}  # vCPU -> accesses its next plan looks at (Cohort._retire)
         self._pos0: dict = {}  # vCPU -> its position in its chunk when its plan was made
+        self._vidx: dict | None = None  # vCPU -> its index (desim/cohort_bridge.py)
+        self.kernel = _KERNEL  # planned steps in the compiled kernel (desim/cohort_kernel.py)
+        self._kcosts: dict = {}  # vCPU -> per kernel cost: (row, its _Draws or None, its value if constant)
+        self._kskip = 0  # loop tops to leave to the Python steps before trying the kernel again
+        self._kmiss = 0
+        self.kernel_steps = 0  # vCPU steps the kernel took (for benchmarks and tests)
 
     def _missed(self) -> None:
         self._misses = min(2 * self._misses + 1, _BACKOFF_MAX)
@@ -182,7 +208,7 @@ class Cohort:
         mmu = self.vm.mmu
         pos = x._pos
         self._pos0[x] = pos
-        seg = x._chunk[pos:pos + self._window.get(x, _PLAN_WINDOW0)]
+        seg = x._chunk[pos:pos + self._window.get(x, _PLAN_WINDOW0_KERNEL if self.kernel else _PLAN_WINDOW0)]
         misses = mmu.first_misses(seg)
         if misses is None:
             return None
@@ -221,13 +247,21 @@ class Cohort:
             return None
         # the page-table pages each fault would allocate: whether it does is decided when it is under
         # mmu_lock (another plan's fault may have allocated the page first: _locked_planned)
-        fkeys = [()] * K
+        fi, fc = [], []
         for lvl, (shift, nf) in plan.new_tables.items():
-            for i, key in zip(nf.tolist(), (fg[nf] >> shift).tolist()):
-                fkeys[i] = fkeys[i] + ((lvl, key),)
-        out = _Plan(ss, plan, (fpos + pos).tolist(), fg.tolist(), plan.resident.tolist(),
-                    plan.ever_mapped.tolist(), fkeys)
+            fi.append(nf)
+            fc.append((fg[nf] >> shift) * 4 + lvl)
+        afpos = fpos + pos
+        out = _Plan(ss, plan, afpos, fg, plan.resident, plan.ever_mapped)
         out.lo, out.hi = lo, hi
+        # per fault, its page-table pages (level + 4 * index; levels in new_tables' order), as offsets
+        # into fk_code; and the plan as one array for the compiled kernel (desim/cohort_kernel.py)
+        fi = np.concatenate(fi) if fi else np.zeros(0, np.int64)
+        order = np.argsort(fi, kind="stable")
+        out.fk_code = (np.concatenate(fc) if fc else np.zeros(0, np.int64))[order]
+        out.fk_ptr = np.searchsorted(fi[order], np.arange(K + 1), side="left")
+        out.arrays = np.stack((afpos, fg, plan.resident, plan.ever_mapped)).astype(np.int64, copy=False)
+        out.nres = np.cumsum(plan.resident[::-1])[::-1]  # resident pages from each fault on
         return out
 
     def _commit(self, x: "Vcpu", p: _Plan, final: bool) -> None:
@@ -244,12 +278,15 @@ class Cohort:
             p.committed = k
             x._seq = -1  # the vCPU's cached miss list predates these installs
         if final and p.step == "pending" and not p.resident[k]:
-            mmu.make_resident(p.ss, p.gfns[k], 1)
+            mmu.make_resident(p.ss, int(p.gfns[k]), 1)
 
     def _retire(self, x: "Vcpu") -> None:
         """``x``'s plan is dropped: size its next plan's window from the accesses this one lasted."""
         used = x._pos - self._pos0.get(x, x._pos)
-        self._window[x] = min(max(2 * used, _PLAN_WINDOW0 // 4), _PLAN_ACCESSES)
+        if self.kernel:
+            self._window[x] = min(max(8 * used, _PLAN_WINDOW0 // 4), _PLAN_ACCESSES_KERNEL)
+        else:
+            self._window[x] = min(max(2 * used, _PLAN_WINDOW0 // 4), _PLAN_ACCESSES)
 
     def _flush(self, final: bool = False) -> None:
         """Commit every plan and the records of its faults (before a step that reads the SPTE state or records
@@ -288,8 +325,18 @@ class Cohort:
         """Resume ``x``'s process now, at the top of its loop (its step is done), as SimPy would go on with it
         within the step that processed ``ev``; it runs until it waits again."""
         env = self.env
-        # the process's code reads and changes the SPTE state and records faults: plans are dropped first
-        self._flush(final=True)
+        # the process's code reads the SPTE state: the plans' installs and records are committed first.
+        # The other vCPUs' plans are kept: the process only begins its vCPU's next guest run here (its
+        # fault is a plain step of this loop, checked against the plans: _clashes), once its fault run
+        # (which could install SPTEs another plan counts on) is held off for this one resumption.
+        p = self._plans.pop(x, None)
+        if p is not None:
+            self._commit(x, p, False)
+            self._retire(x)
+        self._flush()
+        fr = x.fault_run
+        if fr is not None and not fr.backoff:
+            fr.backoff = 1
         x._handback = ("top", None, None)
         x._wait = None
         proc = x.proc
@@ -320,8 +367,8 @@ class Cohort:
     def _begin_planned(self, x: "Vcpu", p: _Plan) -> float:
         c = self._costs.get(x) or self._costs_of(x)
         k = p.k
-        miss = p.fpos[k]
-        gfn = p.gfns[k]
+        miss = int(p.fpos[k])
+        gfn = int(p.gfns[k])
         n = miss - x._pos
         pre = c.fault_handle() + (c.faultin_resident() if p.resident[k] else c.host_alloc_4k())
         now = self.env._now
@@ -419,7 +466,7 @@ class Cohort:
         metrics = vm.metrics
         k = p.locked
         allocated = 0
-        for lk in p.fkeys[k]:
+        for lk in p.fkeys(k):
             if self._table_there(lk):
                 self.shared_tables += 1
             else:
@@ -449,7 +496,7 @@ class Cohort:
         x._entry = entry = c.vm_entry()
         start = ctx[4]
         # Metrics.record_fault: counted now, the samples appended at the next flush
-        ever = p.ever[k]
+        ever = bool(p.ever[k])
         x.m.faults["after_zap" if ever else "first_touch"] += 1
         self._lat.append(now + hold + entry - start)
         self._start.append(start)
@@ -532,9 +579,31 @@ class Cohort:
         owned = {ev: x0}  # pending event -> the vCPU that waits on it
         state = {x0: ("run", None, None, ev)}  # vCPU -> (kind, t0, ctx, pending event)
         steps = 0
+        kernel = self.kernel
         while queue:
             t, _, _, ev = queue[0]
             x = owned.get(ev)
+            if kernel and x is not None:
+                if self._kskip:
+                    self._kskip -= 1
+                else:
+                    p = plans.get(x)
+                    if p is not None and p.k < len(p.fpos) and p.step != "idle" and len(plans) > 1:
+                        # the planned steps at the head of the queue, compiled (desim/cohort_kernel.py)
+                        from .cohort_bridge import take  # numba, imported on first use
+
+                        n = take(self, owned, state)
+                        eid = env._eid  # the kernel numbered its events and moved SimPy's counter past them
+                        steps += n
+                        self.kernel_steps += n
+                        if n > 2 * len(plans):
+                            self._kmiss = 0
+                        else:
+                            # a call costs O(vCPUs) Python: with many vCPUs, leave more steps to Python
+                            self._kmiss = min(2 * self._kmiss + 1, max(_BACKOFF_MAX, 2 * len(state)))
+                            self._kskip = self._kmiss
+                        if n:
+                            continue
             if x is None:
                 cbs = ev.callbacks
                 if not cbs or len(cbs) != 1:
@@ -549,6 +618,17 @@ class Cohort:
                     continue
                 x = procs.get(id(owner))
                 if x is None:
+                    if owner is not None and owner is vm.checkpoints and cb.__func__ is owner._resume.__func__:
+                        # a progress checkpoint (Vm._checkpoints: it only reads the model, after the records
+                        # are flushed): its step taken here, as Environment.step would, the loop going on
+                        heappop(queue)
+                        env._now = t
+                        ev.callbacks = None
+                        self._flush()
+                        active = env._active_proc
+                        owner._resume(ev)
+                        env._active_proc = active
+                        continue
                     break
                 st = self._state(x, ev)
                 if st is None:

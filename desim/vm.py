@@ -106,6 +106,7 @@ class Vm:
         self.vcpus = [Vcpu(self, i) for i in range(scenario.vm.vcpus)]
         self._slot_update: simpy.Event | None = None
         self._vmm_running = False
+        self.checkpoints = None  # the progress checkpoints' process (Vm.run)
         # where the run is, for progress reports only (never read by the model)
         self._phase_index = 0
         self._phase_planned: int | None = 0  # accesses the phase's streams will make (None: open-ended)
@@ -278,7 +279,8 @@ class Vm:
             self.env.process(nx_huge_page_recovery_worker(self))
         limit = self.scenario.time_limit_ms * 1e6
         if progress is not None:
-            self.env.process(self._checkpoints(progress))
+            # desim/cohort.py takes this read-only process's steps inside its loops
+            self.checkpoints = self.env.process(self._checkpoints(progress))
         self.env.run(until=simpy.AnyOf(self.env, [main, self.env.timeout(limit)]))
         if not main.triggered:
             raise DesimInputError(f"scenario {self.scenario.name}: did not finish within time_limit_ms = "

@@ -34,7 +34,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from desim import cohort, faultrun
+from desim import cohort, cohort_bridge, faultrun
 from desim.mmu import Mmu
 from desim.profile import HostProfile, load_profile
 from desim.scenario import load_scenario
@@ -355,5 +355,6 @@ def test_a_broken_cohort_plan_is_caught(monkeypatch):
     vm = Vm(sc, "fast", seed=1, engine="fast")
     assert ref == fingerprint(vm) and vm.cohort.shared_tables > 0
     monkeypatch.setattr(cohort.Cohort, "_table_there", lambda self, lk: False)
+    monkeypatch.setattr(cohort_bridge, "_tables_there", lambda mmu, codes: np.zeros(len(codes), dtype=np.int64))
     vm = Vm(sc, "fast", seed=1, engine="fast")
     assert ref != fingerprint(vm)
