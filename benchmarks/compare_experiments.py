@@ -52,8 +52,13 @@ def checkout(rev: str, work: Path) -> Path:
     sha = got.stdout.strip()
     dest = work / f"src-{sha}"
     if not dest.exists():
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(dest), sha], check=True,
-                       capture_output=True)
+        # a checkout removed by hand (rm -rf of --work) is still registered: forget it first
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], capture_output=True)
+        made = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(dest), sha],
+                              capture_output=True, text=True)
+        if made.returncode:
+            raise SystemExit(f"desim: error: --work {work}: cannot check out {sha} there "
+                             f"({made.stderr.strip().splitlines()[-1] if made.stderr.strip() else 'git failed'})")
     return dest
 
 

@@ -151,7 +151,16 @@ class ChunkedBytes:
         """``x[idx] = values`` (an integer array and an array or a scalar), allocating as needed."""
         if len(idx) == 0:
             return
-        vals = np.broadcast_to(np.asarray(values, dtype=np.uint8), idx.shape)
+        if isinstance(values, np.ndarray) and values.dtype == np.uint8 and values.shape == idx.shape:
+            vals = values
+            c0 = int(idx[0]) >> self.shift
+            arr = self.chunks[c0]
+            if arr is not None and c0 == int(idx[-1]) >> self.shift and c0 == int(idx.min()) >> self.shift \
+                    and c0 == int(idx.max()) >> self.shift:
+                arr[idx - (c0 << self.shift)] = vals  # the usual case: one allocated chunk
+                return
+        else:
+            vals = np.broadcast_to(np.asarray(values, dtype=np.uint8), idx.shape)
         c = idx >> self.shift
         for cc in ((int(c[0]),) if c[0] == c[-1] and (c == c[0]).all() else np.unique(c)):
             cc = int(cc)

@@ -121,9 +121,14 @@ class _Draws:
         self.i = 0
 
     def next(self) -> float:
-        v = self.peek()
-        self.i += 1
-        return v
+        i = self.i
+        buf = self.buf
+        if buf is None or i >= len(buf):  # (buf, when made, is arr as a list: the same length)
+            v = self.peek()
+            self.i += 1
+            return v
+        self.i = i + 1
+        return buf[i]
 
     def peek(self) -> float:
         """The value :meth:`next` returns next, without consuming it (the stream is the same either way:

@@ -18,10 +18,11 @@ that path would have reached, where
 * the fault must wait: ``mmu_lock`` is contended (a lock storm's waiters queue
   as usual), or the host allocation's contention (``desim.hostmm``) ends after
   the next event;
-* the run is anything else: the chunk ends, the next miss is MMIO or on an
-  INVALID slot (``RET_PF_RETRY``), a request is pending, the vCPU's root is
-  obsolete, an SRCU writer waits for the vCPU, the audit is on, or the engine is
-  ``reference``.
+* the run is anything else: the chunk ends (a vectorised block goes on into the
+  next chunks of a plain stream, the chunk end one more guest run of its
+  timeline), the next miss is MMIO or on an INVALID slot (``RET_PF_RETRY``), a
+  request is pending, the vCPU's root is obsolete, an SRCU writer waits for the
+  vCPU, the audit is on, or the engine is ``reference``.
 
 :meth:`FaultRun.batchable` is that predicate: whatever it does not accept runs on
 the per-fault path, so a model feature added there stays exact by default. The
@@ -46,7 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .vcpu import Vcpu
 
 _VECTOR_MIN = 32  # a vectorised block pays off when about this many faults fit before the next event
-_VECTOR_MAX = 8192  # accesses looked at per vectorised block
+_VECTOR_MAX = 32768  # accesses looked at per vectorised block
 _BACKOFF_MAX = 16  # at most this many guest runs go by without a check (see FaultRun.missed)
 
 
@@ -232,6 +233,12 @@ class FaultRun:
         included, :meth:`desim.mmu.Mmu.plan_prefetch_4k`), with the vCPU alone on ``mmu_lock``. Returns
         the faults taken (0: none, the scalar loop takes the next one).
 
+        A block reaches past the end of the vCPU's chunk into the next chunks of a plain stream
+        (:meth:`desim.workload.AccessStream.peek_chunk`): each chunk end is one more guest run in the
+        timeline, the one :meth:`desim.vcpu.Vcpu.run` makes there (the chunk's last accesses, from the
+        entry the last fault drew, without an exit or a fault), after which the next chunk's first run
+        draws its own VM entry and pays no hold. The block ends at a fault, on the chunk of that fault.
+
         Exactness: each quantity is computed with the per-fault path's float operations in its order.
         The only sequential dependency, the timeline (each guest run starts where the last fault
         ended), is computed without a loop by :func:`desim.timeline.run_ends`, with the loop's bits.
@@ -260,7 +267,23 @@ class FaultRun:
             return 0
         # the faults: the first access to each gfn without a present SPTE (4 KiB mappings map one gfn)
         pos = v._pos
-        seg = v._chunk[pos:pos + int(min(_VECTOR_MAX, max(256.0, 4 * expect)))]
+        window = int(min(_VECTOR_MAX, max(256.0, 4 * expect)))
+        seg = v._chunk[pos:pos + window]
+        # where the window reaches past the chunk's end, the next chunks of a plain stream follow (each
+        # chunk end is a guest run without a fault, see below); bounds = where each next chunk starts in seg
+        bounds: list[int] = []
+        if len(seg) < window and v.stream is not None:
+            parts = [seg]
+            total = len(seg)
+            while total < window:
+                ch = v.stream.peek_chunk(len(bounds))
+                if ch is None or len(ch) == 0:
+                    break
+                bounds.append(total)
+                parts.append(ch[:window - total])
+                total += len(parts[-1])
+            if bounds:
+                seg = np.concatenate(parts)
         misses = mmu.first_misses(seg)
         if misses is None:
             return 0
@@ -292,6 +315,22 @@ class FaultRun:
         if plan is None:
             return 0
         resident, ever, alloc = plan.resident, plan.ever_mapped, plan.allocated
+        # the guest runs: one per fault, and one per chunk end crossed before the last fault (the rest of
+        # the chunk, without a fault: Vcpu._begin_run with the miss at the chunk's end, then the next chunk)
+        n_ends = int(np.searchsorted(bounds, int(fpos[-1]), side="right")) if bounds else 0
+        R = K + n_ends
+        if n_ends:
+            posr = np.concatenate((fpos, np.asarray(bounds[:n_ends], dtype=fpos.dtype)))
+            # by position; a chunk's end comes before a fault on the next chunk's first access
+            order = np.argsort(2 * posr + np.concatenate((np.ones(K, np.int64), np.zeros(n_ends, np.int64))),
+                               kind="stable")
+            is_f = order < K
+            P = posr[order]
+            fr = np.flatnonzero(is_f)  # the run of each fault
+        else:
+            is_f = np.ones(K, dtype=bool)
+            P = fpos
+            fr = np.arange(K)
         # the costs of K faults, in each stream's order (peeked, consumed below for the faults taken)
         n_res = int(np.count_nonzero(resident))
         n_ft = K - n_res
@@ -301,83 +340,102 @@ class FaultRun:
             d, c = src[name]
             return c if d is None else d.peek_many(k)
 
-        draws_entry = costs("vm_entry", K + 1 if need_entry else K)
+        # VM entry: drawn at a run's start when none is held (the first run, unless one is; a run after a
+        # chunk end), and by each fault under mmu_lock for the next run (Vcpu._fault_locked), in that order
+        begin = np.zeros(R, dtype=bool)
+        begin[0] = need_entry
+        begin[1:] = ~is_f[:-1]
+        slots = np.empty(2 * R, dtype=bool)
+        slots[0::2] = begin
+        slots[1::2] = is_f
+        n_draws = int(np.count_nonzero(slots))
+        draws_entry = costs("vm_entry", n_draws)
         if isinstance(draws_entry, float):
-            entry0 = v._entry if not need_entry else draws_entry
-            E = np.full(K, draws_entry)  # the entry each fault draws for the next run (Vcpu._fault_locked)
-        else:
-            entry0 = v._entry if not need_entry else float(draws_entry[0])
-            E = draws_entry[1:] if need_entry else draws_entry
+            draws_entry = np.full(n_draws, draws_entry)
+        slot_draw = np.cumsum(slots) - 1  # the draw each slot takes
+        E = draws_entry[slot_draw[2 * fr + 1]]  # the entry each fault draws for the next run
+        entry = np.empty(R)
+        bi = np.flatnonzero(begin)
+        entry[bi] = draws_entry[slot_draw[2 * bi]]
+        ai = np.flatnonzero(~begin[1:]) + 1  # runs after a fault: its entry
+        entry[ai] = draws_entry[slot_draw[2 * ai - 1]]
+        if not need_entry:
+            entry[0] = v._entry
         fh = costs("fault_handle", K)
         ha = costs("host_alloc_4k", n_ft)
-        fr = costs("faultin_resident", n_res)
+        fr_ = costs("faultin_resident", n_res)
         if n_res == 0:  # all first touches (a populate)
             pre = fh + ha
         elif n_ft == 0:  # all resident (re-faults after a zap)
-            pre = fh + fr
+            pre = fh + fr_
         else:
             ft_idx = np.cumsum(~resident) - 1  # index of each first touch among the first touches
             res_idx = np.cumsum(resident) - 1
             ha_k = ha if isinstance(ha, float) else ha[np.maximum(ft_idx, 0)]
-            fr_k = fr if isinstance(fr, float) else fr[np.maximum(res_idx, 0)]
+            fr_k = fr_ if isinstance(fr_, float) else fr_[np.maximum(res_idx, 0)]
             pre = np.where(resident, fh + fr_k, fh + ha_k)
-        exit_ns = costs("vm_exit", K) + pre
-        if np.ndim(exit_ns) == 0:  # every cost constant
-            exit_ns = np.full(K, exit_ns)
-        hold = costs("spte_install", K) + alloc * src["pt_page_alloc"][1] + prefetched * src["prefetch_spte"][1]
-        if not (hold > 0).all():
+        exit_f = costs("vm_exit", K) + pre
+        if np.ndim(exit_f) == 0:  # every cost constant
+            exit_f = np.full(K, exit_f)
+        hold_f = costs("spte_install", K) + alloc * src["pt_page_alloc"][1] + prefetched * src["prefetch_spte"][1]
+        if not (hold_f > 0).all():
             return 0  # a zero hold releases mmu_lock at once (MmuLock.release): the per-fault path
         a = v.access_ns
-        n = np.diff(fpos, prepend=0)
-        na = n * a
-        carry = np.empty(K)
+        n = np.diff(P, prepend=0)
+        # per run: a chunk end's run has no exit (the next chunk follows at once) and leaves no hold to pay
+        exit_ns = np.zeros(R)
+        exit_ns[fr] = exit_f
+        hold = np.zeros(R)
+        hold[fr] = hold_f
+        carry = np.empty(R)
         carry[0] = v._carry
         carry[1:] = hold[:-1]
-        entry = np.empty(K)
-        entry[0] = entry0
-        entry[1:] = E[:-1]
         # the timeline, as Vcpu.run computes it: g0 = now + carry, g1 = g0 + entry + n * access_ns,
-        # the fault at t1 = now + (g1 - now + exit_ns); strictly before the next event (desim/timeline.py:
+        # the run's end at t1 = now + (g1 - now + exit_ns); strictly before the next event (desim/timeline.py:
         # the same bits as that loop)
         stalled = v._stalled_since
-        t1 = run_ends(now, carry, entry, na, exit_ns, head)
-        K = len(t1)
+        t1 = run_ends(now, carry, entry, n * a, exit_ns, head)
+        K = int(np.searchsorted(fr, len(t1)))  # the faults whose run ends before the next event
         if K == 0:
             return 0
-        t1 = t1[:K]
-        if own is not None and not own[0] <= t1[0]:
+        t1f = t1[fr[:K]]
+        if own is not None and not own[0] <= t1f[0]:
             return 0
         # each acquire must find the previous fault's release due (MmuLock._catch_up): true unless rounding
-        late = np.flatnonzero((t1[:-1] + hold[:K - 1]) > t1[1:])
+        late = np.flatnonzero((t1f[:-1] + hold_f[:K - 1]) > t1f[1:])
         if len(late):
             K = int(late[0]) + 1
-            t1 = t1[:K]
         ft = np.flatnonzero(~resident[:K])
         if len(ft):
             vmm_alloc = costs("vmm_host_alloc_4k", len(ft))
             slack = 0.0 if isinstance(vmm_alloc, float) else float(vmm_alloc.max() - vmm_alloc.min())
-            m = vm.hostmm.first_touches_4k(v.index, t1[ft] - vmm_alloc, t1[ft], slack)
+            m = vm.hostmm.first_touches_4k(v.index, t1f[ft] - vmm_alloc, t1f[ft], slack)
             if m < len(ft):
                 K = int(ft[m])  # that first touch waits for the host allocator: the per-fault path
                 ft = ft[:m]
             if K == 0:
                 return 0
-        # -- commit K faults ---------------------------------------------------------------
-        fpos, fg, alloc, n, ever = fpos[:K], fg[:K], alloc[:K], n[:K], ever[:K]
-        carry, entry, exit_ns, hold, t1, E = carry[:K], entry[:K], exit_ns[:K], hold[:K], t1[:K], E[:K]
+        # -- commit K faults and the R runs up to the last of them -----------------------------
+        R = int(fr[K - 1]) + 1
+        fr = fr[:K]
+        n_ends = R - K
+        fpos, fg, alloc, ever = fpos[:K], fg[:K], alloc[:K], ever[:K]
+        exit_f, hold_f, E, t1f = exit_f[:K], hold_f[:K], E[:K], t1f[:K]
+        P, n, carry, entry, exit_ns, t1 = P[:R], n[:R], carry[:R], entry[:R], exit_ns[:R], t1[:R]
         n_ft = len(ft)
         n_res = K - n_ft
-        for name, used in (("vm_entry", K + int(need_entry)), ("fault_handle", K), ("vm_exit", K),
+        for name, used in (("vm_entry", int(slot_draw[2 * R - 1]) + 1), ("fault_handle", K), ("vm_exit", K),
                            ("host_alloc_4k", n_ft), ("faultin_resident", n_res), ("spte_install", K),
                            ("vmm_host_alloc_4k", n_ft)):
             d = src[name][0]
             if d is not None:
                 d.i += used
-        t0 = np.empty(K)
+        t0 = np.empty(R)
         t0[0] = now
         t0[1:] = t1[:-1]
         g0 = t0 + carry
         g1 = g0 + entry + n * a
+        g1f = g1[fr]
         metrics = vm.metrics
         m_ = v.m
         total_alloc = mmu.commit_install_4k(plan, K)  # Mmu.make_resident + Mmu.install, K times
@@ -391,22 +449,26 @@ class FaultRun:
             metrics.sptes_installed += len(pg)
         # fault records: latency = exit .. the next VM entry (now + hold + entry - start)
         refaults = int(ever.sum())
-        lat = t1 + hold + E - g1
-        metrics.record_faults(v.index, {"after_zap": refaults, "first_touch": K - refaults}, g1, lat,
+        lat = t1f + hold_f + E - g1f
+        metrics.record_faults(v.index, {"after_zap": refaults, "first_touch": K - refaults}, g1f, lat,
                               ever.astype(np.int8))
-        # accesses: the faulting access completes as the first access of the next guest run
-        prev = np.empty(K)
+        # accesses: the access that faulted completes as the first access of the next guest run; a run
+        # after a chunk end has none waiting (the chunk end's run completed it)
+        prev = np.empty(R)
         prev[1:] = g1[:-1]
-        rec = n > 0
-        if stalled is None:
-            rec[0] = False
-        else:
-            prev[0] = stalled
-            if n[0] == 0 and K > 1:
-                prev[1] = stalled  # not completed by an empty run: still the same stalled access
-        metrics.record_access_stalls(prev[rec], (g0 + entry + a - prev)[rec], a)
+        has = np.empty(R, dtype=bool)
+        has[1:] = is_f[:R - 1]
+        has[0] = stalled is not None
+        keep = stalled is not None and n[0] == 0  # not completed by an empty run: still the same stalled access
+        prev[0] = 0.0 if stalled is None else stalled
+        if keep and R > 1:
+            prev[1] = stalled
+        rec = (n > 0) & has
+        done_at = g0 + entry + a
+        metrics.record_access_stalls(prev[rec], (done_at - prev)[rec], a)
+        if rec.any():
+            v._recorded_until = float(done_at[rec][-1])  # as Vcpu._begin_run
         consumed = int(n.sum())
-        v._pos += consumed
         m_.accesses += consumed
         hits = metrics.hit_ns
         hits[a] = hits.get(a, 0) + consumed
@@ -415,12 +477,12 @@ class FaultRun:
         tm["host"] = _accumulate(tm["host"], carry + exit_ns)
         tm["guest"] = _accumulate(tm["guest"], g1 - g0)
         inter = np.empty(2 * K)
-        inter[0::2] = exit_ns
-        inter[1::2] = hold
+        inter[0::2] = exit_f
+        inter[1::2] = hold_f
         m_.stall_ns = _accumulate(m_.stall_ns, inter)
         # mmu_lock: each acquire applies the previous fault's deferred release (MmuLock._catch_up: the
         # integral of holders over the hold, its hold time), then holds until its own release_after
-        rel_t = t1 + hold
+        rel_t = t1f + hold_f
         stats = lock._role("fault")
         if own is not None:
             since, role = lock._hold_since.pop(v)
@@ -429,27 +491,32 @@ class FaultRun:
                 lock._area_holders += dt * 1
             lock._role(role).hold_ns += own[0] - since
         if K > 1:
-            dts = rel_t[:-1] - t1[:-1]
+            dts = rel_t[:-1] - t1f[:-1]
             lock._area_holders = _accumulate(lock._area_holders, dts[dts != 0] * 1)
             stats.hold_ns = _accumulate(stats.hold_ns, dts)
-        lock._last_t = float(t1[-1])
+        lock._last_t = float(t1f[-1])
         stats.acquisitions += K
         if own is None:
             if lock._mode(vm.fault_lock_mode) == "write":
                 lock.writer = True
             else:
                 lock.readers += 1
-        lock._hold_since[v] = (float(t1[-1]), "fault")
+        lock._hold_since[v] = (float(t1f[-1]), "fault")
         lock._seq += K
         lock._pending[:] = [(float(rel_t[-1]), lock._seq, v)]
-        # the vCPU after its last fault, as the per-fault path leaves it
-        v._carry = float(hold[-1])
+        # the vCPU after its last fault, as the per-fault path leaves it: on the chunk of that fault (each
+        # chunk end crossed takes the next chunk, as Vcpu.run's loop does), at that fault's access
+        last = int(P[-1])
+        for _ in range(n_ends):
+            v._next_chunk()
+        v._pos = pos + last if n_ends == 0 else last - bounds[n_ends - 1]
+        v._carry = float(hold_f[-1])
         v._entry = float(E[-1])
-        v._stalled_since = float(g1[-1])
+        v._stalled_since = stalled if keep and R == 1 else float(g1[-1])
         v._g0, v._g1 = float(g0[-1]), float(g1[-1])
         v._seq = -1  # the cached miss list predates these faults
         env._now = float(t1[-1])
-        env.inlined += K
+        env.inlined += R
         self.vector_faults += K
         return K
 

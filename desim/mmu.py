@@ -72,6 +72,7 @@ CHUNK_SHIFT_4K = 16
 CHUNK_SHIFT_HUGE = 12
 _M4K = (1 << CHUNK_SHIFT_4K) - 1
 _MHUGE = (1 << CHUNK_SHIFT_HUGE) - 1
+_SCALAR_COMMIT = 16  # commit_install_4k writes this many installs or fewer byte by byte (a speed threshold only)
 
 
 def _mix(x: int) -> float:
@@ -496,8 +497,23 @@ class Mmu:
         after the other); returns the page-table pages allocated. ``tables=False``: the leaves only (the
         caller linked the page-table pages as each install reached them: desim/cohort.py)."""
         ss, tag = plan.ss, self.root_tag
-        rel = plan.gfns[:k] - ss.slot.base_gfn
-        ss.state[rel] = (plan.state[:k] & KEEP_BITS) | HOST_RESIDENT | EVER_MAPPED | tag
+        if k <= _SCALAR_COMMIT:
+            # a few installs (desim/cohort.py commits a plan's faults a few at a time): byte by byte through
+            # the chunks' memoryviews, the same bytes as the array write below without its numpy overhead
+            st = ss.block.state
+            off = ss.off - ss.slot.base_gfn
+            bits = HOST_RESIDENT | EVER_MAPPED | tag
+            mvs = st.mvs
+            for g, b in zip(plan.gfns[:k].tolist(), plan.state[:k].tolist()):
+                i = off + g
+                mv = mvs[i >> CHUNK_SHIFT_4K]
+                if mv is None:
+                    st.set(i, (b & KEEP_BITS) | bits)
+                else:
+                    mv[i & _M4K] = (b & KEEP_BITS) | bits
+        else:
+            rel = plan.gfns[:k] - ss.slot.base_gfn
+            ss.state[rel] = (plan.state[:k] & KEEP_BITS) | HOST_RESIDENT | EVER_MAPPED | tag
         self.present_leaf += k
         total = 0
         if not tables:

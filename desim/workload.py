@@ -21,7 +21,7 @@ see the same accesses (common random numbers).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -36,9 +36,29 @@ class AccessStream:
     chunks: Iterator[np.ndarray]
     total: int
     access_ns: float = 100.0
+    _ahead: list = field(default_factory=list, repr=False, compare=False)  # chunks pulled by peek_chunk
 
     def next_chunk(self) -> np.ndarray | None:
+        if self._ahead:
+            return self._ahead.pop(0)
         return next(self.chunks, None)
+
+    def peek_chunk(self, i: int) -> np.ndarray | None:
+        """The chunk the ``i+1``-th next call of :meth:`next_chunk` will return (0: the next one), without
+        consuming it; None past the stream's end, and always for a subclass (a chained, repeating or
+        recorded stream: what comes next there may depend on the time it is asked).
+
+        A plain stream's chunks do not depend on when they are made (a drawn pattern draws from its own
+        generator, used by nothing else), so the fast engine's vectorised fault blocks look ahead
+        across chunk ends (desim/faultrun.py) and get the same chunks later from :meth:`next_chunk`."""
+        if type(self) is not AccessStream:
+            return None
+        while len(self._ahead) <= i:
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                return None
+            self._ahead.append(chunk)
+        return self._ahead[i]
 
     def pause(self):
         """An event to halt on before the next chunk (a replayed HLT or memslot ioctl), or None.
