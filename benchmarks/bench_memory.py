@@ -4,7 +4,8 @@
 
 Each case runs in a fresh subprocess (``desim.vm.Vm`` on the fast engine, one replication) and reports
 its peak resident set during the run (``VmHWM``, reset after the imports through ``/proc/self/clear_refs``;
-``ru_maxrss`` where that is refused) minus its resident set after importing desim, per GiB
+``ru_maxrss`` where that is refused) minus its resident set after importing desim and loading the compiled
+cohort kernel (a tiny 2-vCPU run first: numba's runtime is not per-GiB state), per GiB
 of guest RAM, next to the model's own accounting: the leaf SPTE state (``Mmu.memory_bytes``) per 4 KiB
 guest page (at most 1 byte, and proportional to the mappings where huge pages back the memory) and the
 per-sample arrays and sketches of the metrics (``Metrics.samples_nbytes``). One table.
@@ -41,6 +42,15 @@ import json, resource, sys, time
 sys.path.insert(0, {root!r})
 from desim.scenario import load_scenario, validate_scenario
 from desim.vm import Vm
+try:  # the compiled cohort kernel's runtime (numba, LLVM: ~100-130 MiB, loaded once per process) before the
+    # baseline: a tiny 2-vCPU run loads it from its cache, so the row measures the per-GiB state
+    Vm(validate_scenario({{"name": "warm", "profile": "legacy-2020",
+                          "profile_overrides": {{"kernel": {{"backing": "4k"}}}},
+                          "vm": {{"vcpus": 2, "memslots": [{{"id": 0, "gpa": 0, "size": 16 << 20}}]}},
+                          "phases": [{{"name": "populate", "pattern": "sequential", "slot": 0,
+                                      "access_ns": 1.0}}]}}, "warm-up"), "fast", seed=1).run()
+except Exception:  # a desim without the kernel (--root an older checkout): nothing to load
+    pass
 def status_kib(field):
     with open("/proc/self/status") as f:
         for line in f:

@@ -80,6 +80,9 @@ _PLAN_WINDOW0 = 512  # the first plan's window; then twice the accesses the vCPU
 # [_PLAN_WINDOW0 / 4, _PLAN_ACCESSES]: planning costs per fault planned, and a plan dropped early (the loop
 # ends, another vCPU's plan clashes) wastes the rest (a speed heuristic only: what is taken is exact)
 _KERNEL = os.environ.get("DESIM_COHORT_KERNEL", "1") != "0"  # "0": the Python steps only (tests, profiling)
+_KERNEL_SEGMENT = 512  # a plan's faults handed to one kernel call, at most: a call copies each vCPU's segment
+# (its plan arrays and cost draws) in and stops where the first segment ends, so its cost follows the steps it
+# can take, not the plans' lengths (a speed heuristic only: where the kernel stops, the Python steps go on)
 _PLAN_MIN = 32  # a plan with fewer faults makes the next plans wait (planning costs about as much as 10-20 faults)
 
 
@@ -180,6 +183,7 @@ class Cohort:
         self._kskip = 0  # loop tops to leave to the Python steps before trying the kernel again
         self._kmiss = 0
         self.kernel_steps = 0  # vCPU steps the kernel took (for benchmarks and tests)
+        self._kseg = _KERNEL_SEGMENT  # a plan's faults handed to one kernel call, at most (desim/cohort_bridge.py)
 
     def _missed(self) -> None:
         self._misses = min(2 * self._misses + 1, _BACKOFF_MAX)
@@ -599,8 +603,10 @@ class Cohort:
                         if n > 2 * len(plans):
                             self._kmiss = 0
                         else:
-                            # a call costs O(vCPUs) Python: with many vCPUs, leave more steps to Python
-                            self._kmiss = min(2 * self._kmiss + 1, max(_BACKOFF_MAX, 2 * len(state)))
+                            # a call costs O(vCPUs) Python: with many vCPUs, leave more steps to Python (up to
+                            # 8 per vCPU: 448 vCPUs on a 16 GiB slice of populate-4t-4k.toml took 28-30 s of CPU
+                            # against 35-36 s with 2 per vCPU; a speed heuristic only)
+                            self._kmiss = min(2 * self._kmiss + 1, max(_BACKOFF_MAX, 8 * len(state)))
                             self._kskip = self._kmiss
                         if n:
                             continue

@@ -98,9 +98,10 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
     ivr, fvr, pls, fks, codes_l = [], [], [], [], []
     off = fkoff = codeoff = nonres = doff = 0
     lens = []
+    seg = co._kseg
     for (i, x, p, k, t0, ev) in planned:
         b = p.locked
-        nf = len(p.fpos) - b
+        nf = min(len(p.fpos) - b, seg)  # the kernel stops (STOP_PLAN) where a vCPU's segment ends
         r = x._run
         e, ss = x._entry, x._stalled_since
         m = x.m
@@ -108,12 +109,13 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
                     x.index, pcp.get(x.index, 0), lrup.get(x.index, 0), 1 if p.step == "run" else 2, fkoff, 0, doff))
         fvr.append((x._carry, e or 0.0, ss or 0.0, x._recorded_until, x.access_ns, m.time["host"], m.time["guest"],
                     m.stall_ns, t0 or 0.0, r[0], r[1], r[2], r[3], r[4], r[10], 0.0))
-        pls.append(p.arrays[:, b:])
-        nonres += nf - p.nres_from(b)
-        ptr = p.fk_ptr[b:]
-        fks.append(ptr - ptr[0] + codeoff)
-        codes_l.append(p.fk_code[ptr[0]:])
-        codeoff += len(p.fk_code) - int(ptr[0])
+        pls.append(p.arrays[:, b:b + nf])
+        nonres += nf - p.nres_from(b) + p.nres_from(b + nf)
+        ptr = p.fk_ptr[b:b + nf + 1]
+        c0, c1 = int(ptr[0]), int(ptr[-1])
+        fks.append(ptr - c0 + codeoff)
+        codes_l.append(p.fk_code[c0:c1])
+        codeoff += c1 - c0
         fkoff += nf + 1
         off += nf
         lens.append(nf + 2)
