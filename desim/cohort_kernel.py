@@ -27,7 +27,6 @@ a granted waiter that is not planned, a plan at its last fault, a full buffer) a
 """
 from __future__ import annotations
 
-import numpy as np
 from numba import njit
 
 # event kinds in the kernel's heap
