@@ -76,6 +76,19 @@ def _less(t1, p1, e1, t2, p2, e2):
 
 
 @njit(cache=True, _nrt=False)
+def _ev_set(E, EI, j, t, val, prio, ident, kind, who):
+    """Heap slot ``j`` := the event (t, prio, ident) of ``kind`` for vCPU ``who``, carrying ``val``."""
+    E[j, 0], E[j, 1] = t, val
+    EI[j, 0], EI[j, 1], EI[j, 2], EI[j, 3] = prio, ident, kind, who
+
+
+@njit(cache=True, _nrt=False)
+def _ev_move(E, EI, dst, src):
+    """Heap slot ``dst`` := slot ``src`` (a sift step)."""
+    _ev_set(E, EI, dst, E[src, 0], E[src, 1], EI[src, 0], EI[src, 1], EI[src, 2], EI[src, 3])
+
+
+@njit(cache=True, _nrt=False)
 def _ev_push(SI, E, EI, t, kind, who, val):
     """heapq.heappush of (t, NORMAL, next id) (SimPy's Environment.schedule)."""
     ident = SI[K_NEXT_ID]
@@ -85,13 +98,11 @@ def _ev_push(SI, E, EI, t, kind, who, val):
     while j > 0:
         parent = (j - 1) >> 1
         if _less(t, NORMAL, ident, E[parent, 0], EI[parent, 0], EI[parent, 1]):
-            E[j, 0], E[j, 1] = E[parent, 0], E[parent, 1]
-            EI[j, 0], EI[j, 1], EI[j, 2], EI[j, 3] = EI[parent, 0], EI[parent, 1], EI[parent, 2], EI[parent, 3]
+            _ev_move(E, EI, j, parent)
             j = parent
         else:
             break
-    E[j, 0], E[j, 1] = t, val
-    EI[j, 0], EI[j, 1], EI[j, 2], EI[j, 3] = NORMAL, ident, kind, who
+    _ev_set(E, EI, j, t, val, NORMAL, ident, kind, who)
 
 
 @njit(cache=True, _nrt=False)
@@ -110,13 +121,11 @@ def _ev_pop(SI, E, EI):
         if c + 1 < n and _less(E[c + 1, 0], EI[c + 1, 0], EI[c + 1, 1], E[c, 0], EI[c, 0], EI[c, 1]):
             c += 1
         if _less(E[c, 0], EI[c, 0], EI[c, 1], t, p, i):
-            E[j, 0], E[j, 1] = E[c, 0], E[c, 1]
-            EI[j, 0], EI[j, 1], EI[j, 2], EI[j, 3] = EI[c, 0], EI[c, 1], EI[c, 2], EI[c, 3]
+            _ev_move(E, EI, j, c)
             j = c
         else:
             break
-    E[j, 0], E[j, 1] = t, v
-    EI[j, 0], EI[j, 1], EI[j, 2], EI[j, 3] = p, i, k, w
+    _ev_set(E, EI, j, t, v, p, i, k, w)
 
 
 @njit(cache=True, _nrt=False)
