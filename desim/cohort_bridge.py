@@ -8,7 +8,10 @@ timers), the host allocator (:class:`desim.hostmm.HostMm`) and the page-table pa
 pulls the kernel's events out of SimPy's queue (their own ids); runs the kernel up to the first
 event it does not own; and puts everything back: the same Python state, records and events (their
 ids from SimPy's counter, which is advanced past them) as the Python steps would have left. It
-declines (returns 0 without changing anything) where the lock holds anything but faults.
+declines (returns 0 without changing anything) where the lock is held or awaited by anything but faults,
+except other readers of the qrwlock's read side (the TDP MMU's teardown of invalidated roots, a vCPU loading
+its root), which the kernel counts among the readers until their own code, an event it does not own,
+releases them.
 """
 from __future__ import annotations
 
@@ -65,9 +68,12 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
     idx = co._vidx
     if idx is None:
         idx = co._vidx = {x: i for i, x in enumerate(vcpus)}
-    for tok, (_, role) in lock._hold_since.items():
-        if role != "fault" or tok not in idx:
-            return 0
+    # other holders (not a vCPU's fault): with the qrwlock's read side, readers the kernel does not run (the
+    # teardown of invalidated roots, a vCPU loading its root): they only count among the readers (the integral of
+    # holders) until their own code releases them, which is an event the kernel stops at; exclusive: decline
+    foreign = [(tok, hs) for tok, hs in lock._hold_since.items() if hs[1] != "fault" or tok not in idx]
+    if foreign and write_mode:
+        return 0
     for w in lock.waiters:
         if w.role != "fault" or w.mode != mode or getattr(w.event, "token", None) not in idx:
             return 0
@@ -93,6 +99,8 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
         planned.append((idx[x], x, p, k, t0, ev))
     if not planned:
         return 0
+    if foreign and {tok for tok, _ in foreign} & {q[1] for q in planned}:
+        return 0  # a planned vCPU holds the lock in another role (not seen: its own code runs then)
     hm = vm.hostmm
     pcp, lrup = hm._pcp, hm._lru_pending
     ivr, fvr, pls, fks, codes_l = [], [], [], [], []
@@ -167,7 +175,9 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
     SI[ck.LI_READERS], SI[ck.LI_WRITER] = lock.readers, 1 if lock.writer else 0
     SI[ck.LI_ACQ], SI[ck.LI_CONT], SI[ck.LI_SEQ] = st.acquisitions, st.contended, lock._seq
     SI[ck.LI_WRITE_MODE] = 1 if write_mode else 0
-    for tok, (since, _) in lock._hold_since.items():
+    for tok, (since, role) in lock._hold_since.items():
+        if role != "fault" or tok not in idx:
+            continue  # a foreign reader
         i = idx[tok]
         FV[i, ck.F_HOLDSINCE] = since
         IV[i, ck.I_HOLDING] = 1
@@ -292,7 +302,8 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
     lock.readers, lock.writer = SIl[ck.LI_READERS], bool(SIl[ck.LI_WRITER])
     lock._seq = SIl[ck.LI_SEQ]
     hs = lock._hold_since
-    hs.clear()  # every holder is a vCPU's fault (checked above)
+    hs.clear()
+    hs.update(foreign)  # the foreign readers still hold (the kernel never releases them)
     for i in np.flatnonzero(IV[:, ck.I_HOLDING]).tolist():
         hs[vcpus[i]] = (float(FV[i, ck.F_HOLDSINCE]), "fault")
     npend = SIl[ck.LI_PEND_N]
