@@ -162,6 +162,7 @@ class Cohort:
         self.steps = 0  # vCPU steps taken here (for benchmarks and tests)
         self.planned = 0  # faults taken from plans (their steps counted in ``steps``)
         self.shared_tables = 0  # page-table pages a plan would have allocated, found allocated by another fault
+        self.kernel_shared = 0  # kernel steps taken while other readers held mmu_lock (desim/cohort_bridge.py)
         self._costs: dict = {}  # vCPU -> _Costs
         self._active = False  # a loop is running (a process resumed from it must not start another)
         self._skip: dict = {}  # vCPU -> guest runs to begin the plain way before planning again

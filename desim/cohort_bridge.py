@@ -251,6 +251,8 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
     ck.run(S, SI, IV, FV, CUR, DS, D, VMM, PL, FK, THERE, LINKED, OUT, PT, PI, W, WS, Z, E, EI)
     env._eid = itertools.count(int(SI[ck.K_NEXT_ID]))
     steps = int(SI[ck.K_STEPS])
+    if foreign:
+        co.kernel_shared += steps
     # -- back to the Python objects --------------------------------------------------------------------
     SIl = SI.tolist()
     Sl = S.tolist()

@@ -76,3 +76,40 @@ def test_a_broken_kernel_is_caught(monkeypatch):
     monkeypatch.setattr(cohort_bridge, "_tables_there", lambda mmu, codes: np.zeros(len(codes), dtype=np.int64))
     vm = Vm(sc, "targeted", seed=1, engine="fast")
     assert sc_ref != fingerprint(vm) and vm.cohort.kernel_steps > 0
+
+
+def _teardown_sc():
+    """4 TDP vCPUs populating while the VMM deletes a memslot twice (fast zap): the teardown of the invalidated
+    roots (kvm_tdp_mmu_zap_invalidated_roots) holds mmu_lock for read while the vCPUs fault on their new roots."""
+    ops = []
+    for at in (100, 300):
+        ops += [{"at_us": at, "op": "create", "slot": 5, "gpa": 64 * MiB, "size": 2 * MiB},
+                {"at_us": at + 20, "op": "delete", "slot": 5}]
+    return _sc(4, "tdp-icelake", "sampled", ops)
+
+
+def test_the_kernel_runs_beside_other_readers():
+    """Kernel calls while a foreign reader (the teardown, a vCPU loading its root) holds the read side: they count
+    among the readers (the integral of holders) and keep their hold: identical to both."""
+    ref, py, fast, vm = _runs(_teardown_sc(), "fast")
+    assert_same(ref, py, "python cohort, teardown reader")
+    assert_same(ref, fast, "kernel, teardown reader")
+    assert vm.cohort.kernel_shared > 0 and json.loads(fast)["metrics"]["zaps_fast"] == 2
+
+
+def test_a_kernel_blind_to_other_readers_is_caught(monkeypatch):
+    """A kernel that leaves the foreign readers out of the reader count (only the vCPUs' holds) must fail."""
+    run = cohort_bridge.ck.run
+
+    def blind(*a):
+        SI, IV = a[1], a[2]
+        f = int(SI[cohort_bridge.ck.LI_READERS]) - int(IV[:, cohort_bridge.ck.I_HOLDING].sum())
+        SI[cohort_bridge.ck.LI_READERS] -= f
+        run(*a)
+        SI[cohort_bridge.ck.LI_READERS] += f
+
+    sc = _teardown_sc()
+    ref = fingerprint(Vm(sc, "fast", seed=1, engine="reference"))
+    monkeypatch.setattr(cohort_bridge.ck, "run", blind)
+    vm = Vm(sc, "fast", seed=1, engine="fast")
+    assert ref != fingerprint(vm) and vm.cohort.kernel_shared > 0
