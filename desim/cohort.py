@@ -87,38 +87,47 @@ _PLAN_MIN = 32  # a plan with fewer faults makes the next plans wait (planning c
 
 
 class _Plan:
-    """A vCPU's next plain 4 KiB faults (see the module docstring). ``k`` faults begun (their guest run
-    computed), ``locked`` of them done under ``mmu_lock``, ``committed`` of those applied to the SPTE
-    state; ``step`` is where the fault ``locked`` is: ``idle`` (not begun), ``run`` (its guest run in
-    flight) or ``pending`` (past ``kvm_faultin_pfn``, waiting or about to take ``mmu_lock``)."""
+    """A vCPU's next guest runs, each ending in a plain 4 KiB fault or, on a plain stream, at the end of a
+    chunk (see the module docstring). Per run (arrays, in plan coordinates: 0 is where the vCPU's chunk began
+    when the plan was made, the next chunks following on): ``fpos`` where it ends, ``gfns`` its fault's gfn
+    (-1: a chunk end), ``resident`` and ``ever`` (a chunk end: 1 and 0). ``k`` runs begun, ``locked`` of
+    them done (a fault under ``mmu_lock``, a chunk end at its end), ``committed`` of those applied to the
+    SPTE state; ``step`` is where the run ``locked`` is: ``idle`` (not begun), ``run`` (in flight) or
+    ``pending`` (its fault past ``kvm_faultin_pfn``, waiting or about to take ``mmu_lock``). ``fidx``: the
+    faults before each run (an index into ``install``); ``cbase``: where the vCPU's current chunk begins."""
 
     __slots__ = ("ss", "install", "fpos", "gfns", "_gset", "resident", "ever", "k", "locked",
-                 "committed", "step", "lo", "hi", "fk_code", "fk_ptr", "arrays", "nres")
+                 "committed", "step", "lo", "hi", "fk_code", "fk_ptr", "arrays", "nres", "fidx", "cbase", "pos0")
 
-    def __init__(self, ss, install, fpos, gfns, resident, ever) -> None:
+    def __init__(self, ss, install, arrays, fidx, pos0) -> None:
         self.ss = ss
         self.install = install
-        self.fpos, self.gfns, self.resident, self.ever = fpos, gfns, resident, ever  # arrays
+        self.arrays = arrays  # int64 rows: fpos, gfns, resident, ever (the compiled kernel's view)
+        self.fpos, self.gfns, self.resident, self.ever = arrays
+        self.fidx = fidx
         self._gset = None
         self.k = 0
         self.locked = 0
         self.committed = 0
         self.step = "idle"
+        self.cbase = 0
+        self.pos0 = pos0
 
     @property
     def gset(self) -> set:
         """The plan's gfns as a set (made on first use: most plans are never asked)."""
         if self._gset is None:
-            self._gset = set(self.gfns.tolist())
+            self._gset = set(self.install.gfns.tolist())
         return self._gset
 
     def fkeys(self, k: int):
-        """The page-table pages (level, index) fault ``k`` allocates unless one is there."""
+        """The page-table pages (level, index) run ``k``'s fault allocates unless one is there."""
         a, b = self.fk_ptr[k:k + 2].tolist()
         return [(c & 3, c >> 2) for c in self.fk_code[a:b].tolist()] if b > a else ()
 
     def nres_from(self, b: int) -> int:
-        """How many of the faults from ``b`` on find their host page resident."""
+        """How many of the runs from ``b`` on end in a fault that finds its host page resident, or at a
+        chunk's end."""
         return int(self.nres[b]) if b < len(self.nres) else 0
 
 
@@ -176,13 +185,13 @@ class Cohort:
         self._stall_a: list = []
         self.runs = 0  # loops that took at least one step
         self._window: dict = {}  # vCPU -> accesses its next plan looks at (Cohort._retire)
-        self._pos0: dict = {}  # vCPU -> its position in its chunk when its plan was made
         self._vidx: dict | None = None  # vCPU -> its index (desim/cohort_bridge.py)
         self.kernel = _KERNEL  # planned steps in the compiled kernel (desim/cohort_kernel.py)
         self._kcosts: dict = {}  # vCPU -> per kernel cost: (row, its _Draws or None, its value if constant)
         self._kskip = 0  # loop tops to leave to the Python steps before trying the kernel again
         self._kmiss = 0
         self.kernel_steps = 0  # vCPU steps the kernel took (for benchmarks and tests)
+        self.chunk_ends_planned = 0  # chunk ends crossed inside plans (for tests)
         self._kseg = _KERNEL_SEGMENT  # a plan's faults handed to one kernel call, at most (desim/cohort_bridge.py)
 
     def _missed(self) -> None:
@@ -206,13 +215,34 @@ class Cohort:
 
     # -- plans ---------------------------------------------------------------------
     def _plan(self, x: "Vcpu") -> _Plan | None:
-        """Plan ``x``'s next faults from its position in its chunk (None: none can be planned)."""
+        """Plan ``x``'s next faults from its position in its chunk (None: none can be planned). On a plain
+        stream (:meth:`desim.workload.AccessStream.peek_chunk`) the plan reaches into the next chunks: each
+        chunk end it crosses is one more guest run, the one :meth:`desim.vcpu.Vcpu.run` makes there (the
+        chunk's last accesses, without an exit or a fault; the next chunk's first run draws its own VM
+        entry). A plan ends at a fault."""
         if not self._plannable:
             return None
         mmu = self.vm.mmu
         pos = x._pos
-        self._pos0[x] = pos
-        seg = x._chunk[pos:pos + self._window.get(x, _PLAN_WINDOW0_KERNEL if self.kernel else _PLAN_WINDOW0)]
+        chunk = x._chunk
+        window = self._window.get(x, _PLAN_WINDOW0_KERNEL if self.kernel else _PLAN_WINDOW0)
+        seg = chunk[pos:pos + window]
+        # plan coordinates: 0 where the chunk begins, the next chunks after it; bounds = where each begins
+        bounds: list[int] = []
+        stream = x.stream
+        if len(seg) < window and self.kernel and stream is not None:
+            parts = [seg]
+            total, start = len(seg), len(chunk)
+            while total < window:
+                ch = stream.peek_chunk(len(bounds))  # None for anything but a plain stream
+                if ch is None or len(ch) == 0:
+                    break
+                bounds.append(start)
+                parts.append(ch[:window - total])
+                total += len(parts[-1])
+                start += len(ch)
+            if bounds:
+                seg = np.concatenate(parts)
         misses = mmu.first_misses(seg)
         if misses is None:
             return None
@@ -256,16 +286,45 @@ class Cohort:
             fi.append(nf)
             fc.append((fg[nf] >> shift) * 4 + lvl)
         afpos = fpos + pos
-        out = _Plan(ss, plan, afpos, fg, plan.resident, plan.ever_mapped)
-        out.lo, out.hi = lo, hi
         # per fault, its page-table pages (level + 4 * index; levels in new_tables' order), as offsets
-        # into fk_code; and the plan as one array for the compiled kernel (desim/cohort_kernel.py)
+        # into fk_code
         fi = np.concatenate(fi) if fi else np.zeros(0, np.int64)
         order = np.argsort(fi, kind="stable")
-        out.fk_code = (np.concatenate(fc) if fc else np.zeros(0, np.int64))[order]
-        out.fk_ptr = np.searchsorted(fi[order], np.arange(K + 1), side="left")
-        out.arrays = np.stack((afpos, fg, plan.resident, plan.ever_mapped)).astype(np.int64, copy=False)
-        out.nres = np.cumsum(plan.resident[::-1])[::-1]  # resident pages from each fault on
+        fk_code = (np.concatenate(fc) if fc else np.zeros(0, np.int64))[order]
+        fk_ptr = np.searchsorted(fi[order], np.arange(K + 1), side="left")
+        # the runs: one per fault, and one per chunk end crossed before the last fault (a chunk's end
+        # comes before a fault on the next chunk's first access)
+        n_ends = int(np.searchsorted(bounds, int(afpos[-1]), side="right")) if bounds else 0
+        resident = plan.resident
+        ever = plan.ever_mapped
+        if n_ends:
+            ends = np.asarray(bounds[:n_ends], dtype=np.int64)
+            # where each fault's run goes: after the faults and chunk ends before it
+            at = np.arange(K) + np.searchsorted(ends, afpos, side="right")
+            R = K + n_ends
+            arrays = np.empty((4, R), dtype=np.int64)
+            arrays[0] = ends[0]
+            arrays[1] = -1
+            arrays[2] = 1
+            arrays[3] = 0
+            is_end = np.ones(R, dtype=bool)
+            is_end[at] = False
+            arrays[0, is_end] = ends
+            arrays[0, at] = afpos
+            arrays[1, at] = fg
+            arrays[2, at] = resident
+            arrays[3, at] = ever
+            fidx = np.empty(R + 1, dtype=np.int64)
+            fidx[0] = 0
+            np.cumsum(~is_end, out=fidx[1:])
+            fk_ptr = fk_ptr[fidx]
+        else:
+            arrays = np.stack((afpos, fg, resident, ever)).astype(np.int64, copy=False)
+            fidx = np.arange(K + 1)
+        out = _Plan(ss, plan, arrays, fidx, pos)
+        out.lo, out.hi = lo, hi
+        out.fk_code, out.fk_ptr = fk_code, fk_ptr
+        out.nres = np.cumsum(arrays[2, ::-1])[::-1]  # runs from each on that allocate no host page
         return out
 
     def _commit(self, x: "Vcpu", p: _Plan, final: bool) -> None:
@@ -275,18 +334,21 @@ class Cohort:
         mmu = self.vm.mmu
         c, k = p.committed, p.locked
         if k > c:
-            ip = p.install
-            sub = type(ip)(ip.ss, ip.gfns[c:k], ip.state[c:k], ip.resident[c:k], ip.ever_mapped[c:k],
-                           ip.allocated[c:k], {})
-            mmu.commit_install_4k(sub, k - c, tables=False)  # the page-table pages are linked already
             p.committed = k
-            x._seq = -1  # the vCPU's cached miss list predates these installs
+            c, k = int(p.fidx[c]), int(p.fidx[k])  # the faults among those runs
+            if k > c:
+                ip = p.install
+                sub = type(ip)(ip.ss, ip.gfns[c:k], ip.state[c:k], ip.resident[c:k], ip.ever_mapped[c:k],
+                               ip.allocated[c:k], {})
+                mmu.commit_install_4k(sub, k - c, tables=False)  # the page-table pages are linked already
+                x._seq = -1  # the vCPU's cached miss list predates these installs
+        k = p.locked
         if final and p.step == "pending" and not p.resident[k]:
             mmu.make_resident(p.ss, int(p.gfns[k]), 1)
 
-    def _retire(self, x: "Vcpu") -> None:
+    def _retire(self, x: "Vcpu", p: _Plan) -> None:
         """``x``'s plan is dropped: size its next plan's window from the accesses this one lasted."""
-        used = x._pos - self._pos0.get(x, x._pos)
+        used = x._pos + p.cbase - p.pos0
         if self.kernel:
             self._window[x] = min(max(8 * used, _PLAN_WINDOW0 // 4), _PLAN_ACCESSES_KERNEL)
         else:
@@ -298,7 +360,7 @@ class Cohort:
         for x, p in self._plans.items():
             self._commit(x, p, final)
             if final:
-                self._retire(x)
+                self._retire(x, p)
         self._flush_records()
         if final:
             self._plans.clear()
@@ -336,7 +398,7 @@ class Cohort:
         p = self._plans.pop(x, None)
         if p is not None:
             self._commit(x, p, False)
-            self._retire(x)
+            self._retire(x, p)
         self._flush()
         fr = x.fault_run
         if fr is not None and not fr.backoff:
@@ -373,8 +435,10 @@ class Cohort:
         k = p.k
         miss = int(p.fpos[k])
         gfn = int(p.gfns[k])
-        n = miss - x._pos
-        pre = c.fault_handle() + (c.faultin_resident() if p.resident[k] else c.host_alloc_4k())
+        n = miss - (x._pos + p.cbase)
+        faults = gfn >= 0
+        if faults:
+            pre = c.fault_handle() + (c.faultin_resident() if p.resident[k] else c.host_alloc_4k())
         now = self.env._now
         carry, x._carry = x._carry, 0.0
         g0 = now + carry
@@ -392,8 +456,9 @@ class Cohort:
         x._running = True
         if x._srcu_waiters:
             x._srcu_unlock_at(g0)
-        exit_ns = c.vm_exit() + pre
-        x._run = (now, carry, g0, entry, g1, n, miss, True, "fault", gfn, exit_ns)
+        # a chunk end: the rest of the chunk without an exit (Vcpu._begin_run with the miss at the chunk's end)
+        exit_ns = c.vm_exit() + pre if faults else 0.0
+        x._run = (now, carry, g0, entry, g1, n, miss - p.cbase, faults, "fault", gfn, exit_ns)
         p.k = k + 1
         p.step = "run"
         return g1 - now + exit_ns
@@ -411,6 +476,15 @@ class Cohort:
         vm = self.vm
         hits = vm.metrics.hit_ns
         hits[x.access_ns] = hits.get(x.access_ns, 0) + n
+        if not faults:
+            # the chunk's end: the top of Vcpu.run's loop takes the next chunk (a plain stream has no pause;
+            # nothing is pending, checked before the step), then begins the next guest run
+            p.cbase = int(p.fpos[p.locked])
+            x._next_chunk()
+            self.chunk_ends_planned += 1
+            p.locked += 1
+            p.step = "idle"
+            return None
         if x._stalled_since is None:
             x._stalled_since = g1
         m.stall_ns += exit_ns
@@ -521,7 +595,7 @@ class Cohort:
             self._skip[x] = skip - 1
             if p is not None:
                 self._commit(x, p, False)
-                self._retire(x)
+                self._retire(x, p)
                 del plans[x]
         else:
             p = self._replan(x)
@@ -542,7 +616,7 @@ class Cohort:
         old = plans.pop(x, None)
         if old is not None:
             self._commit(x, old, False)
-            self._retire(x)
+            self._retire(x, old)
         p = self._plan(x)
         if p is not None:
             plans[x] = p

@@ -105,7 +105,7 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
         r = x._run
         e, ss = x._entry, x._stalled_since
         m = x.m
-        ivr.append((1, x._pos, e is not None, ss is not None, k, p.k - b, 0, nf, 0, 0, 0, off, r[5], r[6], r[9], -1, 0,
+        ivr.append((1, x._pos + p.cbase, e is not None, ss is not None, k, p.k - b, 0, nf, 0, 0, 0, off, r[5], r[6] + p.cbase, r[9], -1, 0,
                     x.index, pcp.get(x.index, 0), lrup.get(x.index, 0), 1 if p.step == "run" else 2, fkoff, 0, doff))
         fvr.append((x._carry, e or 0.0, ss or 0.0, x._recorded_until, x.access_ns, m.time["host"], m.time["guest"],
                     m.stall_ns, t0 or 0.0, r[0], r[1], r[2], r[3], r[4], r[10], 0.0))
@@ -320,7 +320,14 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
         b = p.locked
         pcp[x.index] = iv[ck.I_PCP]
         lrup[x.index] = iv[ck.I_LRU]
-        x._pos = iv[ck.I_POS]
+        locked = b + iv[ck.I_LOCKED]
+        ends = p.gfns[b:locked]
+        for c in np.flatnonzero(ends < 0).tolist():
+            # a chunk end the kernel crossed: the top of Vcpu.run's loop took the next chunk (Cohort._end_planned)
+            p.cbase = int(p.fpos[b + c])
+            x._next_chunk()
+            co.chunk_ends_planned += 1
+        x._pos = iv[ck.I_POS] - p.cbase
         x._carry = fv[ck.F_CARRY]
         x._entry = fv[ck.F_ENTRY] if iv[ck.I_ENTRY_SET] else None
         x._stalled_since = fv[ck.F_STALLED] if iv[ck.I_STALLED_SET] else None
@@ -335,12 +342,12 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
         if iv[ck.I_AZ]:
             m.faults["after_zap"] += iv[ck.I_AZ]
         x._run = (fv[ck.F_RNOW], fv[ck.F_RCARRY], fv[ck.F_RG0], fv[ck.F_RENTRY], fv[ck.F_RG1], iv[ck.I_RUN_N],
-                  iv[ck.I_RUN_MISS], True, "fault", iv[ck.I_RUN_GFN], fv[ck.F_REXIT])
+                  iv[ck.I_RUN_MISS] - p.cbase, iv[ck.I_RUN_GFN] >= 0, "fault", iv[ck.I_RUN_GFN], fv[ck.F_REXIT])
         x._g0, x._g1 = fv[ck.F_RG0], fv[ck.F_RG1]
         kind = iv[ck.I_KIND]
         x._running = kind == 0
         p.k = b + iv[ck.I_K]
-        p.locked = b + iv[ck.I_LOCKED]
+        p.locked = locked
         p.step = ("idle", "run", "pending")[iv[ck.I_STEP]]
         owned.pop(ev0, None)
         if kind == 0:
