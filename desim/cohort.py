@@ -365,6 +365,21 @@ class Cohort:
         if final:
             self._plans.clear()
 
+    def _flush_for(self, x: "Vcpu") -> None:
+        """Before ``x`` begins a guest run the plain way: commit the plans whose faults its chunk could reach
+        (its next miss is looked up in the SPTE state from its position on: a gfn another plan installed,
+        not yet committed, would look unmapped) and the records (the plain path records in order). A plan
+        whose gfns lie outside the rest of the chunk's gfn range changes nothing that run reads: its own
+        fault is a plain step checked against the plans (_clashes), and page-table pages are linked as each
+        planned fault takes them (Cohort._locked_planned, desim/cohort_bridge.py)."""
+        rest = x._chunk[x._pos:]
+        if len(rest) and self._plans:
+            lo, hi = int(rest.min()), int(rest.max())
+            for v, p in self._plans.items():
+                if p.locked > p.committed and p.lo <= hi and lo <= p.hi:
+                    self._commit(v, p, False)
+        self._flush_records()
+
     def _flush_records(self) -> None:
         """Append the planned faults' records to the metrics (before a step that records a fault)."""
         metrics = self.vm.metrics
@@ -607,7 +622,7 @@ class Cohort:
             self._skip[x] = m
             if p is not None:
                 return self._begin_planned(x, p)
-        self._flush()
+        self._flush_for(x)
         return x._begin_run()
 
     def _replan(self, x: "Vcpu") -> _Plan | None:
