@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from heapq import heapify
+from heapq import heapify, heappop, heappush
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -240,6 +240,47 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
     CUR = np.zeros((N, 6), dtype=np.int64)
     ck.run(S, SI, IV, FV, CUR, DS, D, VMM, PL, FK, THERE, LINKED, OUT, PT, PI, W, WS, Z, E, EI)
     env._eid = itertools.count(int(SI[ck.K_NEXT_ID]))
+    ckp = vm.checkpoints
+    while SI[ck.K_STOP] == ck.STOP_FOREIGN and ckp is not None and queue:
+        t, _, _, ev = queue[0]
+        cbs = ev.callbacks
+        if not (cbs and len(cbs) == 1 and getattr(cbs[0], "__self__", None) is ckp
+                and cbs[0].__func__ is ckp._resume.__func__):
+            break
+        # a progress checkpoint (Vm._checkpoints: it reads the clock and the vCPUs' accesses and faults, nothing
+        # else): those counted so far handed over, its step taken as Environment.step would, the kernel going on
+        # from where it stopped
+        heappop(queue)
+        env._now = t
+        ev.callbacks = None
+        for i, (acc, ft, az) in zip(rows, IV[rows][:, (ck.I_ACC, ck.I_FT, ck.I_AZ)].tolist()):
+            m = vcpus[i].m
+            m.accesses += acc
+            if ft:
+                m.faults["first_touch"] += ft
+            if az:
+                m.faults["after_zap"] += az
+        IV[rows, ck.I_ACC] = 0
+        IV[rows, ck.I_FT] = 0
+        IV[rows, ck.I_AZ] = 0
+        # the kernel's next event stands in SimPy's queue while the checkpoint runs (its process takes its next
+        # timeout at once only if that is due first: desim/engine.py)
+        mark = (E[0, 0], int(EI[0, 0]), int(EI[0, 1]), Event(env)) if SI[ck.K_EN] else None
+        if mark is not None:
+            heappush(queue, mark)
+        active = env._active_proc
+        ckp._resume(ev)
+        env._active_proc = active
+        if mark is not None:
+            queue.remove(mark)
+            heapify(queue)
+        SI[ck.K_NEXT_ID] = next(env._eid)  # the checkpoint's next timeout took an id
+        if queue:
+            S[ck.S_FT], SI[ck.S_FP], SI[ck.S_FE] = queue[0][0], queue[0][1], queue[0][2]
+        else:
+            S[ck.S_FT] = np.inf
+        ck.run(S, SI, IV, FV, CUR, DS, D, VMM, PL, FK, THERE, LINKED, OUT, PT, PI, W, WS, Z, E, EI)
+        env._eid = itertools.count(int(SI[ck.K_NEXT_ID]))
     steps = int(SI[ck.K_STEPS])
     # -- back to the Python objects --------------------------------------------------------------------
     SIl = SI.tolist()
