@@ -83,6 +83,7 @@ _KERNEL = os.environ.get("DESIM_COHORT_KERNEL", "1") != "0"  # "0": the Python s
 _KERNEL_SEGMENT = 512  # a plan's faults handed to one kernel call, at most: a call copies each vCPU's segment
 # (its plan arrays and cost draws) in and stops where the first segment ends, so its cost follows the steps it
 # can take, not the plans' lengths (a speed heuristic only: where the kernel stops, the Python steps go on)
+_PLAN_EXTEND = 8192  # accesses a plan is extended by (Cohort._extend; a speed heuristic only)
 _PLAN_MIN = 32  # a plan with fewer faults makes the next plans wait (planning costs about as much as 10-20 faults)
 
 
@@ -97,7 +98,8 @@ class _Plan:
     faults before each run (an index into ``install``); ``cbase``: where the vCPU's current chunk begins."""
 
     __slots__ = ("ss", "install", "fpos", "gfns", "_gset", "resident", "ever", "k", "locked",
-                 "committed", "step", "lo", "hi", "fk_code", "fk_ptr", "arrays", "nres", "fidx", "cbase", "pos0")
+                 "committed", "step", "lo", "hi", "fk_code", "fk_ptr", "arrays", "nres", "fidx", "cbase", "pos0",
+                 "noext")
 
     def __init__(self, ss, install, arrays, fidx, pos0) -> None:
         self.ss = ss
@@ -112,6 +114,7 @@ class _Plan:
         self.step = "idle"
         self.cbase = 0
         self.pos0 = pos0
+        self.noext = False  # Cohort._extend found nothing to add
 
     @property
     def gset(self) -> set:
@@ -222,32 +225,75 @@ class Cohort:
         entry). A plan ends at a fault."""
         if not self._plannable:
             return None
-        mmu = self.vm.mmu
-        pos = x._pos
-        chunk = x._chunk
         window = self._window.get(x, _PLAN_WINDOW0_KERNEL if self.kernel else _PLAN_WINDOW0)
-        seg = chunk[pos:pos + window]
-        # plan coordinates: 0 where the chunk begins, the next chunks after it; bounds = where each begins
-        bounds: list[int] = []
+        # plan coordinates: 0 where the vCPU's chunk begins, the next chunks after it
+        seg, bounds = self._segment(x, 0, x._pos, window)
+        got = self._plan_seg(x, seg, x._pos, bounds, None)
+        if got is None:
+            return None
+        arrays, fidx, install, fk_code, fk_ptr, lo, hi = got
+        out = _Plan(install.ss, install, arrays, fidx, x._pos)
+        out.lo, out.hi = lo, hi
+        out.fk_code, out.fk_ptr = fk_code, fk_ptr
+        out.nres = np.cumsum(arrays[2, ::-1])[::-1]  # runs from each on that allocate no host page
+        return out
+
+    def _segment(self, x: "Vcpu", cbase: int, start: int, window: int):
+        """The next ``window`` accesses of ``x`` from plan coordinate ``start`` (its chunk begins at ``cbase``,
+        the next chunks of a plain stream follow), and where each chunk after the first begins (plan
+        coordinates)."""
+        chunk = x._chunk
+        off = start - cbase
+        cstart = cbase
+        j = 0  # the chunks after the current one, peeked
         stream = x.stream
+        while off >= len(chunk):
+            off -= len(chunk)
+            cstart += len(chunk)
+            chunk = stream.peek_chunk(j) if (self.kernel and stream is not None) else None
+            j += 1
+            if chunk is None or len(chunk) == 0:
+                return chunk[:0] if chunk is not None else x._chunk[:0], []
+        seg = chunk[off:off + window]
+        bounds: list[int] = []
         if len(seg) < window and self.kernel and stream is not None:
             parts = [seg]
-            total, start = len(seg), len(chunk)
+            total, nxt = len(seg), cstart + len(chunk)
             while total < window:
-                ch = stream.peek_chunk(len(bounds))  # None for anything but a plain stream
+                ch = stream.peek_chunk(j)  # None for anything but a plain stream
                 if ch is None or len(ch) == 0:
                     break
-                bounds.append(start)
+                j += 1
+                bounds.append(nxt)
                 parts.append(ch[:window - total])
                 total += len(parts[-1])
-                start += len(ch)
+                nxt += len(ch)
             if bounds:
                 seg = np.concatenate(parts)
+        return seg, bounds
+
+    def _plan_seg(self, x: "Vcpu", seg, pos: int, bounds: list, own: _Plan | None):
+        """The runs of a plan over ``seg`` (its first access at plan coordinate ``pos``, chunk starts at
+        ``bounds``): ``(arrays, fidx, install, fk_code, fk_ptr, lo, hi)``, or None. ``own``: the vCPU's plan
+        this one continues (its gfns are mapped by the time these faults come: they are not faults; the
+        continuation keeps to its memslot)."""
+        mmu = self.vm.mmu
+        if len(seg) == 0:
+            return None
         misses = mmu.first_misses(seg)
         if misses is None:
             return None
         fpos, fg = misses
-        ss = mmu.slot_of(int(fg[0]))
+        if own is not None:
+            keep = ~np.isin(fg, own.install.gfns)
+            fpos, fg = fpos[keep], fg[keep]
+            if len(fg) == 0:
+                return None
+            ss = own.ss
+            if mmu.slots.get(ss.slot.id) is not ss:
+                return None
+        else:
+            ss = mmu.slot_of(int(fg[0]))
         if ss is None or ss.slot.invalid or ss.block.backing != "4k":
             return None
         base, end = ss.slot.base_gfn, ss.slot.end_gfn
@@ -274,7 +320,10 @@ class Cohort:
             grp = (starts[:, None] + np.arange(PTE_PREFETCH_NUM)).ravel()
             grp = grp[(grp >= base) & (grp < end)]
             b = np.asarray(ss.state[grp - base])
-            if bool((((b & TAG_MASK) != mmu.root_tag) & ((b & HOST_RESIDENT) != 0)).any()):
+            present = (b & TAG_MASK) == mmu.root_tag
+            if own is not None:
+                present |= np.isin(grp, own.install.gfns)  # the plan being continued maps these first
+            if bool((~present & ((b & HOST_RESIDENT) != 0)).any()):
                 return None
         plan = mmu.plan_install_4k(ss, fg)
         if plan is None:
@@ -303,13 +352,12 @@ class Cohort:
             at = np.arange(K) + np.searchsorted(ends, afpos, side="right")
             R = K + n_ends
             arrays = np.empty((4, R), dtype=np.int64)
-            arrays[0] = ends[0]
-            arrays[1] = -1
-            arrays[2] = 1
-            arrays[3] = 0
             is_end = np.ones(R, dtype=bool)
             is_end[at] = False
             arrays[0, is_end] = ends
+            arrays[1, is_end] = -1
+            arrays[2, is_end] = 1
+            arrays[3, is_end] = 0
             arrays[0, at] = afpos
             arrays[1, at] = fg
             arrays[2, at] = resident
@@ -321,11 +369,44 @@ class Cohort:
         else:
             arrays = np.stack((afpos, fg, resident, ever)).astype(np.int64, copy=False)
             fidx = np.arange(K + 1)
-        out = _Plan(ss, plan, arrays, fidx, pos)
-        out.lo, out.hi = lo, hi
-        out.fk_code, out.fk_ptr = fk_code, fk_ptr
-        out.nres = np.cumsum(arrays[2, ::-1])[::-1]  # runs from each on that allocate no host page
-        return out
+        return arrays, fidx, plan, fk_code, fk_ptr, lo, hi
+
+    def _extend(self, x: "Vcpu", p: _Plan) -> bool:
+        """Make ``x``'s plan go on past its last fault (the faults a new plan made there would find, given
+        that this plan's faults are done by then), its done runs dropped: the compiled kernel is then not
+        stopped where plans end (a speed heuristic only: what is planned is what a new plan would plan)."""
+        if p.noext:
+            return False
+        self._commit(x, p, False)
+        last = int(p.fpos[-1])
+        seg, bounds = self._segment(x, p.cbase, last, _PLAN_EXTEND)
+        got = self._plan_seg(x, seg, last, bounds, p)
+        if got is None:
+            p.noext = True
+            return False
+        arrays, fidx, install, fk_code, fk_ptr, lo, hi = got
+        d = p.locked  # the runs done (and committed): dropped
+        f0 = int(p.fidx[d])
+        nf_old = len(p.install.gfns) - f0
+        c0 = int(p.fk_ptr[d])
+        ncode_old = len(p.fk_code) - c0
+        ip = p.install
+        p.install = type(ip)(ip.ss, np.concatenate((ip.gfns[f0:], install.gfns)),
+                             np.concatenate((ip.state[f0:], install.state)),
+                             np.concatenate((ip.resident[f0:], install.resident)),
+                             np.concatenate((ip.ever_mapped[f0:], install.ever_mapped)),
+                             np.concatenate((ip.allocated[f0:], install.allocated)), {})
+        p.arrays = np.concatenate((p.arrays[:, d:], arrays), axis=1)
+        p.fpos, p.gfns, p.resident, p.ever = p.arrays
+        p.fidx = np.concatenate((p.fidx[d:-1] - f0, fidx + nf_old))
+        p.fk_code = np.concatenate((p.fk_code[c0:], fk_code))
+        p.fk_ptr = np.concatenate((p.fk_ptr[d:-1] - c0, fk_ptr + ncode_old))
+        p.nres = np.cumsum(p.arrays[2, ::-1])[::-1]
+        p.k -= d
+        p.locked = p.committed = 0
+        p.lo, p.hi = min(p.lo, lo), max(p.hi, hi)
+        p._gset = None
+        return True
 
     def _commit(self, x: "Vcpu", p: _Plan, final: bool) -> None:
         """Apply the SPTE installs of ``x``'s planned faults done under ``mmu_lock`` since the last commit

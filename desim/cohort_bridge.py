@@ -100,6 +100,8 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
     lens = []
     seg = co._kseg
     for (i, x, p, k, t0, ev) in planned:
+        if len(p.fpos) - p.locked < 2 * seg and not p.noext:
+            co._extend(x, p)  # the plan goes on past its end: the kernel is not stopped there
         b = p.locked
         nf = min(len(p.fpos) - b, seg)  # the kernel stops (STOP_PLAN) where a vCPU's segment ends
         r = x._run
