@@ -285,10 +285,11 @@ class Cohort:
             return None
         fpos, fg = misses
         if own is not None:
-            keep = ~np.isin(fg, own.install.gfns)
-            fpos, fg = fpos[keep], fg[keep]
-            if len(fg) == 0:
-                return None
+            if int(fg.min()) <= own.hi and own.lo <= int(fg.max()):
+                keep = ~np.isin(fg, own.install.gfns)
+                fpos, fg = fpos[keep], fg[keep]
+                if len(fg) == 0:
+                    return None
             ss = own.ss
             if mmu.slots.get(ss.slot.id) is not ss:
                 return None
