@@ -195,6 +195,7 @@ class Cohort:
         self._kmiss = 0
         self.kernel_steps = 0  # vCPU steps the kernel took (for benchmarks and tests)
         self.chunk_ends_planned = 0  # chunk ends crossed inside plans (for tests)
+        self.kernel_checkpoints = 0  # progress checkpoints taken inside kernel calls (for tests)
         self._kseg = _KERNEL_SEGMENT  # a plan's faults handed to one kernel call, at most (desim/cohort_bridge.py)
 
     def _missed(self) -> None:

@@ -255,6 +255,7 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
         heappop(queue)
         env._now = t
         ev.callbacks = None
+        co.kernel_checkpoints += 1
         for i, (acc, ft, az) in zip(rows, IV[rows][:, (ck.I_ACC, ck.I_FT, ck.I_AZ)].tolist()):
             m = vcpus[i].m
             m.accesses += acc

@@ -136,3 +136,22 @@ def test_a_chunk_end_that_skips_the_entry_draw_is_caught(monkeypatch):
     monkeypatch.setattr(ck, "run", ck.run.py_func)
     vm = Vm(sc, "targeted", seed=1, engine="fast", profile=prof)
     assert ref != fingerprint(vm) and vm.cohort.chunk_ends_planned > 0
+
+
+def test_progress_checkpoints_inside_kernel_calls(monkeypatch):
+    """Progress checkpoints (Vm._checkpoints, every 100 us of simulated time here: its wall clock is made to
+    tick 0.1 s a call) taken inside kernel calls see the same clock, accesses and faults as on the reference
+    engine, and the results do not change."""
+    import desim.vm as vm_mod
+
+    tick = iter(range(10**9))
+    monkeypatch.setattr(vm_mod.time, "perf_counter", lambda: 0.1 * next(tick))
+    sc, prof = _across("sequential", vcpus=3), _drawn("tdp-icelake")
+    seen = {"reference": [], "fast": []}
+    runs = {}
+    for engine in seen:
+        vm = Vm(sc, "targeted", seed=1, engine=engine, profile=prof)
+        runs[engine] = fingerprint(vm, progress=lambda s, out=seen[engine]: out.append((s.sim_ns, s.faults, s.fraction)))
+    assert_same(runs["reference"], runs["fast"], "kernel with progress checkpoints")
+    assert seen["fast"] == seen["reference"] and len(seen["fast"]) > 10
+    assert vm.cohort.kernel_checkpoints > 0
