@@ -83,42 +83,54 @@ _KERNEL = os.environ.get("DESIM_COHORT_KERNEL", "1") != "0"  # "0": the Python s
 _KERNEL_SEGMENT = 512  # a plan's faults handed to one kernel call, at most: a call copies each vCPU's segment
 # (its plan arrays and cost draws) in and stops where the first segment ends, so its cost follows the steps it
 # can take, not the plans' lengths (a speed heuristic only: where the kernel stops, the Python steps go on)
+_PLAN_EXTEND = 8192  # accesses a plan is extended by (Cohort._extend; a speed heuristic only)
 _PLAN_MIN = 32  # a plan with fewer faults makes the next plans wait (planning costs about as much as 10-20 faults)
 
 
 class _Plan:
-    """A vCPU's next plain 4 KiB faults (see the module docstring). ``k`` faults begun (their guest run
-    computed), ``locked`` of them done under ``mmu_lock``, ``committed`` of those applied to the SPTE
-    state; ``step`` is where the fault ``locked`` is: ``idle`` (not begun), ``run`` (its guest run in
-    flight) or ``pending`` (past ``kvm_faultin_pfn``, waiting or about to take ``mmu_lock``)."""
+    """A vCPU's next guest runs, each ending in a plain 4 KiB fault or, on a plain stream, at the end of a
+    chunk (see the module docstring). Per run (arrays, in plan coordinates: 0 is where the vCPU's chunk began
+    when the plan was made, the next chunks following on): ``fpos`` where it ends, ``gfns`` its fault's gfn
+    (-1: a chunk end), ``resident`` and ``ever`` (a chunk end: 1 and 0). ``k`` runs begun, ``locked`` of
+    them done (a fault under ``mmu_lock``, a chunk end at its end), ``committed`` of those applied to the
+    SPTE state; ``step`` is where the run ``locked`` is: ``idle`` (not begun), ``run`` (in flight) or
+    ``pending`` (its fault past ``kvm_faultin_pfn``, waiting or about to take ``mmu_lock``). ``fidx``: the
+    faults before each run (an index into ``install``); ``cbase``: where the vCPU's current chunk begins."""
 
     __slots__ = ("ss", "install", "fpos", "gfns", "_gset", "resident", "ever", "k", "locked",
-                 "committed", "step", "lo", "hi", "fk_code", "fk_ptr", "arrays", "nres")
+                 "committed", "step", "lo", "hi", "fk_code", "fk_ptr", "arrays", "nres", "fidx", "cbase", "pos0",
+                 "noext")
 
-    def __init__(self, ss, install, fpos, gfns, resident, ever) -> None:
+    def __init__(self, ss, install, arrays, fidx, pos0) -> None:
         self.ss = ss
         self.install = install
-        self.fpos, self.gfns, self.resident, self.ever = fpos, gfns, resident, ever  # arrays
+        self.arrays = arrays  # int64 rows: fpos, gfns, resident, ever (the compiled kernel's view)
+        self.fpos, self.gfns, self.resident, self.ever = arrays
+        self.fidx = fidx
         self._gset = None
         self.k = 0
         self.locked = 0
         self.committed = 0
         self.step = "idle"
+        self.cbase = 0
+        self.pos0 = pos0
+        self.noext = False  # Cohort._extend found nothing to add
 
     @property
     def gset(self) -> set:
         """The plan's gfns as a set (made on first use: most plans are never asked)."""
         if self._gset is None:
-            self._gset = set(self.gfns.tolist())
+            self._gset = set(self.install.gfns.tolist())
         return self._gset
 
     def fkeys(self, k: int):
-        """The page-table pages (level, index) fault ``k`` allocates unless one is there."""
+        """The page-table pages (level, index) run ``k``'s fault allocates unless one is there."""
         a, b = self.fk_ptr[k:k + 2].tolist()
         return [(c & 3, c >> 2) for c in self.fk_code[a:b].tolist()] if b > a else ()
 
     def nres_from(self, b: int) -> int:
-        """How many of the faults from ``b`` on find their host page resident."""
+        """How many of the runs from ``b`` on end in a fault that finds its host page resident, or at a
+        chunk's end."""
         return int(self.nres[b]) if b < len(self.nres) else 0
 
 
@@ -177,13 +189,14 @@ class Cohort:
         self._stall_a: list = []
         self.runs = 0  # loops that took at least one step
         self._window: dict = {}  # vCPU -> accesses its next plan looks at (Cohort._retire)
-        self._pos0: dict = {}  # vCPU -> its position in its chunk when its plan was made
         self._vidx: dict | None = None  # vCPU -> its index (desim/cohort_bridge.py)
         self.kernel = _KERNEL  # planned steps in the compiled kernel (desim/cohort_kernel.py)
         self._kcosts: dict = {}  # vCPU -> per kernel cost: (row, its _Draws or None, its value if constant)
         self._kskip = 0  # loop tops to leave to the Python steps before trying the kernel again
         self._kmiss = 0
         self.kernel_steps = 0  # vCPU steps the kernel took (for benchmarks and tests)
+        self.chunk_ends_planned = 0  # chunk ends crossed inside plans (for tests)
+        self.kernel_checkpoints = 0  # progress checkpoints taken inside kernel calls (for tests)
         self._kseg = _KERNEL_SEGMENT  # a plan's faults handed to one kernel call, at most (desim/cohort_bridge.py)
 
     def _missed(self) -> None:
@@ -207,18 +220,83 @@ class Cohort:
 
     # -- plans ---------------------------------------------------------------------
     def _plan(self, x: "Vcpu") -> _Plan | None:
-        """Plan ``x``'s next faults from its position in its chunk (None: none can be planned)."""
+        """Plan ``x``'s next faults from its position in its chunk (None: none can be planned). On a plain
+        stream (:meth:`desim.workload.AccessStream.peek_chunk`) the plan reaches into the next chunks: each
+        chunk end it crosses is one more guest run, the one :meth:`desim.vcpu.Vcpu.run` makes there (the
+        chunk's last accesses, without an exit or a fault; the next chunk's first run draws its own VM
+        entry). A plan ends at a fault."""
         if not self._plannable:
             return None
+        window = self._window.get(x, _PLAN_WINDOW0_KERNEL if self.kernel else _PLAN_WINDOW0)
+        # plan coordinates: 0 where the vCPU's chunk begins, the next chunks after it
+        seg, bounds = self._segment(x, 0, x._pos, window)
+        got = self._plan_seg(x, seg, x._pos, bounds, None)
+        if got is None:
+            return None
+        arrays, fidx, install, fk_code, fk_ptr, lo, hi = got
+        out = _Plan(install.ss, install, arrays, fidx, x._pos)
+        out.lo, out.hi = lo, hi
+        out.fk_code, out.fk_ptr = fk_code, fk_ptr
+        out.nres = np.cumsum(arrays[2, ::-1])[::-1]  # runs from each on that allocate no host page
+        return out
+
+    def _segment(self, x: "Vcpu", cbase: int, start: int, window: int):
+        """The next ``window`` accesses of ``x`` from plan coordinate ``start`` (its chunk begins at ``cbase``,
+        the next chunks of a plain stream follow), and where each chunk after the first begins (plan
+        coordinates)."""
+        chunk = x._chunk
+        off = start - cbase
+        cstart = cbase
+        j = 0  # the chunks after the current one, peeked
+        stream = x.stream
+        while off >= len(chunk):
+            off -= len(chunk)
+            cstart += len(chunk)
+            chunk = stream.peek_chunk(j) if (self.kernel and stream is not None) else None
+            j += 1
+            if chunk is None or len(chunk) == 0:
+                return chunk[:0] if chunk is not None else x._chunk[:0], []
+        seg = chunk[off:off + window]
+        bounds: list[int] = []
+        if len(seg) < window and self.kernel and stream is not None:
+            parts = [seg]
+            total, nxt = len(seg), cstart + len(chunk)
+            while total < window:
+                ch = stream.peek_chunk(j)  # None for anything but a plain stream
+                if ch is None or len(ch) == 0:
+                    break
+                j += 1
+                bounds.append(nxt)
+                parts.append(ch[:window - total])
+                total += len(parts[-1])
+                nxt += len(ch)
+            if bounds:
+                seg = np.concatenate(parts)
+        return seg, bounds
+
+    def _plan_seg(self, x: "Vcpu", seg, pos: int, bounds: list, own: _Plan | None):
+        """The runs of a plan over ``seg`` (its first access at plan coordinate ``pos``, chunk starts at
+        ``bounds``): ``(arrays, fidx, install, fk_code, fk_ptr, lo, hi)``, or None. ``own``: the vCPU's plan
+        this one continues (its gfns are mapped by the time these faults come: they are not faults; the
+        continuation keeps to its memslot)."""
         mmu = self.vm.mmu
-        pos = x._pos
-        self._pos0[x] = pos
-        seg = x._chunk[pos:pos + self._window.get(x, _PLAN_WINDOW0_KERNEL if self.kernel else _PLAN_WINDOW0)]
+        if len(seg) == 0:
+            return None
         misses = mmu.first_misses(seg)
         if misses is None:
             return None
         fpos, fg = misses
-        ss = mmu.slot_of(int(fg[0]))
+        if own is not None:
+            if int(fg.min()) <= own.hi and own.lo <= int(fg.max()):
+                keep = ~np.isin(fg, own.install.gfns)
+                fpos, fg = fpos[keep], fg[keep]
+                if len(fg) == 0:
+                    return None
+            ss = own.ss
+            if mmu.slots.get(ss.slot.id) is not ss:
+                return None
+        else:
+            ss = mmu.slot_of(int(fg[0]))
         if ss is None or ss.slot.invalid or ss.block.backing != "4k":
             return None
         base, end = ss.slot.base_gfn, ss.slot.end_gfn
@@ -245,7 +323,10 @@ class Cohort:
             grp = (starts[:, None] + np.arange(PTE_PREFETCH_NUM)).ravel()
             grp = grp[(grp >= base) & (grp < end)]
             b = np.asarray(ss.state[grp - base])
-            if bool((((b & TAG_MASK) != mmu.root_tag) & ((b & HOST_RESIDENT) != 0)).any()):
+            present = (b & TAG_MASK) == mmu.root_tag
+            if own is not None:
+                present |= np.isin(grp, own.install.gfns)  # the plan being continued maps these first
+            if bool((~present & ((b & HOST_RESIDENT) != 0)).any()):
                 return None
         plan = mmu.plan_install_4k(ss, fg)
         if plan is None:
@@ -257,17 +338,78 @@ class Cohort:
             fi.append(nf)
             fc.append((fg[nf] >> shift) * 4 + lvl)
         afpos = fpos + pos
-        out = _Plan(ss, plan, afpos, fg, plan.resident, plan.ever_mapped)
-        out.lo, out.hi = lo, hi
         # per fault, its page-table pages (level + 4 * index; levels in new_tables' order), as offsets
-        # into fk_code; and the plan as one array for the compiled kernel (desim/cohort_kernel.py)
+        # into fk_code
         fi = np.concatenate(fi) if fi else np.zeros(0, np.int64)
         order = np.argsort(fi, kind="stable")
-        out.fk_code = (np.concatenate(fc) if fc else np.zeros(0, np.int64))[order]
-        out.fk_ptr = np.searchsorted(fi[order], np.arange(K + 1), side="left")
-        out.arrays = np.stack((afpos, fg, plan.resident, plan.ever_mapped)).astype(np.int64, copy=False)
-        out.nres = np.cumsum(plan.resident[::-1])[::-1]  # resident pages from each fault on
-        return out
+        fk_code = (np.concatenate(fc) if fc else np.zeros(0, np.int64))[order]
+        fk_ptr = np.searchsorted(fi[order], np.arange(K + 1), side="left")
+        # the runs: one per fault, and one per chunk end crossed before the last fault (a chunk's end
+        # comes before a fault on the next chunk's first access)
+        n_ends = int(np.searchsorted(bounds, int(afpos[-1]), side="right")) if bounds else 0
+        resident = plan.resident
+        ever = plan.ever_mapped
+        if n_ends:
+            ends = np.asarray(bounds[:n_ends], dtype=np.int64)
+            # where each fault's run goes: after the faults and chunk ends before it
+            at = np.arange(K) + np.searchsorted(ends, afpos, side="right")
+            R = K + n_ends
+            arrays = np.empty((4, R), dtype=np.int64)
+            is_end = np.ones(R, dtype=bool)
+            is_end[at] = False
+            arrays[0, is_end] = ends
+            arrays[1, is_end] = -1
+            arrays[2, is_end] = 1
+            arrays[3, is_end] = 0
+            arrays[0, at] = afpos
+            arrays[1, at] = fg
+            arrays[2, at] = resident
+            arrays[3, at] = ever
+            fidx = np.empty(R + 1, dtype=np.int64)
+            fidx[0] = 0
+            np.cumsum(~is_end, out=fidx[1:])
+            fk_ptr = fk_ptr[fidx]
+        else:
+            arrays = np.stack((afpos, fg, resident, ever)).astype(np.int64, copy=False)
+            fidx = np.arange(K + 1)
+        return arrays, fidx, plan, fk_code, fk_ptr, lo, hi
+
+    def _extend(self, x: "Vcpu", p: _Plan) -> bool:
+        """Make ``x``'s plan go on past its last fault (the faults a new plan made there would find, given
+        that this plan's faults are done by then), its done runs dropped: the compiled kernel is then not
+        stopped where plans end (a speed heuristic only: what is planned is what a new plan would plan)."""
+        if p.noext:
+            return False
+        self._commit(x, p, False)
+        last = int(p.fpos[-1])
+        seg, bounds = self._segment(x, p.cbase, last, _PLAN_EXTEND)
+        got = self._plan_seg(x, seg, last, bounds, p)
+        if got is None:
+            p.noext = True
+            return False
+        arrays, fidx, install, fk_code, fk_ptr, lo, hi = got
+        d = p.locked  # the runs done (and committed): dropped
+        f0 = int(p.fidx[d])
+        nf_old = len(p.install.gfns) - f0
+        c0 = int(p.fk_ptr[d])
+        ncode_old = len(p.fk_code) - c0
+        ip = p.install
+        p.install = type(ip)(ip.ss, np.concatenate((ip.gfns[f0:], install.gfns)),
+                             np.concatenate((ip.state[f0:], install.state)),
+                             np.concatenate((ip.resident[f0:], install.resident)),
+                             np.concatenate((ip.ever_mapped[f0:], install.ever_mapped)),
+                             np.concatenate((ip.allocated[f0:], install.allocated)), {})
+        p.arrays = np.concatenate((p.arrays[:, d:], arrays), axis=1)
+        p.fpos, p.gfns, p.resident, p.ever = p.arrays
+        p.fidx = np.concatenate((p.fidx[d:-1] - f0, fidx + nf_old))
+        p.fk_code = np.concatenate((p.fk_code[c0:], fk_code))
+        p.fk_ptr = np.concatenate((p.fk_ptr[d:-1] - c0, fk_ptr + ncode_old))
+        p.nres = np.cumsum(p.arrays[2, ::-1])[::-1]
+        p.k -= d
+        p.locked = p.committed = 0
+        p.lo, p.hi = min(p.lo, lo), max(p.hi, hi)
+        p._gset = None
+        return True
 
     def _commit(self, x: "Vcpu", p: _Plan, final: bool) -> None:
         """Apply the SPTE installs of ``x``'s planned faults done under ``mmu_lock`` since the last commit
@@ -276,18 +418,21 @@ class Cohort:
         mmu = self.vm.mmu
         c, k = p.committed, p.locked
         if k > c:
-            ip = p.install
-            sub = type(ip)(ip.ss, ip.gfns[c:k], ip.state[c:k], ip.resident[c:k], ip.ever_mapped[c:k],
-                           ip.allocated[c:k], {})
-            mmu.commit_install_4k(sub, k - c, tables=False)  # the page-table pages are linked already
             p.committed = k
-            x._seq = -1  # the vCPU's cached miss list predates these installs
+            c, k = int(p.fidx[c]), int(p.fidx[k])  # the faults among those runs
+            if k > c:
+                ip = p.install
+                sub = type(ip)(ip.ss, ip.gfns[c:k], ip.state[c:k], ip.resident[c:k], ip.ever_mapped[c:k],
+                               ip.allocated[c:k], {})
+                mmu.commit_install_4k(sub, k - c, tables=False)  # the page-table pages are linked already
+                x._seq = -1  # the vCPU's cached miss list predates these installs
+        k = p.locked
         if final and p.step == "pending" and not p.resident[k]:
             mmu.make_resident(p.ss, int(p.gfns[k]), 1)
 
-    def _retire(self, x: "Vcpu") -> None:
+    def _retire(self, x: "Vcpu", p: _Plan) -> None:
         """``x``'s plan is dropped: size its next plan's window from the accesses this one lasted."""
-        used = x._pos - self._pos0.get(x, x._pos)
+        used = x._pos + p.cbase - p.pos0
         if self.kernel:
             self._window[x] = min(max(8 * used, _PLAN_WINDOW0 // 4), _PLAN_ACCESSES_KERNEL)
         else:
@@ -299,10 +444,25 @@ class Cohort:
         for x, p in self._plans.items():
             self._commit(x, p, final)
             if final:
-                self._retire(x)
+                self._retire(x, p)
         self._flush_records()
         if final:
             self._plans.clear()
+
+    def _flush_for(self, x: "Vcpu") -> None:
+        """Before ``x`` begins a guest run the plain way: commit the plans whose faults its chunk could reach
+        (its next miss is looked up in the SPTE state from its position on: a gfn another plan installed,
+        not yet committed, would look unmapped) and the records (the plain path records in order). A plan
+        whose gfns lie outside the rest of the chunk's gfn range changes nothing that run reads: its own
+        fault is a plain step checked against the plans (_clashes), and page-table pages are linked as each
+        planned fault takes them (Cohort._locked_planned, desim/cohort_bridge.py)."""
+        rest = x._chunk[x._pos:]
+        if len(rest) and self._plans:
+            lo, hi = int(rest.min()), int(rest.max())
+            for v, p in self._plans.items():
+                if p.locked > p.committed and p.lo <= hi and lo <= p.hi:
+                    self._commit(v, p, False)
+        self._flush_records()
 
     def _flush_records(self) -> None:
         """Append the planned faults' records to the metrics (before a step that records a fault)."""
@@ -337,7 +497,7 @@ class Cohort:
         p = self._plans.pop(x, None)
         if p is not None:
             self._commit(x, p, False)
-            self._retire(x)
+            self._retire(x, p)
         self._flush()
         fr = x.fault_run
         if fr is not None and not fr.backoff:
@@ -374,8 +534,10 @@ class Cohort:
         k = p.k
         miss = int(p.fpos[k])
         gfn = int(p.gfns[k])
-        n = miss - x._pos
-        pre = c.fault_handle() + (c.faultin_resident() if p.resident[k] else c.host_alloc_4k())
+        n = miss - (x._pos + p.cbase)
+        faults = gfn >= 0
+        if faults:
+            pre = c.fault_handle() + (c.faultin_resident() if p.resident[k] else c.host_alloc_4k())
         now = self.env._now
         carry, x._carry = x._carry, 0.0
         g0 = now + carry
@@ -393,8 +555,9 @@ class Cohort:
         x._running = True
         if x._srcu_waiters:
             x._srcu_unlock_at(g0)
-        exit_ns = c.vm_exit() + pre
-        x._run = (now, carry, g0, entry, g1, n, miss, True, "fault", gfn, exit_ns)
+        # a chunk end: the rest of the chunk without an exit (Vcpu._begin_run with the miss at the chunk's end)
+        exit_ns = c.vm_exit() + pre if faults else 0.0
+        x._run = (now, carry, g0, entry, g1, n, miss - p.cbase, faults, "fault", gfn, exit_ns)
         p.k = k + 1
         p.step = "run"
         return g1 - now + exit_ns
@@ -412,6 +575,15 @@ class Cohort:
         vm = self.vm
         hits = vm.metrics.hit_ns
         hits[x.access_ns] = hits.get(x.access_ns, 0) + n
+        if not faults:
+            # the chunk's end: the top of Vcpu.run's loop takes the next chunk (a plain stream has no pause;
+            # nothing is pending, checked before the step), then begins the next guest run
+            p.cbase = int(p.fpos[p.locked])
+            x._next_chunk()
+            self.chunk_ends_planned += 1
+            p.locked += 1
+            p.step = "idle"
+            return None
         if x._stalled_since is None:
             x._stalled_since = g1
         m.stall_ns += exit_ns
@@ -522,7 +694,7 @@ class Cohort:
             self._skip[x] = skip - 1
             if p is not None:
                 self._commit(x, p, False)
-                self._retire(x)
+                self._retire(x, p)
                 del plans[x]
         else:
             p = self._replan(x)
@@ -534,7 +706,7 @@ class Cohort:
             self._skip[x] = m
             if p is not None:
                 return self._begin_planned(x, p)
-        self._flush()
+        self._flush_for(x)
         return x._begin_run()
 
     def _replan(self, x: "Vcpu") -> _Plan | None:
@@ -543,7 +715,7 @@ class Cohort:
         old = plans.pop(x, None)
         if old is not None:
             self._commit(x, old, False)
-            self._retire(x)
+            self._retire(x, old)
         p = self._plan(x)
         if p is not None:
             plans[x] = p

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from heapq import heapify
+from heapq import heapify, heappop, heappush
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -108,12 +108,14 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
     lens = []
     seg = co._kseg
     for (i, x, p, k, t0, ev) in planned:
+        if len(p.fpos) - p.locked < 2 * seg and not p.noext:
+            co._extend(x, p)  # the plan goes on past its end: the kernel is not stopped there
         b = p.locked
         nf = min(len(p.fpos) - b, seg)  # the kernel stops (STOP_PLAN) where a vCPU's segment ends
         r = x._run
         e, ss = x._entry, x._stalled_since
         m = x.m
-        ivr.append((1, x._pos, e is not None, ss is not None, k, p.k - b, 0, nf, 0, 0, 0, off, r[5], r[6], r[9], -1, 0,
+        ivr.append((1, x._pos + p.cbase, e is not None, ss is not None, k, p.k - b, 0, nf, 0, 0, 0, off, r[5], r[6] + p.cbase, r[9], -1, 0,
                     x.index, pcp.get(x.index, 0), lrup.get(x.index, 0), 1 if p.step == "run" else 2, fkoff, 0, doff))
         fvr.append((x._carry, e or 0.0, ss or 0.0, x._recorded_until, x.access_ns, m.time["host"], m.time["guest"],
                     m.stall_ns, t0 or 0.0, r[0], r[1], r[2], r[3], r[4], r[10], 0.0))
@@ -250,6 +252,48 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
     CUR = np.zeros((N, 6), dtype=np.int64)
     ck.run(S, SI, IV, FV, CUR, DS, D, VMM, PL, FK, THERE, LINKED, OUT, PT, PI, W, WS, Z, E, EI)
     env._eid = itertools.count(int(SI[ck.K_NEXT_ID]))
+    ckp = vm.checkpoints
+    while SI[ck.K_STOP] == ck.STOP_FOREIGN and ckp is not None and queue:
+        t, _, _, ev = queue[0]
+        cbs = ev.callbacks
+        if not (cbs and len(cbs) == 1 and getattr(cbs[0], "__self__", None) is ckp
+                and cbs[0].__func__ is ckp._resume.__func__):
+            break
+        # a progress checkpoint (Vm._checkpoints: it reads the clock and the vCPUs' accesses and faults, nothing
+        # else): those counted so far handed over, its step taken as Environment.step would, the kernel going on
+        # from where it stopped
+        heappop(queue)
+        env._now = t
+        ev.callbacks = None
+        co.kernel_checkpoints += 1
+        for i, (acc, ft, az) in zip(rows, IV[rows][:, (ck.I_ACC, ck.I_FT, ck.I_AZ)].tolist()):
+            m = vcpus[i].m
+            m.accesses += acc
+            if ft:
+                m.faults["first_touch"] += ft
+            if az:
+                m.faults["after_zap"] += az
+        IV[rows, ck.I_ACC] = 0
+        IV[rows, ck.I_FT] = 0
+        IV[rows, ck.I_AZ] = 0
+        # the kernel's next event stands in SimPy's queue while the checkpoint runs (its process takes its next
+        # timeout at once only if that is due first: desim/engine.py)
+        mark = (E[0, 0], int(EI[0, 0]), int(EI[0, 1]), Event(env)) if SI[ck.K_EN] else None
+        if mark is not None:
+            heappush(queue, mark)
+        active = env._active_proc
+        ckp._resume(ev)
+        env._active_proc = active
+        if mark is not None:
+            queue.remove(mark)
+            heapify(queue)
+        SI[ck.K_NEXT_ID] = next(env._eid)  # the checkpoint's next timeout took an id
+        if queue:
+            S[ck.S_FT], SI[ck.S_FP], SI[ck.S_FE] = queue[0][0], queue[0][1], queue[0][2]
+        else:
+            S[ck.S_FT] = np.inf
+        ck.run(S, SI, IV, FV, CUR, DS, D, VMM, PL, FK, THERE, LINKED, OUT, PT, PI, W, WS, Z, E, EI)
+        env._eid = itertools.count(int(SI[ck.K_NEXT_ID]))
     steps = int(SI[ck.K_STEPS])
     if foreign:
         co.kernel_shared += steps
@@ -333,7 +377,14 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
         b = p.locked
         pcp[x.index] = iv[ck.I_PCP]
         lrup[x.index] = iv[ck.I_LRU]
-        x._pos = iv[ck.I_POS]
+        locked = b + iv[ck.I_LOCKED]
+        ends = p.gfns[b:locked]
+        for c in np.flatnonzero(ends < 0).tolist():
+            # a chunk end the kernel crossed: the top of Vcpu.run's loop took the next chunk (Cohort._end_planned)
+            p.cbase = int(p.fpos[b + c])
+            x._next_chunk()
+            co.chunk_ends_planned += 1
+        x._pos = iv[ck.I_POS] - p.cbase
         x._carry = fv[ck.F_CARRY]
         x._entry = fv[ck.F_ENTRY] if iv[ck.I_ENTRY_SET] else None
         x._stalled_since = fv[ck.F_STALLED] if iv[ck.I_STALLED_SET] else None
@@ -348,12 +399,12 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
         if iv[ck.I_AZ]:
             m.faults["after_zap"] += iv[ck.I_AZ]
         x._run = (fv[ck.F_RNOW], fv[ck.F_RCARRY], fv[ck.F_RG0], fv[ck.F_RENTRY], fv[ck.F_RG1], iv[ck.I_RUN_N],
-                  iv[ck.I_RUN_MISS], True, "fault", iv[ck.I_RUN_GFN], fv[ck.F_REXIT])
+                  iv[ck.I_RUN_MISS] - p.cbase, iv[ck.I_RUN_GFN] >= 0, "fault", iv[ck.I_RUN_GFN], fv[ck.F_REXIT])
         x._g0, x._g1 = fv[ck.F_RG0], fv[ck.F_RG1]
         kind = iv[ck.I_KIND]
         x._running = kind == 0
         p.k = b + iv[ck.I_K]
-        p.locked = b + iv[ck.I_LOCKED]
+        p.locked = locked
         p.step = ("idle", "run", "pending")[iv[ck.I_STEP]]
         owned.pop(ev0, None)
         if kind == 0:

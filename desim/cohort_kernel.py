@@ -399,14 +399,17 @@ def _begin(SI, IV, FV, CUR, DS, D, PL, OUT, i, now):
     d0 = IV[i, I_DOFF]
     miss = PL[0, o + k]
     n = miss - IV[i, I_POS]
-    pre = D[C_FAULT_HANDLE, d0 + CUR[i, C_FAULT_HANDLE]]
-    CUR[i, C_FAULT_HANDLE] += DS[i, C_FAULT_HANDLE]
-    if PL[2, o + k]:
-        pre = pre + D[C_FAULTIN_RESIDENT, d0 + CUR[i, C_FAULTIN_RESIDENT]]
-        CUR[i, C_FAULTIN_RESIDENT] += DS[i, C_FAULTIN_RESIDENT]
-    else:
-        pre = pre + D[C_HOST_ALLOC, d0 + CUR[i, C_HOST_ALLOC]]
-        CUR[i, C_HOST_ALLOC] += DS[i, C_HOST_ALLOC]
+    faults = PL[1, o + k] >= 0  # else a chunk end: the rest of the chunk, without an exit
+    pre = 0.0
+    if faults:
+        pre = D[C_FAULT_HANDLE, d0 + CUR[i, C_FAULT_HANDLE]]
+        CUR[i, C_FAULT_HANDLE] += DS[i, C_FAULT_HANDLE]
+        if PL[2, o + k]:
+            pre = pre + D[C_FAULTIN_RESIDENT, d0 + CUR[i, C_FAULTIN_RESIDENT]]
+            CUR[i, C_FAULTIN_RESIDENT] += DS[i, C_FAULTIN_RESIDENT]
+        else:
+            pre = pre + D[C_HOST_ALLOC, d0 + CUR[i, C_HOST_ALLOC]]
+            CUR[i, C_HOST_ALLOC] += DS[i, C_HOST_ALLOC]
     carry = FV[i, F_CARRY]
     FV[i, F_CARRY] = 0.0
     g0 = now + carry
@@ -426,8 +429,10 @@ def _begin(SI, IV, FV, CUR, DS, D, PL, OUT, i, now):
         OUT[O_SA, j] = a
         FV[i, F_RECUNTIL] = g0 + entry + a
         IV[i, I_STALLED_SET] = 0
-    exit_ns = D[C_VM_EXIT, d0 + CUR[i, C_VM_EXIT]] + pre
-    CUR[i, C_VM_EXIT] += DS[i, C_VM_EXIT]
+    exit_ns = 0.0
+    if faults:
+        exit_ns = D[C_VM_EXIT, d0 + CUR[i, C_VM_EXIT]] + pre
+        CUR[i, C_VM_EXIT] += DS[i, C_VM_EXIT]
     FV[i, F_RNOW], FV[i, F_RCARRY], FV[i, F_RG0], FV[i, F_RENTRY], FV[i, F_RG1], FV[i, F_REXIT] = \
         now, carry, g0, entry, g1, exit_ns
     IV[i, I_RUN_N], IV[i, I_RUN_MISS], IV[i, I_RUN_GFN] = n, miss, PL[1, o + k]
@@ -532,6 +537,13 @@ def run(S, SI, IV, FV, CUR, DS, D, VMM, PL, FK, THERE, LINKED, OUT, P, PI, W, WS
             IV[i, I_HITS] += n
             if IV[i, I_FIRST_END] < 0:
                 IV[i, I_FIRST_END] = SI[K_STEPS]
+            if IV[i, I_RUN_GFN] < 0:
+                # a chunk's end: the next chunk (the bridge moves the vCPU to it), then the next guest run
+                IV[i, I_LOCKED] += 1
+                IV[i, I_STEP] = 0
+                d = _begin(SI, IV, FV, CUR, DS, D, PL, OUT, i, t)
+                _ev_push(SI, E, EI, t + d, EV_RUN, i, 0.0)
+                continue
             if not IV[i, I_STALLED_SET]:
                 IV[i, I_STALLED_SET] = 1
                 FV[i, F_STALLED] = FV[i, F_RG1]

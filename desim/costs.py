@@ -98,8 +98,9 @@ class _Draws:
 
     The values come in blocks of ``BLOCK`` (one numpy call each: uniform or normal numbers
     transformed at once). ``arr`` holds the values not yet consumed from ``i`` on; ``buf`` is the
-    same values as a Python list, made when a scalar read first needs it (:meth:`next`, :meth:`peek`),
-    so a vectorised reader (:meth:`peek_many`) never pays for a list. Which numbers come out, and in
+    same values as a Python list, made when a scalar read (:meth:`next`, :meth:`peek`) refills the block;
+    where a vectorised reader (:meth:`peek_many`) joined blocks it is None and scalar reads index ``arr``
+    until the next refill, so neither reader pays for a list of the other's values. Which numbers come out, and in
     which order, does not depend on how they are read."""
 
     __slots__ = ("rng", "kind", "a", "b", "arr", "buf", "i")
@@ -135,11 +136,13 @@ class _Draws:
         a refill draws the same block whenever it happens)."""
         if self.i >= len(self.arr):
             self.arr = self._block()
-            self.buf = None
+            self.buf = self.arr.tolist()
             self.i = 0
         buf = self.buf
         if buf is None:
-            buf = self.buf = self.arr.tolist()
+            # after peek_many joined blocks (a vectorised reader): the value itself, without a list of the
+            # whole remaining array (the list comes back with the next refill)
+            return float(self.arr[self.i])
         return buf[self.i]
 
     def peek_many(self, k: int) -> np.ndarray:

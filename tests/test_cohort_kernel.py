@@ -10,19 +10,20 @@ import numpy as np
 import pytest
 
 from desim import cohort_bridge
+from desim.profile import HostProfile, load_profile
 from desim.vm import Vm
 
 from conftest import MiB, scenario
 from test_engines_differential import assert_same, fingerprint
 
 
-def _runs(sc, policy: str = "targeted", seed: int = 1):
+def _runs(sc, policy: str = "targeted", seed: int = 1, profile=None):
     """Fingerprints: reference engine, fast engine with the Python cohort steps, fast engine with the kernel."""
-    ref = fingerprint(Vm(sc, policy, seed=seed, engine="reference"))
-    py = Vm(sc, policy, seed=seed, engine="fast")
+    ref = fingerprint(Vm(sc, policy, seed=seed, engine="reference", profile=profile))
+    py = Vm(sc, policy, seed=seed, engine="fast", profile=profile)
     py.cohort.kernel = False
     fpy = fingerprint(py)
-    vm = Vm(sc, policy, seed=seed, engine="fast")
+    vm = Vm(sc, policy, seed=seed, engine="fast", profile=profile)
     return ref, fpy, fingerprint(vm), vm
 
 
@@ -77,6 +78,83 @@ def test_a_broken_kernel_is_caught(monkeypatch):
     vm = Vm(sc, "targeted", seed=1, engine="fast")
     assert sc_ref != fingerprint(vm) and vm.cohort.kernel_steps > 0
 
+
+def _drawn(profile: str) -> HostProfile:
+    """``profile`` with every fault-cycle cost drawn per event (lognormal), the VM entry and exit included."""
+    dumped = load_profile(profile).model_dump()
+    for name in ("vm_entry", "vm_exit", "fault_handle", "host_alloc_4k", "faultin_resident", "spte_install"):
+        dumped["costs"][name]["dist"] = {"kind": "lognormal", "sigma": 0.3}
+    dumped["kernel"]["backing"] = "4k"
+    return HostProfile.model_validate(dumped)
+
+
+def _across(pattern: str, profile: str = "tdp-icelake", vcpus: int = 4):
+    """vCPUs each with several 4096-access chunks of their own: a sequential first touch (36 MiB each: 2.25
+    chunks, every access a fault) or uniform draws over 8 MiB each (6 chunks of draws: faults and hits)."""
+    if pattern == "sequential":
+        phase = {"name": "populate", "pattern": "sequential", "slot": 0, "sharing": "private", "access_ns": 1.0}
+        ram = 36 * vcpus
+    else:
+        phase = {"name": "touch", "pattern": "uniform", "slot": 0, "sharing": "private", "access_ns": 3.0,
+                 "accesses": 6 * 4096}
+        ram = 8 * vcpus
+    return scenario(vcpus=vcpus, ram_mib=ram, phases=[phase], profile=profile, kernel={"backing": "4k"},
+                    costs="sampled")
+
+
+@pytest.mark.parametrize("pattern,profile,vcpus", [("sequential", "tdp-icelake", 3), ("uniform", "tdp-icelake", 4),
+                                                   ("sequential", "legacy-2020", 2)])
+def test_plans_run_across_chunk_ends(pattern, profile, vcpus):
+    """Plans (and kernel calls) that go on across the ends of the vCPUs' 4096-access chunks (each chunk end one
+    more guest run, after which the next run draws its own VM entry), with drawn costs: identical to both, and
+    the kernel takes chunk ends itself."""
+    ref, py, fast, vm = _runs(_across(pattern, profile, vcpus), profile=_drawn(profile))
+    assert_same(ref, py, f"python cohort across chunk ends, {pattern}/{profile}")
+    assert_same(ref, fast, f"kernel across chunk ends, {pattern}/{profile}")
+    assert vm.cohort.kernel_steps > 0.5 * json.loads(fast)["metrics"]["faults"]
+    assert vm.cohort.chunk_ends_planned > 0
+
+
+def test_a_chunk_end_that_skips_the_entry_draw_is_caught(monkeypatch):
+    """A kernel whose chunk-end run leaves the last fault's VM entry for the next chunk's first run (instead of
+    that run drawing its own) must fail the comparison."""
+    from desim import cohort_kernel as ck
+
+    sc, prof = _across("sequential", vcpus=2), _drawn("tdp-icelake")
+    ref = fingerprint(Vm(sc, "targeted", seed=1, engine="reference", profile=prof))
+    begin = ck._begin.py_func
+
+    def keep_entry(SI, IV, FV, CUR, DS, D, PL, OUT, i, now):
+        chunk_end = PL[1, IV[i, ck.I_OFF] + IV[i, ck.I_K]] < 0
+        entry = FV[i, ck.F_ENTRY]
+        d = begin(SI, IV, FV, CUR, DS, D, PL, OUT, i, now)
+        if chunk_end:
+            IV[i, ck.I_ENTRY_SET], FV[i, ck.F_ENTRY] = 1, entry
+        return d
+    monkeypatch.setattr(ck, "_begin", keep_entry)
+    monkeypatch.setattr(ck, "_locked", ck._locked.py_func)  # the kernel's steps that begin runs, interpreted
+    monkeypatch.setattr(ck, "run", ck.run.py_func)
+    vm = Vm(sc, "targeted", seed=1, engine="fast", profile=prof)
+    assert ref != fingerprint(vm) and vm.cohort.chunk_ends_planned > 0
+
+
+def test_progress_checkpoints_inside_kernel_calls(monkeypatch):
+    """Progress checkpoints (Vm._checkpoints, every 100 us of simulated time here: its wall clock is made to
+    tick 0.1 s a call) taken inside kernel calls see the same clock, accesses and faults as on the reference
+    engine, and the results do not change."""
+    import desim.vm as vm_mod
+
+    tick = iter(range(10**9))
+    monkeypatch.setattr(vm_mod.time, "perf_counter", lambda: 0.1 * next(tick))
+    sc, prof = _across("sequential", vcpus=3), _drawn("tdp-icelake")
+    seen = {"reference": [], "fast": []}
+    runs = {}
+    for engine in seen:
+        vm = Vm(sc, "targeted", seed=1, engine=engine, profile=prof)
+        runs[engine] = fingerprint(vm, progress=lambda s, out=seen[engine]: out.append((s.sim_ns, s.faults, s.fraction)))
+    assert_same(runs["reference"], runs["fast"], "kernel with progress checkpoints")
+    assert seen["fast"] == seen["reference"] and len(seen["fast"]) > 10
+    assert vm.cohort.kernel_checkpoints > 0
 
 def _teardown_sc():
     """4 TDP vCPUs populating while the VMM deletes a memslot twice (fast zap): the teardown of the invalidated
