@@ -523,10 +523,13 @@ class Cohort:
     def _clashes(self, gfn: int) -> bool:
         """Is ``gfn`` one of a plan's faults, or with PTE prefetch one of its neighbours (a plain step on it would
         change what that plan found)?"""
+        # each plan's gfns lie in [lo, hi]: its set is asked only where the range can hold one
         if self._prefetch:
             start = gfn & ~(PTE_PREFETCH_NUM - 1)
-            return any(g in p.gset for p in self._plans.values() for g in range(start, start + PTE_PREFETCH_NUM))
-        return any(gfn in p.gset for p in self._plans.values())
+            end = start + PTE_PREFETCH_NUM
+            return any(p.lo < end and start <= p.hi and any(g in p.gset for g in range(start, end))
+                       for p in self._plans.values())
+        return any(p.lo <= gfn <= p.hi and gfn in p.gset for p in self._plans.values())
 
     # -- planned steps (the same operations as Vcpu._begin_run, _run_end, _faultin, _fault_locked) -------
     def _begin_planned(self, x: "Vcpu", p: _Plan) -> float:
