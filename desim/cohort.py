@@ -64,7 +64,7 @@ import numpy as np
 from simpy.events import NORMAL, Event
 
 from .lock import MmuLock
-from .mmu import HOST_RESIDENT, PTE_PREFETCH_NUM, TAG_MASK
+from .mmu import PTE_PREFETCH_NUM
 
 if TYPE_CHECKING:  # pragma: no cover
     from .vcpu import Vcpu
@@ -87,11 +87,25 @@ _PLAN_EXTEND = 8192  # accesses a plan is extended by (Cohort._extend; a speed h
 _PLAN_MIN = 32  # a plan with fewer faults makes the next plans wait (planning costs about as much as 10-20 faults)
 
 
+_GROUP_SHIFT = PTE_PREFETCH_NUM.bit_length() - 1  # gfn >> _GROUP_SHIFT: its aligned group of PTE_PREFETCH_NUM
+_NO_PF = np.zeros(0, dtype=np.int64)
+
+
+def _bounds(fg: np.ndarray, prefetch: bool) -> tuple[int, int]:
+    """The gfns a plan's faults ``fg`` install or read: their range, or with PTE prefetch their groups'."""
+    lo, hi = int(fg.min()), int(fg.max())
+    if prefetch:
+        return lo & ~(PTE_PREFETCH_NUM - 1), hi | (PTE_PREFETCH_NUM - 1)
+    return lo, hi
+
+
 class _Plan:
     """A vCPU's next guest runs, each ending in a plain 4 KiB fault or, on a plain stream, at the end of a
     chunk (see the module docstring). Per run (arrays, in plan coordinates: 0 is where the vCPU's chunk began
     when the plan was made, the next chunks following on): ``fpos`` where it ends, ``gfns`` its fault's gfn
-    (-1: a chunk end), ``resident`` and ``ever`` (a chunk end: 1 and 0). ``k`` runs begun, ``locked`` of
+    (-1: a chunk end), ``resident`` and ``ever`` (a chunk end: 1 and 0), ``npf`` the neighbours its fault
+    prefetches (``direct_pte_prefetch``; their gfns: ``pf[pf_ptr[f]:pf_ptr[f + 1]]`` for fault ``f``, an index
+    into ``install``). ``k`` runs begun, ``locked`` of
     them done (a fault under ``mmu_lock``, a chunk end at its end), ``committed`` of those applied to the
     SPTE state; ``step`` is where the run ``locked`` is: ``idle`` (not begun), ``run`` (in flight) or
     ``pending`` (its fault past ``kvm_faultin_pfn``, waiting or about to take ``mmu_lock``). ``fidx``: the
@@ -99,13 +113,14 @@ class _Plan:
 
     __slots__ = ("ss", "install", "fpos", "gfns", "_gset", "resident", "ever", "k", "locked",
                  "committed", "step", "lo", "hi", "fk_code", "fk_ptr", "arrays", "nres", "fidx", "cbase", "pos0",
-                 "noext")
+                 "noext", "npf", "pf", "pf_ptr")
 
-    def __init__(self, ss, install, arrays, fidx, pos0) -> None:
+    def __init__(self, ss, install, arrays, fidx, pos0, pf, pf_ptr) -> None:
         self.ss = ss
         self.install = install
-        self.arrays = arrays  # int64 rows: fpos, gfns, resident, ever (the compiled kernel's view)
-        self.fpos, self.gfns, self.resident, self.ever = arrays
+        self.arrays = arrays  # int64 rows: fpos, gfns, resident, ever, npf (the compiled kernel's view)
+        self.fpos, self.gfns, self.resident, self.ever, self.npf = arrays
+        self.pf, self.pf_ptr = pf, pf_ptr
         self.fidx = fidx
         self._gset = None
         self.k = 0
@@ -168,6 +183,7 @@ class Cohort:
         self._plans: dict = {}  # vCPU -> its _Plan (while the loop runs)
         k = vm.profile.kernel
         self._prefetch = k.pte_prefetch
+        self._need_accessed = k.mmu == "shadow"  # prefetch needs the guest PTE's Accessed bit (FNAME(pte_prefetch))
         # TDP MMU faults take mmu_lock for read (a qrwlock): their common case is taken inline (_read_lock)
         self._shared = vm.lock.kind == "rwlock" and vm.fault_lock_mode == "read"
         self._plannable = vm.mmu.nx_exec is None
@@ -233,8 +249,8 @@ class Cohort:
         got = self._plan_seg(x, seg, x._pos, bounds, None)
         if got is None:
             return None
-        arrays, fidx, install, fk_code, fk_ptr, lo, hi = got
-        out = _Plan(install.ss, install, arrays, fidx, x._pos)
+        arrays, fidx, install, fk_code, fk_ptr, lo, hi, pf, pf_ptr = got
+        out = _Plan(install.ss, install, arrays, fidx, x._pos, pf, pf_ptr)
         out.lo, out.hi = lo, hi
         out.fk_code, out.fk_ptr = fk_code, fk_ptr
         out.nres = np.cumsum(arrays[2, ::-1])[::-1]  # runs from each on that allocate no host page
@@ -276,9 +292,16 @@ class Cohort:
 
     def _plan_seg(self, x: "Vcpu", seg, pos: int, bounds: list, own: _Plan | None):
         """The runs of a plan over ``seg`` (its first access at plan coordinate ``pos``, chunk starts at
-        ``bounds``): ``(arrays, fidx, install, fk_code, fk_ptr, lo, hi)``, or None. ``own``: the vCPU's plan
-        this one continues (its gfns are mapped by the time these faults come: they are not faults; the
-        continuation keeps to its memslot)."""
+        ``bounds``): ``(arrays, fidx, install, fk_code, fk_ptr, lo, hi, pf, pf_ptr)``, or None. ``own``: the
+        vCPU's plan this one continues (its gfns, faulted or prefetched, are mapped by the time these faults
+        come: they are not faults; the continuation keeps to its memslot).
+
+        With PTE prefetch (``direct_pte_prefetch``, arch/x86/kvm/mmu/mmu.c: the legacy MMU and shadow paging)
+        a fault reads and maps its whole aligned group of ``PTE_PREFETCH_NUM`` gfns: what each fault prefetches
+        is :meth:`desim.mmu.Mmu.plan_prefetch_4k` of the state now, which holds as long as nothing else
+        changes those groups. So a plan owns its faults' groups: ``lo``/``hi`` bound them, another plan stops
+        before its first miss in one of them (here), and a plain step on a gfn in one ends the loop
+        (:meth:`_clashes`)."""
         mmu = self.vm.mmu
         if len(seg) == 0:
             return None
@@ -286,9 +309,14 @@ class Cohort:
         if misses is None:
             return None
         fpos, fg = misses
+        prefetch = self._prefetch
+        done = None  # the gfns ``own`` maps (faults and prefetched neighbours)
         if own is not None:
             if int(fg.min()) <= own.hi and own.lo <= int(fg.max()):
-                keep = ~np.isin(fg, own.install.gfns)
+                done = own.install.gfns
+                if prefetch and len(own.pf):
+                    done = np.concatenate((done, own.pf))
+                keep = ~np.isin(fg, done)
                 fpos, fg = fpos[keep], fg[keep]
                 if len(fg) == 0:
                     return None
@@ -305,29 +333,37 @@ class Cohort:
         if K == 0:
             return None
         fpos, fg = fpos[:K], fg[:K]
-        lo, hi = int(fg.min()), int(fg.max())
+        lo, hi = _bounds(fg, prefetch)
         others = [p for v, p in self._plans.items() if v is not x and p.lo <= hi and lo <= p.hi]
         if others:
-            # another plan's gfn (installed by it, or to be): this vCPU's view of the SPTEs would be stale
+            # another plan's gfn (installed by it, or to be; with PTE prefetch its group): this vCPU's view of
+            # the SPTEs would be stale
             taken = np.concatenate([p.install.gfns for p in others])
-            clash = np.flatnonzero(np.isin(fg, taken))
+            if prefetch:
+                clash = np.flatnonzero(np.isin(fg >> _GROUP_SHIFT, taken >> _GROUP_SHIFT))
+            else:
+                clash = np.flatnonzero(np.isin(fg, taken))
             if len(clash):
                 K = int(clash[0])
                 if K == 0:
                     return None
                 fpos, fg = fpos[:K], fg[:K]
-                lo, hi = int(fg.min()), int(fg.max())
-        if self._prefetch:
-            # direct_pte_prefetch maps resident, non-present neighbours: the plan needs there to be none
-            starts = np.unique(fg & ~(PTE_PREFETCH_NUM - 1))
-            grp = (starts[:, None] + np.arange(PTE_PREFETCH_NUM)).ravel()
-            grp = grp[(grp >= base) & (grp < end)]
-            b = np.asarray(ss.state[grp - base])
-            present = (b & TAG_MASK) == mmu.root_tag
-            if own is not None:
-                present |= np.isin(grp, own.install.gfns)  # the plan being continued maps these first
-            if bool((~present & ((b & HOST_RESIDENT) != 0)).any()):
+                lo, hi = _bounds(fg, prefetch)
+        pf = pf_ptr = npf = None
+        if prefetch:
+            # direct_pte_prefetch: each group's first fault maps the group's eligible neighbours, whose
+            # accesses then hit (Vcpu._fault_locked, Mmu.prefetch_candidates)
+            pp = mmu.plan_prefetch_4k(ss, fg, self._need_accessed, done)
+            if pp is None:
                 return None
+            fault, members, take = pp
+            if not fault.all():
+                fpos, fg = fpos[fault], fg[fault]
+                K = len(fg)
+            npf = take.sum(axis=1)
+            pf = members[take]
+            pf_ptr = np.zeros(K + 1, dtype=np.int64)
+            np.cumsum(npf, out=pf_ptr[1:])
         plan = mmu.plan_install_4k(ss, fg)
         if plan is None:
             return None
@@ -354,25 +390,30 @@ class Cohort:
             # where each fault's run goes: after the faults and chunk ends before it
             at = np.arange(K) + np.searchsorted(ends, afpos, side="right")
             R = K + n_ends
-            arrays = np.empty((4, R), dtype=np.int64)
+            arrays = np.empty((5, R), dtype=np.int64)
             is_end = np.ones(R, dtype=bool)
             is_end[at] = False
             arrays[0, is_end] = ends
             arrays[1, is_end] = -1
             arrays[2, is_end] = 1
             arrays[3, is_end] = 0
+            arrays[4, is_end] = 0
             arrays[0, at] = afpos
             arrays[1, at] = fg
             arrays[2, at] = resident
             arrays[3, at] = ever
+            arrays[4, at] = 0 if npf is None else npf
             fidx = np.empty(R + 1, dtype=np.int64)
             fidx[0] = 0
             np.cumsum(~is_end, out=fidx[1:])
             fk_ptr = fk_ptr[fidx]
         else:
-            arrays = np.stack((afpos, fg, resident, ever)).astype(np.int64, copy=False)
+            arrays = np.stack((afpos, fg, resident, ever, np.zeros(K, np.int64) if npf is None else npf)
+                              ).astype(np.int64, copy=False)
             fidx = np.arange(K + 1)
-        return arrays, fidx, plan, fk_code, fk_ptr, lo, hi
+        if pf is None:
+            pf, pf_ptr = _NO_PF, np.zeros(K + 1, dtype=np.int64)
+        return arrays, fidx, plan, fk_code, fk_ptr, lo, hi, pf, pf_ptr
 
     def _extend(self, x: "Vcpu", p: _Plan) -> bool:
         """Make ``x``'s plan go on past its last fault (the faults a new plan made there would find, given
@@ -387,9 +428,10 @@ class Cohort:
         if got is None:
             p.noext = True
             return False
-        arrays, fidx, install, fk_code, fk_ptr, lo, hi = got
+        arrays, fidx, install, fk_code, fk_ptr, lo, hi, pf, pf_ptr = got
         d = p.locked  # the runs done (and committed): dropped
         f0 = int(p.fidx[d])
+        q0 = int(p.pf_ptr[f0])
         nf_old = len(p.install.gfns) - f0
         c0 = int(p.fk_ptr[d])
         ncode_old = len(p.fk_code) - c0
@@ -400,7 +442,9 @@ class Cohort:
                              np.concatenate((ip.ever_mapped[f0:], install.ever_mapped)),
                              np.concatenate((ip.allocated[f0:], install.allocated)), {})
         p.arrays = np.concatenate((p.arrays[:, d:], arrays), axis=1)
-        p.fpos, p.gfns, p.resident, p.ever = p.arrays
+        p.fpos, p.gfns, p.resident, p.ever, p.npf = p.arrays
+        p.pf = np.concatenate((p.pf[q0:], pf))
+        p.pf_ptr = np.concatenate((p.pf_ptr[f0:-1] - q0, pf_ptr + (int(p.pf_ptr[-1]) - q0)))
         p.fidx = np.concatenate((p.fidx[d:-1] - f0, fidx + nf_old))
         p.fk_code = np.concatenate((p.fk_code[c0:], fk_code))
         p.fk_ptr = np.concatenate((p.fk_ptr[d:-1] - c0, fk_ptr + ncode_old))
@@ -425,6 +469,9 @@ class Cohort:
                 sub = type(ip)(ip.ss, ip.gfns[c:k], ip.state[c:k], ip.resident[c:k], ip.ever_mapped[c:k],
                                ip.allocated[c:k], {})
                 mmu.commit_install_4k(sub, k - c, tables=False)  # the page-table pages are linked already
+                a, b = int(p.pf_ptr[c]), int(p.pf_ptr[k])
+                if b > a:
+                    mmu.commit_prefetch_4k(p.ss, p.pf[a:b])  # the neighbours they prefetched
                 x._seq = -1  # the vCPU's cached miss list predates these installs
         k = p.locked
         if final and p.step == "pending" and not p.resident[k]:
@@ -656,9 +703,11 @@ class Cohort:
                 mmu.present_pt_level[lk[0]] += 1
                 mmu.present_pt += 1
                 allocated += 1
-        metrics.sptes_installed += 1
+        prefetched = int(p.npf[k])  # direct_pte_prefetch: the neighbours it maps (installed at the commit)
+        metrics.sptes_prefetched += prefetched
+        metrics.sptes_installed += 1 + prefetched
         metrics.pt_pages_allocated += allocated
-        hold = c.spte_install() + allocated * c.pt_page_alloc + 0 * c.prefetch_spte
+        hold = c.spte_install() + allocated * c.pt_page_alloc + prefetched * c.prefetch_spte
         hold += handoff
         if hold:
             lock = vm.lock

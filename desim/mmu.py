@@ -526,9 +526,10 @@ class Mmu:
         self.present_pt += total
         return total
 
-    def plan_prefetch_4k(self, ss: SlotSptes, gfns: np.ndarray, need_accessed: bool):
+    def plan_prefetch_4k(self, ss: SlotSptes, gfns: np.ndarray, need_accessed: bool,
+                         present: np.ndarray | None = None):
         """Which of ``gfns`` fault, and what each fault prefetches, when each fault at 4 KiB runs
-        :meth:`prefetch_candidates` (desim/faultrun.py's vectorised blocks).
+        :meth:`prefetch_candidates` (desim/faultrun.py's vectorised blocks, desim/cohort.py's plans).
 
         ``gfns``: the first accesses, in order, to distinct gfns of ``ss`` without a present SPTE.
         Only a fault of the same aligned group of ``PTE_PREFETCH_NUM`` changes a group's state, so the
@@ -537,7 +538,9 @@ class Mmu:
         start; a later access in the group faults only if its gfn was not eligible, and prefetches
         nothing (the eligible ones are present by then). Returns ``(fault, members, take)``: a mask
         over ``gfns``, and for each fault the gfns of its group (one row of ``PTE_PREFETCH_NUM``) and
-        which of them it prefetches. None where :meth:`ever_mapped` would read a huge level."""
+        which of them it prefetches. None where :meth:`ever_mapped` would read a huge level. ``present``:
+        gfns of the slot to take as present whatever their state says (installs planned before these
+        faults, not applied yet: desim/cohort.py's plan extensions); none of ``gfns`` is among them."""
         block = ss.block
         if block.state2m.live or block.state1g.live:
             return None
@@ -561,13 +564,30 @@ class Mmu:
         take = look & ((b & TAG_MASK) != tag) & ((b & HOST_RESIDENT) != 0)
         if need_accessed:
             take &= (b & EVER_MAPPED) != 0
+        if present is not None and len(present) and take.any():
+            take &= ~np.isin(members, present)
         return fault, members, take
 
     def commit_prefetch_4k(self, ss: SlotSptes, gfns: np.ndarray) -> None:
         """:meth:`install` at 4 KiB of prefetched ``gfns`` whose page-table pages are present (their
         fault installed the leaf next to them)."""
-        rel = gfns - ss.slot.base_gfn
-        ss.state[rel] = (ss.state[rel] & KEEP_BITS) | EVER_MAPPED | self.root_tag
+        if len(gfns) <= _SCALAR_COMMIT:
+            # a few (desim/cohort.py commits a plan's faults a few at a time): byte by byte, as install does
+            st = ss.block.state
+            off = ss.off - ss.slot.base_gfn
+            bits = EVER_MAPPED | self.root_tag
+            mvs = st.mvs
+            for g in gfns.tolist():
+                i = off + g
+                mv = mvs[i >> CHUNK_SHIFT_4K]
+                if mv is None:
+                    st.set(i, (st.fill & KEEP_BITS) | bits)
+                else:
+                    j = i & _M4K
+                    mv[j] = (mv[j] & KEEP_BITS) | bits
+        else:
+            rel = gfns - ss.slot.base_gfn
+            ss.state[rel] = (ss.state[rel] & KEEP_BITS) | EVER_MAPPED | self.root_tag
         self.present_leaf += len(gfns)
 
     def prefetch_candidates(self, ss: SlotSptes, gfn: int, need_accessed: bool) -> list[int]:
