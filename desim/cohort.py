@@ -212,6 +212,7 @@ class Cohort:
         self._kmiss = 0
         self.kernel_steps = 0  # vCPU steps the kernel took (for benchmarks and tests)
         self.chunk_ends_planned = 0  # chunk ends crossed inside plans (for tests)
+        self.prefetched_planned = 0  # SPTEs planned faults prefetched, kernel's included (for tests)
         self.kernel_checkpoints = 0  # progress checkpoints taken inside kernel calls (for tests)
         self._kseg = _KERNEL_SEGMENT  # a plan's faults handed to one kernel call, at most (desim/cohort_bridge.py)
 
@@ -706,6 +707,7 @@ class Cohort:
         prefetched = int(p.npf[k])  # direct_pte_prefetch: the neighbours it maps (installed at the commit)
         metrics.sptes_prefetched += prefetched
         metrics.sptes_installed += 1 + prefetched
+        self.prefetched_planned += prefetched
         metrics.pt_pages_allocated += allocated
         hold = c.spte_install() + allocated * c.pt_page_alloc + prefetched * c.prefetch_spte
         hold += handoff

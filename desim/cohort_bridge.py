@@ -305,6 +305,7 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
     metrics = vm.metrics
     metrics.sptes_installed += SIl[ck.K_SPTES]
     metrics.sptes_prefetched += SIl[ck.K_PREFETCHED]
+    co.prefetched_planned += SIl[ck.K_PREFETCHED]
     metrics.pt_pages_allocated += SIl[ck.K_PTPAGES]
     metrics.host_page_allocs["4k"] += SIl[ck.K_HOSTALLOC]
     if vd is not None:
