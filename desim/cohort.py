@@ -27,16 +27,19 @@ each waiting on the event it waits on, and the process goes on from there
 (:meth:`~desim.vcpu.Vcpu._handed_back`).
 
 Planned faults. Where a vCPU's next faults are plain 4 KiB faults on a 4 KiB-backed
-slot (no NX huge pages, nothing for ``direct_pte_prefetch`` to map, no other vCPU's
-fault on the same gfn or allocating the same page-table page meanwhile), the loop
-finds them in one vectorised lookup (:class:`_Plan`: the positions of the misses in
-the vCPU's chunk, each page's residency, "ever mapped" and page-table pages, from
-:meth:`desim.mmu.Mmu.plan_install_4k`) and takes each fault without the SPTE
+slot (no NX huge pages, no other vCPU's fault on the same gfn, or with PTE prefetch
+in the same aligned group of ``PTE_PREFETCH_NUM``, meanwhile), the loop finds them in
+one vectorised lookup (:class:`_Plan`: the positions of the misses in the vCPU's
+chunk, each page's residency, "ever mapped" and page-table pages, from
+:meth:`desim.mmu.Mmu.plan_install_4k`; with the legacy MMU's or shadow paging's
+``direct_pte_prefetch``, the neighbours each fault maps and the accesses that then
+hit, from :meth:`desim.mmu.Mmu.plan_prefetch_4k`) and takes each fault without the SPTE
 lookups: the timeline, costs, ``kvm_faultin_pfn``'s host allocation
 (:meth:`desim.hostmm.HostMm.first_touch`), ``mmu_lock``
-(:meth:`desim.lock.MmuLock.acquire` / ``release_after``) and the fault's record
+(:meth:`desim.lock.MmuLock.acquire` / ``release_after``, held for the install and
+``prefetch_spte`` per prefetched neighbour) and the fault's record
 are the same calls and float operations as :mod:`desim.vcpu`'s, in the same
-order; the SPTE installs are applied in one step
+order; the SPTE installs (the prefetched ones too) are applied in one step
 (:meth:`desim.mmu.Mmu.commit_install_4k`) before anything else can look at the
 SPTE state: before a vCPU takes a step the plain way, and when the loop ends.
 
@@ -297,8 +300,9 @@ class Cohort:
         vCPU's plan this one continues (its gfns, faulted or prefetched, are mapped by the time these faults
         come: they are not faults; the continuation keeps to its memslot).
 
-        With PTE prefetch (``direct_pte_prefetch``, arch/x86/kvm/mmu/mmu.c: the legacy MMU and shadow paging)
-        a fault reads and maps its whole aligned group of ``PTE_PREFETCH_NUM`` gfns: what each fault prefetches
+        With PTE prefetch (the legacy MMU's ``direct_pte_prefetch`` / ``__direct_pte_prefetch``,
+        arch/x86/kvm/mmu/mmu.c; shadow paging's ``FNAME(pte_prefetch)``, paging_tmpl.h) a fault reads and maps
+        its whole aligned group of ``PTE_PREFETCH_NUM`` gfns: what each fault prefetches
         is :meth:`desim.mmu.Mmu.plan_prefetch_4k` of the state now, which holds as long as nothing else
         changes those groups. So a plan owns its faults' groups: ``lo``/``hi`` bound them, another plan stops
         before its first miss in one of them (here), and a plain step on a gfn in one ends the loop

@@ -72,6 +72,24 @@ CHUNK_SHIFT_4K = 16
 CHUNK_SHIFT_HUGE = 12
 _M4K = (1 << CHUNK_SHIFT_4K) - 1
 _MHUGE = (1 << CHUNK_SHIFT_HUGE) - 1
+_PF_SHIFT = PTE_PREFETCH_NUM.bit_length() - 1
+_PF_ROW = np.arange(PTE_PREFETCH_NUM)
+_PREFETCHABLE: dict = {}
+
+
+def _prefetchable(tag: int, need_accessed: bool) -> np.ndarray:
+    """Per state byte: may ``direct_pte_prefetch`` map it (not present under ``tag``, host page resident, and
+    with ``need_accessed`` "ever mapped")? A table indexed by the byte."""
+    t = _PREFETCHABLE.get((tag, need_accessed))
+    if t is None:
+        v = np.arange(256)
+        t = ((v & TAG_MASK) != tag) & ((v & HOST_RESIDENT) != 0)
+        if need_accessed:
+            t &= (v & EVER_MAPPED) != 0
+        t = _PREFETCHABLE[(tag, need_accessed)] = t
+    return t
+
+
 _SCALAR_COMMIT = 16  # commit_install_4k writes this many installs or fewer byte by byte (a speed threshold only)
 
 
@@ -545,25 +563,45 @@ class Mmu:
         if block.state2m.live or block.state1g.live:
             return None
         base, end, tag = ss.slot.base_gfn, ss.slot.end_gfn, self.root_tag
-        st = ss.state[gfns - base]
-        grp = gfns >> 3
-        if len(grp) < 2 or bool((grp[1:] >= grp[:-1]).all()):
-            first = np.concatenate(([True], grp[1:] != grp[:-1]))
+        grp = gfns >> _PF_SHIFT
+        increasing = len(grp) < 2 or bool((grp[1:] >= grp[:-1]).all())
+        g_lo, g_hi = (int(grp[0]), int(grp[-1])) if increasing else (int(grp.min()), int(grp.max()))
+        g_lo, g_hi = g_lo << _PF_SHIFT, (g_hi + 1) << _PF_SHIFT
+        lo, hi = max(g_lo, base), min(g_hi, end)
+        # the groups' bytes in one read where they lie close together (a speed heuristic only)
+        win = block.state.window(ss.off + lo - base, ss.off + hi - base) if hi - lo <= 8 * len(gfns) + 4096 else None
+        if win is not None and present is not None and len(present):
+            near = present[(present >= lo) & (present < hi)]
+            if len(near):
+                win = win.copy()
+                win[near - lo] = tag  # present (never one of gfns)
+            present = None
+        st = ss.state[gfns - base] if win is None else win[gfns - lo]
+        if increasing:
+            first = np.empty(len(grp), dtype=bool)
+            first[0] = True
+            np.not_equal(grp[1:], grp[:-1], out=first[1:])
         else:
             first = np.zeros(len(grp), dtype=bool)
             first[np.unique(grp, return_index=True)[1]] = True
-        eligible = (st & HOST_RESIDENT) != 0
-        if need_accessed:
-            eligible &= (st & EVER_MAPPED) != 0
-        fault = first | ~eligible
-        fg = gfns[fault]
-        members = (fg & ~(PTE_PREFETCH_NUM - 1))[:, None] + np.arange(PTE_PREFETCH_NUM)
-        look = (members >= base) & (members < end) & (members != fg[:, None]) & first[fault][:, None]
-        b = np.zeros(members.shape, np.uint8)
-        b[look] = ss.state[members[look] - base]
-        take = look & ((b & TAG_MASK) != tag) & ((b & HOST_RESIDENT) != 0)
-        if need_accessed:
-            take &= (b & EVER_MAPPED) != 0
+        # eligible for prefetch: not present, host page resident (and "ever mapped" for the Accessed bit)
+        ok = _prefetchable(tag, need_accessed)
+        fault = first | ~ok[st]
+        if fault.all():
+            fg, ffirst = gfns, first
+        else:
+            fg, ffirst = gfns[fault], first[fault]
+        members = (fg & ~(PTE_PREFETCH_NUM - 1))[:, None] + _PF_ROW
+        look = (members != fg[:, None]) & ffirst[:, None]
+        inside = lo == g_lo and hi == g_hi
+        if not inside:
+            look &= (members >= base) & (members < end)
+        if win is not None:
+            b = win.take(members - lo, mode="clip")  # outside the slot: clipped, and masked by look
+        else:
+            b = np.zeros(members.shape, np.uint8)
+            b[look] = ss.state[members[look] - base]
+        take = look & ok[b]
         if present is not None and len(present) and take.any():
             take &= ~np.isin(members, present)
         return fault, members, take
