@@ -198,6 +198,7 @@ class Cohort:
         self.chunk_ends_planned = 0  # chunk ends crossed inside plans (for tests)
         self.kernel_checkpoints = 0  # progress checkpoints taken inside kernel calls (for tests)
         self._kseg = _KERNEL_SEGMENT  # a plan's faults handed to one kernel call, at most (desim/cohort_bridge.py)
+        self._kgrow = False  # the last kernel call of this loop stopped at a plan's end: extend the plans first
 
     def _missed(self) -> None:
         self._misses = min(2 * self._misses + 1, _BACKOFF_MAX)
@@ -760,6 +761,7 @@ class Cohort:
         state = {x0: ("run", None, None, ev)}  # vCPU -> (kind, t0, ctx, pending event)
         steps = 0
         kernel = self.kernel
+        self._kgrow = False
         while queue:
             t, _, _, ev = queue[0]
             x = owned.get(ev)

@@ -107,9 +107,13 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
     off = fkoff = codeoff = nonres = doff = 0
     lens = []
     seg = co._kseg
+    # the plans go on past their ends (the kernel is then not stopped there), once a call of this loop stopped at
+    # a plan's end: a loop that ends before (a memslot update, a vCPU's own step: often within a few steps of a
+    # fast zap's re-faults) does not pay for extensions it drops (a speed heuristic only)
+    grow = co._kgrow
     for (i, x, p, k, t0, ev) in planned:
-        if len(p.fpos) - p.locked < 2 * seg and not p.noext:
-            co._extend(x, p)  # the plan goes on past its end: the kernel is not stopped there
+        if grow and len(p.fpos) - p.locked < 2 * seg and not p.noext:
+            co._extend(x, p)
         b = p.locked
         nf = min(len(p.fpos) - b, seg)  # the kernel stops (STOP_PLAN) where a vCPU's segment ends
         r = x._run
@@ -295,6 +299,7 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
         ck.run(S, SI, IV, FV, CUR, DS, D, VMM, PL, FK, THERE, LINKED, OUT, PT, PI, W, WS, Z, E, EI)
         env._eid = itertools.count(int(SI[ck.K_NEXT_ID]))
     steps = int(SI[ck.K_STEPS])
+    co._kgrow = SI[ck.K_STOP] == ck.STOP_PLAN
     if foreign:
         co.kernel_shared += steps
     # -- back to the Python objects --------------------------------------------------------------------
