@@ -139,6 +139,7 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
     rows = [q[0] for q in planned]
     IV[rows] = ivr
     FV[rows] = fvr
+    IV0, FV0 = IV[rows], FV[rows]  # copies: the vCPUs the kernel leaves as they were need no hand-back
     # the cost draws: the next values of each stream (a constant cost: its value)
     D = np.empty((6, doff), dtype=np.float64)
     DS = np.zeros((N, 6), dtype=np.int64)
@@ -218,7 +219,7 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
     # the events: the planned vCPUs' and the lock's timers move to the kernel's heap (their own ids)
     queue = env._queue
     pidx = {ev: (i, k) for (i, x, p, k, t0, ev) in planned}
-    evmap = {}  # id -> a lock timer's Event pulled from the queue
+    evmap = {}  # id -> an Event pulled from the queue (a lock timer, a planned vCPU's): it goes back if still pending
     mine, rest = [], []
     for item in queue:
         t, prio, ident, ev = item
@@ -227,6 +228,7 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
             i, k = q
             kind = ck.EV_RUN if k == 0 else ck.EV_HOST if k == 1 else ck.EV_GRANT
             mine.append((t, prio, ident, kind, i, ev._value if kind == ck.EV_GRANT else 0.0))
+            evmap[ident] = ev
             continue
         lk = _lock_cb_kind(ev, lock)
         if lk >= 0:
@@ -322,11 +324,16 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
             ppl[lvl] += 1
         mmu.present_pt += nl
     # the hits of the planned guest runs (each access_ns counted in the order the runs ended)
-    ivs = IV[rows].tolist()
+    # only the vCPUs whose state the kernel changed (a step, a grant of the lock, a release) are handed back: the
+    # others' rows, draws and events are as they came (their Python state, plan and pending event stay)
+    IVr, FVr, CURr = IV[rows], FV[rows], CUR[rows]
+    chg = np.flatnonzero((IVr != IV0).any(axis=1) | (FVr != FV0).any(axis=1) | CURr.any(axis=1)).tolist()
+    moved = [planned[j] for j in chg]
+    ivs = IVr[chg].tolist()
     hits = metrics.hit_ns
     ends = sorted((iv[ck.I_FIRST_END], j) for j, iv in enumerate(ivs) if iv[ck.I_FIRST_END] >= 0)
     for _, j in ends:
-        a = planned[j][1].access_ns
+        a = moved[j][1].access_ns
         hits[a] = hits.get(a, 0) + ivs[j][ck.I_HITS]
     # the records, after the Python steps' (Cohort._flush_records: the same samples in the same order)
     nlat, nst = SIl[ck.K_NLAT], SIl[ck.K_NSTALL]
@@ -372,10 +379,10 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
     hm.lru.holds, hm.lru.contended = SIl[ck.HI_LRU_HOLDS], SIl[ck.HI_LRU_CONT]
     hm._zeroing = Z[:SIl[ck.HI_ZN]].tolist()
     # the vCPUs and their plans
-    fvs = FV[rows].tolist()
-    curs = CUR[rows].tolist()
+    fvs = FVr[chg].tolist()
+    curs = CURr[chg].tolist()
     newev = {}
-    for (i, x, p, k0, t0, ev0), iv, fv, cur in zip(planned, ivs, fvs, curs):
+    for (i, x, p, k0, t0, ev0), iv, fv, cur in zip(moved, ivs, fvs, curs):
         for c, d, _ in kc[x]:
             if d is not None:
                 d.i += cur[c]
@@ -461,6 +468,14 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
                     s = state[x]
                     state[x] = (s[0], s[1], s[2], ev)
                     owned[ev] = x
+        elif kind <= ck.EV_GRANT:
+            # a planned vCPU's event the kernel did not reach: where the vCPU was handed back (its lock released
+            # meanwhile), its state waits on this event again
+            x = vcpus[who]
+            s = state[x]
+            if s[3] is not ev:
+                state[x] = (s[0], s[1], s[2], ev)
+                owned[ev] = x
         queue.append((t, prio, ident, ev))
     heapify(queue)
     return steps
