@@ -53,6 +53,12 @@ def _tables_there(mmu, codes: np.ndarray) -> np.ndarray:
     return there
 
 
+def _changed(IV0: np.ndarray, FV0: np.ndarray, IV: np.ndarray, FV: np.ndarray, CUR: np.ndarray) -> list:
+    """The planned vCPUs (positions in the call's rows) whose state a kernel call changed: a step, a draw, a grant
+    or release of ``mmu_lock``; any other vCPU's row, draws and event are as they came in."""
+    return np.flatnonzero((IV != IV0).any(axis=1) | (FV != FV0).any(axis=1) | CUR.any(axis=1)).tolist()
+
+
 def take(co: "Cohort", owned: dict, state: dict) -> int:
     """Run the kernel from the head of the queue; returns the vCPU steps it took (0: declined)."""
     vm = co.vm
@@ -327,7 +333,7 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
     # only the vCPUs whose state the kernel changed (a step, a grant of the lock, a release) are handed back: the
     # others' rows, draws and events are as they came (their Python state, plan and pending event stay)
     IVr, FVr, CURr = IV[rows], FV[rows], CUR[rows]
-    chg = np.flatnonzero((IVr != IV0).any(axis=1) | (FVr != FV0).any(axis=1) | CURr.any(axis=1)).tolist()
+    chg = _changed(IV0, FV0, IVr, FVr, CURr)
     moved = [planned[j] for j in chg]
     ivs = IVr[chg].tolist()
     hits = metrics.hit_ns
