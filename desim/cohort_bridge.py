@@ -111,7 +111,7 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
     pcp, lrup = hm._pcp, hm._lru_pending
     ivr, fvr, pls, fks, codes_l = [], [], [], [], []
     off = fkoff = codeoff = nonres = doff = 0
-    lens = []
+    lens, doffs, shifts = [], [], []
     seg = co._kseg
     # the plans go on past their ends (the kernel is then not stopped there), once a call of this loop stopped at
     # a plan's end: a loop that ends before (a memslot update, a vCPU's own step: often within a few steps of a
@@ -130,15 +130,18 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
         fvr.append((x._carry, e or 0.0, ss or 0.0, x._recorded_until, x.access_ns, m.time["host"], m.time["guest"],
                     m.stall_ns, t0 or 0.0, r[0], r[1], r[2], r[3], r[4], r[10], 0.0))
         pls.append(p.arrays[:, b:b + nf])
-        nonres += nf - p.nres_from(b) + p.nres_from(b + nf)
+        nres = p.nres
+        nonres += nf - (int(nres[b]) if b < len(nres) else 0) + (int(nres[b + nf]) if b + nf < len(nres) else 0)
         ptr = p.fk_ptr[b:b + nf + 1]
-        c0, c1 = int(ptr[0]), int(ptr[-1])
-        fks.append(ptr - c0 + codeoff)
+        c0, c1 = ptr[[0, -1]].tolist()
+        fks.append(ptr)
+        shifts.append(codeoff - c0)  # the segment's offsets into the joined codes (added below, at once)
         codes_l.append(p.fk_code[c0:c1])
         codeoff += c1 - c0
         fkoff += nf + 1
         off += nf
         lens.append(nf + 2)
+        doffs.append(doff)
         doff += nf + 2
     IV = np.zeros((N, ck.N_IV), dtype=np.int64)
     FV = np.zeros((N, ck.N_FV), dtype=np.float64)
@@ -150,8 +153,7 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
     D = np.empty((6, doff), dtype=np.float64)
     DS = np.zeros((N, 6), dtype=np.int64)
     kc = co._kcosts
-    for (i, x, p, k, t0, ev), L in zip(planned, lens):
-        d0 = IV[i, ck.I_DOFF]
+    for (i, x, p, k, t0, ev), L, d0 in zip(planned, lens, doffs):
         cs = kc.get(x)
         if cs is None:
             P = x.P
@@ -164,7 +166,7 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
                 D[c, d0:d0 + L] = d.peek_many(L)
                 DS[i, c] = 1
     PL = np.concatenate(pls, axis=1) if len(pls) > 1 else pls[0]
-    fk_ptr = np.concatenate(fks)
+    fk_ptr = np.concatenate(fks) + np.repeat(np.array(shifts, dtype=np.int64), [len(f) for f in fks])
     codes = np.concatenate(codes_l)
     if len(codes):
         ucodes, fk_id = np.unique(codes, return_inverse=True)

@@ -74,3 +74,28 @@ def test_a_hand_back_of_stepped_vcpus_only_is_caught(monkeypatch):
     monkeypatch.setattr(cohort_bridge, "_changed",
                         lambda IV0, FV0, IV, FV, CUR: np.flatnonzero(IV[:, ck.I_K] != IV0[:, ck.I_K]).tolist())
     assert ref != fingerprint(Vm(sc, "fast", seed=1, engine="fast"))
+
+
+def test_a_scalar_refill_after_a_vectorised_reader_makes_no_list():
+    """A cost stream read by the kernel (peek_many) and by scalar peeks in turn: a block refilled by a peek right
+    after a vectorised read is not listed, one refilled after scalar reads only is; the values are those of a
+    reader of single values, whatever the mix."""
+    from desim.costs import BLOCK, CostSampler
+
+    from test_costs import LOGN, _profile
+
+    prof = _profile(fault_handle=LOGN)
+    one = CostSampler(prof, "sampled", seed=4).view("vcpu0")
+    xs = [one.fault_handle for _ in range(6 * BLOCK)]
+    d = CostSampler(prof, "sampled", seed=4).view("vcpu0").draws("fault_handle")
+    got = [float(v) for v in d.peek_many(BLOCK)]
+    d.i += BLOCK
+    got.append(d.peek())  # the refill after a vectorised read: no list
+    assert d.buf is None
+    d.i += 1
+    got += [d.next() for _ in range(BLOCK - 1)]
+    got.append(d.peek())  # a refill after scalar reads only: listed
+    assert d.buf is not None
+    d.i += 1
+    got += [d.next() for _ in range(2 * BLOCK)]
+    assert got == xs[:len(got)]
