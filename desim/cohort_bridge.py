@@ -153,13 +153,25 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
     D = np.empty((6, doff), dtype=np.float64)
     DS = np.zeros((N, 6), dtype=np.int64)
     kc = co._kcosts
-    for (i, x, p, k, t0, ev), L, d0 in zip(planned, lens, doffs):
+    css = []
+    for q in planned:
+        x = q[1]
         cs = kc.get(x)
         if cs is None:
             P = x.P
             cs = kc[x] = [(c, P.draws(name), getattr(P, name) if P.draws(name) is None else None)
                           for c, name in enumerate(ck.COST_NAMES)]
-        for c, d, value in cs:
+        css.append(cs)
+    for c in range(len(ck.COST_NAMES)):
+        ds = [cs[c][1] for cs in css]
+        if all(d is not None for d in ds):
+            # drawn for every vCPU: each one's next values side by side, in one copy
+            got = [d.peek_many(L) for d, L in zip(ds, lens)]
+            D[c] = np.concatenate(got) if len(got) > 1 else got[0]
+            DS[rows, c] = 1
+            continue
+        for (i, x, p, k, t0, ev), cs, L, d0 in zip(planned, css, lens, doffs):
+            _, d, value = cs[c]
             if d is None:
                 D[c, d0] = value
             else:
