@@ -88,6 +88,7 @@ _KERNEL_SEGMENT = 512  # a plan's faults handed to one kernel call, at most: a c
 # can take, not the plans' lengths (a speed heuristic only: where the kernel stops, the Python steps go on)
 _PLAN_EXTEND = 8192  # accesses a plan is extended by (Cohort._extend; a speed heuristic only)
 _PLAN_MIN = 32  # a plan with fewer faults makes the next plans wait (planning costs about as much as 10-20 faults)
+_NO_LO = np.iinfo(np.int64).max  # Cohort._rlo of a vCPU without a plan
 
 
 _GROUP_SHIFT = PTE_PREFETCH_NUM.bit_length() - 1  # gfn >> _GROUP_SHIFT: its aligned group of PTE_PREFETCH_NUM
@@ -218,6 +219,13 @@ class Cohort:
         self.prefetched_planned = 0  # SPTEs planned faults prefetched, kernel's included (for tests)
         self.kernel_checkpoints = 0  # progress checkpoints taken inside kernel calls (for tests)
         self._kseg = _KERNEL_SEGMENT  # a plan's faults handed to one kernel call, at most (desim/cohort_bridge.py)
+        self._kgrow = False  # the last kernel call of this loop stopped at a plan's end: extend the plans first
+        # each plan's gfn range by vCPU (Cohort._track: no plan, [_NO_LO, -1]): the plans whose range meets a
+        # gfn range found in one numpy test instead of a loop over every plan (a speed structure only)
+        self._rlo: np.ndarray | None = None
+        self._rhi: np.ndarray | None = None
+        self._rpos: dict = {}  # vCPU -> its row in _rlo/_rhi
+        self._rvcpus: list = []
 
     def _missed(self) -> None:
         self._misses = min(2 * self._misses + 1, _BACKOFF_MAX)
@@ -237,6 +245,19 @@ class Cohort:
             return ("run", None, None)
         t0, ctx = wc
         return ("host" if ctx[0] == "host" else "lock", t0, ctx)
+
+    def _track(self, x: "Vcpu", p: "_Plan | None") -> None:
+        """Record ``x``'s plan's gfn range (``p``: its plan in ``_plans``, None: it has none)."""
+        i = self._rpos[x]
+        if p is None:
+            self._rlo[i], self._rhi[i] = _NO_LO, -1
+        else:
+            self._rlo[i], self._rhi[i] = p.lo, p.hi
+
+    def _overlapping(self, lo: int, hi: int) -> list:
+        """The vCPUs whose plan's gfn range meets [lo, hi] (in vCPU order)."""
+        vs = self._rvcpus
+        return [vs[j] for j in np.flatnonzero((self._rlo <= hi) & (self._rhi >= lo)).tolist()]
 
     # -- plans ---------------------------------------------------------------------
     def _plan(self, x: "Vcpu") -> _Plan | None:
@@ -339,7 +360,8 @@ class Cohort:
             return None
         fpos, fg = fpos[:K], fg[:K]
         lo, hi = _bounds(fg, prefetch)
-        others = [p for v, p in self._plans.items() if v is not x and p.lo <= hi and lo <= p.hi]
+        plans = self._plans
+        others = [plans[v] for v in self._overlapping(lo, hi) if v is not x]
         if others:
             # another plan's gfn (installed by it, or to be; with PTE prefetch its group): this vCPU's view of
             # the SPTEs would be stale
@@ -457,6 +479,7 @@ class Cohort:
         p.k -= d
         p.locked = p.committed = 0
         p.lo, p.hi = min(p.lo, lo), max(p.hi, hi)
+        self._track(x, p)
         p._gset = None
         return True
 
@@ -494,12 +517,17 @@ class Cohort:
         """Commit every plan and the records of its faults (before a step that reads the SPTE state or records
         a fault; ``final``: when the loop ends)."""
         for x, p in self._plans.items():
-            self._commit(x, p, final)
             if final:
+                self._commit(x, p, True)
                 self._retire(x, p)
+            elif p.locked > p.committed:  # else nothing to commit
+                self._commit(x, p, False)
         self._flush_records()
         if final:
             self._plans.clear()
+            if self._rlo is not None:
+                self._rlo.fill(_NO_LO)
+                self._rhi.fill(-1)
 
     def _flush_for(self, x: "Vcpu") -> None:
         """Before ``x`` begins a guest run the plain way: commit the plans whose faults its chunk could reach
@@ -508,11 +536,15 @@ class Cohort:
         whose gfns lie outside the rest of the chunk's gfn range changes nothing that run reads: its own
         fault is a plain step checked against the plans (_clashes), and page-table pages are linked as each
         planned fault takes them (Cohort._locked_planned, desim/cohort_bridge.py)."""
-        rest = x._chunk[x._pos:]
-        if len(rest) and self._plans:
-            lo, hi = int(rest.min()), int(rest.max())
-            for v, p in self._plans.items():
-                if p.locked > p.committed and p.lo <= hi and lo <= p.hi:
+        lo = None
+        for v, p in self._plans.items():
+            if p.locked > p.committed:
+                if lo is None:  # the chunk's range, once there is something to commit
+                    rest = x._chunk[x._pos:]
+                    if len(rest) == 0:
+                        break
+                    lo, hi = int(rest.min()), int(rest.max())
+                if p.lo <= hi and lo <= p.hi:
                     self._commit(v, p, False)
         self._flush_records()
 
@@ -548,6 +580,7 @@ class Cohort:
         # (which could install SPTEs another plan counts on) is held off for this one resumption.
         p = self._plans.pop(x, None)
         if p is not None:
+            self._track(x, None)
             self._commit(x, p, False)
             self._retire(x, p)
         self._flush()
@@ -754,6 +787,7 @@ class Cohort:
                 self._commit(x, p, False)
                 self._retire(x, p)
                 del plans[x]
+                self._track(x, None)
         else:
             p = self._replan(x)
             if p is not None and len(p.fpos) >= _PLAN_MIN:
@@ -772,11 +806,13 @@ class Cohort:
         plans = self._plans
         old = plans.pop(x, None)
         if old is not None:
+            self._track(x, None)
             self._commit(x, old, False)
             self._retire(x, old)
         p = self._plan(x)
         if p is not None:
             plans[x] = p
+            self._track(x, p)
         return p
 
     def run(self, x0: "Vcpu") -> Event | None:
@@ -792,6 +828,11 @@ class Cohort:
         procs = self._procs
         if procs is None:
             procs = self._procs = {id(v.proc): v for v in vm.vcpus}
+        if self._rlo is None or len(self._rvcpus) != len(vm.vcpus):
+            self._rvcpus = list(vm.vcpus)
+            self._rpos = {v: i for i, v in enumerate(self._rvcpus)}
+            self._rlo = np.full(len(self._rvcpus), _NO_LO, dtype=np.int64)
+            self._rhi = np.full(len(self._rvcpus), -1, dtype=np.int64)
         # worth it only if the next event is another vCPU's step
         # (a cheap check, made at every loop top: no backoff for it)
         head = queue[0][3]
@@ -815,6 +856,7 @@ class Cohort:
         state = {x0: ("run", None, None, ev)}  # vCPU -> (kind, t0, ctx, pending event)
         steps = 0
         kernel = self.kernel
+        self._kgrow = False
         while queue:
             t, _, _, ev = queue[0]
             x = owned.get(ev)

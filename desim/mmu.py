@@ -93,6 +93,26 @@ def _prefetchable(tag: int, need_accessed: bool) -> np.ndarray:
 _SCALAR_COMMIT = 16  # commit_install_4k writes this many installs or fewer byte by byte (a speed threshold only)
 
 
+def first_index(v: np.ndarray) -> np.ndarray:
+    """The positions of the first occurrence of each distinct value of the int array ``v``, in increasing order
+    (``np.sort(np.unique(v, return_index=True)[1])``). Where the values span a range not much wider than ``v`` is
+    long (a vCPU's accesses, a plan's faults), each value's first position is the minimum of its positions,
+    found with one ``np.minimum.at`` over the range instead of a sort (exact: a minimum does not depend on the
+    order it is taken in); else by np.unique's stable sort."""
+    n = len(v)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    lo = int(v.min())
+    span = int(v.max()) - lo + 1
+    if span > 4 * n + 4096:
+        return np.sort(np.unique(v, return_index=True)[1])
+    first = np.full(span, n, dtype=np.int64)
+    np.minimum.at(first, v - lo, np.arange(n, dtype=np.int64))
+    mark = np.zeros(n, dtype=bool)
+    mark[first[first < n]] = True
+    return np.flatnonzero(mark)
+
+
 def _mix(x: int) -> float:
     """Deterministic hash of an integer to [0, 1) (splitmix64 finaliser)."""
     x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
@@ -357,8 +377,7 @@ class Mmu:
         if len(g) < 2 or bool((g[1:] > g[:-1]).all()):
             fpos = unmapped  # increasing gfns (a sequential pass): each is a first access
         else:
-            _, first = np.unique(g, return_index=True)
-            fpos = unmapped[np.sort(first)]
+            fpos = unmapped[first_index(g)]
         fg = seg[fpos]
         if fg.dtype != np.int64:
             fg = fg.astype(np.int64)
@@ -499,13 +518,14 @@ class Mmu:
                 fi = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
                 uk = keys[fi]
             else:
-                uk, fi = np.unique(keys, return_index=True)
+                fi = first_index(keys)  # in increasing order: nf below needs no sort
+                uk = keys[fi]
             tagged = pt[lvl].take(uk) == tag
             if lvl == 1 and tagged.any():
                 k = uk[tagged]
                 if (pt[2].take(k >> 9) != tag).any() or (pt[3].take(k >> 18) != tag).any():
                     return None
-            nf = np.sort(fi[~tagged])
+            nf = fi[~tagged]  # increasing (each branch's fi is)
             alloc[nf] += 1
             new_tables[lvl] = (shift, nf)
         return InstallPlan(ss, gfns, st, (st & HOST_RESIDENT) != 0, (st & EVER_MAPPED) != 0, alloc, new_tables)
