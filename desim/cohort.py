@@ -538,7 +538,11 @@ class Cohort:
         planned fault takes them (Cohort._locked_planned, desim/cohort_bridge.py)."""
         lo = None
         for v, p in self._plans.items():
-            if p.locked > p.committed:
+            k = p.locked
+            # a fault past kvm_faultin_pfn has made its host page resident (Vcpu._faultin): the plain run's
+            # exit cost reads it (Vcpu._pre_lock_ns), before any check against the plans
+            first_touch = p.step == "pending" and not p.resident[k]
+            if k > p.committed or first_touch:
                 if lo is None:  # the chunk's range, once there is something to commit
                     rest = x._chunk[x._pos:]
                     if len(rest) == 0:
@@ -546,6 +550,8 @@ class Cohort:
                     lo, hi = int(rest.min()), int(rest.max())
                 if p.lo <= hi and lo <= p.hi:
                     self._commit(v, p, False)
+                    if first_touch:
+                        self.vm.mmu.make_resident(p.ss, int(p.gfns[k]), 1)
         self._flush_records()
 
     def _flush_records(self) -> None:
