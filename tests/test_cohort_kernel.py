@@ -245,3 +245,35 @@ def test_a_kernel_that_prefetches_for_free_is_caught(monkeypatch):
     monkeypatch.setattr(cohort_bridge.ck, "run", free)
     vm = Vm(sc, "fast", seed=1, engine="fast")
     assert ref != fingerprint(vm) and vm.cohort.prefetched_planned > 0
+
+
+def _shared_touch_sc(profile: str, ram_mib: int, pattern: str, costs: str):
+    phases = [{"name": "touch", "pattern": pattern, "slot": 0, "sharing": "shared", "accesses": 3000,
+               "access_ns": 50.0}]
+    return scenario(vcpus=16, ram_mib=ram_mib, phases=phases, profile=profile, kernel={"backing": "4k"},
+                    costs=costs)
+
+
+@pytest.mark.parametrize("profile,ram_mib,pattern,costs", [("legacy-2020", 4, "uniform", "sampled"),
+                                                           ("shadow-pvm", 2, "hotcold", "mean")])
+def test_a_plain_run_sees_the_host_page_of_a_planned_first_touch(profile, ram_mib, pattern, costs, monkeypatch):
+    """16 vCPUs first-touch shared memory under an exclusive mmu_lock: a vCPU whose next miss is in another's
+    plan begins its guest run the plain way, and its exit cost (Vcpu._pre_lock_ns) reads whether the host page
+    is resident: the other vCPU's planned fault, past kvm_faultin_pfn and waiting for the lock, made it so
+    (Cohort._flush_for). Identical to the reference engine; without that, caught."""
+    sc = _shared_touch_sc(profile, ram_mib, pattern, costs)
+    ref, py, fast, _ = _runs(sc, "fast")
+    assert_same(ref, py, "python cohort")
+    assert_same(ref, fast, "kernel")
+    import inspect
+    import textwrap
+
+    from desim import cohort
+    code = textwrap.dedent(inspect.getsource(cohort.Cohort._flush_for))
+    stale = code.replace("self.vm.mmu.make_resident(p.ss, int(p.gfns[k]), 1)", "pass")
+    assert stale != code
+    ns = dict(vars(cohort))
+    exec(stale, ns)
+    monkeypatch.setattr(cohort.Cohort, "_flush_for", ns["_flush_for"])
+    _, py2, fast2, _ = _runs(sc, "fast")
+    assert ref != py2 or ref != fast2
