@@ -177,7 +177,7 @@ class Cohort:
         self.kernel_shared = 0  # kernel steps taken while other readers held mmu_lock (desim/cohort_bridge.py)
         self._costs: dict = {}  # vCPU -> _Costs
         self._active = False  # a loop is running (a process resumed from it must not start another)
-        self._skip: dict = {}  # vCPU -> guest runs to begin the plain way before planning again
+        self._skip: dict = {}  # vCPU -> (guest runs to begin the plain way before planning again, mmu.zap_seq then)
         self._misses_of: dict = {}
         self._vmm_alloc = _reader(vm.P, "host_alloc_4k")
         # fault and access-stall records of planned faults, in order, appended to the metrics at each flush
@@ -692,9 +692,9 @@ class Cohort:
         p = plans.get(x)
         if p is not None and p.k < len(p.fpos):
             return self._begin_planned(x, p)
-        skip = self._skip.get(x, 0)
+        skip = self._skip_left(x)
         if skip:
-            self._skip[x] = skip - 1
+            self._skip[x] = (skip - 1, self.vm.mmu.zap_seq)
             if p is not None:
                 self._commit(x, p, False)
                 self._retire(x, p)
@@ -705,12 +705,30 @@ class Cohort:
                 self._misses_of.pop(x, None)
                 return self._begin_planned(x, p)
             # few or no faults ahead (a guest run without faults, hits): plan again later
-            m = self._misses_of[x] = min(2 * self._misses_of.get(x, 0) + 1, _BACKOFF_MAX)
-            self._skip[x] = m
+            self._back_off(x)
             if p is not None:
                 return self._begin_planned(x, p)
         self._flush_for(x)
         return x._begin_run()
+
+    def _back_off(self, x: "Vcpu") -> None:
+        """Nothing (or too little) to plan for ``x`` here: its next guest runs begin the plain way, twice as many
+        as after its last miss (up to _BACKOFF_MAX), until a zap (a speed heuristic only)."""
+        m = self._misses_of[x] = min(2 * self._misses_of.get(x, 0) + 1, _BACKOFF_MAX)
+        self._skip[x] = (m, self.vm.mmu.zap_seq)
+
+    def _skip_left(self, x: "Vcpu") -> int:
+        """The guest runs ``x`` still begins the plain way (Cohort._back_off). A zap since the backoff began ends
+        it: what found nothing to plan (every access ahead mapped) no longer holds, and the re-faults that follow
+        are what plans are for (a speed heuristic only)."""
+        s = self._skip.get(x)
+        if s is None:
+            return 0
+        if s[1] != self.vm.mmu.zap_seq:
+            del self._skip[x]
+            self._misses_of.pop(x, None)
+            return 0
+        return s[0]
 
     def _replan(self, x: "Vcpu") -> _Plan | None:
         """A new plan for ``x`` from where it is (its old plan committed and dropped)."""
@@ -850,19 +868,19 @@ class Cohort:
                     if ss is None or ss.slot.invalid:
                         break  # MMIO, or RET_PF_RETRY on an INVALID slot
                     # a guest run begun the plain way: plan from its fault on if the plan finds that fault
-                    tried = (p is None or p.step == "idle") and not self._skip.get(x)
+                    tried = (p is None or p.step == "idle") and not self._skip_left(x)
                     p = self._replan(x) if tried else None
                     if p is not None and p.fpos[0] == r[6] and p.gfns[0] == r[9]:
                         p.k = 1
                         p.step = "run"
                         if len(p.fpos) < _PLAN_MIN:
                             # few faults ahead: take these, and plan again later (as Cohort._begin does)
-                            self._skip[x] = self._misses_of[x] = min(2 * self._misses_of.get(x, 0) + 1, _BACKOFF_MAX)
+                            self._back_off(x)
                     else:
                         if tried:
                             # nothing to plan here, or a plan that does not start at this fault: plan again
                             # later (Cohort._begin)
-                            self._skip[x] = self._misses_of[x] = min(2 * self._misses_of.get(x, 0) + 1, _BACKOFF_MAX)
+                            self._back_off(x)
                         p = None
                         if self._clashes(r[9]):
                             break
