@@ -85,6 +85,8 @@ _KERNEL_SEGMENT = 512  # a plan's faults handed to one kernel call, at most: a c
 # can take, not the plans' lengths (a speed heuristic only: where the kernel stops, the Python steps go on)
 _PLAN_EXTEND = 8192  # accesses a plan is extended by (Cohort._extend; a speed heuristic only)
 _PLAN_MIN = 32  # a plan with fewer faults makes the next plans wait (planning costs about as much as 10-20 faults)
+_PLAN_FLOOR = 512  # accesses a plan looks at, at least, however near the loop's horizon (Cohort._horizon_of; a speed
+# heuristic only)
 
 
 class _Plan:
@@ -189,6 +191,7 @@ class Cohort:
         self._stall_a: list = []
         self.runs = 0  # loops that took at least one step
         self._window: dict = {}  # vCPU -> accesses its next plan looks at (Cohort._retire)
+        self._horizon = float("inf")  # when the running loop ends at the latest (Cohort._horizon_of)
         self._vidx: dict | None = None  # vCPU -> its index (desim/cohort_bridge.py)
         self.kernel = _KERNEL  # planned steps in the compiled kernel (desim/cohort_kernel.py)
         self._kcosts: dict = {}  # vCPU -> per kernel cost: (row, its _Draws or None, its value if constant)
@@ -227,7 +230,7 @@ class Cohort:
         entry). A plan ends at a fault."""
         if not self._plannable:
             return None
-        window = self._window.get(x, _PLAN_WINDOW0_KERNEL if self.kernel else _PLAN_WINDOW0)
+        window = min(self._window.get(x, _PLAN_WINDOW0_KERNEL if self.kernel else _PLAN_WINDOW0), self._reach(x))
         # plan coordinates: 0 where the vCPU's chunk begins, the next chunks after it
         seg, bounds = self._segment(x, 0, x._pos, window)
         got = self._plan_seg(x, seg, x._pos, bounds, None)
@@ -382,7 +385,11 @@ class Cohort:
             return False
         self._commit(x, p, False)
         last = int(p.fpos[-1])
-        seg, bounds = self._segment(x, p.cbase, last, _PLAN_EXTEND)
+        window = min(_PLAN_EXTEND, x._pos + p.cbase + self._reach(x) - last)
+        if window <= 0:
+            p.noext = True  # past the loop's horizon already
+            return False
+        seg, bounds = self._segment(x, p.cbase, last, window)
         got = self._plan_seg(x, seg, last, bounds, p)
         if got is None:
             p.noext = True
@@ -429,6 +436,36 @@ class Cohort:
         k = p.locked
         if final and p.step == "pending" and not p.resident[k]:
             mmu.make_resident(p.ss, int(p.gfns[k]), 1)
+
+    def _horizon_of(self, queue: list, procs: dict) -> float:
+        """The time of the first event in SimPy's queue that ends a loop (anything but a vCPU's step, one of
+        ``mmu_lock``'s timers or a progress checkpoint: the VMM, a kick, an SRCU sync...). No vCPU gets past it
+        in the loop, and the loop's plans are dropped when it ends (Cohort._flush): a plan need not look at
+        more accesses than fit before it (Cohort._reach). Events made during the loop can only end it
+        sooner."""
+        lock, ckp = self.vm.lock, self.vm.checkpoints
+        horizon = float("inf")
+        for t, _, _, ev in queue:
+            if t >= horizon:
+                continue
+            cbs = ev.callbacks
+            if cbs and len(cbs) == 1:
+                owner = getattr(cbs[0], "__self__", None)
+                if id(owner) in procs or (owner is lock and cbs[0].__func__ in _LOCK_CALLBACKS) or (
+                        owner is ckp and owner is not None and cbs[0].__func__ is owner._resume.__func__):
+                    continue
+            horizon = t
+        return horizon
+
+    def _reach(self, x: "Vcpu") -> int:
+        """The accesses ``x`` can make before the loop's horizon (each takes ``access_ns`` of guest time at least),
+        and at least _PLAN_FLOOR (a speed heuristic only: what is planned is taken exactly, whatever its
+        length)."""
+        dt = self._horizon - self.env._now
+        a = x.access_ns
+        if dt == float("inf") or a <= 0:
+            return _PLAN_ACCESSES_KERNEL
+        return max(_PLAN_FLOOR, min(int(dt / a) + 2, _PLAN_ACCESSES_KERNEL))
 
     def _retire(self, x: "Vcpu", p: _Plan) -> None:
         """``x``'s plan is dropped: size its next plan's window from the accesses this one lasted."""
@@ -769,6 +806,7 @@ class Cohort:
         eid = env._eid
         plans = self._plans
         self._active = True
+        self._horizon = self._horizon_of(queue, procs)
         # x0's guest run begins now, as its own loop would begin it
         ev = Event(env)
         ev._ok, ev._value = True, None
