@@ -192,6 +192,7 @@ class Cohort:
         self.runs = 0  # loops that took at least one step
         self._window: dict = {}  # vCPU -> accesses its next plan looks at (Cohort._retire)
         self._horizon = float("inf")  # when the running loop ends at the latest (Cohort._horizon_of)
+        self._hits_only = False  # the last plan found no miss in its window (Cohort._back_off)
         self._vidx: dict | None = None  # vCPU -> its index (desim/cohort_bridge.py)
         self.kernel = _KERNEL  # planned steps in the compiled kernel (desim/cohort_kernel.py)
         self._kcosts: dict = {}  # vCPU -> per kernel cost: (row, its _Draws or None, its value if constant)
@@ -233,6 +234,7 @@ class Cohort:
         window = min(self._window.get(x, _PLAN_WINDOW0_KERNEL if self.kernel else _PLAN_WINDOW0), self._reach(x))
         # plan coordinates: 0 where the vCPU's chunk begins, the next chunks after it
         seg, bounds = self._segment(x, 0, x._pos, window)
+        self._hits_only = False
         got = self._plan_seg(x, seg, x._pos, bounds, None)
         if got is None:
             return None
@@ -287,6 +289,7 @@ class Cohort:
             return None
         misses = mmu.first_misses(seg)
         if misses is None:
+            self._hits_only = True  # every access of the window hits (Cohort._back_off)
             return None
         fpos, fg = misses
         if own is not None:
@@ -731,7 +734,7 @@ class Cohort:
             return self._begin_planned(x, p)
         skip = self._skip_left(x)
         if skip:
-            self._skip[x] = (skip - 1, self.vm.mmu.zap_seq)
+            self._skip[x] = (skip - 1, self._skip[x][1])
             if p is not None:
                 self._commit(x, p, False)
                 self._retire(x, p)
@@ -742,26 +745,27 @@ class Cohort:
                 self._misses_of.pop(x, None)
                 return self._begin_planned(x, p)
             # few or no faults ahead (a guest run without faults, hits): plan again later
-            self._back_off(x)
+            self._back_off(x, p is not None or self._hits_only)
             if p is not None:
                 return self._begin_planned(x, p)
         self._flush_for(x)
         return x._begin_run()
 
-    def _back_off(self, x: "Vcpu") -> None:
+    def _back_off(self, x: "Vcpu", hits: bool) -> None:
         """Nothing (or too little) to plan for ``x`` here: its next guest runs begin the plain way, twice as many
-        as after its last miss (up to _BACKOFF_MAX), until a zap (a speed heuristic only)."""
+        as after its last miss (up to _BACKOFF_MAX); ``hits``: because the accesses ahead (almost) all hit, which
+        the next zap undoes (Cohort._skip_left), rather than a plan refused (a speed heuristic only)."""
         m = self._misses_of[x] = min(2 * self._misses_of.get(x, 0) + 1, _BACKOFF_MAX)
-        self._skip[x] = (m, self.vm.mmu.zap_seq)
+        self._skip[x] = (m, self.vm.mmu.zap_seq if hits else None)
 
     def _skip_left(self, x: "Vcpu") -> int:
-        """The guest runs ``x`` still begins the plain way (Cohort._back_off). A zap since the backoff began ends
-        it: what found nothing to plan (every access ahead mapped) no longer holds, and the re-faults that follow
-        are what plans are for (a speed heuristic only)."""
+        """The guest runs ``x`` still begins the plain way (Cohort._back_off). A zap since a backoff for hits began
+        ends it: what found nothing to plan (every access ahead mapped) may no longer hold, and the re-faults that
+        follow are what plans are for (a speed heuristic only)."""
         s = self._skip.get(x)
         if s is None:
             return 0
-        if s[1] != self.vm.mmu.zap_seq:
+        if s[1] is not None and s[1] != self.vm.mmu.zap_seq:
             del self._skip[x]
             self._misses_of.pop(x, None)
             return 0
@@ -913,12 +917,12 @@ class Cohort:
                         p.step = "run"
                         if len(p.fpos) < _PLAN_MIN:
                             # few faults ahead: take these, and plan again later (as Cohort._begin does)
-                            self._back_off(x)
+                            self._back_off(x, True)
                     else:
                         if tried:
                             # nothing to plan here, or a plan that does not start at this fault: plan again
                             # later (Cohort._begin)
-                            self._back_off(x)
+                            self._back_off(x, p is not None or self._hits_only)
                         p = None
                         if self._clashes(r[9]):
                             break
