@@ -175,6 +175,7 @@ class Cohort:
         self._plannable = vm.mmu.nx_exec is None
         self.steps = 0  # vCPU steps taken here (for benchmarks and tests)
         self.planned = 0  # faults taken from plans (their steps counted in ``steps``)
+        self.planned_ahead = 0  # faults put in plans, new or extended, taken or dropped (for tests)
         self.shared_tables = 0  # page-table pages a plan would have allocated, found allocated by another fault
         self.kernel_shared = 0  # kernel steps taken while other readers held mmu_lock (desim/cohort_bridge.py)
         self._costs: dict = {}  # vCPU -> _Costs
@@ -239,6 +240,7 @@ class Cohort:
         if got is None:
             return None
         arrays, fidx, install, fk_code, fk_ptr, lo, hi = got
+        self.planned_ahead += len(install.gfns)
         out = _Plan(install.ss, install, arrays, fidx, x._pos)
         out.lo, out.hi = lo, hi
         out.fk_code, out.fk_ptr = fk_code, fk_ptr
@@ -398,6 +400,7 @@ class Cohort:
             p.noext = True
             return False
         arrays, fidx, install, fk_code, fk_ptr, lo, hi = got
+        self.planned_ahead += len(install.gfns)
         d = p.locked  # the runs done (and committed): dropped
         f0 = int(p.fidx[d])
         nf_old = len(p.install.gfns) - f0
@@ -760,15 +763,19 @@ class Cohort:
 
     def _skip_left(self, x: "Vcpu") -> int:
         """The guest runs ``x`` still begins the plain way (Cohort._back_off). A zap since a backoff for hits began
-        ends it: what found nothing to plan (every access ahead mapped) may no longer hold, and the re-faults that
-        follow are what plans are for (a speed heuristic only)."""
+        ends it where it unmapped some of the rest of ``x``'s chunk (:meth:`desim.vcpu.Vcpu._next_miss`, which its
+        next plain guest run would look up anyway): what found nothing to plan no longer holds, and the re-faults
+        that follow are what plans are for (a speed heuristic only)."""
         s = self._skip.get(x)
         if s is None:
             return 0
-        if s[1] is not None and s[1] != self.vm.mmu.zap_seq:
-            del self._skip[x]
-            self._misses_of.pop(x, None)
-            return 0
+        seq = self.vm.mmu.zap_seq
+        if s[1] is not None and s[1] != seq:
+            if x._next_miss() < len(x._chunk_list):
+                del self._skip[x]
+                self._misses_of.pop(x, None)
+                return 0
+            self._skip[x] = (s[0], seq)  # the zap left this chunk's accesses mapped
         return s[0]
 
     def _replan(self, x: "Vcpu") -> _Plan | None:
