@@ -1,7 +1,7 @@
 """Before/after of every shipped experiment: run them at two git revisions and diff their outputs.
 
     python benchmarks/compare_experiments.py [--base bcc7ca2] [--head WORKTREE_OR_REV] [--modes quick,default]
-        [--only vcpu_scaling,...] [--work DIR] [--engine reference] [--jobs 1]
+        [--only vcpu_scaling,...] [--work DIR] [--engine reference] [--reuse] [--sides base,head] [--store]
 
 Each experiment under ``experiments/`` runs at both revisions with the same interpreter, the same
 arguments (``--quick`` and/or its defaults, one worker) and ``DESIM_ENGINE`` (default
@@ -16,6 +16,10 @@ wall-clock times (``wall_s``, ``run_wall_s``, ``cpu_s_per_run_mean``), the model
 (``model_version``: a hash of the source, different by construction), the output paths in ``args``
 and the store. Figures (PNG/SVG) are not compared. One table: per experiment and mode, the files
 compared and whether they are identical, or the first differences.
+
+With ``--store`` each run keeps its replications in a result store under ``--work``
+(``store-SIDE-NAME-MODE``, keyed by the model's fingerprint), so a long default-mode run that is
+stopped resumes where it stopped when the same command is run again with ``--reuse``.
 
 ``kvm_crossover`` measures this host's real KVM (its numbers differ from run to run); it runs only
 with ``--kvm`` and then its real-run columns differ by nature.
@@ -66,10 +70,13 @@ def _done(out: Path) -> bool:
     return out.is_dir() and any(p.suffix in (".csv", ".json") for p in out.iterdir())
 
 
-def run_one(src: Path, name: str, mode: str, out: Path, engine: str, log) -> tuple[int, float]:
+def run_one(src: Path, name: str, mode: str, out: Path, engine: str, log,
+            store: Path | None = None) -> tuple[int, float]:
     args = [sys.executable, str(src / "experiments" / f"{name}.py"), "--out", str(out)]
     if mode == "quick":
         args.append("--quick")
+    if store is not None:
+        args += ["--store", str(store)]
     env = dict(os.environ, DESIM_ENGINE=engine, PYTHONHASHSEED="0", MPLBACKEND="Agg")
     t0 = time.perf_counter()
     r = subprocess.run(args, cwd=str(src), env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -149,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", default="reference", choices=["reference", "fast"])
     ap.add_argument("--work", default="/tmp/desim-compare", help="worktrees, outputs and logs")
     ap.add_argument("--reuse", action="store_true", help="keep outputs already in --work (resume)")
+    ap.add_argument("--store", action="store_true", help="keep each run's replications in a store under --work "
+                    "(a stopped run resumes with --reuse)")
     ap.add_argument("--sides", default="base,head", help="run only these sides now (base, head); the table "
                     "needs both (run the other later with --reuse)")
     a = ap.parse_args(argv)
@@ -172,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                     res[side] = (0, float("nan"))
                     continue
                 with open(work / f"{side}-{name}-{mode}.log", "w") as log:
-                    res[side] = run_one(src, name, mode, out, a.engine, log)
+                    res[side] = run_one(src, name, mode, out, a.engine, log,
+                                        work / f"store-{side}-{name}-{mode}" if a.store else None)
                 print(f"{side} {name} {mode}: exit {res[side][0]} in {res[side][1]:.0f} s", file=sys.stderr)
             if not all(_done(work / side / f"{name}-{mode}") for side in srcs):
                 rows.append((name, mode, 0, "not run on both sides yet", res))

@@ -49,6 +49,8 @@ if TYPE_CHECKING:  # pragma: no cover
 _VECTOR_MIN = 32  # a vectorised block pays off when about this many faults fit before the next event
 _VECTOR_MAX = 32768  # accesses looked at per vectorised block
 _BACKOFF_MAX = 16  # at most this many guest runs go by without a check (see FaultRun.missed)
+_VECTOR_BACKOFF_MAX = 64  # at most this many per-fault steps go by without a vectorised block after a block
+# that looked at the accesses and found nothing to take (a speed heuristic: the per-fault path is exact)
 
 
 def next_event_at(queue: list) -> float:
@@ -82,6 +84,8 @@ class FaultRun:
         self.faults = 0  # faults taken in this loop (for benchmarks and tests)
         self.backoff = 0  # guest runs to leave to the per-fault path before checking again (missed())
         self._misses = 0
+        self._vskip = 0  # vectorised blocks to skip (a block found nothing to take: _vector_missed)
+        self._vmisses = 0
         self.vector_faults = 0  # of those, taken in vectorised blocks
         self._vector = self._vector_costs()
         kernel = vcpu.vm.profile.kernel
@@ -143,10 +147,14 @@ class FaultRun:
         chunk_end = False  # stopped at the end of the chunk, not for another process: no back-off
         while self.batchable():
             if self._vector is not None:
-                k = self._vector_block()
-                if k:
-                    taken += k
-                    continue
+                if self._vskip:
+                    self._vskip -= 1
+                else:
+                    k = self._vector_block()
+                    if k:
+                        self._vmisses = 0
+                        taken += k
+                        continue
             miss = v._next_miss()
             chunk = v._chunk_list
             if miss >= len(chunk):
@@ -227,6 +235,16 @@ class FaultRun:
         return taken, None
 
 
+    def _vector_missed(self) -> int:
+        """A vectorised block looked at the vCPU's next accesses (up to ``_VECTOR_MAX``, across chunk ends)
+        and took nothing: its next miss is MMIO, on another kind of slot, or waits. Skip the next
+        1, 3, 7, ... up to ``_VECTOR_BACKOFF_MAX`` attempts (a block taken resets it), so that a guest that
+        exits often (a small loop over a slot that moves away: memslot_perf_test) does not pay the look
+        at every exit. Always exact: the per-fault path takes those steps."""
+        self._vmisses = min(2 * self._vmisses + 1, _VECTOR_BACKOFF_MAX)
+        self._vskip = self._vmisses
+        return 0
+
     def _vector_block(self) -> int:
         """Take the vCPU's next faults in one vectorised step: 4 KiB faults of one 4 KiB-backed slot
         (TDP MMU, legacy MMU or shadow paging without guest address spaces; PTE prefetch groups
@@ -286,11 +304,11 @@ class FaultRun:
                 seg = np.concatenate(parts)
         misses = mmu.first_misses(seg)
         if misses is None:
-            return 0
+            return self._vector_missed()
         fpos, fg = misses
         ss = mmu.slot_of(int(fg[0]))
         if ss is None or ss.slot.invalid or ss.slot.dirty_logging or ss.block.backing != "4k":
-            return 0
+            return self._vector_missed()
         base, end = ss.slot.base_gfn, ss.slot.end_gfn
         if int(fg.min()) >= base and int(fg.max()) < end:
             K = len(fg)
