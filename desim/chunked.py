@@ -117,6 +117,15 @@ class ChunkedBytes:
                 out[sel] = arr[idx[sel] - (int(cc) << self.shift)]
         return out
 
+    def window(self, lo: int, hi: int) -> np.ndarray:
+        """``[lo, hi)`` to read at once: a view into the chunk holding it (read it before the store changes,
+        never write it), else a dense copy."""
+        c = lo >> self.shift
+        if (hi - 1) >> self.shift == c and self.chunks[c] is not None:
+            b = c << self.shift
+            return self.chunks[c][lo - b:hi - b]
+        return self.to_array(lo, hi)
+
     def to_array(self, lo: int = 0, hi: int | None = None) -> np.ndarray:
         """A dense copy of ``[lo, hi)`` (for tests and small ranges)."""
         hi = self.n if hi is None else hi

@@ -27,16 +27,19 @@ each waiting on the event it waits on, and the process goes on from there
 (:meth:`~desim.vcpu.Vcpu._handed_back`).
 
 Planned faults. Where a vCPU's next faults are plain 4 KiB faults on a 4 KiB-backed
-slot (no NX huge pages, nothing for ``direct_pte_prefetch`` to map, no other vCPU's
-fault on the same gfn or allocating the same page-table page meanwhile), the loop
-finds them in one vectorised lookup (:class:`_Plan`: the positions of the misses in
-the vCPU's chunk, each page's residency, "ever mapped" and page-table pages, from
-:meth:`desim.mmu.Mmu.plan_install_4k`) and takes each fault without the SPTE
+slot (no NX huge pages, no other vCPU's fault on the same gfn, or with PTE prefetch
+in the same aligned group of ``PTE_PREFETCH_NUM``, meanwhile), the loop finds them in
+one vectorised lookup (:class:`_Plan`: the positions of the misses in the vCPU's
+chunk, each page's residency, "ever mapped" and page-table pages, from
+:meth:`desim.mmu.Mmu.plan_install_4k`; with the legacy MMU's or shadow paging's
+``direct_pte_prefetch``, the neighbours each fault maps and the accesses that then
+hit, from :meth:`desim.mmu.Mmu.plan_prefetch_4k`) and takes each fault without the SPTE
 lookups: the timeline, costs, ``kvm_faultin_pfn``'s host allocation
 (:meth:`desim.hostmm.HostMm.first_touch`), ``mmu_lock``
-(:meth:`desim.lock.MmuLock.acquire` / ``release_after``) and the fault's record
+(:meth:`desim.lock.MmuLock.acquire` / ``release_after``, held for the install and
+``prefetch_spte`` per prefetched neighbour) and the fault's record
 are the same calls and float operations as :mod:`desim.vcpu`'s, in the same
-order; the SPTE installs are applied in one step
+order; the SPTE installs (the prefetched ones too) are applied in one step
 (:meth:`desim.mmu.Mmu.commit_install_4k`) before anything else can look at the
 SPTE state: before a vCPU takes a step the plain way, and when the loop ends.
 
@@ -64,7 +67,7 @@ import numpy as np
 from simpy.events import NORMAL, Event
 
 from .lock import MmuLock
-from .mmu import HOST_RESIDENT, PTE_PREFETCH_NUM, TAG_MASK
+from .mmu import PTE_PREFETCH_NUM
 
 if TYPE_CHECKING:  # pragma: no cover
     from .vcpu import Vcpu
@@ -87,13 +90,28 @@ _PLAN_EXTEND = 8192  # accesses a plan is extended by (Cohort._extend; a speed h
 _PLAN_MIN = 32  # a plan with fewer faults makes the next plans wait (planning costs about as much as 10-20 faults)
 _PLAN_FLOOR = 512  # accesses a plan looks at, at least, however near the loop's horizon (Cohort._horizon_of; a speed
 # heuristic only)
+_NO_LO = np.iinfo(np.int64).max  # Cohort._rlo of a vCPU without a plan
+
+
+_GROUP_SHIFT = PTE_PREFETCH_NUM.bit_length() - 1  # gfn >> _GROUP_SHIFT: its aligned group of PTE_PREFETCH_NUM
+_NO_PF = np.zeros(0, dtype=np.int64)
+
+
+def _bounds(fg: np.ndarray, prefetch: bool) -> tuple[int, int]:
+    """The gfns a plan's faults ``fg`` install or read: their range, or with PTE prefetch their groups'."""
+    lo, hi = int(fg.min()), int(fg.max())
+    if prefetch:
+        return lo & ~(PTE_PREFETCH_NUM - 1), hi | (PTE_PREFETCH_NUM - 1)
+    return lo, hi
 
 
 class _Plan:
     """A vCPU's next guest runs, each ending in a plain 4 KiB fault or, on a plain stream, at the end of a
     chunk (see the module docstring). Per run (arrays, in plan coordinates: 0 is where the vCPU's chunk began
     when the plan was made, the next chunks following on): ``fpos`` where it ends, ``gfns`` its fault's gfn
-    (-1: a chunk end), ``resident`` and ``ever`` (a chunk end: 1 and 0). ``k`` runs begun, ``locked`` of
+    (-1: a chunk end), ``resident`` and ``ever`` (a chunk end: 1 and 0), ``npf`` the neighbours its fault
+    prefetches (``direct_pte_prefetch``; their gfns: ``pf[pf_ptr[f]:pf_ptr[f + 1]]`` for fault ``f``, an index
+    into ``install``). ``k`` runs begun, ``locked`` of
     them done (a fault under ``mmu_lock``, a chunk end at its end), ``committed`` of those applied to the
     SPTE state; ``step`` is where the run ``locked`` is: ``idle`` (not begun), ``run`` (in flight) or
     ``pending`` (its fault past ``kvm_faultin_pfn``, waiting or about to take ``mmu_lock``). ``fidx``: the
@@ -101,13 +119,14 @@ class _Plan:
 
     __slots__ = ("ss", "install", "fpos", "gfns", "_gset", "resident", "ever", "k", "locked",
                  "committed", "step", "lo", "hi", "fk_code", "fk_ptr", "arrays", "nres", "fidx", "cbase", "pos0",
-                 "noext")
+                 "noext", "npf", "pf", "pf_ptr")
 
-    def __init__(self, ss, install, arrays, fidx, pos0) -> None:
+    def __init__(self, ss, install, arrays, fidx, pos0, pf, pf_ptr) -> None:
         self.ss = ss
         self.install = install
-        self.arrays = arrays  # int64 rows: fpos, gfns, resident, ever (the compiled kernel's view)
-        self.fpos, self.gfns, self.resident, self.ever = arrays
+        self.arrays = arrays  # int64 rows: fpos, gfns, resident, ever, npf (the compiled kernel's view)
+        self.fpos, self.gfns, self.resident, self.ever, self.npf = arrays
+        self.pf, self.pf_ptr = pf, pf_ptr
         self.fidx = fidx
         self._gset = None
         self.k = 0
@@ -170,6 +189,7 @@ class Cohort:
         self._plans: dict = {}  # vCPU -> its _Plan (while the loop runs)
         k = vm.profile.kernel
         self._prefetch = k.pte_prefetch
+        self._need_accessed = k.mmu == "shadow"  # prefetch needs the guest PTE's Accessed bit (FNAME(pte_prefetch))
         # TDP MMU faults take mmu_lock for read (a qrwlock): their common case is taken inline (_read_lock)
         self._shared = vm.lock.kind == "rwlock" and vm.fault_lock_mode == "read"
         self._plannable = vm.mmu.nx_exec is None
@@ -201,8 +221,16 @@ class Cohort:
         self._kmiss = 0
         self.kernel_steps = 0  # vCPU steps the kernel took (for benchmarks and tests)
         self.chunk_ends_planned = 0  # chunk ends crossed inside plans (for tests)
+        self.prefetched_planned = 0  # SPTEs planned faults prefetched, kernel's included (for tests)
         self.kernel_checkpoints = 0  # progress checkpoints taken inside kernel calls (for tests)
         self._kseg = _KERNEL_SEGMENT  # a plan's faults handed to one kernel call, at most (desim/cohort_bridge.py)
+        self._kgrow = False  # the last kernel call of this loop stopped at a plan's end: extend the plans first
+        # each plan's gfn range by vCPU (Cohort._track: no plan, [_NO_LO, -1]): the plans whose range meets a
+        # gfn range found in one numpy test instead of a loop over every plan (a speed structure only)
+        self._rlo: np.ndarray | None = None
+        self._rhi: np.ndarray | None = None
+        self._rpos: dict = {}  # vCPU -> its row in _rlo/_rhi
+        self._rvcpus: list = []
 
     def _missed(self) -> None:
         self._misses = min(2 * self._misses + 1, _BACKOFF_MAX)
@@ -223,6 +251,19 @@ class Cohort:
         t0, ctx = wc
         return ("host" if ctx[0] == "host" else "lock", t0, ctx)
 
+    def _track(self, x: "Vcpu", p: "_Plan | None") -> None:
+        """Record ``x``'s plan's gfn range (``p``: its plan in ``_plans``, None: it has none)."""
+        i = self._rpos[x]
+        if p is None:
+            self._rlo[i], self._rhi[i] = _NO_LO, -1
+        else:
+            self._rlo[i], self._rhi[i] = p.lo, p.hi
+
+    def _overlapping(self, lo: int, hi: int) -> list:
+        """The vCPUs whose plan's gfn range meets [lo, hi] (in vCPU order)."""
+        vs = self._rvcpus
+        return [vs[j] for j in np.flatnonzero((self._rlo <= hi) & (self._rhi >= lo)).tolist()]
+
     # -- plans ---------------------------------------------------------------------
     def _plan(self, x: "Vcpu") -> _Plan | None:
         """Plan ``x``'s next faults from its position in its chunk (None: none can be planned). On a plain
@@ -239,9 +280,9 @@ class Cohort:
         got = self._plan_seg(x, seg, x._pos, bounds, None)
         if got is None:
             return None
-        arrays, fidx, install, fk_code, fk_ptr, lo, hi = got
+        arrays, fidx, install, fk_code, fk_ptr, lo, hi, pf, pf_ptr = got
         self.planned_ahead += len(install.gfns)
-        out = _Plan(install.ss, install, arrays, fidx, x._pos)
+        out = _Plan(install.ss, install, arrays, fidx, x._pos, pf, pf_ptr)
         out.lo, out.hi = lo, hi
         out.fk_code, out.fk_ptr = fk_code, fk_ptr
         out.nres = np.cumsum(arrays[2, ::-1])[::-1]  # runs from each on that allocate no host page
@@ -283,9 +324,17 @@ class Cohort:
 
     def _plan_seg(self, x: "Vcpu", seg, pos: int, bounds: list, own: _Plan | None):
         """The runs of a plan over ``seg`` (its first access at plan coordinate ``pos``, chunk starts at
-        ``bounds``): ``(arrays, fidx, install, fk_code, fk_ptr, lo, hi)``, or None. ``own``: the vCPU's plan
-        this one continues (its gfns are mapped by the time these faults come: they are not faults; the
-        continuation keeps to its memslot)."""
+        ``bounds``): ``(arrays, fidx, install, fk_code, fk_ptr, lo, hi, pf, pf_ptr)``, or None. ``own``: the
+        vCPU's plan this one continues (its gfns, faulted or prefetched, are mapped by the time these faults
+        come: they are not faults; the continuation keeps to its memslot).
+
+        With PTE prefetch (the legacy MMU's ``direct_pte_prefetch`` / ``__direct_pte_prefetch``,
+        arch/x86/kvm/mmu/mmu.c; shadow paging's ``FNAME(pte_prefetch)``, paging_tmpl.h) a fault reads and maps
+        its whole aligned group of ``PTE_PREFETCH_NUM`` gfns: what each fault prefetches
+        is :meth:`desim.mmu.Mmu.plan_prefetch_4k` of the state now, which holds as long as nothing else
+        changes those groups. So a plan owns its faults' groups: ``lo``/``hi`` bound them, another plan stops
+        before its first miss in one of them (here), and a plain step on a gfn in one ends the loop
+        (:meth:`_clashes`)."""
         mmu = self.vm.mmu
         if len(seg) == 0:
             return None
@@ -294,9 +343,14 @@ class Cohort:
             self._hits_only = True  # every access of the window hits (Cohort._back_off)
             return None
         fpos, fg = misses
+        prefetch = self._prefetch
+        done = None  # the gfns ``own`` maps (faults and prefetched neighbours)
         if own is not None:
             if int(fg.min()) <= own.hi and own.lo <= int(fg.max()):
-                keep = ~np.isin(fg, own.install.gfns)
+                done = own.install.gfns
+                if prefetch and len(own.pf):
+                    done = np.concatenate((done, own.pf))
+                keep = ~np.isin(fg, done)
                 fpos, fg = fpos[keep], fg[keep]
                 if len(fg) == 0:
                     return None
@@ -313,29 +367,38 @@ class Cohort:
         if K == 0:
             return None
         fpos, fg = fpos[:K], fg[:K]
-        lo, hi = int(fg.min()), int(fg.max())
-        others = [p for v, p in self._plans.items() if v is not x and p.lo <= hi and lo <= p.hi]
+        lo, hi = _bounds(fg, prefetch)
+        plans = self._plans
+        others = [plans[v] for v in self._overlapping(lo, hi) if v is not x]
         if others:
-            # another plan's gfn (installed by it, or to be): this vCPU's view of the SPTEs would be stale
+            # another plan's gfn (installed by it, or to be; with PTE prefetch its group): this vCPU's view of
+            # the SPTEs would be stale
             taken = np.concatenate([p.install.gfns for p in others])
-            clash = np.flatnonzero(np.isin(fg, taken))
+            if prefetch:
+                clash = np.flatnonzero(np.isin(fg >> _GROUP_SHIFT, taken >> _GROUP_SHIFT))
+            else:
+                clash = np.flatnonzero(np.isin(fg, taken))
             if len(clash):
                 K = int(clash[0])
                 if K == 0:
                     return None
                 fpos, fg = fpos[:K], fg[:K]
-                lo, hi = int(fg.min()), int(fg.max())
-        if self._prefetch:
-            # direct_pte_prefetch maps resident, non-present neighbours: the plan needs there to be none
-            starts = np.unique(fg & ~(PTE_PREFETCH_NUM - 1))
-            grp = (starts[:, None] + np.arange(PTE_PREFETCH_NUM)).ravel()
-            grp = grp[(grp >= base) & (grp < end)]
-            b = np.asarray(ss.state[grp - base])
-            present = (b & TAG_MASK) == mmu.root_tag
-            if own is not None:
-                present |= np.isin(grp, own.install.gfns)  # the plan being continued maps these first
-            if bool((~present & ((b & HOST_RESIDENT) != 0)).any()):
+                lo, hi = _bounds(fg, prefetch)
+        pf = pf_ptr = npf = None
+        if prefetch:
+            # direct_pte_prefetch: each group's first fault maps the group's eligible neighbours, whose
+            # accesses then hit (Vcpu._fault_locked, Mmu.prefetch_candidates)
+            pp = mmu.plan_prefetch_4k(ss, fg, self._need_accessed, done)
+            if pp is None:
                 return None
+            fault, members, take = pp
+            if not fault.all():
+                fpos, fg = fpos[fault], fg[fault]
+                K = len(fg)
+            npf = take.sum(axis=1)
+            pf = members[take]
+            pf_ptr = np.zeros(K + 1, dtype=np.int64)
+            np.cumsum(npf, out=pf_ptr[1:])
         plan = mmu.plan_install_4k(ss, fg)
         if plan is None:
             return None
@@ -362,25 +425,30 @@ class Cohort:
             # where each fault's run goes: after the faults and chunk ends before it
             at = np.arange(K) + np.searchsorted(ends, afpos, side="right")
             R = K + n_ends
-            arrays = np.empty((4, R), dtype=np.int64)
+            arrays = np.empty((5, R), dtype=np.int64)
             is_end = np.ones(R, dtype=bool)
             is_end[at] = False
             arrays[0, is_end] = ends
             arrays[1, is_end] = -1
             arrays[2, is_end] = 1
             arrays[3, is_end] = 0
+            arrays[4, is_end] = 0
             arrays[0, at] = afpos
             arrays[1, at] = fg
             arrays[2, at] = resident
             arrays[3, at] = ever
+            arrays[4, at] = 0 if npf is None else npf
             fidx = np.empty(R + 1, dtype=np.int64)
             fidx[0] = 0
             np.cumsum(~is_end, out=fidx[1:])
             fk_ptr = fk_ptr[fidx]
         else:
-            arrays = np.stack((afpos, fg, resident, ever)).astype(np.int64, copy=False)
+            arrays = np.stack((afpos, fg, resident, ever, np.zeros(K, np.int64) if npf is None else npf)
+                              ).astype(np.int64, copy=False)
             fidx = np.arange(K + 1)
-        return arrays, fidx, plan, fk_code, fk_ptr, lo, hi
+        if pf is None:
+            pf, pf_ptr = _NO_PF, np.zeros(K + 1, dtype=np.int64)
+        return arrays, fidx, plan, fk_code, fk_ptr, lo, hi, pf, pf_ptr
 
     def _extend(self, x: "Vcpu", p: _Plan) -> bool:
         """Make ``x``'s plan go on past its last fault (the faults a new plan made there would find, given
@@ -399,10 +467,11 @@ class Cohort:
         if got is None:
             p.noext = True
             return False
-        arrays, fidx, install, fk_code, fk_ptr, lo, hi = got
+        arrays, fidx, install, fk_code, fk_ptr, lo, hi, pf, pf_ptr = got
         self.planned_ahead += len(install.gfns)
         d = p.locked  # the runs done (and committed): dropped
         f0 = int(p.fidx[d])
+        q0 = int(p.pf_ptr[f0])
         nf_old = len(p.install.gfns) - f0
         c0 = int(p.fk_ptr[d])
         ncode_old = len(p.fk_code) - c0
@@ -413,7 +482,9 @@ class Cohort:
                              np.concatenate((ip.ever_mapped[f0:], install.ever_mapped)),
                              np.concatenate((ip.allocated[f0:], install.allocated)), {})
         p.arrays = np.concatenate((p.arrays[:, d:], arrays), axis=1)
-        p.fpos, p.gfns, p.resident, p.ever = p.arrays
+        p.fpos, p.gfns, p.resident, p.ever, p.npf = p.arrays
+        p.pf = np.concatenate((p.pf[q0:], pf))
+        p.pf_ptr = np.concatenate((p.pf_ptr[f0:-1] - q0, pf_ptr + (int(p.pf_ptr[-1]) - q0)))
         p.fidx = np.concatenate((p.fidx[d:-1] - f0, fidx + nf_old))
         p.fk_code = np.concatenate((p.fk_code[c0:], fk_code))
         p.fk_ptr = np.concatenate((p.fk_ptr[d:-1] - c0, fk_ptr + ncode_old))
@@ -421,6 +492,7 @@ class Cohort:
         p.k -= d
         p.locked = p.committed = 0
         p.lo, p.hi = min(p.lo, lo), max(p.hi, hi)
+        self._track(x, p)
         p._gset = None
         return True
 
@@ -438,6 +510,9 @@ class Cohort:
                 sub = type(ip)(ip.ss, ip.gfns[c:k], ip.state[c:k], ip.resident[c:k], ip.ever_mapped[c:k],
                                ip.allocated[c:k], {})
                 mmu.commit_install_4k(sub, k - c, tables=False)  # the page-table pages are linked already
+                a, b = int(p.pf_ptr[c]), int(p.pf_ptr[k])
+                if b > a:
+                    mmu.commit_prefetch_4k(p.ss, p.pf[a:b])  # the neighbours they prefetched
                 x._seq = -1  # the vCPU's cached miss list predates these installs
         k = p.locked
         if final and p.step == "pending" and not p.resident[k]:
@@ -485,12 +560,17 @@ class Cohort:
         """Commit every plan and the records of its faults (before a step that reads the SPTE state or records
         a fault; ``final``: when the loop ends)."""
         for x, p in self._plans.items():
-            self._commit(x, p, final)
             if final:
+                self._commit(x, p, True)
                 self._retire(x, p)
+            elif p.locked > p.committed:  # else nothing to commit
+                self._commit(x, p, False)
         self._flush_records()
         if final:
             self._plans.clear()
+            if self._rlo is not None:
+                self._rlo.fill(_NO_LO)
+                self._rhi.fill(-1)
 
     def _flush_for(self, x: "Vcpu") -> None:
         """Before ``x`` begins a guest run the plain way: commit the plans whose faults its chunk could reach
@@ -499,11 +579,15 @@ class Cohort:
         whose gfns lie outside the rest of the chunk's gfn range changes nothing that run reads: its own
         fault is a plain step checked against the plans (_clashes), and page-table pages are linked as each
         planned fault takes them (Cohort._locked_planned, desim/cohort_bridge.py)."""
-        rest = x._chunk[x._pos:]
-        if len(rest) and self._plans:
-            lo, hi = int(rest.min()), int(rest.max())
-            for v, p in self._plans.items():
-                if p.locked > p.committed and p.lo <= hi and lo <= p.hi:
+        lo = None
+        for v, p in self._plans.items():
+            if p.locked > p.committed:
+                if lo is None:  # the chunk's range, once there is something to commit
+                    rest = x._chunk[x._pos:]
+                    if len(rest) == 0:
+                        break
+                    lo, hi = int(rest.min()), int(rest.max())
+                if p.lo <= hi and lo <= p.hi:
                     self._commit(v, p, False)
         self._flush_records()
 
@@ -539,6 +623,7 @@ class Cohort:
         # (which could install SPTEs another plan counts on) is held off for this one resumption.
         p = self._plans.pop(x, None)
         if p is not None:
+            self._track(x, None)
             self._commit(x, p, False)
             self._retire(x, p)
         self._flush()
@@ -699,9 +784,12 @@ class Cohort:
                 mmu.present_pt_level[lk[0]] += 1
                 mmu.present_pt += 1
                 allocated += 1
-        metrics.sptes_installed += 1
+        prefetched = int(p.npf[k])  # direct_pte_prefetch: the neighbours it maps (installed at the commit)
+        metrics.sptes_prefetched += prefetched
+        metrics.sptes_installed += 1 + prefetched
+        self.prefetched_planned += prefetched
         metrics.pt_pages_allocated += allocated
-        hold = c.spte_install() + allocated * c.pt_page_alloc + 0 * c.prefetch_spte
+        hold = c.spte_install() + allocated * c.pt_page_alloc + prefetched * c.prefetch_spte
         hold += handoff
         if hold:
             lock = vm.lock
@@ -742,6 +830,7 @@ class Cohort:
                 self._commit(x, p, False)
                 self._retire(x, p)
                 del plans[x]
+                self._track(x, None)
         else:
             p = self._replan(x)
             if p is not None and len(p.fpos) >= _PLAN_MIN:
@@ -783,11 +872,13 @@ class Cohort:
         plans = self._plans
         old = plans.pop(x, None)
         if old is not None:
+            self._track(x, None)
             self._commit(x, old, False)
             self._retire(x, old)
         p = self._plan(x)
         if p is not None:
             plans[x] = p
+            self._track(x, p)
         return p
 
     def run(self, x0: "Vcpu") -> Event | None:
@@ -803,6 +894,11 @@ class Cohort:
         procs = self._procs
         if procs is None:
             procs = self._procs = {id(v.proc): v for v in vm.vcpus}
+        if self._rlo is None or len(self._rvcpus) != len(vm.vcpus):
+            self._rvcpus = list(vm.vcpus)
+            self._rpos = {v: i for i, v in enumerate(self._rvcpus)}
+            self._rlo = np.full(len(self._rvcpus), _NO_LO, dtype=np.int64)
+            self._rhi = np.full(len(self._rvcpus), -1, dtype=np.int64)
         # worth it only if the next event is another vCPU's step
         # (a cheap check, made at every loop top: no backoff for it)
         head = queue[0][3]
@@ -827,6 +923,7 @@ class Cohort:
         state = {x0: ("run", None, None, ev)}  # vCPU -> (kind, t0, ctx, pending event)
         steps = 0
         kernel = self.kernel
+        self._kgrow = False
         while queue:
             t, _, _, ev = queue[0]
             x = owned.get(ev)

@@ -53,6 +53,12 @@ def _tables_there(mmu, codes: np.ndarray) -> np.ndarray:
     return there
 
 
+def _changed(IV0: np.ndarray, FV0: np.ndarray, IV: np.ndarray, FV: np.ndarray, CUR: np.ndarray) -> list:
+    """The planned vCPUs (positions in the call's rows) whose state a kernel call changed: a step, a draw, a grant
+    or release of ``mmu_lock``; any other vCPU's row, draws and event are as they came in."""
+    return np.flatnonzero((IV != IV0).any(axis=1) | (FV != FV0).any(axis=1) | CUR.any(axis=1)).tolist()
+
+
 def take(co: "Cohort", owned: dict, state: dict) -> int:
     """Run the kernel from the head of the queue; returns the vCPU steps it took (0: declined)."""
     vm = co.vm
@@ -105,11 +111,15 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
     pcp, lrup = hm._pcp, hm._lru_pending
     ivr, fvr, pls, fks, codes_l = [], [], [], [], []
     off = fkoff = codeoff = nonres = doff = 0
-    lens = []
+    lens, doffs, shifts = [], [], []
     seg = co._kseg
+    # the plans go on past their ends (the kernel is then not stopped there), once a call of this loop stopped at
+    # a plan's end: a loop that ends before (a memslot update, a vCPU's own step: often within a few steps of a
+    # fast zap's re-faults) does not pay for extensions it drops (a speed heuristic only)
+    grow = co._kgrow
     for (i, x, p, k, t0, ev) in planned:
-        if len(p.fpos) - p.locked < 2 * seg and not p.noext:
-            co._extend(x, p)  # the plan goes on past its end: the kernel is not stopped there
+        if grow and len(p.fpos) - p.locked < 2 * seg and not p.noext:
+            co._extend(x, p)
         b = p.locked
         nf = min(len(p.fpos) - b, seg)  # the kernel stops (STOP_PLAN) where a vCPU's segment ends
         r = x._run
@@ -120,40 +130,55 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
         fvr.append((x._carry, e or 0.0, ss or 0.0, x._recorded_until, x.access_ns, m.time["host"], m.time["guest"],
                     m.stall_ns, t0 or 0.0, r[0], r[1], r[2], r[3], r[4], r[10], 0.0))
         pls.append(p.arrays[:, b:b + nf])
-        nonres += nf - p.nres_from(b) + p.nres_from(b + nf)
+        nres = p.nres
+        nonres += nf - (int(nres[b]) if b < len(nres) else 0) + (int(nres[b + nf]) if b + nf < len(nres) else 0)
         ptr = p.fk_ptr[b:b + nf + 1]
-        c0, c1 = int(ptr[0]), int(ptr[-1])
-        fks.append(ptr - c0 + codeoff)
+        c0, c1 = ptr[[0, -1]].tolist()
+        fks.append(ptr)
+        shifts.append(codeoff - c0)  # the segment's offsets into the joined codes (added below, at once)
         codes_l.append(p.fk_code[c0:c1])
         codeoff += c1 - c0
         fkoff += nf + 1
         off += nf
         lens.append(nf + 2)
+        doffs.append(doff)
         doff += nf + 2
     IV = np.zeros((N, ck.N_IV), dtype=np.int64)
     FV = np.zeros((N, ck.N_FV), dtype=np.float64)
     rows = [q[0] for q in planned]
     IV[rows] = ivr
     FV[rows] = fvr
+    IV0, FV0 = IV[rows], FV[rows]  # copies: the vCPUs the kernel leaves as they were need no hand-back
     # the cost draws: the next values of each stream (a constant cost: its value)
     D = np.empty((6, doff), dtype=np.float64)
     DS = np.zeros((N, 6), dtype=np.int64)
     kc = co._kcosts
-    for (i, x, p, k, t0, ev), L in zip(planned, lens):
-        d0 = IV[i, ck.I_DOFF]
+    css = []
+    for q in planned:
+        x = q[1]
         cs = kc.get(x)
         if cs is None:
             P = x.P
             cs = kc[x] = [(c, P.draws(name), getattr(P, name) if P.draws(name) is None else None)
                           for c, name in enumerate(ck.COST_NAMES)]
-        for c, d, value in cs:
+        css.append(cs)
+    for c in range(len(ck.COST_NAMES)):
+        ds = [cs[c][1] for cs in css]
+        if all(d is not None for d in ds):
+            # drawn for every vCPU: each one's next values side by side, in one copy
+            got = [d.peek_many(L) for d, L in zip(ds, lens)]
+            D[c] = np.concatenate(got) if len(got) > 1 else got[0]
+            DS[rows, c] = 1
+            continue
+        for (i, x, p, k, t0, ev), cs, L, d0 in zip(planned, css, lens, doffs):
+            _, d, value = cs[c]
             if d is None:
                 D[c, d0] = value
             else:
                 D[c, d0:d0 + L] = d.peek_many(L)
                 DS[i, c] = 1
     PL = np.concatenate(pls, axis=1) if len(pls) > 1 else pls[0]
-    fk_ptr = np.concatenate(fks)
+    fk_ptr = np.concatenate(fks) + np.repeat(np.array(shifts, dtype=np.int64), [len(f) for f in fks])
     codes = np.concatenate(codes_l)
     if len(codes):
         ucodes, fk_id = np.unique(codes, return_inverse=True)
@@ -214,7 +239,7 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
     # the events: the planned vCPUs' and the lock's timers move to the kernel's heap (their own ids)
     queue = env._queue
     pidx = {ev: (i, k) for (i, x, p, k, t0, ev) in planned}
-    evmap = {}  # id -> a lock timer's Event pulled from the queue
+    evmap = {}  # id -> an Event pulled from the queue (a lock timer, a planned vCPU's): it goes back if still pending
     mine, rest = [], []
     for item in queue:
         t, prio, ident, ev = item
@@ -223,6 +248,7 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
             i, k = q
             kind = ck.EV_RUN if k == 0 else ck.EV_HOST if k == 1 else ck.EV_GRANT
             mine.append((t, prio, ident, kind, i, ev._value if kind == ck.EV_GRANT else 0.0))
+            evmap[ident] = ev
             continue
         lk = _lock_cb_kind(ev, lock)
         if lk >= 0:
@@ -295,6 +321,7 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
         ck.run(S, SI, IV, FV, CUR, DS, D, VMM, PL, FK, THERE, LINKED, OUT, PT, PI, W, WS, Z, E, EI)
         env._eid = itertools.count(int(SI[ck.K_NEXT_ID]))
     steps = int(SI[ck.K_STEPS])
+    co._kgrow = SI[ck.K_STOP] == ck.STOP_PLAN
     if foreign:
         co.kernel_shared += steps
     # -- back to the Python objects --------------------------------------------------------------------
@@ -304,6 +331,8 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
     co.shared_tables += SIl[ck.K_SHARED]
     metrics = vm.metrics
     metrics.sptes_installed += SIl[ck.K_SPTES]
+    metrics.sptes_prefetched += SIl[ck.K_PREFETCHED]
+    co.prefetched_planned += SIl[ck.K_PREFETCHED]
     metrics.pt_pages_allocated += SIl[ck.K_PTPAGES]
     metrics.host_page_allocs["4k"] += SIl[ck.K_HOSTALLOC]
     if vd is not None:
@@ -317,11 +346,16 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
             ppl[lvl] += 1
         mmu.present_pt += nl
     # the hits of the planned guest runs (each access_ns counted in the order the runs ended)
-    ivs = IV[rows].tolist()
+    # only the vCPUs whose state the kernel changed (a step, a grant of the lock, a release) are handed back: the
+    # others' rows, draws and events are as they came (their Python state, plan and pending event stay)
+    IVr, FVr, CURr = IV[rows], FV[rows], CUR[rows]
+    chg = _changed(IV0, FV0, IVr, FVr, CURr)
+    moved = [planned[j] for j in chg]
+    ivs = IVr[chg].tolist()
     hits = metrics.hit_ns
     ends = sorted((iv[ck.I_FIRST_END], j) for j, iv in enumerate(ivs) if iv[ck.I_FIRST_END] >= 0)
     for _, j in ends:
-        a = planned[j][1].access_ns
+        a = moved[j][1].access_ns
         hits[a] = hits.get(a, 0) + ivs[j][ck.I_HITS]
     # the records, after the Python steps' (Cohort._flush_records: the same samples in the same order)
     nlat, nst = SIl[ck.K_NLAT], SIl[ck.K_NSTALL]
@@ -367,10 +401,10 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
     hm.lru.holds, hm.lru.contended = SIl[ck.HI_LRU_HOLDS], SIl[ck.HI_LRU_CONT]
     hm._zeroing = Z[:SIl[ck.HI_ZN]].tolist()
     # the vCPUs and their plans
-    fvs = FV[rows].tolist()
-    curs = CUR[rows].tolist()
+    fvs = FVr[chg].tolist()
+    curs = CURr[chg].tolist()
     newev = {}
-    for (i, x, p, k0, t0, ev0), iv, fv, cur in zip(planned, ivs, fvs, curs):
+    for (i, x, p, k0, t0, ev0), iv, fv, cur in zip(moved, ivs, fvs, curs):
         for c, d, _ in kc[x]:
             if d is not None:
                 d.i += cur[c]
@@ -456,6 +490,14 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
                     s = state[x]
                     state[x] = (s[0], s[1], s[2], ev)
                     owned[ev] = x
+        elif kind <= ck.EV_GRANT:
+            # a planned vCPU's event the kernel did not reach: where the vCPU was handed back (its lock released
+            # meanwhile), its state waits on this event again
+            x = vcpus[who]
+            s = state[x]
+            if s[3] is not ev:
+                state[x] = (s[0], s[1], s[2], ev)
+                owned[ev] = x
         queue.append((t, prio, ident, ev))
     heapify(queue)
     return steps

@@ -18,7 +18,8 @@ same order:
   ``folio_batch_move_lru`` drain (mm/swap.c), and ``clear_page`` zeroings stretched by memory bandwidth;
 * the vCPU's fault cycle (:mod:`desim.vcpu`): the guest run up to the fault, ``kvm_faultin_pfn``, the
   install under the lock (``kvm_tdp_mmu_map`` / ``direct_map`` linking a page-table page only where
-  none is), the fault's and the access stall's records.
+  none is; the legacy MMU's ``direct_pte_prefetch`` of the neighbours the plan found for the fault,
+  charged ``prefetch_spte`` each), the fault's and the access stall's records.
 
 :func:`run` takes the steps at the head of the queue for as long as they are its own and each vCPU
 has a planned fault to begin next; it stops before anything else (a foreign event's key is passed in,
@@ -57,8 +58,8 @@ N_S = 20
 LI_READERS, LI_WRITER, LI_ACQ, LI_CONT, LI_SEQ, LI_WRITE_MODE, LI_WQ_HEAD, LI_WQ_N, LI_PEND_N, \
     HI_ZONE_HOLDS, HI_ZONE_CONT, HI_LRU_HOLDS, HI_LRU_CONT, HI_LRU_BATCH, HI_ZN, \
     K_STEPS, K_PLANNED, K_SPTES, K_PTPAGES, K_SHARED, K_HOSTALLOC, K_NLAT, K_NSTALL, K_NLINK, K_NEXT_ID, \
-    K_EN, K_VMM, K_STOP, S_FP, S_FE = range(30)
-N_SI = 30
+    K_EN, K_VMM, K_STOP, S_FP, S_FE, K_PREFETCHED = range(31)
+N_SI = 31
 # why the kernel stopped (K_STOP)
 STOP_FOREIGN, STOP_EMPTY, STOP_PLAN, STOP_XGRANT, STOP_FULL = 0, 1, 2, 3, 4
 # the event heap: E[:, 0] time, E[:, 1] value; EI[:, 0] priority, 1 id, 2 kind, 3 vCPU
@@ -459,10 +460,13 @@ def _locked(S, SI, IV, FV, CUR, DS, D, PL, FK, THERE, LINKED, OUT, P, PI, W, WS,
             LINKED[SI[K_NLINK]] = key
             SI[K_NLINK] += 1
             allocated += 1
-    SI[K_SPTES] += 1
+    # direct_pte_prefetch: the neighbours the fault maps (PL row 4; their SPTEs are committed by Cohort._commit)
+    prefetched = PL[4, o + k]
+    SI[K_PREFETCHED] += prefetched
+    SI[K_SPTES] += 1 + prefetched
     SI[K_PTPAGES] += allocated
     d0 = IV[i, I_DOFF]
-    hold = D[C_SPTE_INSTALL, d0 + CUR[i, C_SPTE_INSTALL]] + allocated * S[L_PT_ALLOC] + 0 * S[L_PREFETCH]
+    hold = D[C_SPTE_INSTALL, d0 + CUR[i, C_SPTE_INSTALL]] + allocated * S[L_PT_ALLOC] + prefetched * S[L_PREFETCH]
     CUR[i, C_SPTE_INSTALL] += DS[i, C_SPTE_INSTALL]
     hold += handoff
     if hold:

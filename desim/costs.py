@@ -98,12 +98,13 @@ class _Draws:
 
     The values come in blocks of ``BLOCK`` (one numpy call each: uniform or normal numbers
     transformed at once). ``arr`` holds the values not yet consumed from ``i`` on; ``buf`` is the
-    same values as a Python list, made when a scalar read (:meth:`next`, :meth:`peek`) refills the block;
-    where a vectorised reader (:meth:`peek_many`) joined blocks it is None and scalar reads index ``arr``
+    same values as a Python list, made when a scalar read (:meth:`next`, :meth:`peek`) refills the block,
+    unless a vectorised reader (:meth:`peek_many`) read the block before (``many``: it will likely read this
+    one too); where there is no list (peek_many joined blocks, or did not want one) scalar reads index ``arr``
     until the next refill, so neither reader pays for a list of the other's values. Which numbers come out, and in
     which order, does not depend on how they are read."""
 
-    __slots__ = ("rng", "kind", "a", "b", "arr", "buf", "i")
+    __slots__ = ("rng", "kind", "a", "b", "arr", "buf", "i", "many")
 
     def __init__(self, cost: "Cost", rng: np.random.Generator) -> None:
         d = cost.dist
@@ -120,11 +121,14 @@ class _Draws:
         self.arr = np.zeros(0)
         self.buf: list[float] | None = []
         self.i = 0
+        self.many = False  # peek_many read since the last refill
 
     def next(self) -> float:
         i = self.i
         buf = self.buf
         if buf is None or i >= len(buf):  # (buf, when made, is arr as a list: the same length)
+            if i >= len(self.arr):
+                self.many = False  # a scalar reader refills: the next block as a list
             v = self.peek()
             self.i += 1
             return v
@@ -136,7 +140,8 @@ class _Draws:
         a refill draws the same block whenever it happens)."""
         if self.i >= len(self.arr):
             self.arr = self._block()
-            self.buf = self.arr.tolist()
+            self.buf = None if self.many else self.arr.tolist()
+            self.many = False
             self.i = 0
         buf = self.buf
         if buf is None:
@@ -148,6 +153,7 @@ class _Draws:
     def peek_many(self, k: int) -> np.ndarray:
         """The next ``k`` values :meth:`next` would return, as an array, without consuming them
         (``i += n`` consumes n)."""
+        self.many = True
         if len(self.arr) - self.i < k:
             # several blocks in one call: the same numbers as one call per block (each value uses the
             # generator's next output(s) in turn; tests/test_costs.py checks it for both kinds)

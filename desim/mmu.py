@@ -72,7 +72,45 @@ CHUNK_SHIFT_4K = 16
 CHUNK_SHIFT_HUGE = 12
 _M4K = (1 << CHUNK_SHIFT_4K) - 1
 _MHUGE = (1 << CHUNK_SHIFT_HUGE) - 1
+_PF_SHIFT = PTE_PREFETCH_NUM.bit_length() - 1
+_PF_ROW = np.arange(PTE_PREFETCH_NUM)
+_PREFETCHABLE: dict = {}
+
+
+def _prefetchable(tag: int, need_accessed: bool) -> np.ndarray:
+    """Per state byte: may ``direct_pte_prefetch`` map it (not present under ``tag``, host page resident, and
+    with ``need_accessed`` "ever mapped")? A table indexed by the byte."""
+    t = _PREFETCHABLE.get((tag, need_accessed))
+    if t is None:
+        v = np.arange(256)
+        t = ((v & TAG_MASK) != tag) & ((v & HOST_RESIDENT) != 0)
+        if need_accessed:
+            t &= (v & EVER_MAPPED) != 0
+        t = _PREFETCHABLE[(tag, need_accessed)] = t
+    return t
+
+
 _SCALAR_COMMIT = 16  # commit_install_4k writes this many installs or fewer byte by byte (a speed threshold only)
+
+
+def first_index(v: np.ndarray) -> np.ndarray:
+    """The positions of the first occurrence of each distinct value of the int array ``v``, in increasing order
+    (``np.sort(np.unique(v, return_index=True)[1])``). Where the values span a range not much wider than ``v`` is
+    long (a vCPU's accesses, a plan's faults), each value's first position is the minimum of its positions,
+    found with one ``np.minimum.at`` over the range instead of a sort (exact: a minimum does not depend on the
+    order it is taken in); else by np.unique's stable sort."""
+    n = len(v)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    lo = int(v.min())
+    span = int(v.max()) - lo + 1
+    if span > 4 * n + 4096:
+        return np.sort(np.unique(v, return_index=True)[1])
+    first = np.full(span, n, dtype=np.int64)
+    np.minimum.at(first, v - lo, np.arange(n, dtype=np.int64))
+    mark = np.zeros(n, dtype=bool)
+    mark[first[first < n]] = True
+    return np.flatnonzero(mark)
 
 
 def _mix(x: int) -> float:
@@ -339,8 +377,7 @@ class Mmu:
         if len(g) < 2 or bool((g[1:] > g[:-1]).all()):
             fpos = unmapped  # increasing gfns (a sequential pass): each is a first access
         else:
-            _, first = np.unique(g, return_index=True)
-            fpos = unmapped[np.sort(first)]
+            fpos = unmapped[first_index(g)]
         fg = seg[fpos]
         if fg.dtype != np.int64:
             fg = fg.astype(np.int64)
@@ -481,13 +518,14 @@ class Mmu:
                 fi = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
                 uk = keys[fi]
             else:
-                uk, fi = np.unique(keys, return_index=True)
+                fi = first_index(keys)  # in increasing order: nf below needs no sort
+                uk = keys[fi]
             tagged = pt[lvl].take(uk) == tag
             if lvl == 1 and tagged.any():
                 k = uk[tagged]
                 if (pt[2].take(k >> 9) != tag).any() or (pt[3].take(k >> 18) != tag).any():
                     return None
-            nf = np.sort(fi[~tagged])
+            nf = fi[~tagged]  # increasing (each branch's fi is)
             alloc[nf] += 1
             new_tables[lvl] = (shift, nf)
         return InstallPlan(ss, gfns, st, (st & HOST_RESIDENT) != 0, (st & EVER_MAPPED) != 0, alloc, new_tables)
@@ -526,9 +564,10 @@ class Mmu:
         self.present_pt += total
         return total
 
-    def plan_prefetch_4k(self, ss: SlotSptes, gfns: np.ndarray, need_accessed: bool):
+    def plan_prefetch_4k(self, ss: SlotSptes, gfns: np.ndarray, need_accessed: bool,
+                         present: np.ndarray | None = None):
         """Which of ``gfns`` fault, and what each fault prefetches, when each fault at 4 KiB runs
-        :meth:`prefetch_candidates` (desim/faultrun.py's vectorised blocks).
+        :meth:`prefetch_candidates` (desim/faultrun.py's vectorised blocks, desim/cohort.py's plans).
 
         ``gfns``: the first accesses, in order, to distinct gfns of ``ss`` without a present SPTE.
         Only a fault of the same aligned group of ``PTE_PREFETCH_NUM`` changes a group's state, so the
@@ -537,37 +576,76 @@ class Mmu:
         start; a later access in the group faults only if its gfn was not eligible, and prefetches
         nothing (the eligible ones are present by then). Returns ``(fault, members, take)``: a mask
         over ``gfns``, and for each fault the gfns of its group (one row of ``PTE_PREFETCH_NUM``) and
-        which of them it prefetches. None where :meth:`ever_mapped` would read a huge level."""
+        which of them it prefetches. None where :meth:`ever_mapped` would read a huge level. ``present``:
+        gfns of the slot to take as present whatever their state says (installs planned before these
+        faults, not applied yet: desim/cohort.py's plan extensions); none of ``gfns`` is among them."""
         block = ss.block
         if block.state2m.live or block.state1g.live:
             return None
         base, end, tag = ss.slot.base_gfn, ss.slot.end_gfn, self.root_tag
-        st = ss.state[gfns - base]
-        grp = gfns >> 3
-        if len(grp) < 2 or bool((grp[1:] >= grp[:-1]).all()):
-            first = np.concatenate(([True], grp[1:] != grp[:-1]))
+        grp = gfns >> _PF_SHIFT
+        increasing = len(grp) < 2 or bool((grp[1:] >= grp[:-1]).all())
+        g_lo, g_hi = (int(grp[0]), int(grp[-1])) if increasing else (int(grp.min()), int(grp.max()))
+        g_lo, g_hi = g_lo << _PF_SHIFT, (g_hi + 1) << _PF_SHIFT
+        lo, hi = max(g_lo, base), min(g_hi, end)
+        # the groups' bytes in one read where they lie close together (a speed heuristic only)
+        win = block.state.window(ss.off + lo - base, ss.off + hi - base) if hi - lo <= 8 * len(gfns) + 4096 else None
+        if win is not None and present is not None and len(present):
+            near = present[(present >= lo) & (present < hi)]
+            if len(near):
+                win = win.copy()
+                win[near - lo] = tag  # present (never one of gfns)
+            present = None
+        st = ss.state[gfns - base] if win is None else win[gfns - lo]
+        if increasing:
+            first = np.empty(len(grp), dtype=bool)
+            first[0] = True
+            np.not_equal(grp[1:], grp[:-1], out=first[1:])
         else:
             first = np.zeros(len(grp), dtype=bool)
             first[np.unique(grp, return_index=True)[1]] = True
-        eligible = (st & HOST_RESIDENT) != 0
-        if need_accessed:
-            eligible &= (st & EVER_MAPPED) != 0
-        fault = first | ~eligible
-        fg = gfns[fault]
-        members = (fg & ~(PTE_PREFETCH_NUM - 1))[:, None] + np.arange(PTE_PREFETCH_NUM)
-        look = (members >= base) & (members < end) & (members != fg[:, None]) & first[fault][:, None]
-        b = np.zeros(members.shape, np.uint8)
-        b[look] = ss.state[members[look] - base]
-        take = look & ((b & TAG_MASK) != tag) & ((b & HOST_RESIDENT) != 0)
-        if need_accessed:
-            take &= (b & EVER_MAPPED) != 0
+        # eligible for prefetch: not present, host page resident (and "ever mapped" for the Accessed bit)
+        ok = _prefetchable(tag, need_accessed)
+        fault = first | ~ok[st]
+        if fault.all():
+            fg, ffirst = gfns, first
+        else:
+            fg, ffirst = gfns[fault], first[fault]
+        members = (fg & ~(PTE_PREFETCH_NUM - 1))[:, None] + _PF_ROW
+        look = (members != fg[:, None]) & ffirst[:, None]
+        inside = lo == g_lo and hi == g_hi
+        if not inside:
+            look &= (members >= base) & (members < end)
+        if win is not None:
+            b = win.take(members - lo, mode="clip")  # outside the slot: clipped, and masked by look
+        else:
+            b = np.zeros(members.shape, np.uint8)
+            b[look] = ss.state[members[look] - base]
+        take = look & ok[b]
+        if present is not None and len(present) and take.any():
+            take &= ~np.isin(members, present)
         return fault, members, take
 
     def commit_prefetch_4k(self, ss: SlotSptes, gfns: np.ndarray) -> None:
         """:meth:`install` at 4 KiB of prefetched ``gfns`` whose page-table pages are present (their
         fault installed the leaf next to them)."""
-        rel = gfns - ss.slot.base_gfn
-        ss.state[rel] = (ss.state[rel] & KEEP_BITS) | EVER_MAPPED | self.root_tag
+        if len(gfns) <= _SCALAR_COMMIT:
+            # a few (desim/cohort.py commits a plan's faults a few at a time): byte by byte, as install does
+            st = ss.block.state
+            off = ss.off - ss.slot.base_gfn
+            bits = EVER_MAPPED | self.root_tag
+            mvs = st.mvs
+            for g in gfns.tolist():
+                i = off + g
+                mv = mvs[i >> CHUNK_SHIFT_4K]
+                if mv is None:
+                    st.set(i, (st.fill & KEEP_BITS) | bits)
+                else:
+                    j = i & _M4K
+                    mv[j] = (mv[j] & KEEP_BITS) | bits
+        else:
+            rel = gfns - ss.slot.base_gfn
+            ss.state[rel] = (ss.state[rel] & KEEP_BITS) | EVER_MAPPED | self.root_tag
         self.present_leaf += len(gfns)
 
     def prefetch_candidates(self, ss: SlotSptes, gfn: int, need_accessed: bool) -> list[int]:

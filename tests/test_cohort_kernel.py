@@ -191,3 +191,57 @@ def test_a_kernel_blind_to_other_readers_is_caught(monkeypatch):
     monkeypatch.setattr(cohort_bridge.ck, "run", blind)
     vm = Vm(sc, "fast", seed=1, engine="fast")
     assert ref != fingerprint(vm) and vm.cohort.kernel_shared > 0
+
+
+def _refault_sc(sharing: str, profile: str = "legacy-2020"):
+    """8 vCPUs populate, then touch their memory (hot/cold) while the VMM deletes a memslot three times: each
+    fast zap leaves every SPTE obsolete and every host page resident, so each re-fault's ``direct_pte_prefetch``
+    maps the resident neighbours of its group. ``shared``: the vCPUs' faults fall in each other's groups."""
+    ops = [{"at_us": 20 + 150 * i, "op": op, "slot": 5, **({"gpa": 64 * MiB, "size": 64 * 1024} if op == "create" else {})}
+           for i, op in enumerate(["create", "delete"] * 3)]
+    phases = [{"name": "populate", "pattern": "sequential", "slot": 0, "sharing": "private", "access_ns": 50.0},
+              {"name": "work", "pattern": "hotcold", "slot": 0, "sharing": sharing, "accesses": 3000,
+               "access_ns": 200.0, "memslot_ops": ops}]
+    return scenario(vcpus=8, ram_mib=4, phases=phases, profile=profile, kernel={"backing": "4k"}, costs="sampled")
+
+
+@pytest.mark.parametrize("sharing,profile", [("private", "legacy-2020"), ("shared", "legacy-2020"),
+                                             ("private", "shadow-pvm")])
+def test_refaults_with_pte_prefetch_are_planned(sharing, profile):
+    """The legacy MMU's (and shadow paging's) re-faults after a fast zap, each prefetching its group's resident
+    neighbours, planned and run in the Python steps and the kernel: identical to the reference engine, and the
+    planned faults did prefetch."""
+    ref, py, fast, vm = _runs(_refault_sc(sharing, profile), "fast")
+    assert_same(ref, py, f"python cohort, re-faults with prefetch ({sharing}, {profile})")
+    assert_same(ref, fast, f"kernel, re-faults with prefetch ({sharing}, {profile})")
+    m = json.loads(fast)["metrics"]
+    assert m["zaps_fast"] == 3 and m["faults_after_zap"] > 200
+    assert vm.cohort.prefetched_planned > 100  # of about 2,000 (the rest: short runs left to the per-fault path)
+
+
+def test_plans_sharing_a_prefetch_group_are_caught(monkeypatch):
+    """Plans that own only their faults' gfns, not their groups (another vCPU's plan may then fault next to them
+    and prefetch what they counted on, or the other way round) must fail the comparison."""
+    from desim import cohort
+
+    sc = _refault_sc("shared")
+    ref = fingerprint(Vm(sc, "fast", seed=1, engine="reference"))
+    monkeypatch.setattr(cohort, "_GROUP_SHIFT", 0)
+    vm = Vm(sc, "fast", seed=1, engine="fast")
+    assert ref != fingerprint(vm) and vm.cohort.prefetched_planned > 0
+
+
+def test_a_kernel_that_prefetches_for_free_is_caught(monkeypatch):
+    """A kernel that holds mmu_lock for the fault's install only (no ``prefetch_spte`` per prefetched neighbour)
+    must fail the comparison."""
+    run = cohort_bridge.ck.run
+
+    def free(*a):
+        a[0][cohort_bridge.ck.L_PREFETCH] = 0.0
+        run(*a)
+
+    sc = _refault_sc("private")
+    ref = fingerprint(Vm(sc, "fast", seed=1, engine="reference"))
+    monkeypatch.setattr(cohort_bridge.ck, "run", free)
+    vm = Vm(sc, "fast", seed=1, engine="fast")
+    assert ref != fingerprint(vm) and vm.cohort.prefetched_planned > 0

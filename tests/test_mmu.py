@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from desim.memslot import Memslot
 from desim.mmu import PG_LEVEL_2M, PG_LEVEL_4K, Mmu
@@ -87,6 +88,34 @@ def test_prefetch_needs_resident_host_pages():
         m.make_resident(ram, g, PG_LEVEL_4K)
     assert m.prefetch_candidates(ram, 9, need_accessed=False) == [8, 10, 11, 12, 13, 14, 15]
     assert m.prefetch_candidates(ram, 9, need_accessed=True) == []       # guest A bits never set
+
+
+@pytest.mark.parametrize("need_accessed", [False, True])
+def test_planned_prefetch_is_what_each_fault_would_prefetch(need_accessed):
+    """Mmu.plan_prefetch_4k over faults in random order (gfns taken as present included) gives what installing
+    each fault and its Mmu.prefetch_candidates one after the other does (Vcpu._fault_locked)."""
+    rng = np.random.default_rng(3)
+    m, ram, _ = _mmu()
+    for g in rng.choice(64, 40, replace=False).tolist():
+        m.make_resident(ram, g, PG_LEVEL_4K)
+    for g in rng.choice(64, 12, replace=False).tolist():
+        m.install(ram, g, PG_LEVEL_4K)
+    m.zap_all_fast()  # everything obsolete, "ever mapped" kept
+    present = np.array([5, 17, 40], dtype=np.int64)
+    gfns = np.array([g for g in rng.permutation(64).tolist() if g not in present.tolist()][:30], dtype=np.int64)
+    fault, members, take = m.plan_prefetch_4k(ram, gfns, need_accessed, present)
+    for g in present.tolist():
+        m.install(ram, g, PG_LEVEL_4K)
+    expect_fault, expect_pf = [], []
+    for g in gfns.tolist():  # the per-fault path: an access faults only where nothing maps its gfn yet
+        expect_fault.append(not m.is_mapped(g))
+        if expect_fault[-1]:
+            m.install(ram, g, PG_LEVEL_4K)
+            expect_pf.append(m.prefetch_candidates(ram, g, need_accessed))
+            for n in expect_pf[-1]:
+                m.install(ram, n, PG_LEVEL_4K)
+    assert fault.tolist() == expect_fault and any(expect_pf)
+    assert [members[i][take[i]].tolist() for i in range(len(members))] == expect_pf
 
 
 def test_memory_is_about_one_byte_per_guest_page():
