@@ -88,6 +88,8 @@ _KERNEL_SEGMENT = 512  # a plan's faults handed to one kernel call, at most: a c
 # can take, not the plans' lengths (a speed heuristic only: where the kernel stops, the Python steps go on)
 _PLAN_EXTEND = 8192  # accesses a plan is extended by (Cohort._extend; a speed heuristic only)
 _PLAN_MIN = 32  # a plan with fewer faults makes the next plans wait (planning costs about as much as 10-20 faults)
+_PLAN_FLOOR = 512  # accesses a plan looks at, at least, however near the loop's horizon (Cohort._horizon_of; a speed
+# heuristic only)
 _NO_LO = np.iinfo(np.int64).max  # Cohort._rlo of a vCPU without a plan
 
 
@@ -193,11 +195,12 @@ class Cohort:
         self._plannable = vm.mmu.nx_exec is None
         self.steps = 0  # vCPU steps taken here (for benchmarks and tests)
         self.planned = 0  # faults taken from plans (their steps counted in ``steps``)
+        self.planned_ahead = 0  # faults put in plans, new or extended, taken or dropped (for tests)
         self.shared_tables = 0  # page-table pages a plan would have allocated, found allocated by another fault
         self.kernel_shared = 0  # kernel steps taken while other readers held mmu_lock (desim/cohort_bridge.py)
         self._costs: dict = {}  # vCPU -> _Costs
         self._active = False  # a loop is running (a process resumed from it must not start another)
-        self._skip: dict = {}  # vCPU -> guest runs to begin the plain way before planning again
+        self._skip: dict = {}  # vCPU -> (guest runs to begin the plain way before planning again, mmu.zap_seq then)
         self._misses_of: dict = {}
         self._vmm_alloc = _reader(vm.P, "host_alloc_4k")
         # fault and access-stall records of planned faults, in order, appended to the metrics at each flush
@@ -209,6 +212,8 @@ class Cohort:
         self._stall_a: list = []
         self.runs = 0  # loops that took at least one step
         self._window: dict = {}  # vCPU -> accesses its next plan looks at (Cohort._retire)
+        self._horizon = float("inf")  # when the running loop ends at the latest (Cohort._horizon_of)
+        self._hits_only = False  # the last plan found no miss in its window (Cohort._back_off)
         self._vidx: dict | None = None  # vCPU -> its index (desim/cohort_bridge.py)
         self.kernel = _KERNEL  # planned steps in the compiled kernel (desim/cohort_kernel.py)
         self._kcosts: dict = {}  # vCPU -> per kernel cost: (row, its _Draws or None, its value if constant)
@@ -268,13 +273,15 @@ class Cohort:
         entry). A plan ends at a fault."""
         if not self._plannable:
             return None
-        window = self._window.get(x, _PLAN_WINDOW0_KERNEL if self.kernel else _PLAN_WINDOW0)
+        window = min(self._window.get(x, _PLAN_WINDOW0_KERNEL if self.kernel else _PLAN_WINDOW0), self._reach(x))
         # plan coordinates: 0 where the vCPU's chunk begins, the next chunks after it
         seg, bounds = self._segment(x, 0, x._pos, window)
+        self._hits_only = False
         got = self._plan_seg(x, seg, x._pos, bounds, None)
         if got is None:
             return None
         arrays, fidx, install, fk_code, fk_ptr, lo, hi, pf, pf_ptr = got
+        self.planned_ahead += len(install.gfns)
         out = _Plan(install.ss, install, arrays, fidx, x._pos, pf, pf_ptr)
         out.lo, out.hi = lo, hi
         out.fk_code, out.fk_ptr = fk_code, fk_ptr
@@ -333,6 +340,7 @@ class Cohort:
             return None
         misses = mmu.first_misses(seg)
         if misses is None:
+            self._hits_only = True  # every access of the window hits (Cohort._back_off)
             return None
         fpos, fg = misses
         prefetch = self._prefetch
@@ -450,12 +458,17 @@ class Cohort:
             return False
         self._commit(x, p, False)
         last = int(p.fpos[-1])
-        seg, bounds = self._segment(x, p.cbase, last, _PLAN_EXTEND)
+        window = min(_PLAN_EXTEND, x._pos + p.cbase + self._reach(x) - last)
+        if window <= 0:
+            p.noext = True  # past the loop's horizon already
+            return False
+        seg, bounds = self._segment(x, p.cbase, last, window)
         got = self._plan_seg(x, seg, last, bounds, p)
         if got is None:
             p.noext = True
             return False
         arrays, fidx, install, fk_code, fk_ptr, lo, hi, pf, pf_ptr = got
+        self.planned_ahead += len(install.gfns)
         d = p.locked  # the runs done (and committed): dropped
         f0 = int(p.fidx[d])
         q0 = int(p.pf_ptr[f0])
@@ -504,6 +517,36 @@ class Cohort:
         k = p.locked
         if final and p.step == "pending" and not p.resident[k]:
             mmu.make_resident(p.ss, int(p.gfns[k]), 1)
+
+    def _horizon_of(self, queue: list, procs: dict) -> float:
+        """The time of the first event in SimPy's queue that ends a loop (anything but a vCPU's step, one of
+        ``mmu_lock``'s timers or a progress checkpoint: the VMM, a kick, an SRCU sync...). No vCPU gets past it
+        in the loop, and the loop's plans are dropped when it ends (Cohort._flush): a plan need not look at
+        more accesses than fit before it (Cohort._reach). Events made during the loop can only end it
+        sooner."""
+        lock, ckp = self.vm.lock, self.vm.checkpoints
+        horizon = float("inf")
+        for t, _, _, ev in queue:
+            if t >= horizon:
+                continue
+            cbs = ev.callbacks
+            if cbs and len(cbs) == 1:
+                owner = getattr(cbs[0], "__self__", None)
+                if id(owner) in procs or (owner is lock and cbs[0].__func__ in _LOCK_CALLBACKS) or (
+                        owner is ckp and owner is not None and cbs[0].__func__ is owner._resume.__func__):
+                    continue
+            horizon = t
+        return horizon
+
+    def _reach(self, x: "Vcpu") -> int:
+        """The accesses ``x`` can make before the loop's horizon (each takes ``access_ns`` of guest time at least),
+        and at least _PLAN_FLOOR (a speed heuristic only: what is planned is taken exactly, whatever its
+        length)."""
+        dt = self._horizon - self.env._now
+        a = x.access_ns
+        if dt == float("inf") or a <= 0:
+            return _PLAN_ACCESSES_KERNEL
+        return max(_PLAN_FLOOR, min(int(dt / a) + 2, _PLAN_ACCESSES_KERNEL))
 
     def _retire(self, x: "Vcpu", p: _Plan) -> None:
         """``x``'s plan is dropped: size its next plan's window from the accesses this one lasted."""
@@ -786,9 +829,9 @@ class Cohort:
         p = plans.get(x)
         if p is not None and p.k < len(p.fpos):
             return self._begin_planned(x, p)
-        skip = self._skip.get(x, 0)
+        skip = self._skip_left(x)
         if skip:
-            self._skip[x] = skip - 1
+            self._skip[x] = (skip - 1, self._skip[x][1])
             if p is not None:
                 self._commit(x, p, False)
                 self._retire(x, p)
@@ -800,12 +843,35 @@ class Cohort:
                 self._misses_of.pop(x, None)
                 return self._begin_planned(x, p)
             # few or no faults ahead (a guest run without faults, hits): plan again later
-            m = self._misses_of[x] = min(2 * self._misses_of.get(x, 0) + 1, _BACKOFF_MAX)
-            self._skip[x] = m
+            self._back_off(x, p is not None or self._hits_only)
             if p is not None:
                 return self._begin_planned(x, p)
         self._flush_for(x)
         return x._begin_run()
+
+    def _back_off(self, x: "Vcpu", hits: bool) -> None:
+        """Nothing (or too little) to plan for ``x`` here: its next guest runs begin the plain way, twice as many
+        as after its last miss (up to _BACKOFF_MAX); ``hits``: because the accesses ahead (almost) all hit, which
+        the next zap undoes (Cohort._skip_left), rather than a plan refused (a speed heuristic only)."""
+        m = self._misses_of[x] = min(2 * self._misses_of.get(x, 0) + 1, _BACKOFF_MAX)
+        self._skip[x] = (m, self.vm.mmu.zap_seq if hits else None)
+
+    def _skip_left(self, x: "Vcpu") -> int:
+        """The guest runs ``x`` still begins the plain way (Cohort._back_off). A zap since a backoff for hits began
+        ends it where it unmapped some of the rest of ``x``'s chunk (:meth:`desim.vcpu.Vcpu._next_miss`, which its
+        next plain guest run would look up anyway): what found nothing to plan no longer holds, and the re-faults
+        that follow are what plans are for (a speed heuristic only)."""
+        s = self._skip.get(x)
+        if s is None:
+            return 0
+        seq = self.vm.mmu.zap_seq
+        if s[1] is not None and s[1] != seq:
+            if x._next_miss() < len(x._chunk_list):
+                del self._skip[x]
+                self._misses_of.pop(x, None)
+                return 0
+            self._skip[x] = (s[0], seq)  # the zap left this chunk's accesses mapped
+        return s[0]
 
     def _replan(self, x: "Vcpu") -> _Plan | None:
         """A new plan for ``x`` from where it is (its old plan committed and dropped)."""
@@ -853,6 +919,7 @@ class Cohort:
         eid = env._eid
         plans = self._plans
         self._active = True
+        self._horizon = self._horizon_of(queue, procs)
         # x0's guest run begins now, as its own loop would begin it
         ev = Event(env)
         ev._ok, ev._value = True, None
@@ -953,19 +1020,19 @@ class Cohort:
                     if ss is None or ss.slot.invalid:
                         break  # MMIO, or RET_PF_RETRY on an INVALID slot
                     # a guest run begun the plain way: plan from its fault on if the plan finds that fault
-                    tried = (p is None or p.step == "idle") and not self._skip.get(x)
+                    tried = (p is None or p.step == "idle") and not self._skip_left(x)
                     p = self._replan(x) if tried else None
                     if p is not None and p.fpos[0] == r[6] and p.gfns[0] == r[9]:
                         p.k = 1
                         p.step = "run"
                         if len(p.fpos) < _PLAN_MIN:
                             # few faults ahead: take these, and plan again later (as Cohort._begin does)
-                            self._skip[x] = self._misses_of[x] = min(2 * self._misses_of.get(x, 0) + 1, _BACKOFF_MAX)
+                            self._back_off(x, True)
                     else:
                         if tried:
                             # nothing to plan here, or a plan that does not start at this fault: plan again
                             # later (Cohort._begin)
-                            self._skip[x] = self._misses_of[x] = min(2 * self._misses_of.get(x, 0) + 1, _BACKOFF_MAX)
+                            self._back_off(x, p is not None or self._hits_only)
                         p = None
                         if self._clashes(r[9]):
                             break

@@ -15,6 +15,7 @@ wherever a name does.
 """
 from __future__ import annotations
 
+import functools
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -300,11 +301,36 @@ def load_profile(name_or_path: str | Path) -> HostProfile:
         shown = name if len(name) <= 80 else name[:80] + "..."
         raise DesimInputError(
             f"profile '{shown}': unknown (named profiles: {', '.join(profile_names())}; or give a .toml path)")
+    return _profile_from_text(text, where)
+
+
+@functools.lru_cache(maxsize=64)
+def _profile_from_text(text: str, where: str) -> HostProfile:
+    """Parse and validate a profile's TOML text. The same text gives the same (frozen) profile: a sweep's task
+    resolves its profile about four times (validation, the memory check, the VM), each a TOML parse and a
+    validation otherwise; a file changed on disk is new text, so it is read again."""
     data = parse_toml(text, where)
     try:
         return HostProfile.model_validate(data)
     except ValidationError as e:
         raise DesimInputError(format_validation_error(e, where)) from None
+
+
+_OVERRIDDEN: dict[tuple[int, str], tuple[HostProfile, HostProfile]] = {}
+
+
+def with_overrides_cached(profile: HostProfile, kernel: dict | None, costs: dict[str, float] | None) -> HostProfile:
+    """:meth:`HostProfile.with_overrides`, remembered per (profile object, overrides): the profiles of
+    :func:`load_profile` are shared, and so is each overridden copy (both frozen)."""
+    key = (id(profile), repr((sorted((kernel or {}).items()), sorted((costs or {}).items()))))
+    hit = _OVERRIDDEN.get(key)
+    if hit is not None and hit[0] is profile:
+        return hit[1]
+    out = profile.with_overrides(kernel, costs)
+    if len(_OVERRIDDEN) >= 256:
+        _OVERRIDDEN.clear()
+    _OVERRIDDEN[key] = (profile, out)  # holding the profile keeps its id from being reused
+    return out
 
 
 def _exists(name: str) -> bool:

@@ -43,7 +43,7 @@ from .errors import DesimInputError
 from .inputfiles import MAX_TOML_BYTES, parse_toml, read_text
 from .limits import KVM_ADDRESS_SPACE_NUM, KVM_MEM_MAX_NR_PAGES, check_memslot, guest_phys_bits
 from .memslot import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, MemslotOp, MrChange, PAGE_SIZE
-from .profile import Dist, HostProfile, load_profile
+from .profile import Dist, HostProfile, load_profile, with_overrides_cached
 from .validation import INPUT_MODEL_CONFIG, format_validation_error
 from .zap import ZAP_POLICIES, policy_from_zap_control
 
@@ -512,7 +512,7 @@ class Scenario(_Model):
         p = load_profile(self.profile)
         o = self.profile_overrides
         if o.kernel or o.costs:
-            p = p.with_overrides(o.kernel, o.costs)
+            p = with_overrides_cached(p, o.kernel, o.costs)
         return p
 
     def with_overrides(self, overrides: dict[str, Any]) -> "Scenario":
