@@ -17,6 +17,14 @@ from conftest import MiB, scenario
 from test_engines_differential import assert_same, fingerprint
 
 
+@pytest.fixture(autouse=True)
+def _plans_under_shadow_paging(monkeypatch):
+    """The fast engine makes no plans under shadow paging (a speed heuristic, desim/cohort.py); these tests
+    are about the plans' exactness, shadow paging's included."""
+    from desim.cohort import Cohort
+    monkeypatch.setattr(Cohort, "plan_shadow", True)
+
+
 def _runs(sc, policy: str = "targeted", seed: int = 1, profile=None):
     """Fingerprints: reference engine, fast engine with the Python cohort steps, fast engine with the kernel."""
     ref = fingerprint(Vm(sc, policy, seed=seed, engine="reference", profile=profile))
