@@ -8,9 +8,7 @@ phase is the workload's completion time ("boot time" for a boot workload).
 """
 from __future__ import annotations
 
-import gc
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator
 
@@ -283,8 +281,7 @@ class Vm:
         if progress is not None:
             # desim/cohort.py takes this read-only process's steps inside its loops
             self.checkpoints = self.env.process(self._checkpoints(progress))
-        with _collector_quiet():
-            self.env.run(until=simpy.AnyOf(self.env, [main, self.env.timeout(limit)]))
+        self.env.run(until=simpy.AnyOf(self.env, [main, self.env.timeout(limit)]))
         if not main.triggered:
             raise DesimInputError(f"scenario {self.scenario.name}: did not finish within time_limit_ms = "
                                   f"{self.scenario.time_limit_ms:g} simulated ms (raise time_limit_ms)")
@@ -299,22 +296,6 @@ class Vm:
                          replication=self.replication, model_version=model_fingerprint(),
                          metrics=summary, per_vcpu=self.metrics.per_vcpu_rows(), raw=self.metrics,
                          memory_bytes=self.mmu.memory_bytes())
-
-
-@contextmanager
-def _collector_quiet():
-    """Python's cyclic garbage collector during a run: the objects built before it (the VM, its vCPUs, SPTE
-    state, cost draws) are frozen out of its full collections (``gc.freeze``), and it starts a young
-    collection every 50,000 allocations instead of 700. A speed setting only (the model never depends on
-    when garbage is collected): at 448 vCPUs the collector took 8-12% of a run's CPU time."""
-    threshold = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(max(threshold[0], 50_000), *threshold[1:])
-    try:
-        yield
-    finally:
-        gc.set_threshold(*threshold)
-        gc.unfreeze()
 
 
 @dataclass
