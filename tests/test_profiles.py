@@ -1,6 +1,8 @@
 """Host profiles: every shipped profile loads, every cost has a source, bad profiles are refused."""
 from __future__ import annotations
 
+from importlib import resources
+
 import pytest
 
 from desim.errors import DesimInputError
@@ -19,7 +21,7 @@ def test_shipped_profiles():
 
 
 def test_cost_without_source_is_refused(tmp_path):
-    text = (load_profile.__globals__["resources"].files("desim.profiles") / "tdp-icelake.toml").read_text()
+    text = (resources.files("desim.profiles") / "tdp-icelake.toml").read_text()
     bad = text.replace('vm_exit = { value = 250, source = "', 'vm_exit = { value = 250, sourcex = "')
     f = tmp_path / "p.toml"
     f.write_text(bad)
@@ -46,7 +48,7 @@ def test_profiles_are_resolved_once_per_text(tmp_path):
     from desim.scenario import load_scenario, validate_scenario
 
     assert load_profile("tdp-icelake") is load_profile("tdp-icelake")
-    text = (load_profile.__globals__["resources"].files("desim.profiles") / "tdp-icelake.toml").read_text()
+    text = (resources.files("desim.profiles") / "tdp-icelake.toml").read_text()
     f = tmp_path / "p.toml"
     f.write_text(text)
     first = load_profile(f)
