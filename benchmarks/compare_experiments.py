@@ -19,7 +19,8 @@ compared and whether they are identical, or the first differences.
 
 With ``--store`` each run keeps its replications in a result store under ``--work``
 (``store-SIDE-NAME-MODE``, keyed by the model's fingerprint), so a long default-mode run that is
-stopped resumes where it stopped when the same command is run again with ``--reuse``.
+stopped resumes where it stopped when the same command is run again with ``--reuse`` (an experiment
+without a ``--store`` option, ``recorded_time_map``, runs without one).
 
 ``kvm_crossover`` measures this host's real KVM (its numbers differ from run to run); it runs only
 with ``--kvm`` and then its real-run columns differ by nature.
@@ -70,12 +71,19 @@ def _done(out: Path) -> bool:
     return out.is_dir() and any(p.suffix in (".csv", ".json") for p in out.iterdir())
 
 
+def _takes_store(script: Path) -> bool:
+    """Does the experiment take ``--store`` (its ``--help`` says; ``recorded_time_map`` does not)?"""
+    got = subprocess.run([sys.executable, str(script), "--help"], cwd=str(script.parents[1]), capture_output=True,
+                         text=True, env=dict(os.environ, MPLBACKEND="Agg"))
+    return "--store" in got.stdout
+
+
 def run_one(src: Path, name: str, mode: str, out: Path, engine: str, log,
             store: Path | None = None) -> tuple[int, float]:
     args = [sys.executable, str(src / "experiments" / f"{name}.py"), "--out", str(out)]
     if mode == "quick":
         args.append("--quick")
-    if store is not None:
+    if store is not None and _takes_store(src / "experiments" / f"{name}.py"):
         args += ["--store", str(store)]
     env = dict(os.environ, DESIM_ENGINE=engine, PYTHONHASHSEED="0", MPLBACKEND="Agg")
     t0 = time.perf_counter()

@@ -91,6 +91,7 @@ _PLAN_MIN = 32  # a plan with fewer faults makes the next plans wait (planning c
 _PLAN_FLOOR = 512  # accesses a plan looks at, at least, however near the loop's horizon (Cohort._horizon_of; a speed
 # heuristic only)
 _NO_LO = np.iinfo(np.int64).max  # Cohort._rlo of a vCPU without a plan
+_SCAN_PLANS = 32  # with more plans, the plans near a gfn are found with Cohort._overlapping, not a loop over all
 
 
 _GROUP_SHIFT = PTE_PREFETCH_NUM.bit_length() - 1  # gfn >> _GROUP_SHIFT: its aligned group of PTE_PREFETCH_NUM
@@ -586,7 +587,17 @@ class Cohort:
         fault is a plain step checked against the plans (_clashes), and page-table pages are linked as each
         planned fault takes them (Cohort._locked_planned, desim/cohort_bridge.py)."""
         lo = None
-        for v, p in self._plans.items():
+        plans = self._plans
+        near = plans.items()
+        if len(plans) > _SCAN_PLANS:
+            # many plans: only those whose range meets the chunk's (Cohort._overlapping; commits of disjoint
+            # plans do not depend on their order)
+            rest = x._chunk[x._pos:]
+            if len(rest) == 0:
+                return self._flush_records()
+            lo, hi = int(rest.min()), int(rest.max())
+            near = [(v, plans[v]) for v in self._overlapping(lo, hi)]
+        for v, p in near:
             k = p.locked
             # a fault past kvm_faultin_pfn has made its host page resident (Vcpu._faultin): the plain run's
             # exit cost reads it (Vcpu._pre_lock_ns), before any check against the plans
@@ -663,13 +674,17 @@ class Cohort:
     def _clashes(self, gfn: int) -> bool:
         """Is ``gfn`` one of a plan's faults, or with PTE prefetch one of its neighbours (a plain step on it would
         change what that plan found)?"""
-        # each plan's gfns lie in [lo, hi]: its set is asked only where the range can hold one
+        # each plan's gfns lie in [lo, hi]: its set is asked only where the range can hold one (with many plans,
+        # the plans whose range holds it found in one numpy test: Cohort._overlapping)
+        plans = self._plans
         if self._prefetch:
             start = gfn & ~(PTE_PREFETCH_NUM - 1)
             end = start + PTE_PREFETCH_NUM
-            return any(p.lo < end and start <= p.hi and any(g in p.gset for g in range(start, end))
-                       for p in self._plans.values())
-        return any(p.lo <= gfn <= p.hi and gfn in p.gset for p in self._plans.values())
+            near = [plans[v] for v in self._overlapping(start, end - 1)] if len(plans) > _SCAN_PLANS else \
+                plans.values()
+            return any(p.lo < end and start <= p.hi and any(g in p.gset for g in range(start, end)) for p in near)
+        near = [plans[v] for v in self._overlapping(gfn, gfn)] if len(plans) > _SCAN_PLANS else plans.values()
+        return any(p.lo <= gfn <= p.hi and gfn in p.gset for p in near)
 
     # -- planned steps (the same operations as Vcpu._begin_run, _run_end, _faultin, _fault_locked) -------
     def _begin_planned(self, x: "Vcpu", p: _Plan) -> float:
@@ -957,8 +972,11 @@ class Cohort:
                         else:
                             # a call costs O(vCPUs) Python: with many vCPUs, leave more steps to Python (up to
                             # 8 per vCPU: 448 vCPUs on a 16 GiB slice of populate-4t-4k.toml took 28-30 s of CPU
-                            # against 35-36 s with 2 per vCPU; a speed heuristic only)
-                            self._kmiss = min(2 * self._kmiss + 1, max(_BACKOFF_MAX, 8 * len(state)))
+                            # against 35-36 s with 2 per vCPU), and at least one per plan at once (a call's
+                            # translation, ~80 us per planned vCPU, costs about what that many Python steps
+                            # cost: 448 vCPUs, legacy MMU, fast zap, 5.9 -> 5.4 CPU-s; 256 vCPUs 3.6 -> 3.1;
+                            # TDP MMU 4.4 both; 32-128 vCPUs within 4%, medians of 5). A speed heuristic only
+                            self._kmiss = min(max(2 * self._kmiss + 1, len(plans)), max(_BACKOFF_MAX, 8 * len(state)))
                             self._kskip = self._kmiss
                         if n:
                             continue

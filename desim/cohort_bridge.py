@@ -131,9 +131,9 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
                     m.stall_ns, t0 or 0.0, r[0], r[1], r[2], r[3], r[4], r[10], 0.0))
         pls.append(p.arrays[:, b:b + nf])
         nres = p.nres
-        nonres += nf - (int(nres[b]) if b < len(nres) else 0) + (int(nres[b + nf]) if b + nf < len(nres) else 0)
+        nonres += nf - (nres.item(b) if b < len(nres) else 0) + (nres.item(b + nf) if b + nf < len(nres) else 0)
         ptr = p.fk_ptr[b:b + nf + 1]
-        c0, c1 = ptr[[0, -1]].tolist()
+        c0, c1 = ptr.item(0), ptr.item(-1)
         fks.append(ptr)
         shifts.append(codeoff - c0)  # the segment's offsets into the joined codes (added below, at once)
         codes_l.append(p.fk_code[c0:c1])
@@ -169,6 +169,10 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
             got = [d.peek_many(L) for d, L in zip(ds, lens)]
             D[c] = np.concatenate(got) if len(got) > 1 else got[0]
             DS[rows, c] = 1
+            continue
+        if all(d is None for d in ds):
+            # a constant for every vCPU: its value where each vCPU's draws begin, in one assignment
+            D[c, doffs] = [cs[c][2] for cs in css]
             continue
         for (i, x, p, k, t0, ev), cs, L, d0 in zip(planned, css, lens, doffs):
             _, d, value = cs[c]

@@ -141,10 +141,11 @@ class SerialBackend:
     workers = 1
 
     def run(self, tasks: list, todo: list[int], finish: Finish) -> None:
-        from ..sweep import run_task
+        from ..sweep import collector_settled, run_task
 
-        for i in todo:
-            finish(i, run_task(tasks[i]))
+        with collector_settled():
+            for i in todo:
+                finish(i, run_task(tasks[i]))
 
     def describe(self) -> str:
         return "serial (this process)"
