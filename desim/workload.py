@@ -150,7 +150,10 @@ def make_stream(pattern: str, lo: int, n: int, *, rng: np.random.Generator, pass
         def draw(k: int) -> np.ndarray:
             hot = rng.random(k) < hot_probability
             out = np.where(hot, rng.integers(0, nhot, k), nhot + rng.integers(0, max(1, n - nhot), k))
-            return lo + np.minimum(out, n - 1).astype(np.int64)
+            if nhot >= n:  # every page hot: the cold draw (nhot + 0) is clipped to the last page
+                np.minimum(out, n - 1, out=out)
+            out += lo  # int64 already (Generator.integers' default dtype)
+            return out
         return AccessStream(_drawn(draw, accesses), accesses)
     raise ValueError(f"unknown pattern {pattern!r}")
 
