@@ -118,8 +118,7 @@ def run_task(task: Task) -> dict[str, Any]:
 
 def run_batch(tasks: list[Task]) -> list[dict[str, Any]]:
     """Run a batch of tasks in one worker call (what the Dask backends submit)."""
-    with collector_settled():
-        return [run_task(t) for t in tasks]
+    return [run_task(t) for t in tasks]
 
 
 @contextlib.contextmanager
@@ -129,7 +128,9 @@ def collector_settled():
     back (``gc.unfreeze``) after, also on an error or Ctrl-C, so nothing built before is kept from the collector
     for longer. The tasks' own garbage is collected as usual (no threshold changes; an earlier try that froze at
     every run and raised the young threshold to 50,000 made peak RSS 9x). A speed setting only: the model never
-    depends on when garbage is collected. A nested use (a batch inside a serial backend's run) does nothing."""
+    depends on when garbage is collected. Used by the serial backend (a series of tasks in this process), not
+    for a Dask worker's batches (about 2 s each: a collection at each would cost more than it saves). A nested use
+    does nothing."""
     if gc.get_freeze_count():
         yield
         return
