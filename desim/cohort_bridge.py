@@ -181,7 +181,9 @@ def take(co: "Cohort", owned: dict, state: dict) -> int:
             else:
                 D[c, d0:d0 + L] = d.peek_many(L)
                 DS[i, c] = 1
-    PL = np.concatenate(pls, axis=1) if len(pls) > 1 else pls[0]
+    # always C-contiguous (a lone plan's columns are a strided view): numba compiles run() once, for one layout,
+    # not a second time (about 12 CPU seconds) the first time a call plans a single vCPU
+    PL = np.concatenate(pls, axis=1) if len(pls) > 1 else np.ascontiguousarray(pls[0])
     fk_ptr = np.concatenate(fks) + np.repeat(np.array(shifts, dtype=np.int64), [len(f) for f in fks])
     codes = np.concatenate(codes_l)
     if len(codes):
