@@ -973,9 +973,8 @@ class Cohort:
                             # a call costs O(vCPUs) Python: with many vCPUs, leave more steps to Python (up to
                             # 8 per vCPU: 448 vCPUs on a 16 GiB slice of populate-4t-4k.toml took 28-30 s of CPU
                             # against 35-36 s with 2 per vCPU), and at least one per plan at once (a call's
-                            # translation, ~80 us per planned vCPU, costs about what that many Python steps
-                            # cost: 448 vCPUs, legacy MMU, fast zap, 5.9 -> 5.4 CPU-s; 256 vCPUs 3.6 -> 3.1;
-                            # TDP MMU 4.4 both; 32-128 vCPUs within 4%, medians of 5). A speed heuristic only
+                            # translation of every planned vCPU costs about what that many Python steps cost). A
+                            # speed heuristic only
                             self._kmiss = min(max(2 * self._kmiss + 1, len(plans)), max(_BACKOFF_MAX, 8 * len(state)))
                             self._kskip = self._kmiss
                         if n:

@@ -128,8 +128,7 @@ def collector_settled():
     ``gc.freeze``; given back (``gc.unfreeze``) after, also on an error or Ctrl-C, so nothing built before is kept
     from the collector for longer. The tasks' own garbage is collected as usual (no threshold changes; an earlier
     try that froze at every run and raised the young threshold to 50,000 made peak RSS 9x). A speed setting only:
-    the model never depends on when garbage is collected (``vcpu_scaling --vcpus 256,448 --replications 3``: the
-    collector's time 5.0 -> 3.6 s of about 75). Used by the serial backend (a series of tasks in this process), not
+    the model never depends on when garbage is collected. Used by the serial backend (a series of tasks in this process), not
     for a Dask worker's batches (about 2 s each: a collection at each would cost more than it saves). A nested use
     does nothing."""
     if gc.get_freeze_count():
