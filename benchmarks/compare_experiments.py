@@ -7,8 +7,11 @@ Each experiment under ``experiments/`` runs at both revisions with the same inte
 arguments (``--quick`` and/or its defaults, one worker) and ``DESIM_ENGINE`` (default
 ``reference``: the plain SimPy loop), each in a checkout of its own revision (``git worktree add
 --detach`` under ``--work``; a ``--head`` that is a directory is used as it is, e.g. this checkout
-with uncommitted work). The experiment scripts put their checkout first on ``sys.path``, so each
-revision runs its own ``desim``.
+with uncommitted work). Each run has its checkout first on ``PYTHONPATH``, so each revision runs its
+own ``desim`` and not the one installed in the interpreter's environment (most experiment scripts do not
+put their checkout on ``sys.path`` themselves). Before running, the tool checks that ``import desim``
+resolves inside each checkout, and afterwards that every ``model_version`` the outputs record is
+that checkout's fingerprint: a run of the wrong code is reported, never compared.
 
 Then every JSON and CSV file the two runs wrote is compared value by value, to the last digit (CSV
 cells as text, JSON values exactly), except fields that measure the run rather than the model:
@@ -74,8 +77,52 @@ def _done(out: Path) -> bool:
 def _takes_store(script: Path) -> bool:
     """Does the experiment take ``--store`` (its ``--help`` says; ``recorded_time_map`` does not)?"""
     got = subprocess.run([sys.executable, str(script), "--help"], cwd=str(script.parents[1]), capture_output=True,
-                         text=True, env=dict(os.environ, MPLBACKEND="Agg"))
+                         text=True, env=side_env(script.parents[1], "reference"))
     return "--store" in got.stdout
+
+
+def side_env(src: Path, engine: str) -> dict[str, str]:
+    """The environment a side's runs get: its checkout first on ``PYTHONPATH``, the engine, fixed hashing."""
+    path = os.pathsep.join(p for p in (str(src), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, DESIM_ENGINE=engine, PYTHONHASHSEED="0", MPLBACKEND="Agg")
+
+
+def side_fingerprint(src: Path) -> str:
+    """The ``model_fingerprint`` of the ``desim`` a side imports; an error unless it is the checkout's own."""
+    got = subprocess.run([sys.executable, "-c", "import desim; print(desim.__file__); print(desim.model_fingerprint())"],
+                         cwd=str(src), env=side_env(src, "reference"), capture_output=True, text=True)
+    lines = got.stdout.split()
+    if got.returncode or len(lines) != 2:
+        raise SystemExit(f"desim: error: {src}: 'import desim' fails there ({got.stderr.strip()[-300:]})")
+    where = Path(lines[0]).resolve()
+    if not where.is_relative_to(src.resolve()):
+        raise SystemExit(f"desim: error: {src}: 'import desim' loads {where}, not the checkout's own package; "
+                         "remove PYTHONPATH entries or .pth files that put another desim first")
+    return lines[1]
+
+
+def recorded_versions(out: Path) -> set[str]:
+    """Every ``model_version`` the outputs in ``out`` record (JSON values and CSV columns)."""
+    found: set[str] = set()
+
+    def walk(obj) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                if k == "model_version" and isinstance(v, str):
+                    found.add(v)
+                else:
+                    walk(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                walk(v)
+
+    for p in out.rglob("*"):
+        if p.suffix == ".json":
+            walk(json.loads(p.read_text()))
+        elif p.suffix == ".csv":
+            with open(p, newline="") as f:
+                found.update(r["model_version"] for r in csv.DictReader(f) if r.get("model_version"))
+    return found
 
 
 def run_one(src: Path, name: str, mode: str, out: Path, engine: str, log,
@@ -85,7 +132,7 @@ def run_one(src: Path, name: str, mode: str, out: Path, engine: str, log,
         args.append("--quick")
     if store is not None and _takes_store(src / "experiments" / f"{name}.py"):
         args += ["--store", str(store)]
-    env = dict(os.environ, DESIM_ENGINE=engine, PYTHONHASHSEED="0", MPLBACKEND="Agg")
+    env = side_env(src, engine)
     t0 = time.perf_counter()
     r = subprocess.run(args, cwd=str(src), env=env, stdout=log, stderr=subprocess.STDOUT)
     return r.returncode, time.perf_counter() - t0
@@ -179,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
               "quick,default", file=sys.stderr)
         return 2
     srcs = {"base": checkout(a.base, work), "head": checkout(a.head, work)}
+    prints = {side: side_fingerprint(src) for side, src in srcs.items()}
     rows = []
     for name in names:
         for mode in modes:
@@ -199,10 +247,18 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((name, mode, 0, f"FAILED (exit base {res['base'][0]}, head {res['head'][0]}; logs in "
                              f"{work})", res))
                 continue
+            wrong = {side: sorted(recorded_versions(work / side / f"{name}-{mode}") - {prints[side]})
+                     for side in srcs}
+            if any(wrong.values()):
+                rows.append((name, mode, 0, "WRONG CODE: outputs record model_version " + "; ".join(
+                    f"{side} {v} (its checkout is {prints[side]})" for side, v in wrong.items() if v)
+                    + f"; delete them under {work} and run again", res))
+                continue
             n, diffs = diff_dirs(work / "base" / f"{name}-{mode}", work / "head" / f"{name}-{mode}")
             verdict = "identical" if not diffs else f"DIFFERENT ({len(diffs)}): " + "; ".join(diffs[:3])
             rows.append((name, mode, n, verdict, res))
-    print(f"\nbase {a.base} ({srcs['base']}) vs head {a.head} ({srcs['head']}), DESIM_ENGINE={a.engine}\n")
+    print(f"\nbase {a.base} ({srcs['base']}, model {prints['base']}) vs head {a.head} ({srcs['head']}, model "
+          f"{prints['head']}), DESIM_ENGINE={a.engine}\n")
     print("| experiment | mode | files | wall s base / head | result |\n|---|---|---|---|---|")
     for name, mode, n, verdict, res in rows:
         print(f"| {name} | {mode} | {n} | {res['base'][1]:.0f} / {res['head'][1]:.0f} | {verdict} |")

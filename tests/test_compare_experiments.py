@@ -1,0 +1,53 @@
+"""benchmarks/compare_experiments.py runs each side's own desim, and says so when it did not.
+
+Until this was checked, most experiment scripts imported the desim installed in the interpreter's
+environment (they do not put their checkout on ``sys.path``), so both sides of a comparison ran the
+same code and came out "identical" by construction.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import desim
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cmp():
+    spec = importlib.util.spec_from_file_location("compare_experiments", ROOT / "benchmarks" / "compare_experiments.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_side_imports_its_own_checkout(cmp, tmp_path):
+    # a copy of the package with one source byte changed: another fingerprint, and the copy is what runs
+    src = tmp_path / "other"
+    shutil.copytree(ROOT / "desim", src / "desim", ignore=shutil.ignore_patterns("__pycache__"))
+    with open(src / "desim" / "errors.py", "a") as f:
+        f.write("\n# changed\n")
+    got = cmp.side_fingerprint(src)
+    assert got != desim.model_fingerprint()
+    assert cmp.side_fingerprint(ROOT) == desim.model_fingerprint()
+    env = cmp.side_env(src, "fast")
+    assert env["PYTHONPATH"].split(":")[0] == str(src) and env["DESIM_ENGINE"] == "fast"
+
+
+def test_a_checkout_without_its_own_desim_is_refused(cmp, tmp_path):
+    (tmp_path / "experiments").mkdir()
+    with pytest.raises(SystemExit, match="not the checkout's own package|fails there"):
+        cmp.side_fingerprint(tmp_path)
+
+
+def test_outputs_of_other_code_are_found(cmp, tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "summary.json").write_text(json.dumps({"a": [{"model_version": "1-aaaa"}], "model_version": "1-bbbb"}))
+    (tmp_path / "sub" / "runs.csv").write_text("x,model_version\n1,1-cccc\n2,\n")
+    assert cmp.recorded_versions(tmp_path) == {"1-aaaa", "1-bbbb", "1-cccc"}
+    assert cmp.recorded_versions(tmp_path / "sub") == {"1-cccc"}
