@@ -271,11 +271,14 @@ class SparseBytes:
 
     def take(self, keys: np.ndarray) -> np.ndarray:
         """The entries at ``keys`` (an integer array), as a new ``uint8`` array."""
-        out = np.zeros(len(keys), np.uint8)
         if len(keys) == 0 or not self.chunks:
-            return out
+            return np.zeros(len(keys), np.uint8)
         c = keys >> self.shift
-        for cc in ((int(c[0]),) if (c == c[0]).all() else np.unique(c).tolist()):
+        if (c == c[0]).all():  # the usual case: one chunk
+            arr = self.chunks.get(int(c[0]))
+            return np.zeros(len(keys), np.uint8) if arr is None else arr[keys & self.mask]
+        out = np.zeros(len(keys), np.uint8)
+        for cc in np.unique(c).tolist():
             arr = self.chunks.get(cc)
             if arr is not None:
                 sel = c == cc

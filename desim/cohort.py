@@ -98,6 +98,13 @@ _GROUP_SHIFT = PTE_PREFETCH_NUM.bit_length() - 1  # gfn >> _GROUP_SHIFT: its ali
 _NO_PF = np.zeros(0, dtype=np.int64)
 
 
+def _plan_kernel():
+    """:mod:`desim.plan_kernel` (numba), imported on first use."""
+    from . import plan_kernel
+
+    return plan_kernel
+
+
 def _bounds(fg: np.ndarray, prefetch: bool) -> tuple[int, int]:
     """The gfns a plan's faults ``fg`` install or read: their range, or with PTE prefetch their groups'."""
     lo, hi = int(fg.min()), int(fg.max())
@@ -345,7 +352,8 @@ class Cohort:
         mmu = self.vm.mmu
         if len(seg) == 0:
             return None
-        misses = mmu.first_misses(seg)
+        pk = _plan_kernel() if self.kernel else None  # the same results, compiled (desim/plan_kernel.py)
+        misses = mmu.first_misses(seg) if pk is None else pk.first_misses(mmu, seg)
         if misses is None:
             self._hits_only = True  # every access of the window hits (Cohort._back_off)
             return None
@@ -395,7 +403,8 @@ class Cohort:
         if prefetch:
             # direct_pte_prefetch: each group's first fault maps the group's eligible neighbours, whose
             # accesses then hit (Vcpu._fault_locked, Mmu.prefetch_candidates)
-            pp = mmu.plan_prefetch_4k(ss, fg, self._need_accessed, done)
+            pp = (mmu.plan_prefetch_4k(ss, fg, self._need_accessed, done) if pk is None
+                  else pk.plan_prefetch_4k(mmu, ss, fg, self._need_accessed, done))
             if pp is None:
                 return None
             fault, members, take = pp
@@ -406,7 +415,7 @@ class Cohort:
             pf = members[take]
             pf_ptr = np.zeros(K + 1, dtype=np.int64)
             np.cumsum(npf, out=pf_ptr[1:])
-        plan = mmu.plan_install_4k(ss, fg)
+        plan = mmu.plan_install_4k(ss, fg) if pk is None else pk.plan_install_4k(mmu, ss, fg)
         if plan is None:
             return None
         # the page-table pages each fault would allocate: whether it does is decided when it is under

@@ -113,6 +113,16 @@ def first_index(v: np.ndarray) -> np.ndarray:
     return np.flatnonzero(mark)
 
 
+def _first_of(keys: np.ndarray, increasing: bool) -> np.ndarray:
+    """:func:`first_index` of ``keys``; ``increasing``: the keys never decrease (a sorted pass: each new value's
+    first position, without a sort)."""
+    if len(keys) < 2:
+        return np.arange(len(keys))
+    if increasing:
+        return np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+    return first_index(keys)
+
+
 def _mix(x: int) -> float:
     """Deterministic hash of an integer to [0, 1) (splitmix64 finaliser)."""
     x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
@@ -511,21 +521,23 @@ class Mmu:
         st = ss.state[gfns - ss.slot.base_gfn]
         increasing = len(gfns) < 2 or bool((gfns[1:] > gfns[:-1]).all())
         alloc = np.zeros(len(gfns), dtype=np.int64)
+        # each level's first gfn under each table, from the level below's: a table's first gfn is the first
+        # gfn of its first child table too (so the PD and PDPT levels look only at the PT level's firsts)
+        fi = _first_of(gfns >> 9, increasing)
+        uk = (gfns[fi] >> 9,)
+        firsts = [fi]
+        for _ in (2, 3):
+            sub = _first_of(uk[-1] >> 9, increasing)
+            firsts.append(firsts[-1][sub])
+            uk += (uk[-1][sub] >> 9,)
+        tagged = [pt[lvl].take(uk[lvl - 1]) == tag for lvl in (1, 2, 3)]
+        if tagged[0].any() and not (tagged[1].all() and tagged[2].all()):
+            k = uk[0][tagged[0]]
+            if (pt[2].take(k >> 9) != tag).any() or (pt[3].take(k >> 18) != tag).any():
+                return None
         new_tables = {}
         for lvl, shift in ((3, 27), (2, 18), (1, 9)):
-            keys = gfns >> shift
-            if increasing:  # sorted keys: each new value's first index, without a sort
-                fi = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
-                uk = keys[fi]
-            else:
-                fi = first_index(keys)  # in increasing order: nf below needs no sort
-                uk = keys[fi]
-            tagged = pt[lvl].take(uk) == tag
-            if lvl == 1 and tagged.any():
-                k = uk[tagged]
-                if (pt[2].take(k >> 9) != tag).any() or (pt[3].take(k >> 18) != tag).any():
-                    return None
-            nf = fi[~tagged]  # increasing (each branch's fi is)
+            nf = firsts[lvl - 1][~tagged[lvl - 1]]  # increasing (each level's firsts are)
             alloc[nf] += 1
             new_tables[lvl] = (shift, nf)
         return InstallPlan(ss, gfns, st, (st & HOST_RESIDENT) != 0, (st & EVER_MAPPED) != 0, alloc, new_tables)
