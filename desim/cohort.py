@@ -365,7 +365,7 @@ class Cohort:
                 done = own.install.gfns
                 if prefetch and len(own.pf):
                     done = np.concatenate((done, own.pf))
-                keep = ~np.isin(fg, done)
+                keep = ~np.isin(fg, done) if pk is None else pk.not_in(fg, done)
                 fpos, fg = fpos[keep], fg[keep]
                 if len(fg) == 0:
                     return None

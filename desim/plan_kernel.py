@@ -39,18 +39,70 @@ def first_misses_win(seg, win, lo, tag):  # pragma: no cover - compiled
     return out[:k]
 
 
-def first_misses(mmu, seg: np.ndarray):
-    """:meth:`desim.mmu.Mmu.first_misses`, compiled where the accesses lie in one 4 KiB-backed slot within a
-    span not much wider than they are; the same ``(fpos, fg)`` or None."""
-    if len(seg) == 0 or not mmu._sorted:
-        return mmu.first_misses(seg)
+@njit(cache=True)
+def unmapped_win(seg, win, lo, tag):  # pragma: no cover - compiled
+    """``np.flatnonzero(~mapped_mask(seg))`` where every gfn of ``seg`` lies in ``[lo, lo + len(win))`` of one
+    4 KiB-backed slot whose state bytes are ``win``: the positions of the accesses whose SPTE is not present."""
+    out = np.empty(len(seg), np.int64)
+    k = 0
+    for i in range(len(seg)):
+        if (win[seg[i] - lo] & TAG_MASK) != tag:
+            out[k] = i
+            k += 1
+    return out[:k]
+
+
+def _window(mmu, seg: np.ndarray):
+    """``(win, lo)``: the state bytes under ``seg`` where it lies in one 4 KiB-backed slot within a span not
+    much wider than it is long, else None."""
     lo, hi = int(seg.min()), int(seg.max())
     ss = mmu.slot_of(lo)
     if ss is None or hi >= ss.slot.end_gfn or ss.block.backing != "4k" or hi - lo > 8 * len(seg) + 4096:
-        return mmu.first_misses(seg)
+        return None
     base = ss.slot.base_gfn
-    win = ss.block.state.window(ss.off + lo - base, ss.off + hi + 1 - base)
-    fpos = first_misses_win(seg, win, lo, mmu.root_tag)
+    return ss.block.state.window(ss.off + lo - base, ss.off + hi + 1 - base), lo
+
+
+def unmapped(mmu, seg: np.ndarray) -> np.ndarray:
+    """``np.flatnonzero(~mmu.mapped_mask(seg))`` (:meth:`desim.vcpu.Vcpu._next_miss`), compiled where
+    :func:`first_misses` is; the same positions."""
+    got = _window(mmu, seg) if len(seg) and mmu._sorted else None
+    if got is None:
+        return np.flatnonzero(~mmu.mapped_mask(seg))
+    return unmapped_win(seg, got[0], got[1], mmu.root_tag)
+
+
+@njit(cache=True)
+def _not_in(a, b, lo, span):  # pragma: no cover - compiled
+    mark = np.zeros(span, np.uint8)
+    for v in b:
+        if lo <= v < lo + span:
+            mark[v - lo] = 1
+    out = np.empty(len(a), np.bool_)
+    for i in range(len(a)):
+        out[i] = mark[a[i] - lo] == 0
+    return out
+
+
+def not_in(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``~np.isin(a, b)`` for integer arrays, compiled where ``a`` spans a range not much wider than it is long
+    (a plan's faults against the gfns its vCPU's plan maps already)."""
+    if len(a) == 0 or len(b) == 0:
+        return ~np.isin(a, b)
+    lo = int(a.min())
+    span = int(a.max()) - lo + 1
+    if span > 8 * len(a) + 4096:
+        return ~np.isin(a, b)
+    return _not_in(a, b, lo, span)
+
+
+def first_misses(mmu, seg: np.ndarray):
+    """:meth:`desim.mmu.Mmu.first_misses`, compiled where the accesses lie in one 4 KiB-backed slot within a
+    span not much wider than they are; the same ``(fpos, fg)`` or None."""
+    got = _window(mmu, seg) if len(seg) and mmu._sorted else None
+    if got is None:
+        return mmu.first_misses(seg)
+    fpos = first_misses_win(seg, got[0], got[1], mmu.root_tag)
     if len(fpos) == 0:
         return None
     fg = seg[fpos]

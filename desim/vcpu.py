@@ -209,11 +209,21 @@ class Vcpu:
         self._chunk_list = _as_sequence(self._chunk)
         self._seq = -1
 
+    def _unmapped(self, seg: np.ndarray) -> np.ndarray:
+        """The positions in ``seg`` of the accesses without a present SPTE (compiled where the fast engine's
+        cohort plans with its kernel: desim/plan_kernel.py, the same positions)."""
+        cohort = self.vm.cohort
+        if cohort is not None and cohort.kernel:
+            from .plan_kernel import unmapped
+
+            return unmapped(self.vm.mmu, seg)
+        return np.flatnonzero(~self.vm.mmu.mapped_mask(seg))
+
     def _next_miss(self) -> int:
         """Index in the chunk of the next access that will fault (or len(chunk))."""
         mmu = self.vm.mmu
         if self._seq != mmu.zap_seq:
-            miss = np.flatnonzero(~mmu.mapped_mask(self._chunk[self._pos:]))
+            miss = self._unmapped(self._chunk[self._pos:])
             self._misses = memoryview(miss + self._pos)  # no Python int per miss
             self._mi = 0
             self._seq = mmu.zap_seq
@@ -231,7 +241,7 @@ class Vcpu:
                 if skipped == _RESCAN_AFTER:
                     # faults since the list was made mapped these (a huge page maps a whole unit):
                     # look the rest of the chunk up again at once instead of access by access
-                    miss = np.flatnonzero(~mmu.mapped_mask(self._chunk[pos:]))
+                    miss = self._unmapped(self._chunk[pos:])
                     self._misses = misses = memoryview(miss + pos)
                     self._mi = 0
                     skipped = 0

@@ -37,7 +37,7 @@ def _same(a, b) -> None:
 @pytest.fixture
 def compiled_calls(monkeypatch):
     """How many times each compiled twin ran."""
-    n = {"first_misses_win": 0, "prefetch_win": 0, "install_win": 0}
+    n = {"first_misses_win": 0, "prefetch_win": 0, "install_win": 0, "unmapped_win": 0, "_not_in": 0}
     for name in n:
         fn = getattr(PK, name)
 
@@ -86,6 +86,7 @@ def test_compiled_twins_match_the_numpy_code(compiled_calls, seed, base_gfn, off
     seg = base_gfn + start + rng.integers(0, min(npages - start, 2 * n), n)
     if sort:
         seg = np.sort(seg)
+    _same((np.flatnonzero(~mmu.mapped_mask(seg)),), (PK.unmapped(mmu, seg),))
     got, want = PK.first_misses(mmu, seg), mmu.first_misses(seg)
     _same(want, got)
     if want is None:
@@ -96,9 +97,13 @@ def test_compiled_twins_match_the_numpy_code(compiled_calls, seed, base_gfn, off
         near = np.arange(max(base_gfn, int(fg.min()) - 8), min(base_gfn + npages, int(fg.max()) + 9))
         near = near[~np.isin(near, fg)]
         present = near[rng.random(len(near)) < 0.3]
+        other = np.concatenate((present, rng.integers(0, 1 << 30, 5)))  # and gfns far away
+        _same((~np.isin(fg, other),), (PK.not_in(fg, other),))
+        assert compiled_calls["_not_in"]
     _same(mmu.plan_prefetch_4k(ss, fg, need_accessed, present), PK.plan_prefetch_4k(mmu, ss, fg, need_accessed, present))
     _same(mmu.plan_install_4k(ss, fg), PK.plan_install_4k(mmu, ss, fg))
     assert compiled_calls["first_misses_win"] and compiled_calls["prefetch_win"] and compiled_calls["install_win"]
+    assert compiled_calls["unmapped_win"]
 
 
 def test_a_pt_page_under_an_absent_parent_is_no_plan(compiled_calls):
@@ -121,4 +126,5 @@ def test_spread_accesses_take_the_numpy_code(compiled_calls):
     mmu, ss = _guest(rng, 0, 0, 200_000, 1.0)
     seg = np.array([10, 150_000, 199_999], np.int64)
     _same(mmu.first_misses(seg), PK.first_misses(mmu, seg))
-    assert compiled_calls["first_misses_win"] == 0
+    _same((np.flatnonzero(~mmu.mapped_mask(seg)),), (PK.unmapped(mmu, seg),))
+    assert compiled_calls["first_misses_win"] == 0 and compiled_calls["unmapped_win"] == 0
