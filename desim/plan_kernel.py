@@ -6,15 +6,16 @@ that expression returns; the callers fall back to the numpy code in every other 
 kernel mechanism of their own: which SPTEs are present is :meth:`desim.mmu.Mmu.mapped_mask`
 (``is_shadow_present_pte`` of the current roots), what an install finds and allocates is
 :meth:`desim.mmu.Mmu.plan_install_4k` (``kvm_tdp_mmu_map`` / ``direct_map``). A plan costs a few
-compiled calls instead of some sixty numpy calls on short arrays. Imported on first use (with
-:mod:`desim.cohort_bridge`), so runs that never plan do not load numba.
+compiled calls instead of some sixty numpy calls on short arrays. Used only where a cohort plans with
+its compiled kernel (``Cohort.kernel``) and imported on first use there, so the reference engine never
+loads numba.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
-from .mmu import EVER_MAPPED, HOST_RESIDENT, PTE_PREFETCH_NUM, TAG_MASK, _prefetchable
+from .mmu import EVER_MAPPED, HOST_RESIDENT, PTE_PREFETCH_NUM, TAG_MASK, InstallPlan, _prefetchable
 
 _ZERO_CHUNKS: dict[int, np.ndarray] = {}  # per SparseBytes shift: a chunk never written
 
@@ -233,8 +234,6 @@ def _level_chunk(sb, kmin: int, kmax: int):
 def plan_install_4k(mmu, ss, gfns: np.ndarray):
     """:meth:`desim.mmu.Mmu.plan_install_4k`, compiled where the gfns' bytes lie close together and each
     level's tables in one chunk of its tags; the same plan."""
-    from .mmu import InstallPlan
-
     if len(gfns) == 0:
         return mmu.plan_install_4k(ss, gfns)
     lo, hi = int(gfns.min()), int(gfns.max())
