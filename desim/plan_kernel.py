@@ -170,51 +170,36 @@ def plan_prefetch_4k(mmu, ss, gfns: np.ndarray, need_accessed: bool, present: np
 
 
 @njit(cache=True)
-def install_win(gfns, win, lo, pt1, c1, pt2, c2, pt3, c3, tag):  # pragma: no cover - compiled
+def install_win(gfns, win, lo, pts, cs, tag):  # pragma: no cover - compiled
     """:meth:`desim.mmu.Mmu.plan_install_4k` where ``win`` holds the state bytes of ``[lo, lo + len(win))``
-    and each page-table level's keys lie in one chunk of its tags (``ptL`` holding keys from ``cL``):
-    ``(ok, st, alloc, nf3, nf2, nf1)``, ``ok`` False where the shortcut of :meth:`desim.mmu.Mmu.install`
-    would not hold (a present PT page under an absent parent)."""
+    and each page-table level's keys lie in one chunk of its tags (``pts``: the PT, PD and PDPT levels'
+    chunks, holding keys from ``cs``): ``(ok, st, alloc, nf3, nf2, nf1)``, ``ok`` False where the shortcut
+    of :meth:`desim.mmu.Mmu.install` would not hold (a present PT page under an absent parent)."""
     n = len(gfns)
     st = np.empty(n, np.uint8)
     alloc = np.zeros(n, np.int64)
-    k1lo, k2lo, k3lo = lo >> 9, lo >> 18, lo >> 27
     hi = lo + len(win) - 1
-    s1 = np.zeros((hi >> 9) - k1lo + 1, np.uint8)
-    s2 = np.zeros((hi >> 18) - k2lo + 1, np.uint8)
-    s3 = np.zeros((hi >> 27) - k3lo + 1, np.uint8)
-    nf1 = np.empty(n, np.int64)
-    nf2 = np.empty(n, np.int64)
-    nf3 = np.empty(n, np.int64)
-    n1 = n2 = n3 = 0
+    seen = (np.zeros((hi >> 9) - (lo >> 9) + 1, np.uint8), np.zeros((hi >> 18) - (lo >> 18) + 1, np.uint8),
+            np.zeros((hi >> 27) - (lo >> 27) + 1, np.uint8))
+    nf = np.empty((3, n), np.int64)
+    cnt = np.zeros(3, np.int64)
     ok = True
     for i in range(n):
         g = gfns[i]
         st[i] = win[g - lo]
-        k = g >> 9
-        if s1[k - k1lo] == 0:
-            s1[k - k1lo] = 1
-            if pt1[k - c1] != tag:
-                nf1[n1] = i
-                n1 += 1
-                alloc[i] += 1
-            elif pt2[(k >> 9) - c2] != tag or pt3[(k >> 18) - c3] != tag:
-                ok = False
-        k = g >> 18
-        if s2[k - k2lo] == 0:
-            s2[k - k2lo] = 1
-            if pt2[k - c2] != tag:
-                nf2[n2] = i
-                n2 += 1
-                alloc[i] += 1
-        k = g >> 27
-        if s3[k - k3lo] == 0:
-            s3[k - k3lo] = 1
-            if pt3[k - c3] != tag:
-                nf3[n3] = i
-                n3 += 1
-                alloc[i] += 1
-    return ok, st, alloc, nf3[:n3], nf2[:n2], nf1[:n1]
+        for lvl in range(3):  # PT, PD, PDPT: the first gfn under each table allocates it if it is absent
+            shift = 9 * (lvl + 1)
+            k = g >> shift
+            s = seen[lvl]
+            if s[k - (lo >> shift)] == 0:
+                s[k - (lo >> shift)] = 1
+                if pts[lvl][k - cs[lvl]] != tag:
+                    nf[lvl, cnt[lvl]] = i
+                    cnt[lvl] += 1
+                    alloc[i] += 1
+                elif lvl == 0 and (pts[1][(g >> 18) - cs[1]] != tag or pts[2][(g >> 27) - cs[2]] != tag):
+                    ok = False
+    return ok, st, alloc, nf[2, :cnt[2]].copy(), nf[1, :cnt[1]].copy(), nf[0, :cnt[0]].copy()
 
 
 def _level_chunk(sb, kmin: int, kmax: int):
@@ -243,8 +228,8 @@ def plan_install_4k(mmu, ss, gfns: np.ndarray):
     if hi - lo > 8 * len(gfns) + 4096 or None in chunks:
         return mmu.plan_install_4k(ss, gfns)
     win = ss.block.state.window(ss.off + lo - base, ss.off + hi + 1 - base)
-    (pt1, c1), (pt2, c2), (pt3, c3) = chunks
-    ok, st, alloc, nf3, nf2, nf1 = install_win(gfns, win, lo, pt1, c1, pt2, c2, pt3, c3, mmu.root_tag)
+    ok, st, alloc, nf3, nf2, nf1 = install_win(gfns, win, lo, tuple(c[0] for c in chunks), tuple(c[1] for c in chunks),
+                                               mmu.root_tag)
     if not ok:
         return None
     return InstallPlan(ss, gfns, st, (st & HOST_RESIDENT) != 0, (st & EVER_MAPPED) != 0, alloc,
