@@ -91,7 +91,7 @@ def side_fingerprint(src: Path) -> str:
     """The ``model_fingerprint`` of the ``desim`` a side imports; an error unless it is the checkout's own."""
     got = subprocess.run([sys.executable, "-c", "import desim; print(desim.__file__); print(desim.model_fingerprint())"],
                          cwd=str(src), env=side_env(src, "reference"), capture_output=True, text=True)
-    lines = got.stdout.split()
+    lines = got.stdout.splitlines()
     if got.returncode or len(lines) != 2:
         raise SystemExit(f"desim: error: {src}: 'import desim' fails there ({got.stderr.strip()[-300:]})")
     where = Path(lines[0]).resolve()
