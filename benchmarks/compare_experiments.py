@@ -11,7 +11,11 @@ with uncommitted work). Each run has its checkout first on ``PYTHONPATH``, so ea
 own ``desim`` and not the one installed in the interpreter's environment (most experiment scripts do not
 put their checkout on ``sys.path`` themselves). Before running, the tool checks that ``import desim``
 resolves inside each checkout, and afterwards that every ``model_version`` the outputs record is
-that checkout's fingerprint: a run of the wrong code is reported, never compared.
+that checkout's fingerprint: a run of the wrong code is reported, never compared. Each run also
+leaves a record beside its outputs (``SIDE/NAME-MODE.run.json``: fingerprint, engine, exit status,
+wall time), so outputs kept with ``--reuse`` are checked the same way, including those of
+experiments that record no ``model_version`` themselves, and outputs of another ``--engine`` are
+refused.
 
 Then every JSON and CSV file the two runs wrote is compared value by value, to the last digit (CSV
 cells as text, JSON values exactly), except fields that measure the run rather than the model:
@@ -138,6 +142,25 @@ def run_one(src: Path, name: str, mode: str, out: Path, engine: str, log,
     return r.returncode, time.perf_counter() - t0
 
 
+def run_record_path(out: Path) -> Path:
+    """Where the tool notes what made ``out`` (beside it, so the diff of the outputs never sees it)."""
+    return out.with_name(out.name + ".run.json")
+
+
+def write_run_record(out: Path, fingerprint: str, engine: str, code: int, wall_s: float) -> dict:
+    """Note which code and engine made ``out``: a later ``--reuse`` checks it, also for experiments whose
+    outputs record no ``model_version`` (``seed_claims``, ``recorded_time_map``)."""
+    rec = {"model_version": fingerprint, "engine": engine, "exit": code, "wall_s": round(wall_s, 1)}
+    run_record_path(out).write_text(json.dumps(rec) + "\n")
+    return rec
+
+
+def read_run_record(out: Path) -> dict:
+    """The record of the run that made ``out``; empty for outputs made before the tool kept records."""
+    p = run_record_path(out)
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
 def _strip(obj, path: str = ""):
     if isinstance(obj, dict):
         return {k: _strip(v, f"{path}.{k}") for k, v in obj.items() if k not in VOLATILE_KEYS}
@@ -230,15 +253,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in names:
         for mode in modes:
-            res = {}
+            res, ran = {}, {}
             for side, src in srcs.items():
                 out = work / side / f"{name}-{mode}"
                 if side not in a.sides.split(",") or (a.reuse and _done(out)):
-                    res[side] = (0, float("nan"))
+                    ran[side] = read_run_record(out)  # an earlier run's: its code is checked below
+                    res[side] = (ran[side].get("exit", 0), ran[side].get("wall_s", float("nan")))
                     continue
                 with open(work / f"{side}-{name}-{mode}.log", "w") as log:
                     res[side] = run_one(src, name, mode, out, a.engine, log,
                                         work / f"store-{side}-{name}-{mode}" if a.store else None)
+                ran[side] = write_run_record(out, prints[side], a.engine, *res[side])
                 print(f"{side} {name} {mode}: exit {res[side][0]} in {res[side][1]:.0f} s", file=sys.stderr)
             if not all(_done(work / side / f"{name}-{mode}") for side in srcs):
                 rows.append((name, mode, 0, "not run on both sides yet", res))
@@ -247,7 +272,15 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((name, mode, 0, f"FAILED (exit base {res['base'][0]}, head {res['head'][0]}; logs in "
                              f"{work})", res))
                 continue
-            wrong = {side: sorted(recorded_versions(work / side / f"{name}-{mode}") - {prints[side]})
+            other = [f"{side} ran with DESIM_ENGINE={r['engine']}" for side, r in ran.items()
+                     if r.get("engine", a.engine) != a.engine]
+            if other:
+                rows.append((name, mode, 0, "WRONG ENGINE: " + "; ".join(other) + f", not {a.engine}; delete "
+                             f"them under {work} and run again", res))
+                continue
+            wrong = {side: sorted((recorded_versions(work / side / f"{name}-{mode}")
+                                   | ({ran[side]["model_version"]} if "model_version" in ran[side] else set()))
+                                  - {prints[side]})
                      for side in srcs}
             if any(wrong.values()):
                 rows.append((name, mode, 0, "WRONG CODE: outputs record model_version " + "; ".join(
@@ -261,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{prints['head']}), DESIM_ENGINE={a.engine}\n")
     print("| experiment | mode | files | wall s base / head | result |\n|---|---|---|---|---|")
     for name, mode, n, verdict, res in rows:
-        print(f"| {name} | {mode} | {n} | {res['base'][1]:.0f} / {res['head'][1]:.0f} | {verdict} |")
+        wall = " / ".join("?" if res[side][1] != res[side][1] else f"{res[side][1]:.0f}" for side in ("base", "head"))
+        print(f"| {name} | {mode} | {n} | {wall} | {verdict} |")
     return 0 if all(r[3] == "identical" for r in rows) else 1
 
 

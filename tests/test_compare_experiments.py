@@ -51,3 +51,33 @@ def test_outputs_of_other_code_are_found(cmp, tmp_path):
     (tmp_path / "sub" / "runs.csv").write_text("x,model_version\n1,1-cccc\n2,\n")
     assert cmp.recorded_versions(tmp_path) == {"1-aaaa", "1-bbbb", "1-cccc"}
     assert cmp.recorded_versions(tmp_path / "sub") == {"1-cccc"}
+
+
+def test_reused_outputs_are_checked_against_their_run_record(cmp, tmp_path, monkeypatch, capsys):
+    # outputs kept from an earlier run (--reuse, --sides none) with no model_version of their own, as
+    # seed_claims writes them: only the run record says which code and engine made them
+    work = tmp_path / "work"
+    for side in ("base", "head"):
+        (work / side / "seed_claims-quick").mkdir(parents=True)
+        (work / side / "seed_claims-quick" / "claims.csv").write_text("claim,simulated\n1,-0.25\n")
+    monkeypatch.setattr(cmp, "checkout", lambda rev, work: ROOT)
+    mine = desim.model_fingerprint()
+    argv = ["--base", "x", "--head", "y", "--modes", "quick", "--only", "seed_claims", "--work", str(work),
+            "--reuse", "--sides", "none"]
+
+    cmp.write_run_record(work / "base" / "seed_claims-quick", mine, "reference", 0, 12.34)
+    cmp.write_run_record(work / "head" / "seed_claims-quick", mine, "reference", 0, 5.0)
+    assert cmp.main(argv) == 0
+    assert "| seed_claims | quick | 1 | 12 / 5 | identical |" in capsys.readouterr().out
+
+    cmp.write_run_record(work / "head" / "seed_claims-quick", "1-0000000000000000", "reference", 0, 5.0)
+    assert cmp.main(argv) == 1
+    assert "WRONG CODE: outputs record model_version head ['1-0000000000000000']" in capsys.readouterr().out
+
+    cmp.write_run_record(work / "head" / "seed_claims-quick", mine, "fast", 0, 5.0)
+    assert cmp.main(argv) == 1
+    assert "WRONG ENGINE: head ran with DESIM_ENGINE=fast" in capsys.readouterr().out
+
+    (work / "head" / "seed_claims-quick.run.json").unlink()  # made before the tool kept records
+    assert cmp.main(argv) == 0
+    assert "| 12 / ? | identical |" in capsys.readouterr().out
