@@ -27,7 +27,8 @@ compared and whether they are identical, or the first differences.
 With ``--store`` each run keeps its replications in a result store under ``--work``
 (``store-SIDE-NAME-MODE``, keyed by the model's fingerprint), so a long default-mode run that is
 stopped resumes where it stopped when the same command is run again with ``--reuse`` (an experiment
-without a ``--store`` option, ``recorded_time_map``, runs without one).
+without a ``--store`` option at its revision, such as ``recorded_time_map`` before ``--store`` was added
+to it, runs without one).
 
 ``kvm_crossover`` measures this host's real KVM (its numbers differ from run to run); it runs only
 with ``--kvm`` and then its real-run columns differ by nature.
@@ -79,7 +80,7 @@ def _done(out: Path) -> bool:
 
 
 def _takes_store(script: Path) -> bool:
-    """Does the experiment take ``--store`` (its ``--help`` says; ``recorded_time_map`` does not)?"""
+    """Does the experiment take ``--store`` at its revision (its ``--help`` says)?"""
     got = subprocess.run([sys.executable, str(script), "--help"], cwd=str(script.parents[1]), capture_output=True,
                          text=True, env=side_env(script.parents[1], "reference"))
     return "--store" in got.stdout

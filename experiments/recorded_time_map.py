@@ -14,7 +14,7 @@ the recorded boots, and the simulated boot time. Fault counts barely move (which
 again after a zap is fixed by the recording, not by time); boot time and its change do, because the
 shorter the guest's busy time, the larger the share of fault handling in it.
 
-    python experiments/recorded_time_map.py [--quick] [--replications N] [--workers W] [--out DIR]
+    python experiments/recorded_time_map.py [--quick] [--replications N] [--workers W] [--out DIR] [--store DIR]
 """
 from __future__ import annotations
 
@@ -29,9 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from desim import experiment as ex  # noqa: E402
-from desim.errors import DesimInputError  # noqa: E402
-from desim.outputs import check_output_dir  # noqa: E402
 from desim.stats import ratio_ci  # noqa: E402
+from desim.studies import toolkit as C  # noqa: E402
 
 BOOT = ROOT / "workloads" / "boot"
 CHOICES = [  # (label, overrides of every recorded phase)
@@ -56,19 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Sensitivity of the recorded boots to the time mapping.")
     ap.add_argument("--quick", action="store_true", help="boot-6g with THP, two choices, one replication")
     ap.add_argument("--replications", "-n", type=int, default=None, help="default 3 (one per recorded boot)")
-    ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--profile", default="legacy-2020")
     ap.add_argument("--out", default=str(ROOT / "results" / "recorded_time_map"))
-    args = ap.parse_args(argv)
-    try:
-        check_output_dir(args.out, "--out")  # before any run, as desim does
-    except DesimInputError as e:
-        ap.error(str(e))
+    C.add_run_options(ap)  # --workers --scheduler --progress --store, as in every experiment script
+    args = C.parse_args(ap, argv)  # --out and --store checked before any run, as desim does
     n = args.replications or (1 if args.quick else 3)
     cases = CASES[:1] if args.quick else CASES
     choices = [CHOICES[1], CHOICES[4]] if args.quick else CHOICES
-    backend = "local" if args.workers > 1 else "serial"
     t0 = time.perf_counter()
     rows, all_runs = [], []
     for wl, backing in cases:
@@ -80,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                 over.update({f"phases.{i}.{k}": v for k, v in ov.items()})
             sc = base.with_overrides(over)
             print(f"{wl} ({backing}), {label} ...", file=sys.stderr)
-            runs = ex.replicate(sc, ["fast", "targeted"], n, args.seed, backend, args.workers)
+            runs = ex.replicate(sc, ["fast", "targeted"], n, args.seed, args.backend, store=args.store,
+                                progress=args.progress)
             runs.insert(0, "workload", wl.removesuffix(".toml"))
             runs.insert(1, "backing", backing)
             runs.insert(2, "time_map", label)
@@ -106,4 +101,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    C.guarded_main(main)

@@ -1,6 +1,7 @@
 """experiments/recorded_time_map.py --quick: the recorded boot under two mappings of TCG time."""
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -10,11 +11,15 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_time_map_quick(tmp_path):
-    out = tmp_path / "tm"
-    p = subprocess.run([sys.executable, str(ROOT / "experiments" / "recorded_time_map.py"), "--quick", "--out", str(out)],
-                       capture_output=True, text=True, timeout=900)
+def _run(out, store):
+    p = subprocess.run([sys.executable, str(ROOT / "experiments" / "recorded_time_map.py"), "--quick", "--out", str(out),
+                        "--store", str(store)], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr
+
+
+def test_time_map_quick(tmp_path):
+    out, store = tmp_path / "tm", tmp_path / "store"
+    _run(out, store)
     t = pd.read_csv(out / "time_map.csv")
     assert list(t.time_map) == ["instructions 0.5 ns (default)", "recorded x 1 (TCG wall clock)"]
     # the TCG wall clock (with the plugin) is many times longer than the instruction-time replay
@@ -22,3 +27,10 @@ def test_time_map_quick(tmp_path):
     assert t.faults_change.str.startswith("-").all()              # the targeted zap still saves faults
     runs = pd.read_csv(out / "runs.csv")
     assert set(runs.policy) == {"fast", "targeted"} and len(runs) == 4
+
+    # --store keeps the 4 runs; a second run with that store takes them from there and writes the same tables
+    with sqlite3.connect(store / "results.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 4
+    _run(tmp_path / "again", store)
+    assert (tmp_path / "again" / "runs.csv").read_text() == (out / "runs.csv").read_text()
+    assert (tmp_path / "again" / "time_map.csv").read_text() == (out / "time_map.csv").read_text()
