@@ -153,3 +153,19 @@ def test_slot_size_flags_the_whole_ram_point_and_never_calls_it_a_crossover(slot
     assert "16 MiB *" in proc.stdout and "left out of the crossover" in proc.stdout
     js = json.loads((out / "summary.json").read_text())
     assert list(js["degenerate_points"]) == ["16 MiB"]
+
+
+@pytest.mark.parametrize("name", ["vcpu_scaling", "slot_size_crossover", "preemption_lockbreak", "seed_claims",
+                                  "recorded_time_map"])
+@pytest.mark.parametrize("bad,field", [(["--replications", "0"], "--replications"), (["-n", "-2"], "--replications"),
+                                       (["--workers", "0"], "--workers")])
+def test_bad_run_options_get_one_line_and_no_output(name, bad, field, tmp_path):
+    # every experiment script parses its run options the same way: one usage error naming the option, exit 2,
+    # before any run (so nothing is written); --replications 0 used to run nothing and end in a traceback
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(EXPERIMENTS / f"{name}.py"), "--quick", "--out", str(out), *bad],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f"{name}.py: error: {field} must be >= 1" and "Traceback" not in proc.stderr
+    assert not out.exists()

@@ -77,7 +77,8 @@ def parse_args(ap: argparse.ArgumentParser, argv: Sequence[str] | None = None) -
     args = ap.parse_args(argv)
     if getattr(args, "replications", 1) is None and hasattr(args, "_default_reps"):
         args.replications = args._quick_reps if args.quick else args._default_reps
-    if (getattr(args, "replications", 1) or 1) < 1:
+    reps = getattr(args, "replications", None)
+    if reps is not None and reps < 1:  # 0 too: not "the default", and no experiment can summarise 0 runs
         ap.error("--replications must be >= 1")
     if args.workers < 1:
         ap.error("--workers must be >= 1")
