@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import json
 import os
 import subprocess
@@ -64,14 +65,17 @@ def checkout(rev: str, work: Path) -> Path:
                          "give a commit (e.g. main, f86fd70) or an existing checkout's directory")
     sha = got.stdout.strip()
     dest = work / f"src-{sha}"
-    if not dest.exists():
-        # a checkout removed by hand (rm -rf of --work) is still registered: forget it first
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], capture_output=True)
-        made = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(dest), sha],
-                              capture_output=True, text=True)
-        if made.returncode:
-            raise SystemExit(f"desim: error: --work {work}: cannot check out {sha} there "
-                             f"({made.stderr.strip().splitlines()[-1] if made.stderr.strip() else 'git failed'})")
+    # one process per side (--sides base, --sides head) may start together: one checks out at a time
+    with open(work / ".checkout.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not dest.exists():
+            # a checkout removed by hand (rm -rf of --work) is still registered: forget it first
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], capture_output=True)
+            made = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(dest), sha],
+                                  capture_output=True, text=True)
+            if made.returncode:
+                raise SystemExit(f"desim: error: --work {work}: cannot check out {sha} there "
+                                 f"({made.stderr.strip().splitlines()[-1] if made.stderr.strip() else 'git failed'})")
     return dest
 
 

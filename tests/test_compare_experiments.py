@@ -81,3 +81,37 @@ def test_reused_outputs_are_checked_against_their_run_record(cmp, tmp_path, monk
     (work / "head" / "seed_claims-quick.run.json").unlink()  # made before the tool kept records
     assert cmp.main(argv) == 0
     assert "| 12 / ? | identical |" in capsys.readouterr().out
+
+
+def test_two_sides_started_together_share_one_checkout(cmp, tmp_path, monkeypatch):
+    # `--sides base` and `--sides head` run as two processes at once; both check out both revisions
+    import subprocess
+    import threading
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    for i in range(200):  # enough files that a checkout takes a moment
+        (repo / f"f{i}.txt").write_text(f"{i}\n" * 200)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-qm", "one"], check=True)
+    monkeypatch.setattr(cmp, "ROOT", repo)
+    for round_ in range(4):
+        work = tmp_path / f"work{round_}"
+        work.mkdir()
+        got, errors = [], []
+
+        def side():
+            try:
+                got.append(cmp.checkout("HEAD", work))
+            except SystemExit as e:
+                errors.append(str(e))
+
+        threads = [threading.Thread(target=side) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and len(got) == 2 and got[0] == got[1]
+        assert (got[0] / "f199.txt").read_text() == "199\n" * 200
