@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from desim import experiment as ex  # noqa: E402
 from desim.stats import ratio_ci  # noqa: E402
 from desim.studies import toolkit as C  # noqa: E402
+from desim.studies.cluster import open_backend  # noqa: E402
 from desim.vm import run_scenario  # noqa: E402
 
 BOOT = ROOT / "workloads" / "boot"
@@ -221,24 +222,25 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     all_runs, raws = [], {}
     scenarios = configs(args.profile, args.quick)
-    for key, sc in scenarios.items():
-        wl, backing = key[0], key[1]
-        n_cfg = min(n, boots(sc))  # the replay draws no random numbers: one replication per recorded boot
-        print(f"running {wl} (host {backing}), {n_cfg} replications x 2 policies ...", file=sys.stderr)
-        raw = {p: run_scenario(sc, p, args.seed, 0) for p in POLICIES}  # replication 0, kept whole to explain
-        rows = [{"scenario": sc.name, "point": 0, "policy": p, "seed": args.seed, "replication": 0, **r.metrics}
-                for p, r in raw.items()]
-        runs = pd.DataFrame(rows)
-        if n_cfg > 1:
-            more = ex.replicate(sc, POLICIES, n_cfg - 1, args.seed, args.backend, store=args.store,
-                                progress=args.progress, first_replication=1)
-            runs = pd.concat([runs, more], ignore_index=True)
-        runs[EXTRA_METRIC] = runs["completion_ns"] - runs["phase_firmware_ns"]
-        runs.insert(0, "workload", wl.removesuffix(".toml"))
-        runs.insert(1, "backing", backing)
-        runs.insert(2, "config", " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in key[2:]) or "as recorded")
-        all_runs.append(runs)
-        raws[key] = raw
+    with open_backend(args.backend) as be:  # one cluster (with --workers) for every run, not one per call
+        for key, sc in scenarios.items():
+            wl, backing = key[0], key[1]
+            n_cfg = min(n, boots(sc))  # the replay draws no random numbers: one replication per recorded boot
+            print(f"running {wl} (host {backing}), {n_cfg} replications x 2 policies ...", file=sys.stderr)
+            raw = {p: run_scenario(sc, p, args.seed, 0) for p in POLICIES}  # replication 0, kept whole to explain
+            rows = [{"scenario": sc.name, "point": 0, "policy": p, "seed": args.seed, "replication": 0, **r.metrics}
+                    for p, r in raw.items()]
+            runs = pd.DataFrame(rows)
+            if n_cfg > 1:
+                more = ex.replicate(sc, POLICIES, n_cfg - 1, args.seed, be, store=args.store,
+                                    progress=args.progress, first_replication=1)
+                runs = pd.concat([runs, more], ignore_index=True)
+            runs[EXTRA_METRIC] = runs["completion_ns"] - runs["phase_firmware_ns"]
+            runs.insert(0, "workload", wl.removesuffix(".toml"))
+            runs.insert(1, "backing", backing)
+            runs.insert(2, "config", " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in key[2:]) or "as recorded")
+            all_runs.append(runs)
+            raws[key] = raw
     runs = pd.concat(all_runs, ignore_index=True)
 
     rows, explanations = [], {}

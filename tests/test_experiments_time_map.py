@@ -11,15 +11,16 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(out, store):
+def _run(out, *more):
     p = subprocess.run([sys.executable, str(ROOT / "experiments" / "recorded_time_map.py"), "--quick", "--out", str(out),
-                        "--store", str(store)], capture_output=True, text=True, timeout=900)
+                        *more], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr
+    return p
 
 
 def test_time_map_quick(tmp_path):
     out, store = tmp_path / "tm", tmp_path / "store"
-    _run(out, store)
+    _run(out, "--store", str(store))
     t = pd.read_csv(out / "time_map.csv")
     assert list(t.time_map) == ["instructions 0.5 ns (default)", "recorded x 1 (TCG wall clock)"]
     # the TCG wall clock (with the plugin) is many times longer than the instruction-time replay
@@ -31,6 +32,11 @@ def test_time_map_quick(tmp_path):
     # --store keeps the 4 runs; a second run with that store takes them from there and writes the same tables
     with sqlite3.connect(store / "results.sqlite") as db:
         assert db.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 4
-    _run(tmp_path / "again", store)
+    _run(tmp_path / "again", "--store", str(store))
     assert (tmp_path / "again" / "runs.csv").read_text() == (out / "runs.csv").read_text()
     assert (tmp_path / "again" / "time_map.csv").read_text() == (out / "time_map.csv").read_text()
+
+    # on a local Dask cluster: one cluster for all its runs (not one per time mapping), the same tables
+    p = _run(tmp_path / "dask", "--workers", "2")
+    assert p.stderr.count("desim: Dask") == 1, p.stderr[-2000:]
+    assert (tmp_path / "dask" / "time_map.csv").read_text() == (out / "time_map.csv").read_text()
