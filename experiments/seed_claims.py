@@ -37,6 +37,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 
 from desim import experiment as ex  # noqa: E402
+from desim import model_fingerprint  # noqa: E402
 from desim.stats import ratio_ci  # noqa: E402
 from desim.studies import toolkit as C  # noqa: E402
 from desim.studies.cluster import open_backend  # noqa: E402
@@ -296,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out = ex.write_outputs(args.out, {
         "runs.csv": ex.csv_writer(runs), "claims.csv": ex.csv_writer(table),
-        "summary.json": ex.json_writer({"profile": args.profile, "replications": n, "quick": args.quick,
+        "summary.json": ex.json_writer({"model_version": model_fingerprint(),  # which code made these results
+                                        "profile": args.profile, "replications": n, "quick": args.quick,
                                         "seed": args.seed, "claims": table.to_dict(orient="records"),
                                         "explanations": explanations}),
         "claims.png": plot, "claims.svg": plot})

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
+import desim
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,6 +33,7 @@ def test_seed_claims_quick(tmp_path):
     assert "re-faults" in p.stdout and "per Linux deletion" in p.stdout and "memslot ioctls" in p.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["quick"] is True and len(summary["claims"]) == len(claims)
+    assert summary["model_version"] == desim.model_fingerprint()  # which code made it, as every summary.json says
     assert set(summary["explanations"]) == {"6g-thp", "6g-4k", "32g-faults", "32g-boot"}
     runs = pd.read_csv(out / "runs.csv")
     assert {"workload", "backing", "policy", "replication", "faults", "after_firmware_ns"} <= set(runs.columns)
