@@ -20,7 +20,8 @@ def _run(out, *more):
 
 def test_time_map_quick(tmp_path):
     out, store = tmp_path / "tm", tmp_path / "store"
-    _run(out, "--store", str(store))
+    first = _run(out, "--store", str(store), "--progress")
+    assert "task/s" in first.stderr  # the progress bar of runs computed now
     t = pd.read_csv(out / "time_map.csv")
     assert list(t.time_map) == ["instructions 0.5 ns (default)", "recorded x 1 (TCG wall clock)"]
     # the TCG wall clock (with the plugin) is many times longer than the instruction-time replay
@@ -29,10 +30,12 @@ def test_time_map_quick(tmp_path):
     runs = pd.read_csv(out / "runs.csv")
     assert set(runs.policy) == {"fast", "targeted"} and len(runs) == 4
 
-    # --store keeps the 4 runs; a second run with that store takes them from there and writes the same tables
+    # --store keeps the 4 runs; a second run with that store takes them from there (it computes nothing, so it
+    # shows no progress bar) and writes the same tables
     with sqlite3.connect(store / "results.sqlite") as db:
         assert db.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 4
-    _run(tmp_path / "again", "--store", str(store))
+    again = _run(tmp_path / "again", "--store", str(store), "--progress")
+    assert "task/s" not in again.stderr, again.stderr[-2000:]
     assert (tmp_path / "again" / "runs.csv").read_text() == (out / "runs.csv").read_text()
     assert (tmp_path / "again" / "time_map.csv").read_text() == (out / "time_map.csv").read_text()
 
