@@ -154,7 +154,7 @@ def run_record_path(out: Path) -> Path:
 
 def write_run_record(out: Path, fingerprint: str, engine: str, code: int, wall_s: float) -> dict:
     """Note which code and engine made ``out``: a later ``--reuse`` checks it, also for experiments whose
-    outputs record no ``model_version`` (``seed_claims``, ``recorded_time_map``)."""
+    outputs record no ``model_version`` (``recorded_time_map``, and ``seed_claims`` before ``711d240``)."""
     rec = {"model_version": fingerprint, "engine": engine, "exit": code, "wall_s": round(wall_s, 1)}
     run_record_path(out).write_text(json.dumps(rec) + "\n")
     return rec
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                                   - {prints[side]})
                      for side in srcs}
             if any(wrong.values()):
-                rows.append((name, mode, 0, "WRONG CODE: outputs record model_version " + "; ".join(
+                rows.append((name, mode, 0, "WRONG CODE: outputs or run record name model_version " + "; ".join(
                     f"{side} {v} (its checkout is {prints[side]})" for side, v in wrong.items() if v)
                     + f"; delete them under {work} and run again", res))
                 continue

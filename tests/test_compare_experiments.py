@@ -55,7 +55,7 @@ def test_outputs_of_other_code_are_found(cmp, tmp_path):
 
 def test_reused_outputs_are_checked_against_their_run_record(cmp, tmp_path, monkeypatch, capsys):
     # outputs kept from an earlier run (--reuse, --sides none) with no model_version of their own, as
-    # seed_claims writes them: only the run record says which code and engine made them
+    # seed_claims wrote them before 711d240: only the run record says which code and engine made them
     work = tmp_path / "work"
     for side in ("base", "head"):
         (work / side / "seed_claims-quick").mkdir(parents=True)
@@ -72,7 +72,7 @@ def test_reused_outputs_are_checked_against_their_run_record(cmp, tmp_path, monk
 
     cmp.write_run_record(work / "head" / "seed_claims-quick", "1-0000000000000000", "reference", 0, 5.0)
     assert cmp.main(argv) == 1
-    assert "WRONG CODE: outputs record model_version head ['1-0000000000000000']" in capsys.readouterr().out
+    assert "WRONG CODE: outputs or run record name model_version head ['1-0000000000000000']" in capsys.readouterr().out
 
     cmp.write_run_record(work / "head" / "seed_claims-quick", mine, "fast", 0, 5.0)
     assert cmp.main(argv) == 1
